@@ -1,0 +1,237 @@
+"""The benchmark run: questions × decoders, interleaved, timed, appended as it goes, resumable.
+
+Decoders take turns question by question so machine drift (thermal, other processes) hits all
+of them alike. Each finished (question, decoder) pair is one appended line in that decoder's
+answer file; re-running the same command skips those pairs. A run folder made with other
+settings is refused instead of mixing results.
+"""
+
+from __future__ import annotations
+
+import shortuuid
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from medusa_bench import __version__
+from medusa_bench.bench.prompts import build_prompt, conversation
+from medusa_bench.bench.questions import CATEGORY_TEMPERATURE, Question, load_questions
+from medusa_bench.decoders.base import Decoder, DecoderOptions, Sampling, build_decoder, decoder_names
+from medusa_bench.errors import UserError
+from medusa_bench.results import files
+
+# Settings that change the numbers: a run folder keeps them fixed for its whole life.
+SETTING_KEYS = ("model", "bench", "question_file", "max_new_tokens", "temperature", "top_p", "seed",
+                "device", "dtype", "tree", "acceptance", "posterior_threshold", "posterior_alpha",
+                "medusa_heads", "medusa2_model", "hydra_heads")
+
+
+@dataclass
+class RunConfig:
+    model: str = "smollm2-135m"
+    decoders: list[str] = field(default_factory=lambda: ["baseline"])
+    bench: str = "mt_bench"
+    questions: Optional[Path] = None
+    limit: Optional[int] = None
+    question_ids: Optional[list[str]] = None
+    categories: Optional[list[str]] = None
+    max_new_tokens: int = 256
+    temperature: float | str = 0.0  # a number or "category"
+    top_p: float = 1.0
+    seed: int = 0
+    warmup: int = 1
+    out: Optional[Path] = None
+    device: str = "auto"
+    dtype: str = "auto"
+    options: DecoderOptions = field(default_factory=DecoderOptions)
+    trust_remote_code: bool = False
+
+    @classmethod
+    def from_cli(cls, *, decoders: str, question_ids, categories, temperature: str, tree, medusa_heads,
+                 medusa2_model, hydra_heads, acceptance, posterior_threshold, posterior_alpha, **rest) -> "RunConfig":
+        """Parse the CLI's strings; every bad value is a one-line UserError."""
+        names = [d.strip() for d in decoders.split(",") if d.strip()]
+        if not names:
+            raise UserError("--decoders is empty; valid names are: " + ", ".join(decoder_names()))
+        if len(set(names)) != len(names):
+            raise UserError(f"--decoders lists a decoder twice: {decoders}")
+        if temperature != "category":
+            try:
+                temperature = float(temperature)
+            except ValueError:
+                raise UserError(f"--temperature must be a number >= 0 or 'category', got {temperature!r}") from None
+            if temperature < 0:
+                raise UserError(f"--temperature must be >= 0, got {temperature}")
+        if rest["max_new_tokens"] < 1:
+            raise UserError(f"--max-new-tokens must be >= 1, got {rest['max_new_tokens']}")
+        if rest["warmup"] < 0:
+            raise UserError(f"--warmup must be >= 0, got {rest['warmup']}")
+        options = DecoderOptions(tree=tree, medusa_heads=medusa_heads, medusa2_model=medusa2_model,
+                                 hydra_heads=hydra_heads, acceptance=acceptance,
+                                 posterior_threshold=posterior_threshold, posterior_alpha=posterior_alpha)
+        split = lambda text: [x.strip() for x in text.split(",") if x.strip()] if text else None  # noqa: E731
+        return cls(decoders=names, question_ids=split(question_ids), categories=split(categories),
+                   temperature=temperature, options=options, **rest)
+
+    def sampling_for(self, question: Question) -> Sampling:
+        """FastChat's per-category temperature when asked; a per-question seed so runs repeat."""
+        temperature = CATEGORY_TEMPERATURE.get(question.category, 0.7) if self.temperature == "category" else self.temperature
+        seed = self.seed + zlib.crc32(str(question.question_id).encode())
+        return Sampling(temperature=float(temperature), top_p=self.top_p, seed=seed)
+
+
+def default_out(config: RunConfig, model_name: str) -> Path:
+    return Path("results") / f"{model_name}-{config.bench}"
+
+
+def settings_of(config: RunConfig, question_file: Path, device, dtype) -> dict:
+    opts = config.options
+    return {
+        "model": config.model, "bench": config.bench, "question_file": str(question_file),
+        "max_new_tokens": config.max_new_tokens, "temperature": config.temperature, "top_p": config.top_p,
+        "seed": config.seed, "device": device.type, "dtype": str(dtype).replace("torch.", ""),
+        "tree": opts.tree, "acceptance": opts.acceptance, "posterior_threshold": opts.posterior_threshold,
+        "posterior_alpha": opts.posterior_alpha, "medusa_heads": opts.medusa_heads,
+        "medusa2_model": opts.medusa2_model, "hydra_heads": opts.hydra_heads,
+    }
+
+
+def check_same_settings(run_dir: Path, settings: dict) -> Optional[dict]:
+    """The existing run.json, or a UserError naming every setting that differs."""
+    if not (run_dir / files.RUN_FILE).exists():
+        return None
+    previous = files.load_run(run_dir)
+    before = previous.get("settings", {})
+    changed = [f"{key} was {before.get(key)!r}, now {settings.get(key)!r}" for key in SETTING_KEYS
+               if key in before and before.get(key) != settings.get(key)]
+    if changed:
+        raise UserError(f"{run_dir} holds a run with other settings ({'; '.join(changed)}); "
+                        "use another --out, or the same settings to resume it")
+    return previous
+
+
+def device_info(loaded) -> dict:
+    import platform
+
+    import torch
+
+    info = {"type": loaded.device.type, "dtype": str(loaded.dtype).replace("torch.", ""),
+            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
+    if loaded.device.type == "cuda":
+        info["name"] = torch.cuda.get_device_name(loaded.device)
+    else:
+        info["name"] = info["cpu"]
+    return info
+
+
+def write_run_file(run_dir: Path, config: RunConfig, settings: dict, loaded, decoders: dict, previous: Optional[dict]) -> dict:
+    names = list(dict.fromkeys((previous or {}).get("decoders", []) + list(decoders)))
+    run = {
+        "tool": "medusa-bench", "version": __version__,
+        "created": (previous or {}).get("created", files.now_iso()), "updated": files.now_iso(),
+        "git_hash": files.git_hash(), "settings": settings, "decoders": names,
+        "models": {**(previous or {}).get("models", {}), **{name: model_id(loaded, name) for name in decoders}},
+        "questions": (previous or {}).get("questions"), "warmup": config.warmup,
+        "versions": files.package_versions(), "device": device_info(loaded),
+    }
+    files.write_json(run_dir / files.RUN_FILE, run)
+    return run
+
+
+def model_id(loaded, decoder_name: str) -> str:
+    return f"{loaded.name}-{decoder_name}"
+
+
+def answer_question(decoder: Decoder, loaded, question: Question, config: RunConfig, on_step=None) -> dict:
+    """Both turns of one question; turn 2 sees this decoder's own turn-1 answer."""
+    sampling = config.sampling_for(question)
+    turns, new_tokens, wall, steps, accepts, token_ids = [], [], [], [], [], []
+    for turn in range(len(question.turns)):
+        prompt_ids = build_prompt(loaded, conversation(question.turns[: turn + 1], turns))
+        result = decoder.generate(prompt_ids, config.max_new_tokens, sampling, on_step=on_step)
+        text = loaded.tokenizer.decode(result.token_ids, skip_special_tokens=True).strip()
+        turns.append(text)
+        new_tokens.append(len(result.token_ids))
+        wall.append(round(result.wall_time, 6))
+        steps.append(result.steps)
+        accepts.append(result.accept_lengths)
+        token_ids.append(result.token_ids)
+    return {"index": 0, "turns": turns, "new_tokens": new_tokens, "wall_time": wall, "decoding_steps": steps,
+            "accept_lengths": accepts, "token_ids": token_ids, "temperature": sampling.temperature}
+
+
+def warm_up(decoders: dict[str, Decoder], loaded, questions: list[Question], config: RunConfig) -> None:
+    """Untimed generations so lazy initialisation, allocator growth and caches don't hit timing."""
+    prompt = build_prompt(loaded, conversation(questions[0].turns[:1], []))
+    for decoder in decoders.values():
+        for _ in range(config.warmup):
+            decoder.generate(prompt, min(config.max_new_tokens, 32), Sampling())
+
+
+def run_benchmark(config: RunConfig, console: Optional[Console] = None, loaded=None) -> Path:
+    """Run (or resume) a benchmark; returns the run folder. Python API behind `medusa-bench run`."""
+    from medusa_bench.models import load_model, model_name, resolve_device, resolve_dtype
+
+    console = console or Console(stderr=True)
+    question_file, questions = load_questions(config.bench, config.questions, config.limit, config.question_ids, config.categories)
+    names = config.decoders
+    for name in names:  # fail on a typo before loading anything
+        if name not in decoder_names():
+            build_decoder(name, None, config.options)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    run_dir = files.ensure_writable_dir(config.out or default_out(config, model_name(config.model)))
+    settings = settings_of(config, question_file, device, dtype)
+    previous = check_same_settings(run_dir, settings)  # refuse before the slow model load
+    loaded = loaded or load_model(config.model, config.device, config.dtype, config.trust_remote_code)
+    decoders = {name: build_decoder(name, loaded, config.options) for name in names}
+    files.ensure_writable_dir(run_dir / files.ANSWER_DIR)
+    write_run_file(run_dir, config, settings, loaded, decoders, previous)
+
+    paths = {name: files.answer_path(run_dir, model_id(loaded, name)) for name in names}
+    for path in paths.values():
+        files.repair_jsonl(path)
+    done = {name: {str(r["question_id"]): r for r in files.read_jsonl(path)} for name, path in paths.items()}
+    baseline_done = done.get("baseline") or {
+        str(r["question_id"]): r for r in files.read_jsonl(files.answer_path(run_dir, model_id(loaded, "baseline")))}
+    todo = [(q, name) for q in questions for name in names if str(q.question_id) not in done[name]]
+    if not todo:
+        console.print(f"nothing to do: all {len(questions)} questions × {len(names)} decoders are in {run_dir}")
+        return run_dir
+
+    warm_up({n: decoders[n] for n in {name for _, name in todo}}, loaded, questions, config)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("starting", total=len(todo))
+        for question, name in todo:
+            live = {"tokens": 0, "start": time.perf_counter()}
+
+            def on_step(tokens, live=live, name=name, question=question):
+                live["tokens"] += len(tokens)
+                rate = live["tokens"] / max(time.perf_counter() - live["start"], 1e-9)
+                progress.update(task, description=f"q {question.question_id} · {name} · {rate:5.1f} tok/s")
+
+            choice = answer_question(decoders[name], loaded, question, config, on_step=on_step)
+            choice["exact_match"] = exact_match(choice, decoders[name], baseline_done.get(str(question.question_id)), name)
+            record = {
+                "question_id": question.question_id, "answer_id": shortuuid.uuid(), "model_id": model_id(loaded, name),
+                "decoder": name, "category": question.category, "tstamp": time.time(), "choices": [choice],
+            }
+            files.append_jsonl(paths[name], record)
+            if name == "baseline":
+                baseline_done[str(question.question_id)] = record
+            progress.advance(task)
+    return run_dir
+
+
+def exact_match(choice: dict, decoder: Decoder, baseline: Optional[dict], name: str) -> Optional[list[bool]]:
+    """Per turn: does a greedy lossless decoder reproduce the baseline's tokens? None if n/a."""
+    if baseline is None or not decoder.lossless or choice["temperature"] != 0:
+        return None
+    reference = baseline["choices"][0].get("token_ids") or []
+    return [i < len(reference) and tokens == reference[i] for i, tokens in enumerate(choice["token_ids"])]

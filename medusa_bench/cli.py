@@ -1,0 +1,158 @@
+"""The `medusa-bench` command line: typer wiring only, one thin function per command.
+
+Every command parses its options, calls the package's Python API, and prints. Errors a user
+can fix are `UserError`s and print as one line (MEDUSA_BENCH_DEBUG=1 shows the traceback).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from medusa_bench.errors import UserError
+
+app = typer.Typer(
+    name="medusa-bench",
+    help="Benchmark speculative decoding with draft heads (Medusa, Hydra) on your model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+train_app = typer.Typer(help="Train draft heads on self-distilled data.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+console = Console(stderr=True)
+
+
+def _not_built(what: str) -> None:
+    raise UserError(f"`medusa-bench {what}` is not built yet")
+
+
+# ---------------------------------------------------------------------------------------- run
+@app.command()
+def run(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Hub id, local folder, .gguf file or 'smollm2-135m'."),
+    decoders: str = typer.Option("baseline", "--decoders", "-d", help="Comma-separated decoder names."),
+    bench: str = typer.Option("mt_bench", "--bench", help="mt_bench | spec_bench | quick"),
+    questions: Optional[Path] = typer.Option(None, "--questions", help="A FastChat question.jsonl (overrides --bench lookup)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N questions."),
+    question_ids: Optional[str] = typer.Option(None, "--question-ids", help="Comma-separated question ids, e.g. 81,82."),
+    categories: Optional[str] = typer.Option(None, "--categories", help="Comma-separated categories, e.g. math,coding."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Token limit per turn."),
+    temperature: str = typer.Option("0", "--temperature", help="A number, or 'category' for FastChat's per-category temperatures."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: int = typer.Option(0, "--seed"),
+    warmup: int = typer.Option(1, "--warmup", help="Untimed warm-up generations per decoder."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default results/<model>-<bench>)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | float16 | bfloat16"),
+    tree: str = typer.Option("mc_sim_7b_63", "--tree", help="Preset name, JSON file, inline list, or 'auto'."),
+    medusa_heads: Optional[str] = typer.Option(None, "--medusa-heads", help="Medusa-1 / v2 heads folder."),
+    medusa2_model: Optional[str] = typer.Option(None, "--medusa2-model", help="A Medusa-2 model folder."),
+    hydra_heads: Optional[str] = typer.Option(None, "--hydra-heads", help="Hydra heads folder."),
+    acceptance: str = typer.Option("greedy", "--acceptance", help="greedy | typical"),
+    posterior_threshold: float = typer.Option(0.09, "--posterior-threshold", help="Typical acceptance epsilon."),
+    posterior_alpha: float = typer.Option(0.3, "--posterior-alpha", help="Typical acceptance delta."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
+) -> None:
+    """Run decoders over a bench's questions; appends answers and resumes where it stopped."""
+    from medusa_bench.bench.loop import RunConfig, run_benchmark
+
+    config = RunConfig.from_cli(
+        model=model, decoders=decoders, bench=bench, questions=questions, limit=limit,
+        question_ids=question_ids, categories=categories, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, seed=seed, warmup=warmup, out=out, device=device,
+        dtype=dtype, tree=tree, medusa_heads=medusa_heads, medusa2_model=medusa2_model,
+        hydra_heads=hydra_heads, acceptance=acceptance, posterior_threshold=posterior_threshold,
+        posterior_alpha=posterior_alpha, trust_remote_code=trust_remote_code,
+    )
+    run_dir = run_benchmark(config, console=console)
+    typer.echo(str(run_dir))
+
+
+# -------------------------------------------------------------------------------------- judge
+@app.command()
+def judge(
+    run_dir: Path = typer.Argument(..., help="A run folder made by `medusa-bench run`."),
+    judge_model: str = typer.Option("gpt-4", "--judge-model", help="The judge's model name at the endpoint."),
+    judge_base_url: Optional[str] = typer.Option(None, "--judge-base-url", help="An OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (default: OpenAI)."),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the API key (never written anywhere)."),
+    mode: str = typer.Option("single", "--mode", help="single (grades 1-10) | pairwise (each decoder vs the baseline, both orders)."),
+    parallel: int = typer.Option(8, "--parallel", help="Concurrent judge calls."),
+    decoders: Optional[str] = typer.Option(None, "--decoders", help="Comma-separated decoders (or model ids) to judge; default all."),
+    baseline: str = typer.Option("baseline", "--baseline", help="The reference decoder for reuse and pairwise mode."),
+    no_reuse: bool = typer.Option(False, "--no-reuse", help="Judge answers identical to the baseline's too, instead of reusing its judgment."),
+    score: str = typer.Option("text", "--score", help="text (the rating written in the judgment) | logprobs (expected rating from the rating token's logprobs)."),
+    max_tokens: int = typer.Option(2048, "--max-tokens", help="Token limit of each judgment."),
+    timeout: float = typer.Option(120.0, "--timeout", help="Seconds per judge call before it is retried."),
+    max_retries: int = typer.Option(6, "--max-retries", help="Retries on rate limits, timeouts, connection errors and 5xx."),
+    questions: Optional[Path] = typer.Option(None, "--questions", help="Question file (default: the run's)."),
+    judge_prompts: Optional[Path] = typer.Option(None, "--judge-prompts", help="FastChat judge_prompts.jsonl."),
+    reference_answers: Optional[Path] = typer.Option(None, "--reference-answers", help="Reference answers (FastChat reference_answer/gpt-4.jsonl)."),
+) -> None:
+    """Grade a run's answers with an LLM judge (MT-Bench style); resumes where it stopped."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from medusa_bench.judge.client import RetryPolicy
+    from medusa_bench.judge.run import judge_run, summary_table
+
+    with Progress(TextColumn("judging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("judge", total=None)
+        result = judge_run(
+            run_dir, judge_model=judge_model, base_url=judge_base_url, api_key_env=api_key_env, mode=mode,
+            parallel=parallel, decoders=[d.strip() for d in decoders.split(",") if d.strip()] if decoders else None,
+            baseline=baseline, reuse=not no_reuse, score=score, max_tokens=max_tokens, timeout=timeout,
+            retry=RetryPolicy(max_retries=max_retries), questions=questions, judge_prompts=judge_prompts,
+            reference_answers=reference_answers, progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    Console().print(summary_table(result))
+    console.print(
+        f"{result.judged} judged, {result.reused} reused, {result.skipped} already done, "
+        f"{result.unparsed} unparseable (kept, counted as missing)"
+    )
+    typer.echo(str(result.path))
+
+
+# ------------------------------------------------------------------------------------- report
+@app.command()
+def report(
+    run_dirs: List[Path] = typer.Argument(..., metavar="RUN_DIR...", help="One or more run folders (side by side)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (a folder for csv). Default: <run>/report.html for one run, ./report.html for several."),
+    fmt: str = typer.Option("html", "--format", "-f", help="html | markdown | csv | table"),
+) -> None:
+    """Turn run folders into tables and a self-contained HTML report."""
+    from medusa_bench.results.report import build_report
+
+    result = build_report(run_dirs, out=out, fmt=fmt, console=Console() if fmt == "table" else None)
+    if result:
+        typer.echo(str(result).rstrip("\n"))
+
+
+# -------------------------------------------------------------------------------------- serve
+@app.command()
+def serve() -> None:
+    """Serve a decoder behind an OpenAI-compatible HTTP API."""
+    _not_built("serve")
+
+
+# ---------------------------------------------------------------------------------------- main
+def main() -> None:
+    """Entry point: UserError → one line on stderr, exit 2 (traceback with MEDUSA_BENCH_DEBUG=1)."""
+    try:
+        app()
+    except UserError as error:
+        if os.environ.get("MEDUSA_BENCH_DEBUG"):
+            raise
+        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted: finished answers are saved; re-run the same command to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

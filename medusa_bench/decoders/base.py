@@ -1,0 +1,122 @@
+"""The decoder interface, its options, and the registry of decoder names.
+
+A decoder turns prompt token ids into answer token ids and reports how it got there (steps,
+tokens per step, wall time). Every decoder here is the one speculative loop in `spec.py` with
+a different proposer: the baseline proposes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Protocol
+
+from medusa_bench.errors import UserError, unknown_name
+
+ACCEPTANCE_RULES = ("greedy", "typical")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """temperature 0 is greedy; top_p and seed apply only when sampling."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise UserError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Generation:
+    """One answer: tokens cut at EOS (inclusive) and at the limit, and how they were made."""
+
+    token_ids: list[int]
+    steps: int  # decoding iterations after prefill (each emits >= 1 token)
+    accept_lengths: list[int]  # tokens emitted per step; sums to len(token_ids)
+    wall_time: float  # prefill + decode, seconds, device-synchronised
+    finish_reason: str  # "stop" (EOS or on_step asked) | "length"
+    logprobs: Optional[list] = None  # per token: (logprob, [(token_id, logprob), ...])
+
+
+StepCallback = Callable[[list[int]], Optional[bool]]
+
+
+class Decoder(Protocol):
+    name: str
+    lossless: bool  # greedy output must equal the baseline's
+    draft_size: int  # nodes drafted per step beyond the root (0 for the baseline)
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
+                 on_step: Optional[StepCallback] = None, logprobs: Optional[int] = None) -> Generation: ...
+
+
+@dataclass(frozen=True)
+class DecoderOptions:
+    """Everything a decoder may need beyond the model; each decoder reads its own part."""
+
+    tree: str = "mc_sim_7b_63"
+    medusa_heads: Optional[str] = None
+    medusa2_model: Optional[str] = None
+    hydra_heads: Optional[str] = None
+    acceptance: str = "greedy"
+    posterior_threshold: float = 0.09  # typical acceptance epsilon
+    posterior_alpha: float = 0.3  # typical acceptance delta
+    pld_max_ngram: int = 3
+    pld_tokens: int = 10
+    pld_branches: int = 1
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.acceptance not in ACCEPTANCE_RULES:
+            raise unknown_name("acceptance rule", self.acceptance, ACCEPTANCE_RULES)
+        if not 0 <= self.posterior_threshold <= 1:
+            raise UserError(f"--posterior-threshold must be in [0, 1], got {self.posterior_threshold}")
+        if not self.posterior_alpha >= 0:
+            raise UserError(f"--posterior-alpha must be >= 0, got {self.posterior_alpha}")
+
+
+# name -> factory(loaded_model, options) -> Decoder. Factories import lazily so that
+# `medusa-bench --help` stays fast and a missing optional part only fails when used.
+DecoderFactory = Callable[["LoadedModel", DecoderOptions], Decoder]  # noqa: F821
+_REGISTRY: dict[str, DecoderFactory] = {}
+
+
+def register(name: str):
+    def wrap(factory: DecoderFactory) -> DecoderFactory:
+        _REGISTRY[name] = factory
+        return factory
+
+    return wrap
+
+
+def decoder_names() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def build_decoder(name: str, loaded, options: DecoderOptions = DecoderOptions()) -> Decoder:
+    """The registry: 'unknown decoder 'x'; valid names are …' for a typo."""
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise unknown_name("decoder", name, _REGISTRY)
+    return _REGISTRY[name](loaded, options)
+
+
+def _load_builtin() -> None:
+    """Importing the decoder modules registers them."""
+    import importlib
+
+    for module in ("baseline", "medusa", "hydra", "pld"):
+        try:
+            importlib.import_module(f"medusa_bench.decoders.{module}")
+        except ModuleNotFoundError as error:
+            if error.name != f"medusa_bench.decoders.{module}":
+                raise

@@ -1,0 +1,204 @@
+"""Checkpoint file helpers shared by the head formats (Medusa now, Hydra later).
+
+Everything here reads *tensors only*: safetensors, or `torch.load(weights_only=True)`.
+Downloaded checkpoints are untrusted; unpickling arbitrary objects from them would run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from medusa_bench.errors import UserError
+
+# Weight files of a transformers model folder, in the order transformers itself tries them.
+MODEL_WEIGHT_NAMES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`, or a UserError saying which file is broken."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def write_json(path: Path, data: dict) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def load_tensors(path: Path, keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors or torch (.pt/.bin) file, optionally only keys with keep(key).
+
+    safetensors files are read lazily, so a filter skips the other tensors' bytes (a 13 GB model
+    shard costs only the head tensors). Torch files are memory-mapped where the format allows.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path, keep)
+    return _load_torch(path, keep)
+
+
+def tensor_names(path: Path) -> list[str]:
+    """The tensor names in a file; for safetensors only the header is read."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                return list(handle.keys())
+        except Exception as exc:
+            raise UserError(f"cannot read {path} as safetensors: {exc}") from None
+    return list(_load_torch(path, keep=None))
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """Write tensors as safetensors (by suffix) or a plain torch state dict (anything else).
+
+    Tensors are cloned contiguous first: views into one stacked storage would otherwise be refused
+    by safetensors (shared memory) or drag the whole storage along into every key by torch.save.
+    """
+    path = Path(path)
+    plain = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    if path.suffix == ".safetensors":
+        save_file(plain, str(path), metadata={"format": "pt", **(metadata or {})})
+    else:
+        torch.save(plain, path)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_tensors(tensors: dict[str, torch.Tensor]) -> str:
+    """Hex sha256 over names, dtypes, shapes and bytes of tensors (order independent)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- model folders
+
+
+def model_weight_files(folder: Path, key_prefix: str = "") -> list[Path]:
+    """The weight files of a transformers model folder, in the order transformers tries them.
+
+    With a shard index, only the shards holding some key that starts with `key_prefix`.
+    """
+    folder = Path(folder)
+    for name in MODEL_WEIGHT_NAMES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return [path]
+        weight_map = read_json(path).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{path} has no 'weight_map'; re-save the model with save_pretrained")
+        return [folder / f for f in sorted({f for k, f in weight_map.items() if k.startswith(key_prefix)})]
+    return []
+
+
+def load_model_tensors(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """Only the tensors whose names start with `prefix` from a (possibly sharded) model folder."""
+    found: dict[str, torch.Tensor] = {}
+    for path in model_weight_files(folder, key_prefix=prefix):
+        if not path.is_file():
+            raise UserError(f"{folder} is incomplete: its shard index names {path.name}, which is missing")
+        found.update(load_tensors(path, keep=lambda k: k.startswith(prefix)))
+    return found
+
+
+# --------------------------------------------------------------------------- hub / local paths
+
+
+def resolve_folder(path_or_id: str | Path, allow_patterns: Iterable[str]) -> Path:
+    """A local folder for `path_or_id`: the path itself, or a Hugging Face Hub snapshot.
+
+    Only files matching `allow_patterns` are downloaded, so heads never pull a whole model.
+    """
+    path = Path(path_or_id).expanduser()
+    if path.exists():
+        return path
+    text = str(path_or_id)
+    if not _HUB_ID.match(text):
+        raise UserError(f"{text} does not exist; pass a local heads folder or a Hub id like owner/name")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(text, allow_patterns=list(allow_patterns)))
+    except Exception as exc:  # network, auth, missing repo: all user-fixable
+        raise UserError(
+            f"{text} is not a local path and could not be fetched from the Hugging Face Hub "
+            f"({type(exc).__name__}); download it and pass the folder"
+        ) from None
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def _load_safetensors(path: Path, keep) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return {k: handle.get_tensor(k) for k in handle.keys() if keep is None or keep(k)}
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise UserError(f"cannot read {path} as safetensors: {exc}") from None
+
+
+def _load_torch(path: Path, keep) -> dict[str, torch.Tensor]:
+    data = _torch_load_weights_only(path)
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a dict of tensors (a state dict), found {type(data).__name__}")
+    out = {}
+    for key, value in data.items():
+        if not isinstance(value, torch.Tensor):
+            raise UserError(
+                f"{path} holds a non-tensor entry {key!r} ({type(value).__name__}); "
+                "expected a flat state dict of tensors"
+            )
+        if keep is None or keep(key):
+            out[key] = value
+    return out
+
+
+def _torch_load_weights_only(path: Path):
+    """torch.load restricted to tensors and plain containers; mmap when the file allows it."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):  # legacy (non-zip) files cannot be mapped: read them whole
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(
+            f"refusing to load {path}: it contains pickled Python objects, not just tensors; "
+            "convert it to a plain state dict or safetensors in an environment you trust"
+        ) from None
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise UserError(f"cannot read {path} as a torch checkpoint: {exc}") from None

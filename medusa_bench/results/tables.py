@@ -1,0 +1,655 @@
+"""The report's numbers: run folders in, pandas tables out, one convention throughout.
+
+Every number follows design.md's metric definitions, so that a table, its CSV export and the
+HTML report can never disagree:
+
+- throughput (tokens/s) = Σ new_tokens / Σ wall_time over a decoder's answered questions;
+- speedup = throughput(decoder) / throughput(baseline) on the questions *both* answered (a
+  decoder cut short is compared only on what it finished: see `n_compared`), with a paired
+  bootstrap 95% interval over questions (ratio of sums inside every resample);
+- Spec-Bench's speedup = mean per-question tokens/s of the decoder / that of the baseline, on
+  the same common questions (its `evaluation/speed.py` convention, for its leaderboard);
+- acceptance length τ = Σ new_tokens / Σ decoding_steps (baseline: 1.00);
+- per-depth acceptance = fraction of steps that accepted at least d drafted tokens;
+- exact match = fraction of turns whose token ids equal the baseline's (the run loop writes
+  `exact_match`; null means "not applicable", e.g. sampled decoding or no baseline);
+- MT-Bench score = mean of graded judgments (score −1 is a failed grade: missing, counted in
+  coverage = graded / answered turns), FastChat `show_result.py` style: the overall score is
+  the mean over all graded turns, not the mean of the two turn means.
+
+Only `choices[0]` of an answer is used, as in Spec-Bench and FastChat's single grading.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from medusa_bench.errors import UserError
+from medusa_bench.results.files import JUDGMENT_DIR, load_answers, load_run, read_json, read_jsonl
+
+BASELINE = "baseline"
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+CI_LEVEL = 0.95
+OPTIONAL_FILES = ("tree", "calibration", "latency")
+
+# ------------------------------------------------------------------------------ loading runs
+
+
+@dataclass
+class RunData:
+    """Everything one run folder holds that the report can use; missing parts are empty."""
+
+    label: str
+    path: Path
+    info: dict
+    answers: dict[str, list[dict]]  # model_id -> one record per question (last one wins)
+    judgments: dict[str, list[dict]]  # judge name -> records
+    extras: dict[str, Any] = field(default_factory=dict)  # tree / calibration / latency JSON
+    questions: dict[Any, dict] = field(default_factory=dict)  # question_id -> question record
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def settings(self) -> dict:
+        return self.info.get("settings") or {}
+
+    def decoder_of(self, model_id: str) -> str:
+        """The decoder behind an answer file: the records' own field, then run.json's map."""
+        for record in self.answers.get(model_id, []):
+            if record.get("decoder"):
+                return str(record["decoder"])
+        for decoder, mapped in (self.info.get("models") or {}).items():
+            if mapped == model_id:
+                return str(decoder)
+        return model_id
+
+    def model_ids(self) -> list[str]:
+        """Answer files in a stable, readable order: baseline first, then run.json's order."""
+        order = [str(d) for d in self.info.get("decoders") or []]
+
+        def key(model_id: str) -> tuple:
+            decoder = self.decoder_of(model_id)
+            rank = order.index(decoder) if decoder in order else len(order)
+            return (decoder != BASELINE, rank, decoder, model_id)
+
+        return sorted(self.answers, key=key)
+
+    def baseline_id(self) -> str | None:
+        for model_id in self.model_ids():
+            if self.decoder_of(model_id) == BASELINE:
+                return model_id
+        return None
+
+
+def unique_labels(paths: list[Path]) -> list[str]:
+    """Folder names label runs; add parent folders only where two names collide."""
+    resolved = [Path(p).resolve() for p in paths]
+    depth = 1
+    while True:
+        labels = ["/".join(p.parts[-depth:]) for p in resolved]
+        if len(set(labels)) == len(labels) or depth >= max(len(p.parts) for p in resolved):
+            return labels
+        depth += 1
+
+
+def _dedupe(records: list[dict], key) -> list[dict]:
+    """Keep the last record per key (a resumed or re-graded item replaces the older one)."""
+    latest: dict = {}
+    for record in records:
+        latest[key(record)] = record
+    return list(latest.values())
+
+
+def _load_optional_json(path: Path, notes: list[str]) -> Any:
+    if not path.exists():
+        return None
+    try:
+        return read_json(path)
+    except UserError as error:
+        notes.append(f"{path.name} skipped: {error}")
+        return None
+
+
+def _load_judgments(run_dir: Path) -> dict[str, list[dict]]:
+    judgments = {}
+    for path in sorted((run_dir / JUDGMENT_DIR).glob("*_single.jsonl")):
+        judge = path.name[: -len("_single.jsonl")]
+        records = [r for r in read_jsonl(path) if isinstance(r, dict) and "model" in r]
+        judgments[judge] = _dedupe(records, lambda r: (r.get("model"), r.get("question_id"), r.get("turn")))
+    return judgments
+
+
+def _load_questions(settings: dict, notes: list[str]) -> dict[Any, dict]:
+    """Question texts, if run.json names a question file that is still on disk (optional)."""
+    for key in ("question_file", "questions", "question_path", "questions_path"):
+        value = settings.get(key)
+        if isinstance(value, str) and value.endswith(".jsonl") and Path(value).is_file():
+            try:
+                return {q.get("question_id"): q for q in read_jsonl(Path(value))}
+            except UserError as error:
+                notes.append(f"question file skipped: {error}")
+    return {}
+
+
+def load_run_data(run_dir: Path, label: str | None = None) -> RunData:
+    """Read a run folder: run.json (required), answers, judgments and optional JSON files."""
+    run_dir = Path(run_dir)
+    info = load_run(run_dir)
+    notes: list[str] = []
+    answers = {
+        model_id: _dedupe([r for r in records if "question_id" in r and r.get("choices")], lambda r: r["question_id"])
+        for model_id, records in load_answers(run_dir).items()
+    }
+    extras = {name: _load_optional_json(run_dir / f"{name}.json", notes) for name in OPTIONAL_FILES}
+    run = RunData(
+        label=label or run_dir.resolve().name,
+        path=run_dir,
+        info=info if isinstance(info, dict) else {},
+        answers={k: v for k, v in answers.items() if v},
+        judgments=_load_judgments(run_dir),
+        extras={k: v for k, v in extras.items() if v is not None},
+        notes=notes,
+    )
+    run.questions = _load_questions(run.settings, notes)
+    return run
+
+
+def load_runs(run_dirs: Iterable[Path]) -> list[RunData]:
+    paths = [Path(p) for p in run_dirs]
+    if not paths:
+        raise UserError("no run folder given; pass one or more folders written by `medusa-bench run`")
+    return [load_run_data(path, label) for path, label in zip(paths, unique_labels(paths))]
+
+
+# ------------------------------------------------------------------------- per-question data
+
+
+def _first_choice(record: dict) -> dict:
+    choices = record.get("choices") or [{}]
+    return choices[0] if isinstance(choices[0], dict) else {}
+
+
+def _total(values) -> float:
+    """Sum of a per-turn list; NaN when the field is absent (never a silent 0)."""
+    if values is None:
+        return math.nan
+    if isinstance(values, (int, float)):
+        return float(values)
+    return float(sum(v for v in values if v is not None))
+
+
+def accept_lengths_of(record: dict) -> list[int]:
+    """All steps' accepted-token counts of an answer, over its turns ([[int]] or Spec-Bench's [int])."""
+    raw = _first_choice(record).get("accept_lengths") or []
+    flat: list[int] = []
+    for item in raw:
+        if isinstance(item, list):
+            flat.extend(int(x) for x in item if x is not None)
+        elif item is not None:
+            flat.append(int(item))
+    return flat
+
+
+def question_frame(run: RunData) -> pd.DataFrame:
+    """One row per (decoder, question): the sums every table is built from."""
+    rows = []
+    for model_id in run.model_ids():
+        decoder = run.decoder_of(model_id)
+        for record in run.answers[model_id]:
+            choice = _first_choice(record)
+            matches = choice.get("exact_match")
+            known = [m for m in matches if m is not None] if isinstance(matches, list) else []
+            rows.append(
+                {
+                    "run": run.label,
+                    "model_id": model_id,
+                    "decoder": decoder,
+                    "question_id": record["question_id"],
+                    "category": record.get("category") or "unknown",
+                    "n_turns": len(choice.get("turns") or []),
+                    "new_tokens": _total(choice.get("new_tokens")),
+                    "wall_time": _total(choice.get("wall_time")),
+                    "steps": _total(choice.get("decoding_steps")),
+                    "em_match": sum(bool(m) for m in known),
+                    "em_known": len(known),
+                }
+            )
+    columns = ["run", "model_id", "decoder", "question_id", "category", "n_turns", "new_tokens", "wall_time", "steps", "em_match", "em_known"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+# ------------------------------------------------------------------------------- statistics
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    return float(numerator) / float(denominator) if denominator and not math.isnan(denominator) else math.nan
+
+
+def bootstrap_speedup_ci(
+    dec_tokens, dec_time, base_tokens, base_time,
+    resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED, level: float = CI_LEVEL,
+) -> tuple[float, float]:
+    """Percentile interval of the ratio-of-sums speedup, resampling questions in pairs.
+
+    Questions (not tokens or steps) are the independent units: a long answer moves both of
+    its decoders' times together, so the decoder and baseline rows of a question are drawn
+    together. Fewer than two questions give no interval (NaN), not a fake zero-width one.
+    """
+    arrays = [np.asarray(a, dtype=float) for a in (dec_tokens, dec_time, base_tokens, base_time)]
+    n = len(arrays[0])
+    if n < 2:
+        return (math.nan, math.nan)
+    index = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    dt, dw, bt, bw = (a[index].sum(axis=1) for a in arrays)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        speedups = (dt / dw) / (bt / bw)
+    speedups = speedups[np.isfinite(speedups)]
+    if not len(speedups):
+        return (math.nan, math.nan)
+    tail = (1 - level) / 2
+    low, high = np.quantile(speedups, [tail, 1 - tail])
+    return (float(low), float(high))
+
+
+def paired_speedup(dec: pd.DataFrame, base: pd.DataFrame | None) -> dict:
+    """Speedup of `dec` over `base` on their common questions (both frames: one row per question)."""
+    empty = {"n_compared": 0, "speedup": math.nan, "speedup_ci_low": math.nan, "speedup_ci_high": math.nan, "speedup_specbench": math.nan}
+    if base is None or base.empty or dec.empty:
+        return empty
+    d = dec.set_index("question_id")
+    b = base.set_index("question_id")
+    common = [q for q in d.index if q in b.index]
+    if not common:
+        return empty
+    d, b = d.loc[common], b.loc[common]
+    speedup = ratio(d.new_tokens.sum(), d.wall_time.sum()) / ratio(b.new_tokens.sum(), b.wall_time.sum())
+    low, high = bootstrap_speedup_ci(d.new_tokens, d.wall_time, b.new_tokens, b.wall_time)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dec_rates = (d.new_tokens / d.wall_time).replace([np.inf, -np.inf], np.nan)
+        base_rates = (b.new_tokens / b.wall_time).replace([np.inf, -np.inf], np.nan)
+    specbench = ratio(dec_rates.mean(), base_rates.mean())
+    return {"n_compared": len(common), "speedup": speedup, "speedup_ci_low": low, "speedup_ci_high": high, "speedup_specbench": specbench}
+
+
+# -------------------------------------------------------------------------------- the tables
+
+
+def speed_table(runs: list[RunData], frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per run and decoder: throughput, speedup (+ interval, + Spec-Bench's), τ, exact match."""
+    rows = []
+    for run in runs:
+        q = frames[run.label]
+        base_id = run.baseline_id()
+        base = q[q.model_id == base_id] if base_id else None
+        for model_id in run.model_ids():
+            dec = q[q.model_id == model_id]
+            row = {
+                "run": run.label,
+                "decoder": run.decoder_of(model_id),
+                "model_id": model_id,
+                "n_questions": len(dec),
+                "new_tokens": dec.new_tokens.sum(),
+                "wall_time_s": dec.wall_time.sum(),
+                "tokens_per_s": ratio(dec.new_tokens.sum(), dec.wall_time.sum()),
+            }
+            if model_id == base_id:
+                row.update(n_compared=len(dec), speedup=1.0, speedup_ci_low=math.nan, speedup_ci_high=math.nan, speedup_specbench=1.0)
+            else:
+                row.update(paired_speedup(dec, base))
+            row["tau"] = ratio(dec.new_tokens.sum(), dec.steps.sum())
+            row["exact_match"] = ratio(dec.em_match.sum(), dec.em_known.sum())
+            row["exact_match_turns"] = int(dec.em_known.sum())
+            rows.append(row)
+    columns = ["run", "decoder", "model_id", "n_questions", "n_compared", "new_tokens", "wall_time_s", "tokens_per_s",
+               "speedup", "speedup_ci_low", "speedup_ci_high", "speedup_specbench", "tau", "exact_match", "exact_match_turns"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def acceptance_counts(run: RunData, model_id: str) -> Counter:
+    """How many steps emitted 1, 2, 3 … tokens (root + accepted drafts)."""
+    counts: Counter = Counter()
+    for record in run.answers[model_id]:
+        counts.update(accept_lengths_of(record))
+    return counts
+
+
+def predicted_tau(run: RunData) -> float:
+    """The tree optimiser's predicted τ for the chosen tree, if tree.json or calibration.json say."""
+    for extra in (run.extras.get("tree"), run.extras.get("calibration")):
+        if not isinstance(extra, dict):
+            continue
+        predicted = extra.get("predicted")
+        if isinstance(predicted, dict) and isinstance(predicted.get("tau"), (int, float)):
+            return float(predicted["tau"])
+        if isinstance(extra.get("predicted_tau"), (int, float)):
+            return float(extra["predicted_tau"])
+    return math.nan
+
+
+def acceptance_tables(runs: list[RunData], frames: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """τ with per-depth acceptance rates, and the histogram of tokens per step (fractions)."""
+    counts = {(run.label, m): acceptance_counts(run, m) for run in runs for m in run.model_ids()}
+    longest = max((max(c) for c in counts.values() if c), default=1)
+    accept_rows, hist_rows = [], []
+    for run in runs:
+        q = frames[run.label]
+        for model_id in run.model_ids():
+            dec = q[q.model_id == model_id]
+            c = counts[(run.label, model_id)]
+            steps = sum(c.values())
+            decoder = run.decoder_of(model_id)
+            row = {"run": run.label, "decoder": decoder, "steps": int(dec.steps.sum()) if dec.steps.notna().any() else math.nan,
+                   "tau": ratio(dec.new_tokens.sum(), dec.steps.sum())}
+            row["tau_predicted"] = predicted_tau(run) if decoder != BASELINE else math.nan
+            for depth in range(1, longest):
+                row[f"accept_ge_{depth}"] = ratio(sum(n for k, n in c.items() if k - 1 >= depth), steps)
+            accept_rows.append(row)
+            hist = {"run": run.label, "decoder": decoder, "logged_steps": steps}
+            for k in range(1, longest + 1):
+                hist[f"tokens_{k}"] = ratio(c.get(k, 0), steps)
+            hist_rows.append(hist)
+    accept = pd.DataFrame(accept_rows)
+    if not accept.empty and accept["tau_predicted"].isna().all():
+        accept = accept.drop(columns="tau_predicted")
+    return accept, pd.DataFrame(hist_rows)
+
+
+def _graded(records: list[dict], model_id: str, answered: dict) -> pd.DataFrame:
+    """Valid grades of one model on its answered questions: question_id, turn, score."""
+    rows = []
+    for r in records:
+        score = r.get("score")
+        if r.get("model") != model_id or r.get("question_id") not in answered:
+            continue
+        if not isinstance(score, (int, float)) or isinstance(score, bool) or score < 0:
+            continue  # -1: the judge's output had no parseable [[rating]]
+        rows.append({"question_id": r["question_id"], "turn": int(r.get("turn") or 1), "score": float(score)})
+    return pd.DataFrame(rows, columns=["question_id", "turn", "score"])
+
+
+def _answered_turns(run: RunData, model_id: str) -> dict:
+    return {r["question_id"]: len(_first_choice(r).get("turns") or []) or 1 for r in run.answers.get(model_id, [])}
+
+
+def primary_judge(run: RunData) -> str | None:
+    """The judge file with the most judgments (a run usually has exactly one)."""
+    if not run.judgments:
+        return None
+    return max(sorted(run.judgments), key=lambda j: len(run.judgments[j]))
+
+
+def quality_table(runs: list[RunData]) -> pd.DataFrame:
+    """Per run, judge and decoder: MT-Bench scores per turn and overall, with coverage."""
+    rows = []
+    for run in runs:
+        base_id = run.baseline_id()
+        for judge, records in run.judgments.items():
+            max_turns = max([n for m in run.model_ids() for n in _answered_turns(run, m).values()] or [1])
+            base_graded = _graded(records, base_id, _answered_turns(run, base_id)) if base_id else None
+            for model_id in run.model_ids():
+                answered = _answered_turns(run, model_id)
+                graded = _graded(records, model_id, answered)
+                row = {"run": run.label, "judge": judge, "decoder": run.decoder_of(model_id)}
+                for turn in range(1, max_turns + 1):
+                    expected = sum(1 for n in answered.values() if n >= turn)
+                    in_turn = graded[graded.turn == turn]
+                    row[f"score_turn{turn}"] = in_turn.score.mean() if len(in_turn) else math.nan
+                    row[f"coverage_turn{turn}"] = ratio(len(in_turn), expected)
+                row["score"] = graded.score.mean() if len(graded) else math.nan
+                row["graded"] = len(graded)
+                row["expected"] = sum(answered.values())
+                row["coverage"] = ratio(len(graded), row["expected"])
+                row["score_vs_baseline"] = _paired_score_delta(graded, base_graded) if model_id != base_id else math.nan
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _paired_score_delta(graded: pd.DataFrame, base_graded: pd.DataFrame | None) -> float:
+    """Mean score difference to the baseline on the (question, turn) pairs graded for both."""
+    if base_graded is None or graded.empty or base_graded.empty:
+        return math.nan
+    both = graded.merge(base_graded, on=["question_id", "turn"], suffixes=("", "_base"))
+    return float((both.score - both.score_base).mean()) if len(both) else math.nan
+
+
+def category_table(runs: list[RunData], frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per run, category and decoder: speedup (with interval), τ and the primary judge's score."""
+    rows = []
+    for run in runs:
+        q = frames[run.label]
+        base_id = run.baseline_id()
+        judge = primary_judge(run)
+        for category in sorted(q.category.unique()):
+            in_cat = q[q.category == category]
+            base = in_cat[in_cat.model_id == base_id] if base_id else None
+            for model_id in run.model_ids():
+                dec = in_cat[in_cat.model_id == model_id]
+                if dec.empty:
+                    continue
+                row = {"run": run.label, "category": category, "decoder": run.decoder_of(model_id), "n_questions": len(dec)}
+                if model_id == base_id:
+                    row.update(n_compared=len(dec), speedup=1.0, speedup_ci_low=math.nan, speedup_ci_high=math.nan)
+                else:
+                    row.update({k: v for k, v in paired_speedup(dec, base).items() if k != "speedup_specbench"})
+                row["tau"] = ratio(dec.new_tokens.sum(), dec.steps.sum())
+                if judge:
+                    answered = {qid: n for qid, n in _answered_turns(run, model_id).items() if qid in set(dec.question_id)}
+                    graded = _graded(run.judgments[judge], model_id, answered)
+                    row["score"] = graded.score.mean() if len(graded) else math.nan
+                    row["coverage"] = ratio(len(graded), sum(answered.values()))
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+CONFIG_ORDER = ("model", "dtype", "device", "tree", "tree_hash", "max_new_tokens", "bench", "acceptance",
+                "temperature", "top_p", "seed", "warmup")
+
+
+def _as_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def config_table(runs: list[RunData]) -> pd.DataFrame:
+    """What each run measured and on what: settings, device, versions, git hash; runs side by side."""
+    per_run: dict[str, dict[str, str]] = {}
+    for run in runs:
+        info, settings = run.info, run.settings
+        values = {key: _as_text(settings[key]) for key in CONFIG_ORDER if key in settings}
+        values.update({key: _as_text(v) for key, v in settings.items() if key not in CONFIG_ORDER})
+        for key, v in (info.get("device") or {}).items():
+            values[f"device.{key}"] = _as_text(v)
+        values["decoders"] = ", ".join(str(d) for d in info.get("decoders") or run.model_ids())
+        values["medusa-bench"] = _as_text(info.get("version"))
+        values["git_hash"] = _as_text(info.get("git_hash"))
+        values["created"] = _as_text(info.get("created"))
+        for package, version in (info.get("versions") or {}).items():
+            values[f"version.{package}"] = _as_text(version)
+        per_run[run.label] = values
+    keys: list[str] = []
+    for values in per_run.values():
+        keys += [k for k in values if k not in keys]
+    table = pd.DataFrame({"setting": keys})
+    for label, values in per_run.items():
+        table[label] = [values.get(k, "") for k in keys]
+    return table
+
+
+def summary_table(speed: pd.DataFrame, quality: pd.DataFrame) -> pd.DataFrame:
+    """The at-a-glance table: how fast, why (τ), and whether quality held, per decoder."""
+    columns = ["run", "decoder", "n_questions", "n_compared", "tokens_per_s", "speedup", "speedup_ci_low", "speedup_ci_high", "tau", "exact_match"]
+    summary = speed[columns].copy()
+    if not quality.empty:
+        judged = quality.groupby(["run", "decoder"], sort=False).first().reset_index()  # primary judge first
+        summary = summary.merge(judged[["run", "decoder", "score", "coverage", "score_vs_baseline"]], on=["run", "decoder"], how="left")
+    return summary
+
+
+# ---------------------------------------------------------------------------------- assembly
+
+
+@dataclass
+class ReportTables:
+    """All tables of a report (name → DataFrame, in display order) plus notes for the reader."""
+
+    runs: list[RunData]
+    tables: dict[str, pd.DataFrame]
+    notes: list[str]
+
+
+TABLE_TITLES = {
+    "summary": "At a glance",
+    "speed": "Speed",
+    "acceptance": "Acceptance",
+    "tokens_per_step": "Tokens per step (histogram)",
+    "quality": "Quality (MT-Bench single grading)",
+    "categories": "Per category",
+    "config": "Configuration",
+}
+
+
+def _notes(runs: list[RunData], speed: pd.DataFrame) -> list[str]:
+    """Plain-language caveats: what is missing and what was compared on fewer questions."""
+    notes = []
+    for run in runs:
+        notes += [f"{run.label}: {n}" for n in run.notes]
+        if not run.answers:
+            notes.append(f"{run.label}: no answers yet (model_answer/ is empty).")
+            continue
+        if run.baseline_id() is None:
+            notes.append(f"{run.label}: no baseline decoder in this run, so speedup is n/a; add `baseline` to --decoders.")
+        if not run.judgments:
+            notes.append(f"{run.label}: no judgments, so quality scores are n/a; run `medusa-bench judge` on it.")
+        rows = speed[speed.run == run.label]
+        base = rows[rows.decoder == BASELINE]
+        if run.baseline_id() and not base.empty:
+            total = int(base.n_questions.iloc[0])
+            for _, row in rows[rows.decoder != BASELINE].iterrows():
+                if row.n_compared < total:
+                    notes.append(f"{run.label}: {row.decoder} answered {row.n_questions} of the baseline's {total} questions; "
+                                 f"its speedup compares the {row.n_compared} questions both answered.")
+        for judge in run.judgments:
+            if len(run.judgments) > 1 and judge != primary_judge(run):
+                notes.append(f"{run.label}: several judges; per-category scores use {primary_judge(run)}.")
+                break
+    return notes
+
+
+def build_tables(runs: list[RunData]) -> ReportTables:
+    frames = {run.label: question_frame(run) for run in runs}
+    speed = speed_table(runs, frames)
+    acceptance, histogram = acceptance_tables(runs, frames)
+    quality = quality_table(runs)
+    tables = {
+        "summary": summary_table(speed, quality),
+        "speed": speed,
+        "acceptance": acceptance,
+        "tokens_per_step": histogram,
+        "quality": quality,
+        "categories": category_table(runs, frames),
+        "config": config_table(runs),
+    }
+    return ReportTables(runs=runs, tables=tables, notes=_notes(runs, speed))
+
+
+# ------------------------------------------------------------------------ display formatting
+
+LABELS = {
+    "run": "run", "decoder": "decoder", "model_id": "answer file", "judge": "judge", "category": "category",
+    "n_questions": "questions", "n_compared": "compared", "new_tokens": "new tokens", "wall_time_s": "wall time (s)",
+    "tokens_per_s": "tokens/s", "speedup": "speedup", "speedup_ci": "95% CI", "speedup_specbench": "speedup (Spec-Bench)",
+    "tau": "τ", "tau_predicted": "τ predicted", "exact_match": "exact match", "exact_match_turns": "turns compared",
+    "steps": "steps", "logged_steps": "steps logged", "score": "score", "graded": "graded", "expected": "expected",
+    "coverage": "coverage", "score_vs_baseline": "Δ score vs baseline", "setting": "setting",
+}
+
+
+def _label(column: str) -> str:
+    if column in LABELS:
+        return LABELS[column]
+    for prefix, template in (("accept_ge_", "≥{} drafts"), ("tokens_", "{} tok"), ("score_turn", "score t{}"), ("coverage_turn", "coverage t{}")):
+        if column.startswith(prefix):
+            return template.format(column[len(prefix):])
+    return column
+
+
+def _is_nan(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def format_value(column: str, value: Any) -> str:
+    """One cell as text: percentages for rates, ×-suffixed speedups, 'n/a' for missing."""
+    if _is_nan(value):
+        return "n/a"
+    if isinstance(value, (bool, np.bool_)) or isinstance(value, str):
+        return str(value)
+    if column.startswith(("exact_match", "coverage", "accept_ge_", "tokens_")) and column not in ("exact_match_turns", "tokens_per_s"):
+        return f"{100 * value:.1f}%"
+    if column in ("speedup", "speedup_specbench"):
+        return f"{value:.2f}×"
+    if column == "score_vs_baseline":
+        return f"{value:+.2f}"
+    if column in ("tokens_per_s", "wall_time_s"):
+        return f"{value:.1f}"
+    if isinstance(value, (int, np.integer)) or float(value).is_integer() and column in ("new_tokens", "steps", "n_questions", "n_compared", "graded", "expected", "logged_steps"):
+        return str(int(value))
+    return f"{value:.2f}"
+
+
+def display_frame(table: pd.DataFrame) -> pd.DataFrame:
+    """A table as strings with readable headers; the CI pair becomes one '95% CI' column."""
+    table = table.copy()
+    if {"speedup_ci_low", "speedup_ci_high"} <= set(table.columns):
+        ci = [("n/a" if _is_nan(lo) or _is_nan(hi) else f"{lo:.2f}–{hi:.2f}") for lo, hi in zip(table.speedup_ci_low, table.speedup_ci_high)]
+        position = table.columns.get_loc("speedup_ci_low")
+        table = table.drop(columns=["speedup_ci_low", "speedup_ci_high"])
+        table.insert(position, "speedup_ci", ci)
+    if "model_id" in table.columns and "decoder" in table.columns:
+        table = table.drop(columns="model_id")
+    shown = pd.DataFrame({_label(c): [v if c in ("speedup_ci",) else format_value(c, v) for v in table[c]] for c in table.columns})
+    return shown
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """A GitHub-flavoured markdown table (no `tabulate` needed); pipes in cells are escaped."""
+    shown = display_frame(table)
+
+    def cell(text: Any) -> str:
+        return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(c) for c in shown.columns) + " |", "|" + "|".join("---" for _ in shown.columns) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in shown.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def tables_to_markdown(report: ReportTables) -> str:
+    """Every table under its own heading, plus the notes: paste-ready for a PR or a paper draft."""
+    parts = ["# medusa-bench report", "", "Runs: " + ", ".join(run.label for run in report.runs), ""]
+    if report.notes:
+        parts += ["Notes:", ""] + [f"- {n}" for n in report.notes] + [""]
+    for name, table in report.tables.items():
+        parts += [f"## {TABLE_TITLES.get(name, name)}", ""]
+        parts += [to_markdown(table) if not table.empty else "_no data_", ""]
+    return "\n".join(parts)
+
+
+def write_csvs(report: ReportTables, folder: Path) -> list[Path]:
+    """One CSV per table, raw numbers at full precision (for further analysis, not display)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, table in report.tables.items():
+        path = folder / f"{name}.csv"
+        table.to_csv(path, index=False)
+        paths.append(path)
+    return paths

