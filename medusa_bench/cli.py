@@ -134,9 +134,38 @@ def report(
 
 # -------------------------------------------------------------------------------------- serve
 @app.command()
-def serve() -> None:
-    """Serve a decoder behind an OpenAI-compatible HTTP API."""
-    _not_built("serve")
+def serve(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Hub id, local folder, .gguf file or 'smollm2-135m'."),
+    decoder: str = typer.Option("baseline", "--decoder", "-d", help="baseline | medusa | medusa2 | hydra | …"),
+    tree: str = typer.Option("mc_sim_7b_63", "--tree", help="Preset name, JSON file or inline list."),
+    medusa_heads: Optional[str] = typer.Option(None, "--medusa-heads", help="Medusa-1 / v2 heads folder."),
+    medusa2_model: Optional[str] = typer.Option(None, "--medusa2-model", help="A Medusa-2 model folder."),
+    hydra_heads: Optional[str] = typer.Option(None, "--hydra-heads", help="Hydra heads folder."),
+    acceptance: str = typer.Option("greedy", "--acceptance", help="greedy | typical"),
+    posterior_threshold: float = typer.Option(0.09, "--posterior-threshold", help="Typical acceptance epsilon."),
+    posterior_alpha: float = typer.Option(0.3, "--posterior-alpha", help="Typical acceptance delta."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | float16 | bfloat16"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (this machine only by default)."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MEDUSA_BENCH_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/* (or set MEDUSA_BENCH_API_KEY)."),
+    max_waiting: int = typer.Option(16, "--max-waiting", help="Requests that may wait behind the running one; more get 503."),
+    served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="Model id clients use (default <model>-<decoder>)."),
+) -> None:
+    """Serve a decoder behind an OpenAI-compatible HTTP API (chat completions, streaming, /metrics)."""
+    from medusa_bench.decoders.base import DecoderOptions
+    from medusa_bench.serve.app import serve as serve_forever
+
+    options = DecoderOptions(
+        tree=tree, medusa_heads=medusa_heads, medusa2_model=medusa2_model, hydra_heads=hydra_heads,
+        acceptance=acceptance, posterior_threshold=posterior_threshold, posterior_alpha=posterior_alpha,
+    )
+    serve_forever(
+        model=model, decoder=decoder, options=options, host=host, port=port, api_key=api_key,
+        max_waiting=max_waiting, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+        served_model_name=served_model_name, log=lambda line: console.print(line, highlight=False, soft_wrap=True),
+    )
 
 
 # ---------------------------------------------------------------------------------------- main

@@ -45,7 +45,7 @@ class FakeJudge:
     """A real HTTP server speaking the chat-completions format, with scripted behaviour.
 
     `script` holds actions used one per request before falling back to `reply(body)`:
-    an int (an HTTP error status), ("sleep", seconds) (answer late), or "close" (drop the
+    an int (an HTTP error status) or (status, message), ("sleep", seconds) (answer late), or "close" (drop the
     connection). `reply(body)` returns the judgment text, or (text, logprobs content list).
     """
 
@@ -82,8 +82,12 @@ class FakeJudge:
                         return
                     if isinstance(action, tuple) and action[0] == "sleep":
                         time.sleep(action[1])
+                    if isinstance(action, tuple) and isinstance(action[0], int):
+                        action, message = action
+                    else:
+                        message = f"scripted {action}"
                     if isinstance(action, int):
-                        self._send(action, {"error": {"message": f"scripted {action}", "type": "test", "param": None, "code": None}},
+                        self._send(action, {"error": {"message": message, "type": "test", "param": None, "code": None}},
                                    {"Retry-After": "0"} if action == 429 else {})
                         return
                     time.sleep(0.02)
@@ -276,6 +280,15 @@ def test_client_4xx_stops_at_once(fake, monkeypatch, status, words):
     assert SECRET not in str(info.value)
 
 
+def test_client_switches_to_max_completion_tokens(fake):
+    """Newer OpenAI models refuse max_tokens; the client retries once with max_completion_tokens."""
+    fake.script = [(400, "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.")]
+    client = JudgeClient("judge", base_url=fake.url, retry=FAST)
+    client.chat([{"role": "user", "content": "hi"}], max_tokens=9)
+    assert "max_tokens" in fake.requests[0] and fake.requests[1]["max_completion_tokens"] == 9
+    assert "max_tokens" not in fake.requests[1]
+
+
 def test_client_gives_up_after_retries(fake):
     fake.script = [500] * 10
     client = JudgeClient("judge", base_url=fake.url, retry=FAST)
@@ -300,7 +313,8 @@ def test_backoff_grows_with_jitter():
     for attempt, top in [(0, 1), (1, 2), (2, 4), (3, 8), (6, 8)]:
         delays = [policy.delay(attempt) for _ in range(50)]
         assert all(top / 2 <= d <= top for d in delays) and len(set(delays)) > 1
-    assert policy.delay(3, retry_after=0.5) == 0.5
+    assert 4 <= policy.delay(3, retry_after=0.5) <= 8  # Retry-After is a floor, not a cap
+    assert policy.delay(0, retry_after=5) == 5
 
 
 def test_run_bounded_limits_concurrency_and_stops_on_error():

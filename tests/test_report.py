@@ -8,7 +8,6 @@ code under test, from the same raw lists the files were written from.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import math
 import re
@@ -62,7 +61,7 @@ def write_run(folder: Path, answers: dict[str, list[dict]], judgments=None, extr
     run = {
         "tool": "medusa-bench", "version": "0.1.0", "created": "2025-01-01T00:00:00+00:00", "git_hash": "abc123",
         "settings": {"model": "tiny-model", "bench": "mt_bench", "max_new_tokens": 64, "dtype": "float32", "device": "cpu",
-                     "tree": "chain-3", "warmup": 1, "temperature": 0, **(settings or {})},
+                     "tree": "chain-3", "temperature": 0, **(settings or {})}, "warmup": 1,
         "decoders": decoders, "models": {d: f"tiny-{d}" for d in decoders},
         "versions": {"python": "3.11", "torch": "2.4"}, "device": {"type": "cpu", "name": "test-cpu", "dtype": "float32", "threads": 2},
     }
@@ -109,6 +108,17 @@ MEDUSA_SCORES = {(1, 1): 7, (1, 2): 5, (2, 1): 8, (2, 2): -1, (3, 1): 5, (3, 2):
 def all_judgments():
     return ([judgment("tiny-baseline", q, t, s) for (q, t), s in BASE_SCORES.items()]
             + [judgment("tiny-medusa", q, t, s) for (q, t), s in MEDUSA_SCORES.items()])
+
+
+def test_reused_grades_are_counted(tmp_path):
+    """The judge copies the baseline's grade for token-identical turns (`reused_from`); the report counts them."""
+    judgments = [judgment("tiny-baseline", q, t, s) for (q, t), s in BASE_SCORES.items()]
+    judgments += [dict(judgment("tiny-medusa", q, t, s), reused_from="tiny-baseline") for (q, t), s in BASE_SCORES.items() if q in (1, 3)]
+    run = write_run(tmp_path / "reuse", {"tiny-baseline": records(BASELINE_Q, "baseline"), "tiny-medusa": records(MEDUSA_Q, "medusa")},
+                    judgments=judgments)
+    medusa = row(collect([run]).tables["quality"], decoder="medusa")
+    assert medusa.graded == 4 and medusa.reused == 4 and medusa.coverage == pytest.approx(0.5)
+    assert medusa.score_vs_baseline == pytest.approx(0.0)
 
 
 TREE = {"tree": [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]], "predicted": {"tau": 1.9, "tokens_per_s": 50.0}}
@@ -177,7 +187,7 @@ def test_decoder_cut_short_is_compared_on_its_own_questions(full_run):
     assert hydra.tokens_per_s == pytest.approx(ht / hw)
     assert hydra.speedup == pytest.approx((ht / hw) / (bt / bw))
     assert hydra.tau == pytest.approx(ht / hs)
-    assert any("hydra answered 2 of the baseline's 4 questions" in note for note in report.notes)
+    assert any("hydra answered 2 of baseline's 4 questions" in note for note in report.notes)
 
 
 def test_bootstrap_interval_is_exact_when_every_question_has_the_same_speedup():
@@ -222,6 +232,7 @@ def test_quality_scores_and_coverage(full_run):
     assert medusa.coverage == pytest.approx(7 / 8) and medusa.graded == 7 and medusa.expected == 8
     assert medusa.score_vs_baseline == pytest.approx(np.mean([valid[k] - BASE_SCORES[k] for k in valid]))
     assert base.score == pytest.approx(np.mean(list(BASE_SCORES.values()))) and base.coverage == 1.0
+    assert medusa.reused == 0
     # hydra answered 2 questions and was never graded: coverage 0, score n/a (not silently dropped)
     hydra = row(quality, decoder="hydra")
     assert hydra.coverage == 0.0 and hydra.expected == 4 and math.isnan(hydra.score)
@@ -241,6 +252,47 @@ def test_per_category_speedup_and_score(full_run):
     assert hydra_math.n_compared == 1 and math.isnan(hydra_math.speedup_ci_low)  # one question: no interval
 
 
+def test_each_decoder_is_compared_with_its_own_reference(tmp_path):
+    """medusa2's answers name `medusa2-baseline` (its fine-tuned backbone) as their reference."""
+    backbone = records(BASELINE_Q, "medusa2-baseline")
+    medusa2 = records(MEDUSA_Q, "medusa2", MEDUSA_EXACT)
+    for record in backbone:
+        record["baseline"] = "baseline"
+    for record in medusa2:
+        record["baseline"] = "medusa2-baseline"
+    slow = {q: (c, t, [2 * x for x in w], s) for q, (c, t, w, s) in BASELINE_Q.items()}  # the original model, twice as slow
+    run = write_run(tmp_path / "m2", {"tiny-baseline": records(slow, "baseline"), "tiny-medusa2-baseline": backbone, "tiny-medusa2": medusa2},
+                    judgments=[judgment("tiny-medusa2-baseline", q, t, s) for (q, t), s in BASE_SCORES.items()]
+                    + [judgment("tiny-medusa2", q, t, s) for (q, t), s in MEDUSA_SCORES.items()])
+    report = collect([run])
+    speed = report.tables["speed"]
+    mt, mw, _ = sums(MEDUSA_Q)
+    bt, bw, _ = sums(BASELINE_Q)
+    m2 = row(speed, decoder="medusa2")
+    assert m2.reference == "medusa2-baseline" and m2.speedup == pytest.approx((mt / mw) / (bt / bw))
+    assert row(speed, decoder="medusa2-baseline").speedup == pytest.approx(2.0)
+    valid = {k: v for k, v in MEDUSA_SCORES.items() if v >= 0}
+    quality = report.tables["quality"]
+    assert row(quality, decoder="medusa2").score_vs_baseline == pytest.approx(np.mean([valid[k] - BASE_SCORES[k] for k in valid]))
+    assert "compared with" in build_report([run], fmt="markdown")  # shown because not every decoder uses `baseline`
+
+
+def test_tree_search_file_gives_predictions(tmp_path):
+    """tree.json as `medusa-bench tree` writes it: {"search": {...}, "candidates": [{"n", "tau", ...}], "tree": [...]}."""
+    tree = {"name": "search-n4", "num_nodes": 4, "tree": [[0], [1], [0, 0]],
+            "search": {"n": 4, "tau": 1.6, "speedup": 1.3, "step_time": 0.05},
+            "candidates": [{"n": 1, "tau": 1.0}, {"n": 2, "tau": 1.3}, {"n": 4, "tau": 1.6}, {"n": 8, "tau": 1.8}]}
+    run = write_run(tmp_path / "searched", {"tiny-baseline": records(BASELINE_Q, "baseline"), "tiny-medusa": records(MEDUSA_Q, "medusa")},
+                    extras={"tree": tree})
+    report = collect([run])
+    medusa = row(report.tables["acceptance"], decoder="medusa")
+    assert medusa.tau_predicted == pytest.approx(1.6) and medusa.speedup_predicted == pytest.approx(1.3)
+    from medusa_bench.results.plots import predicted_curve
+
+    assert predicted_curve(report.runs[0].extras) == [(1.0, 1.0), (2.0, 1.3), (4.0, 1.6), (8.0, 1.8)]
+    assert 'alt="Predicted against measured τ"' in build_report([run]).read_text()
+
+
 def test_run_without_judgments_or_baseline(tmp_path):
     run = write_run(tmp_path / "partial", {"tiny-medusa": records(MEDUSA_Q, "medusa")})
     report = collect([run])
@@ -248,9 +300,9 @@ def test_run_without_judgments_or_baseline(tmp_path):
     assert math.isnan(medusa.speedup) and medusa.n_compared == 0
     assert medusa.tokens_per_s == pytest.approx(sums(MEDUSA_Q)[0] / sums(MEDUSA_Q)[1])
     assert report.tables["quality"].empty
-    assert any("no baseline" in n for n in report.notes) and any("no judgments" in n for n in report.notes)
+    assert any("no `baseline` answers" in n for n in report.notes) and any("no judgments" in n for n in report.notes)
     page = build_report([run]).read_text()
-    assert "n/a" in page and "no baseline" in page
+    assert "n/a" in page and "no `baseline` answers" in page
 
 
 def test_two_runs_side_by_side(tmp_path):
@@ -335,6 +387,17 @@ def test_html_is_self_contained_and_escaped(full_run):
         assert source.startswith("data:image/png;base64,")
         assert base64.b64decode(source.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     assert "How these numbers were measured" in page
+
+
+def test_names_from_files_are_escaped_everywhere(tmp_path):
+    """A decoder or folder name is file content too: escaped in HTML, literal in plot legends ($ is mathtext)."""
+    name = "med<i>usa</i>$x_1$"
+    run = write_run(tmp_path / "run<b>$2$", {"tiny-baseline": records(BASELINE_Q, "baseline"), "tiny-odd": records(MEDUSA_Q, name)},
+                    decoders=["baseline", name])
+    page = build_report([run]).read_text()
+    assert "<i>usa" not in page and "med&lt;i&gt;usa&lt;/i&gt;$x_1$" in page and "run&lt;b&gt;$2$" in page
+    assert len(image_sources(page)) == 2  # speedup and tokens per step drew without a mathtext error
+    assert "med<i>usa</i>$x_1$" in build_report([run], fmt="table")  # rich prints it as text, not markup
 
 
 def test_plots_present_only_when_their_data_is(tmp_path):

@@ -190,6 +190,9 @@ def run_benchmark(config: RunConfig, console: Optional[Console] = None, loaded=N
     previous = check_same_settings(run_dir, settings)  # refuse before the slow model load
     loaded = loaded or load_model(config.model, config.device, config.dtype, config.trust_remote_code)
     decoders = {name: build_decoder(name, loaded, config.options) for name in names}
+    # Within a question, reference decoders go first so exact-match can be checked at once.
+    references_first = {d.baseline_name for d in decoders.values()}
+    names = sorted(names, key=lambda name: name not in references_first)
     files.ensure_writable_dir(run_dir / files.ANSWER_DIR)
     write_run_file(run_dir, config, settings, loaded, decoders, previous)
 
@@ -197,8 +200,8 @@ def run_benchmark(config: RunConfig, console: Optional[Console] = None, loaded=N
     for path in paths.values():
         files.repair_jsonl(path)
     done = {name: {str(r["question_id"]): r for r in files.read_jsonl(path)} for name, path in paths.items()}
-    baseline_done = done.get("baseline") or {
-        str(r["question_id"]): r for r in files.read_jsonl(files.answer_path(run_dir, model_id(loaded, "baseline")))}
+    references = {ref: done.get(ref) or {str(r["question_id"]): r for r in files.read_jsonl(files.answer_path(run_dir, model_id(loaded, ref)))}
+                  for ref in {decoder.baseline_name for decoder in decoders.values()}}
     todo = [(q, name) for q in questions for name in names if str(q.question_id) not in done[name]]
     if not todo:
         console.print(f"nothing to do: all {len(questions)} questions × {len(names)} decoders are in {run_dir}")
@@ -217,21 +220,23 @@ def run_benchmark(config: RunConfig, console: Optional[Console] = None, loaded=N
                 progress.update(task, description=f"q {question.question_id} · {name} · {rate:5.1f} tok/s")
 
             choice = answer_question(decoders[name], loaded, question, config, on_step=on_step)
-            choice["exact_match"] = exact_match(choice, decoders[name], baseline_done.get(str(question.question_id)), name)
+            decoder = decoders[name]
+            reference = references[decoder.baseline_name].get(str(question.question_id))
+            choice["exact_match"] = exact_match(choice, decoder, reference, name)
             record = {
                 "question_id": question.question_id, "answer_id": shortuuid.uuid(), "model_id": model_id(loaded, name),
-                "decoder": name, "category": question.category, "tstamp": time.time(), "choices": [choice],
+                "decoder": name, "baseline": decoder.baseline_name, "category": question.category, "tstamp": time.time(), "choices": [choice],
             }
             files.append_jsonl(paths[name], record)
-            if name == "baseline":
-                baseline_done[str(question.question_id)] = record
+            if name in references:
+                references[name][str(question.question_id)] = record
             progress.advance(task)
     return run_dir
 
 
 def exact_match(choice: dict, decoder: Decoder, baseline: Optional[dict], name: str) -> Optional[list[bool]]:
-    """Per turn: does a greedy lossless decoder reproduce the baseline's tokens? None if n/a."""
-    if baseline is None or not decoder.lossless or choice["temperature"] != 0:
+    """Per turn: does a greedy lossless decoder reproduce its baseline's tokens? None if n/a."""
+    if baseline is None or name == decoder.baseline_name or not decoder.lossless or choice["temperature"] != 0:
         return None
     reference = baseline["choices"][0].get("token_ids") or []
     return [i < len(reference) and tokens == reference[i] for i, tokens in enumerate(choice["token_ids"])]

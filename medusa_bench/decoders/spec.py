@@ -197,6 +197,7 @@ class SpeculativeDecoder:
         self.acceptance = acceptance
         self.lossless = lossless and acceptance.rule == "greedy"
         self.draft_size = proposer.draft_size
+        self.baseline_name = "baseline"  # the decoder whose tokens a lossless run must reproduce
         self.eos = set(loaded.eos_token_ids)
 
     @torch.inference_mode()

@@ -77,7 +77,7 @@ class ChatResult:
 
 @dataclass
 class RetryPolicy:
-    """Exponential backoff with jitter: delay_n = min(cap, base * 2**n), drawn in [delay/2, delay]."""
+    """Exponential backoff with jitter: attempt n waits a random time in [d/2, d], d = min(cap, base * 2**n)."""
 
     max_retries: int = 6
     base: float = 1.0
@@ -85,10 +85,12 @@ class RetryPolicy:
     max_retry_after: float = 120.0
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        if retry_after is not None and retry_after >= 0:
-            return min(retry_after, self.max_retry_after)
+        """Seconds to wait before retry `attempt` (0-based); never shorter than a `Retry-After`."""
         top = min(self.cap, self.base * (2 ** attempt))
-        return top / 2 + random.uniform(0, top / 2)
+        backoff = top / 2 + random.uniform(0, top / 2)
+        if retry_after is not None and retry_after >= 0:
+            return max(min(retry_after, self.max_retry_after), backoff)
+        return backoff
 
 
 class JudgeClient:

@@ -96,6 +96,7 @@ def judge_run(
     retried per `retry`; when they run out, or on any other 4xx, a `UserError` is raised after
     the judgments in flight are saved.
     """
+    mode = {"pairwise-baseline": "pairwise", "pair": "pairwise"}.get(mode, mode)  # FastChat's names too
     if mode not in MODES:
         raise UserError(f"unknown judge mode {mode!r}; valid modes are: {', '.join(MODES)}")
     if score not in SCORES:
@@ -134,12 +135,12 @@ def judge_run(
     keys = {_record_key(mode, r) for r in existing}
     todo_call, todo_reuse, skipped = [], [], 0
     for task, reusable in plan:
-        key = _task_key(mode, task, prompts, judge_model)
+        key = _task_key(mode, task, judge_model)
         if key in keys:
             skipped += 1
         elif reusable and mode == "pairwise":
             todo_reuse.append(task)
-        elif reusable and (_baseline_key(task, baseline_id, prompts, judge_model) in keys or baseline_id in selected):
+        elif reusable and (_baseline_key(task, baseline_id, judge_model) in keys or baseline_id in selected):
             todo_reuse.append(task)
         else:
             todo_call.append(task)
@@ -178,14 +179,14 @@ def judge_run(
         if mode == "pairwise":
             save(_identical_pair(prompts, task, judge_model))
             continue
-        source = _find_baseline_record(existing, task, baseline_id, prompts, judge_model)
+        source = _find_baseline_record(existing, task, baseline_id, judge_model)
         if source is None:  # the baseline's own judgment is missing: pay for this one
             work(task)
             continue
         record = dict(source, model=task.answer.model_id, reused_from=baseline_id, tstamp=time.time())
         save(record)
 
-    result.records = [r for r in read_jsonl(path)]
+    result.records = read_jsonl(path)
     if mode == "single":
         result.summary = summarize_single(result.records, answers, question_map, selected)
     else:
@@ -310,14 +311,14 @@ def _task_prompt_name(mode: str, task: Task) -> str:
     )
 
 
-def _task_key(mode, task: Task, prompts, judge_model) -> tuple:
+def _task_key(mode, task: Task, judge_model) -> tuple:
     judge = (judge_model, _task_prompt_name(mode, task))
     if mode == "single":
         return (task.question["question_id"], task.answer.model_id, task.turn, judge)
     return (task.question["question_id"], task.answer.model_id, task.other.model_id, task.turn, judge)
 
 
-def _baseline_key(task: Task, baseline_id, prompts, judge_model) -> tuple:
+def _baseline_key(task: Task, baseline_id, judge_model) -> tuple:
     judge = (judge_model, _task_prompt_name("single", task))
     return (task.question["question_id"], baseline_id, task.turn, judge)
 
@@ -329,8 +330,8 @@ def _record_key(mode, record: dict) -> tuple:
     return (record.get("question_id"), record.get("model_1"), record.get("model_2"), record.get("turn", 1), judge)
 
 
-def _find_baseline_record(records, task, baseline_id, prompts, judge_model) -> dict | None:
-    key = _baseline_key(task, baseline_id, prompts, judge_model)
+def _find_baseline_record(records, task, baseline_id, judge_model) -> dict | None:
+    key = _baseline_key(task, baseline_id, judge_model)
     for record in records:
         if _record_key("single", record) == key:
             return record

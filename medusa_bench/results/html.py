@@ -11,14 +11,13 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
-import math
 from typing import Any, Iterable
 
 import pandas as pd
 
 from medusa_bench.results.plots import Plot
 from medusa_bench.results.tables import (
-    BASELINE, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, TABLE_TITLES, ReportTables, RunData, display_frame, format_value,
+    BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, TABLE_TITLES, ReportTables, RunData, display_frame, format_value, primary_judge,
 )
 
 TEXT_COLUMNS = {"run", "decoder", "category", "judge", "setting", "answer file"}
@@ -35,16 +34,20 @@ p.meta, .caption, .muted { color:var(--muted); font-size:13px; }
 nav a { margin-right:14px; color:var(--accent); text-decoration:none; font-size:14px; }
 .scroll { overflow-x:auto; margin:8px 0 4px; }
 table { border-collapse:collapse; font-size:13.5px; font-variant-numeric:tabular-nums; }
-th, td { padding:5px 10px; border-bottom:1px solid var(--line); text-align:left; white-space:nowrap; vertical-align:top; }
+th, td { padding:5px 8px; border-bottom:1px solid var(--line); text-align:left; white-space:nowrap; vertical-align:top; }
 th { background:var(--bg-alt); font-weight:600; }
 td.num { text-align:right; } tr:hover td { background:#fafbfc; }
 ul.headline { padding-left:20px; } ul.headline li { margin:4px 0; }
 .notes { background:#fff8e6; border-left:4px solid #e0a800; padding:8px 14px; margin:12px 0; font-size:14px; }
+.figs { display:grid; grid-template-columns:repeat(auto-fit, minmax(460px, 1fr)); gap:8px 24px; align-items:start; }
 figure { margin:18px 0; } figure img { max-width:100%; height:auto; border:1px solid var(--line); }
 figcaption { color:var(--muted); font-size:13px; margin-top:4px; }
 .sample { border:1px solid var(--line); border-radius:6px; padding:8px 14px; margin:12px 0; }
-.sample pre, .question { white-space:pre-wrap; word-wrap:break-word; font:13px/1.45 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; background:var(--bg-alt); padding:8px 10px; border-radius:4px; margin:6px 0; }
-details > summary { cursor:pointer; font-weight:600; margin:6px 0; }
+.answers { display:grid; grid-template-columns:repeat(auto-fit, minmax(300px, 1fr)); gap:12px; }
+.answer h4 { margin:8px 0 2px; font-size:14px; }
+.sample pre { max-height:340px; overflow:auto; }
+.question { white-space:pre-wrap; background:#eef3fb; border-left:3px solid var(--accent); padding:6px 10px; margin:6px 0; font-size:14px; }
+.sample pre { white-space:pre-wrap; word-wrap:break-word; font:13px/1.45 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; background:var(--bg-alt); padding:8px 10px; border-radius:4px; margin:6px 0; }
 .badge { display:inline-block; font-size:11.5px; padding:1px 7px; border-radius:10px; background:#e8edf5; color:#274472; margin-left:6px; font-weight:500; }
 .badge.bad { background:#fde8e8; color:#8a1c1c; }
 section.method li { margin:5px 0; }
@@ -87,21 +90,19 @@ def headline_items(report: ReportTables) -> list[str]:
     summary = report.tables["summary"]
     several = len(report.runs) > 1
     items = []
-    for _, row in summary.iterrows():
-        if row.decoder == BASELINE:
-            continue
+    for _, row in report.drafting_rows(summary).iterrows():
         who = f"<b>{esc(row.decoder)}</b>" + (f" <span class=muted>({esc(row.run)})</span>" if several else "")
         if pd.notna(row.speedup):
             ci = "" if pd.isna(row.speedup_ci_low) else f" (95% CI {row.speedup_ci_low:.2f}–{row.speedup_ci_high:.2f})"
-            speed = f"{row.speedup:.2f}× the baseline's speed{ci} on {int(row.n_compared)} questions"
+            speed = f"{row.speedup:.2f}× the speed of {row.reference}{ci} on {int(row.n_compared)} questions"
         else:
-            speed = f"{_fmt('tokens_per_s', row.tokens_per_s)} tokens/s (no baseline to compare with)"
+            speed = f"{_fmt('tokens_per_s', row.tokens_per_s)} tokens/s ({row.reference} not run: no speedup)"
         parts = [speed, f"τ = {_fmt('tau', row.tau)} tokens per step"]
         if pd.notna(row.exact_match):
-            parts.append(f"{_fmt('exact_match', row.exact_match)} of turns token-identical to the baseline")
+            parts.append(f"{_fmt('exact_match', row.exact_match)} of turns token-identical to {row.reference}")
         if "score" in summary.columns and pd.notna(row.get("score")):
             delta = row.get("score_vs_baseline")
-            parts.append(f"MT-Bench {row.score:.2f}" + (f" ({delta:+.2f} vs baseline on the same turns)" if pd.notna(delta) else ""))
+            parts.append(f"MT-Bench {row.score:.2f}" + (f" ({delta:+.2f} vs {row.reference} on the same turns)" if pd.notna(delta) else ""))
         items.append(f"<li>{who}: " + "; ".join(esc(p) for p in parts) + ".</li>")
     return items
 
@@ -145,32 +146,45 @@ def _question_text(run: RunData, question_id: Any) -> list[str]:
     return [str(t) for t in turns] if isinstance(turns, list) else []
 
 
-def _answer_block(run: RunData, model_id: str, record: dict, open_: bool) -> str:
+def _scores(run: RunData) -> dict:
+    """(model_id, question_id, turn) -> score from the primary judge, for the sample badges."""
+    judge = primary_judge(run)
+    if not judge:
+        return {}
+    return {(r.get("model"), r.get("question_id"), r.get("turn")): r.get("score") for r in run.judgments[judge]}
+
+
+def _answer_block(run: RunData, model_id: str, record: dict, scores: dict) -> str:
+    """One decoder's answer: badges (identical to baseline? tokens, time), then each turn with its grade."""
     choice = (record.get("choices") or [{}])[0]
-    turns = choice.get("turns") or []
     matches = choice.get("exact_match")
-    badge = ""
+    badges = []
     if isinstance(matches, list) and any(m is not None for m in matches):
         same = all(m for m in matches if m is not None)
-        badge = f'<span class="badge{"" if same else " bad"}">{"token-identical to baseline" if same else "differs from baseline"}</span>'
-    tokens = sum(v for v in choice.get("new_tokens") or [] if v is not None)
-    seconds = sum(v for v in choice.get("wall_time") or [] if v is not None)
-    stats = f'<span class="badge">{int(tokens)} tokens, {seconds:.2f} s</span>'
-    body = "".join(f"<div class=muted>turn {i}</div><pre>{esc(text)}</pre>" for i, text in enumerate(turns, 1))
-    return (f"<details{' open' if open_ else ''}><summary>{esc(run.decoder_of(model_id))}{badge}{stats}</summary>"
-            f"{body or '<p class=muted>empty answer</p>'}</details>")
+        badges.append(f'<span class="badge{"" if same else " bad"}">{"token-identical to baseline" if same else "differs from baseline"}</span>')
+    tokens = sum(v for v in choice.get("new_tokens") or [] if isinstance(v, (int, float)))
+    seconds = sum(v for v in choice.get("wall_time") or [] if isinstance(v, (int, float)))
+    badges.append(f'<span class="badge">{int(tokens)} tokens, {seconds:.2f} s</span>')
+    turns = []
+    for i, text in enumerate(choice.get("turns") or [], 1):
+        score = scores.get((model_id, record["question_id"], i))
+        grade = "" if score is None else f' <span class="badge{" bad" if score == -1 else ""}">{"grade failed" if score == -1 else "score " + esc(score)}</span>'
+        turns.append(f"<div class=muted>turn {i}{grade}</div><pre>{esc(text)}</pre>")
+    return (f'<div class="answer"><h4>{esc(run.decoder_of(model_id))}</h4>{"".join(badges)}'
+            f"{''.join(turns) or '<p class=muted>empty answer</p>'}</div>")
 
 
 def samples_html(run: RunData) -> str:
-    """A few questions with every decoder's answer, so a reader can judge quality by eye."""
+    """A few questions with every decoder's answer side by side, so a reader can judge quality by eye."""
     blocks = []
+    scores = _scores(run)
     for question_id in _common_questions(run):
         records = {m: next(r for r in run.answers[m] if r["question_id"] == question_id) for m in run.model_ids()}
         first = next(iter(records.values()))
         title = f"Question {question_id} · {first.get('category') or 'unknown'}"
-        question = "".join(f'<div class="question">{esc(t)}</div>' for t in _question_text(run, question_id))
-        answers = "".join(_answer_block(run, m, r, i == 0) for i, (m, r) in enumerate(records.items()))
-        blocks.append(f'<div class="sample"><h3>{esc(title)}</h3>{question}{answers}</div>')
+        question = "".join(f'<div class="question"><b>user, turn {i}:</b> {esc(t)}</div>' for i, t in enumerate(_question_text(run, question_id), 1))
+        answers = "".join(_answer_block(run, m, r, scores) for m, r in records.items())
+        blocks.append(f'<div class="sample"><h3>{esc(title)}</h3>{question}<div class="answers">{answers}</div></div>')
     if not blocks:
         return '<p class="muted">no question was answered by every decoder yet.</p>'
     return "".join(blocks)
@@ -181,7 +195,8 @@ def samples_html(run: RunData) -> str:
 
 def method_html(report: ReportTables) -> str:
     """How the numbers were measured: the conventions a reader needs to trust (or question) them."""
-    warmups = sorted({str(run.settings.get("warmup")) for run in report.runs if run.settings.get("warmup") is not None})
+    warmups = sorted({str(run.info.get("warmup", run.settings.get("warmup"))) for run in report.runs
+                      if run.info.get("warmup", run.settings.get("warmup")) is not None})
     warmup = f"{', '.join(warmups)} untimed warm-up generation(s) per decoder" if warmups else "untimed warm-up generations per decoder"
     items = [
         "<b>new tokens</b>: tokens emitted per turn, cut at the end-of-sequence token (inclusive) and at max-new-tokens; "
@@ -203,7 +218,8 @@ def method_html(report: ReportTables) -> str:
         "n/a: sampled decoding or no baseline.",
         "<b>MT-Bench score</b>: single-answer grades 1–10 by an LLM judge (math, reasoning and coding against reference answers), FastChat's "
         "convention: mean per turn, overall = mean of all graded turns. A judgment without a parseable rating is missing and lowers "
-        "<i>coverage</i> (graded / answered turns); it is never silently dropped. Δ score compares with the baseline on turns graded for both.",
+        "<i>coverage</i> (graded / answered turns); it is never silently dropped. Δ score compares with the baseline on turns graded for both. "
+        "A turn token-identical to the baseline's inherits the baseline's grade instead of a new judge call (“grades reused”).",
     ]
     return '<section class="method" id="method"><h2>How these numbers were measured</h2><ul>' + "".join(f"<li>{i}</li>" for i in items) + "</ul></section>"
 
@@ -217,7 +233,8 @@ def _section(anchor: str, title: str, *parts: str) -> str:
 
 def _plots(plots: list[Plot], keys: Iterable[str]) -> str:
     wanted = tuple(keys)
-    return "".join(figure_html(p) for p in plots if p.key in wanted or any(p.key.startswith(k + "-") for k in wanted))
+    figures = "".join(figure_html(p) for p in plots if p.key in wanted or any(p.key.startswith(k + "-") for k in wanted))
+    return f'<div class="figs">{figures}</div>' if figures else ""
 
 
 def render_html(report: ReportTables, plots: list[Plot]) -> str:

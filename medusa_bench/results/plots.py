@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-from medusa_bench.results.tables import BASELINE, ReportTables, RunData, predicted_tau
+from medusa_bench.results.tables import ReportTables, RunData, predicted_tau
 
 COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C", "#CCB974", "#64B5CD"]
 
@@ -36,8 +37,23 @@ def to_png(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
+def text(value) -> str:
+    """Text from a file, made literal for matplotlib: a '$' would otherwise start mathtext."""
+    return str(value).replace("$", r"\$")
+
+
+def legend_below(ax, offset: float = -0.14) -> None:
+    """Legend under the axes, so it never hides a bar or a point, however many series there are."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        longest = max(len(label) for label in labels)
+        ncol = 3 if longest <= 22 else 2 if longest <= 36 else 1  # keep the figure about as wide as its axes
+        ax.legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, offset),
+                  ncol=min(ncol, len(labels)), frameon=False)
+
+
 def series_label(run: str, decoder: str, several_runs: bool) -> str:
-    return f"{run} · {decoder}" if several_runs else decoder
+    return text(f"{run} · {decoder}" if several_runs else decoder)
 
 
 # ------------------------------------------------------------------------------- speed plots
@@ -46,8 +62,10 @@ def series_label(run: str, decoder: str, several_runs: bool) -> str:
 def speedup_by_category(report: ReportTables) -> bytes | None:
     """Grouped bars: one group per category (plus 'all'), one bar per run × decoder, 95% CI whiskers."""
     speed, categories = report.tables["speed"], report.tables["categories"]
-    overall = speed[(speed.decoder != BASELINE) & speed.speedup.notna()].assign(category="all")
-    per_cat = categories[(categories.decoder != BASELINE) & categories.speedup.notna()] if not categories.empty else categories
+    overall = report.drafting_rows(speed)
+    overall = overall[overall.speedup.notna()].assign(category="all")
+    per_cat = report.drafting_rows(categories)
+    per_cat = per_cat[per_cat.speedup.notna()] if not per_cat.empty else per_cat
     data = pd.concat([overall, per_cat], ignore_index=True) if not per_cat.empty else overall
     if data.empty:
         return None
@@ -66,10 +84,10 @@ def speedup_by_category(report: ReportTables) -> bytes | None:
         ax.bar(np.array(x) + (i - (len(series) - 1) / 2) * width, values, width, yerr=[low, high], capsize=3,
                color=COLORS[i % len(COLORS)], label=series_label(run, decoder, several))
     ax.axhline(1.0, color="black", linewidth=1, linestyle="--")
-    ax.set_xticks(range(len(groups)), groups, rotation=30 if len(groups) > 5 else 0, ha="right" if len(groups) > 5 else "center")
+    ax.set_xticks(range(len(groups)), [text(g) for g in groups], rotation=30 if len(groups) > 5 else 0, ha="right" if len(groups) > 5 else "center")
     ax.set_ylabel("speedup over baseline (×)")
     ax.set_title("Speedup by category (dashed line: baseline; whiskers: 95% bootstrap CI)", fontsize=10)
-    ax.legend(fontsize=8)
+    legend_below(ax, -0.3 if len(groups) > 5 else -0.12)
     return to_png(fig)
 
 
@@ -83,7 +101,8 @@ def tokens_per_step(report: ReportTables) -> bytes | None:
     hist = report.tables["tokens_per_step"]
     if hist.empty:
         return None
-    hist = hist[(hist.decoder != BASELINE) & (hist.logged_steps > 0)]
+    hist = report.drafting_rows(hist)
+    hist = hist[hist.logged_steps > 0]
     if hist.empty:
         return None
     columns = [c for c in hist.columns if c.startswith("tokens_")]
@@ -99,7 +118,7 @@ def tokens_per_step(report: ReportTables) -> bytes | None:
     ax.set_xlabel("tokens emitted in one step (1 = no draft accepted)")
     ax.set_ylabel("% of steps")
     ax.set_title("Tokens per step", fontsize=10)
-    ax.legend(fontsize=8)
+    legend_below(ax, -0.2)
     return to_png(fig)
 
 
@@ -122,9 +141,11 @@ def speed_vs_quality(report: ReportTables) -> bytes | None:
                     label=series_label(row.run, row.decoder, several))
     ax.set_xlabel("speedup over baseline (×)" if use_speedup else "tokens/s")
     ax.set_ylabel("MT-Bench score (1–10)")
+    low, high = data.score.min(), data.score.max()  # a ±1 window at least, so 0.05 never looks like a cliff
+    ax.set_ylim(max(0.5, min(low - 1, (low + high) / 2 - 1)), min(10.5, max(high + 1, (low + high) / 2 + 1)))
     ax.set_title("Speed against quality", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.margins(0.2)
+    legend_below(ax, -0.2)
+    ax.margins(x=0.2)
     return to_png(fig)
 
 
@@ -170,7 +191,7 @@ def tree_diagram(paths: list[list[int]], title: str) -> bytes:
     position = tree_layout(paths)
     rows = max(y for _, y in position.values()) + 1
     depth = max(d for d, _ in position.values())
-    fig = Figure(figsize=(max(4.0, 1.3 * depth + 2), min(14.0, max(2.5, 0.28 * rows + 1))))
+    fig = Figure(figsize=(max(4.0, 1.3 * depth + 2), min(12.0, max(2.5, 0.24 * rows + 1))))
     ax = fig.subplots()
     for node, (x, y) in position.items():
         if node:
@@ -180,7 +201,8 @@ def tree_diagram(paths: list[list[int]], title: str) -> bytes:
         rank = node[-1] if node else None
         color = "#333333" if rank is None else COLORS[rank % len(COLORS)]
         ax.scatter([x], [y], s=160, color=color, zorder=2, edgecolors="white")
-        ax.text(x, y, "root" if rank is None else str(rank), ha="center", va="center", fontsize=6 if rank is None else 7, color="white", zorder=3)
+        if rank is not None:
+            ax.text(x, y, str(rank), ha="center", va="center", fontsize=7, color="white", zorder=3)
     ax.set_xticks(range(depth + 1), ["root"] + [f"depth {d}" for d in range(1, depth + 1)])
     ax.set_yticks([])
     ax.invert_yaxis()
@@ -192,7 +214,7 @@ def tree_diagram(paths: list[list[int]], title: str) -> bytes:
 
 # ------------------------------------------------------------------------ predicted vs measured
 
-SIZE_KEYS = ("size", "nodes", "num_nodes", "n_nodes", "tree_size", "budget")
+SIZE_KEYS = ("n", "num_nodes", "nodes", "n_nodes", "size", "tree_size", "budget")  # nodes incl. the root
 TAU_KEYS = ("tau", "predicted_tau", "expected_tau", "acceptance_length")
 CURVE_KEYS = ("per_budget", "budgets", "by_budget", "frontier", "search", "table", "candidates")
 
@@ -210,7 +232,11 @@ def _number(mapping: dict, keys: tuple) -> float | None:
 
 
 def predicted_curve(extras: dict) -> list[tuple[float, float]]:
-    """(tree size, predicted τ) pairs from a per-budget table, in whatever shape it was saved."""
+    """(nodes incl. root, predicted τ) pairs from a per-budget table, in whatever shape it was saved.
+
+    `medusa-bench tree` writes {"candidates": [{"n", "tau", "step_time", …}]} with n counting the
+    root (the tokens of one verify forward, as in latency.json); other shapes are accepted too.
+    """
     points = []
     for source in (extras.get("tree"), extras.get("calibration")):
         if not isinstance(source, dict):
@@ -247,24 +273,28 @@ def tau_predicted_vs_measured(report: ReportTables) -> bytes | None:
         curve = predicted_curve(run.extras)
         predicted = predicted_tau(run)
         predicted = None if math.isnan(predicted) else predicted
-        measured = speed[(speed.run == run.label) & (speed.decoder != BASELINE) & speed.tau.notna()]
+        measured = report.drafting_rows(speed[speed.run == run.label])
+        measured = measured[measured.tau.notna()]
         if not paths or measured.empty or (predicted is None and not curve):
             continue
         color = COLORS[i % len(COLORS)]
-        prefix = f"{run.label}: " if several else ""
+        prefix = text(f"{run.label}: ") if several else ""
         if curve:
             ax.plot(*zip(*curve), "-", color=color, alpha=0.6, label=f"{prefix}predicted τ by tree size")
         if predicted is not None:
-            ax.scatter([len(paths)], [predicted], marker="s", s=60, facecolors="none", edgecolors=color, label=f"{prefix}predicted τ, chosen tree")
+            ax.scatter([len(paths) + 1], [predicted], marker="s", s=60, facecolors="none", edgecolors=color, label=f"{prefix}predicted τ, chosen tree")
         for j, (_, row) in enumerate(measured.iterrows()):
-            ax.scatter([len(paths)], [row.tau], marker="o^vD"[j % 4], s=50, color=color, label=f"{prefix}measured τ ({row.decoder})")
+            ax.scatter([len(paths) + 1], [row.tau], marker="o^vD"[j % 4], s=50, color=color, label=f"{prefix}measured τ ({text(row.decoder)})")
         drawn = True
     if not drawn:
         return None
-    ax.set_xlabel("draft nodes in the tree")
+    ax.set_xlim(left=0, right=ax.get_xlim()[1] + 1)
+    ax.set_ylim(bottom=1.0 if ax.get_ylim()[0] >= 1.0 else None)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("tree size n (tokens per verify forward: root + draft nodes)")
     ax.set_ylabel("acceptance length τ (tokens per step)")
     ax.set_title("Predicted against measured acceptance length", fontsize=10)
-    ax.legend(fontsize=8)
+    legend_below(ax, -0.2)
     return to_png(fig)
 
 
@@ -294,16 +324,19 @@ def step_time_vs_tree_size(report: ReportTables) -> bytes | None:
         latency = run.extras["latency"]
         where = ", ".join(str(latency[k]) for k in ("device", "dtype") if latency.get(k))
         color = COLORS[i % len(COLORS)]
-        ax.plot(*zip(*points), "o-", color=color, label=f"{run.label} ({where})" if where else run.label)
+        ax.plot(*zip(*points), "o-", color=color, label=text(f"{run.label} ({where})" if where else run.label))
         paths = tree_paths(run)
         if paths:
-            ax.axvline(len(paths) + 1, color=color, linestyle=":", label=f"{run.label}: chosen tree ({len(paths) + 1} tokens)")
+            ax.axvline(len(paths) + 1, color=color, linestyle=":", label=text(f"{run.label}: chosen tree ({len(paths) + 1} tokens)"))
     ax.set_xscale("log", base=2)
+    sizes = sorted({size for _, points in series for size, _ in points})
+    ax.set_xticks(sizes, [str(size) for size in sizes])
+    ax.minorticks_off()
     ax.set_xlabel("tokens per verify forward (root + draft nodes)")
     ax.set_ylabel("step time (ms)")
     ax.set_ylim(bottom=0)
     ax.set_title("Profiled step time against tree size", fontsize=10)
-    ax.legend(fontsize=8)
+    legend_below(ax, -0.2)
     return to_png(fig)
 
 
@@ -327,6 +360,6 @@ def all_plots(report: ReportTables) -> list[Plot]:
     for run in report.runs:
         paths = tree_paths(run)
         if paths:
-            label = run.label if len(report.runs) > 1 else "Candidate tree"
+            label = text(run.label) if len(report.runs) > 1 else "Candidate tree"
             plots.append(Plot(f"tree-{run.label}", f"Candidate tree ({run.label})", "Each column is a draft depth; each node is the top-k candidate of that rank from its head; the longest accepted root→leaf path is kept per step.", tree_diagram(paths, label)))
     return plots

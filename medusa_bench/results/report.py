@@ -12,6 +12,8 @@ import io
 from pathlib import Path
 from typing import Iterable
 
+import pandas as pd
+
 from medusa_bench.errors import UserError, unknown_name
 from medusa_bench.results.files import ensure_writable_dir
 from medusa_bench.results.tables import TABLE_TITLES, ReportTables, build_tables, display_frame, load_runs, tables_to_markdown, write_csvs
@@ -39,24 +41,51 @@ def _file_target(out: Path, fmt: str) -> Path:
     return out
 
 
-def render_terminal(report: ReportTables, console) -> None:
-    """Every table as a rich table, with the notes first."""
+KEY_COLUMNS = ("run", "decoder", "category", "judge")
+
+
+def _rich_table(title: str, shown: pd.DataFrame, wrap: bool = False):
     from rich.table import Table
     from rich.text import Text
 
     # Text objects, not strings: a "[...]" inside a model or decoder name is not rich markup.
+    table = Table(title=title, title_justify="left")
+    for column in shown.columns:
+        table.add_column(Text(str(column)), no_wrap=not wrap, overflow="fold")
+    for row in shown.itertuples(index=False):
+        table.add_row(*(Text(str(v)) for v in row))
+    return table
+
+
+def transpose(shown: pd.DataFrame) -> pd.DataFrame:
+    """One column per row of `shown` (headed 'run · decoder'), one row per metric: fits a terminal."""
+    keys = [c for c in shown.columns if c in KEY_COLUMNS and not (c == "run" and shown[c].nunique() == 1)]
+    headers = [" · ".join(str(row[c]) for c in keys) or str(i) for i, (_, row) in enumerate(shown.iterrows())]
+    body = shown.drop(columns=[c for c in shown.columns if c in KEY_COLUMNS])
+    data = {"": list(body.columns)}
+    data.update({header: [str(v) for v in body.iloc[i]] for i, header in enumerate(headers)})
+    return pd.DataFrame(data)
+
+
+def render_terminal(report: ReportTables, console) -> None:
+    """Every table as a rich table, notes first; one too wide for the terminal is transposed if that fits."""
+    from rich.measure import Measurement
+    from rich.text import Text
+
     for note in report.notes:
         console.print(Text.assemble(("note: ", "yellow"), note), soft_wrap=True)
     for name, table in report.tables.items():
         if table.empty:
             continue
+        title = TABLE_TITLES.get(name, name)
         shown = display_frame(table)
-        rich_table = Table(title=TABLE_TITLES.get(name, name), title_justify="left", show_lines=False)
-        for column in shown.columns:
-            rich_table.add_column(Text(str(column)), overflow="fold")
-        for row in shown.itertuples(index=False):
-            rich_table.add_row(*(Text(str(v)) for v in row))
-        console.print(rich_table)
+        layouts = [shown] if name == "config" else [shown, transpose(shown)]
+        widths = [Measurement.get(console, console.options.update_width(10_000), _rich_table(title, s)).maximum for s in layouts]
+        fitting = [s for s, w in zip(layouts, widths) if w <= console.width]
+        if fitting:
+            console.print(_rich_table(title, fitting[0]))
+        else:  # neither fits: the narrower one, wrapping inside cells rather than cutting numbers off
+            console.print(_rich_table(title, layouts[widths.index(min(widths))], wrap=True))
 
 
 def build_report(run_dirs: Iterable[Path | str], out: Path | str | None = None, fmt: str = "html", *, console=None) -> Path | str:
@@ -101,7 +130,7 @@ def _table_text(report: ReportTables, console, out) -> Path | str:
         render_terminal(report, console)
         return ""
     buffer = io.StringIO()
-    render_terminal(report, Console(file=buffer, width=200, color_system=None, force_terminal=False))
+    render_terminal(report, Console(file=buffer, width=160, color_system=None, force_terminal=False))
     if out is None:
         return buffer.getvalue()
     path = _file_target(Path(out), "table")

@@ -82,11 +82,25 @@ class RunData:
 
         return sorted(self.answers, key=key)
 
-    def baseline_id(self) -> str | None:
-        for model_id in self.model_ids():
-            if self.decoder_of(model_id) == BASELINE:
-                return model_id
-        return None
+    def model_id_of(self, decoder: str) -> str | None:
+        return next((m for m in self.model_ids() if self.decoder_of(m) == decoder), None)
+
+    def reference_of(self, model_id: str) -> str:
+        """The decoder this one is compared with: the answers' `baseline` field (medusa2 →
+        medusa2-baseline, its own backbone), else `baseline`. A reference row names itself."""
+        for record in self.answers.get(model_id, []):
+            if record.get("baseline"):
+                return str(record["baseline"])
+        return BASELINE
+
+    def reference_id(self, model_id: str) -> str | None:
+        """model_id of the reference's answers in this run (None when it was not run)."""
+        return self.model_id_of(self.reference_of(model_id))
+
+    def is_reference(self, model_id: str) -> bool:
+        """Plain decoding that others are measured against (no drafts of its own)."""
+        decoder = self.decoder_of(model_id)
+        return decoder == BASELINE or any(self.reference_of(m) == decoder for m in self.answers)
 
 
 def unique_labels(paths: list[Path]) -> list[str]:
@@ -287,28 +301,28 @@ def speed_table(runs: list[RunData], frames: dict[str, pd.DataFrame]) -> pd.Data
     rows = []
     for run in runs:
         q = frames[run.label]
-        base_id = run.baseline_id()
-        base = q[q.model_id == base_id] if base_id else None
         for model_id in run.model_ids():
             dec = q[q.model_id == model_id]
+            ref_id = run.reference_id(model_id)
             row = {
                 "run": run.label,
                 "decoder": run.decoder_of(model_id),
                 "model_id": model_id,
+                "reference": run.reference_of(model_id),
                 "n_questions": len(dec),
                 "new_tokens": dec.new_tokens.sum(),
                 "wall_time_s": dec.wall_time.sum(),
                 "tokens_per_s": ratio(dec.new_tokens.sum(), dec.wall_time.sum()),
             }
-            if model_id == base_id:
+            if ref_id == model_id:
                 row.update(n_compared=len(dec), speedup=1.0, speedup_ci_low=math.nan, speedup_ci_high=math.nan, speedup_specbench=1.0)
             else:
-                row.update(paired_speedup(dec, base))
+                row.update(paired_speedup(dec, q[q.model_id == ref_id] if ref_id else None))
             row["tau"] = ratio(dec.new_tokens.sum(), dec.steps.sum())
             row["exact_match"] = ratio(dec.em_match.sum(), dec.em_known.sum())
             row["exact_match_turns"] = int(dec.em_known.sum())
             rows.append(row)
-    columns = ["run", "decoder", "model_id", "n_questions", "n_compared", "new_tokens", "wall_time_s", "tokens_per_s",
+    columns = ["run", "decoder", "model_id", "reference", "n_questions", "n_compared", "new_tokens", "wall_time_s", "tokens_per_s",
                "speedup", "speedup_ci_low", "speedup_ci_high", "speedup_specbench", "tau", "exact_match", "exact_match_turns"]
     return pd.DataFrame(rows, columns=columns)
 
@@ -321,17 +335,29 @@ def acceptance_counts(run: RunData, model_id: str) -> Counter:
     return counts
 
 
-def predicted_tau(run: RunData) -> float:
-    """The tree optimiser's predicted τ for the chosen tree, if tree.json or calibration.json say."""
+def predicted(run: RunData, key: str) -> float:
+    """The tree optimiser's prediction for the chosen tree (key "tau" or "speedup"), if saved.
+
+    Read tolerantly: `tree.json` from `medusa-bench tree` has {"search": {"tau", "speedup", …}};
+    other writers may use {"predicted": {key: x}} or "predicted_<key>"; calibration.json likewise.
+    """
     for extra in (run.extras.get("tree"), run.extras.get("calibration")):
         if not isinstance(extra, dict):
             continue
-        predicted = extra.get("predicted")
-        if isinstance(predicted, dict) and isinstance(predicted.get("tau"), (int, float)):
-            return float(predicted["tau"])
-        if isinstance(extra.get("predicted_tau"), (int, float)):
-            return float(extra["predicted_tau"])
+        for holder in (extra.get("predicted"), extra.get("search")):
+            if isinstance(holder, dict) and _is_number(holder.get(key)):
+                return float(holder[key])
+        if _is_number(extra.get(f"predicted_{key}")):
+            return float(extra[f"predicted_{key}"])
     return math.nan
+
+
+def predicted_tau(run: RunData) -> float:
+    return predicted(run, "tau")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def acceptance_tables(runs: list[RunData], frames: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -348,7 +374,9 @@ def acceptance_tables(runs: list[RunData], frames: dict[str, pd.DataFrame]) -> t
             decoder = run.decoder_of(model_id)
             row = {"run": run.label, "decoder": decoder, "steps": int(dec.steps.sum()) if dec.steps.notna().any() else math.nan,
                    "tau": ratio(dec.new_tokens.sum(), dec.steps.sum())}
-            row["tau_predicted"] = predicted_tau(run) if decoder != BASELINE else math.nan
+            drafting = not run.is_reference(model_id)
+            row["tau_predicted"] = predicted(run, "tau") if drafting else math.nan
+            row["speedup_predicted"] = predicted(run, "speedup") if drafting else math.nan
             for depth in range(1, longest):
                 row[f"accept_ge_{depth}"] = ratio(sum(n for k, n in c.items() if k - 1 >= depth), steps)
             accept_rows.append(row)
@@ -357,8 +385,9 @@ def acceptance_tables(runs: list[RunData], frames: dict[str, pd.DataFrame]) -> t
                 hist[f"tokens_{k}"] = ratio(c.get(k, 0), steps)
             hist_rows.append(hist)
     accept = pd.DataFrame(accept_rows)
-    if not accept.empty and accept["tau_predicted"].isna().all():
-        accept = accept.drop(columns="tau_predicted")
+    for column in ("tau_predicted", "speedup_predicted"):
+        if not accept.empty and accept[column].isna().all():
+            accept = accept.drop(columns=column)  # no tree search behind this run
     return accept, pd.DataFrame(hist_rows)
 
 
@@ -371,8 +400,9 @@ def _graded(records: list[dict], model_id: str, answered: dict) -> pd.DataFrame:
             continue
         if not isinstance(score, (int, float)) or isinstance(score, bool) or score < 0:
             continue  # -1: the judge's output had no parseable [[rating]]
-        rows.append({"question_id": r["question_id"], "turn": int(r.get("turn") or 1), "score": float(score)})
-    return pd.DataFrame(rows, columns=["question_id", "turn", "score"])
+        rows.append({"question_id": r["question_id"], "turn": int(r.get("turn") or 1), "score": float(score),
+                     "reused": bool(r.get("reused_from"))})
+    return pd.DataFrame(rows, columns=["question_id", "turn", "score", "reused"])
 
 
 def _answered_turns(run: RunData, model_id: str) -> dict:
@@ -390,13 +420,13 @@ def quality_table(runs: list[RunData]) -> pd.DataFrame:
     """Per run, judge and decoder: MT-Bench scores per turn and overall, with coverage."""
     rows = []
     for run in runs:
-        base_id = run.baseline_id()
         for judge, records in run.judgments.items():
             max_turns = max([n for m in run.model_ids() for n in _answered_turns(run, m).values()] or [1])
-            base_graded = _graded(records, base_id, _answered_turns(run, base_id)) if base_id else None
             for model_id in run.model_ids():
                 answered = _answered_turns(run, model_id)
                 graded = _graded(records, model_id, answered)
+                ref_id = run.reference_id(model_id)
+                ref_graded = _graded(records, ref_id, _answered_turns(run, ref_id)) if ref_id and ref_id != model_id else None
                 row = {"run": run.label, "judge": judge, "decoder": run.decoder_of(model_id)}
                 for turn in range(1, max_turns + 1):
                     expected = sum(1 for n in answered.values() if n >= turn)
@@ -405,9 +435,10 @@ def quality_table(runs: list[RunData]) -> pd.DataFrame:
                     row[f"coverage_turn{turn}"] = ratio(len(in_turn), expected)
                 row["score"] = graded.score.mean() if len(graded) else math.nan
                 row["graded"] = len(graded)
+                row["reused"] = int(graded.reused.sum())  # token-identical answers inherit the reference's grade
                 row["expected"] = sum(answered.values())
                 row["coverage"] = ratio(len(graded), row["expected"])
-                row["score_vs_baseline"] = _paired_score_delta(graded, base_graded) if model_id != base_id else math.nan
+                row["score_vs_baseline"] = _paired_score_delta(graded, ref_graded)
                 rows.append(row)
     return pd.DataFrame(rows)
 
@@ -425,23 +456,24 @@ def category_table(runs: list[RunData], frames: dict[str, pd.DataFrame]) -> pd.D
     rows = []
     for run in runs:
         q = frames[run.label]
-        base_id = run.baseline_id()
         judge = primary_judge(run)
         for category in sorted(q.category.unique()):
             in_cat = q[q.category == category]
-            base = in_cat[in_cat.model_id == base_id] if base_id else None
             for model_id in run.model_ids():
                 dec = in_cat[in_cat.model_id == model_id]
                 if dec.empty:
                     continue
+                ref_id = run.reference_id(model_id)
                 row = {"run": run.label, "category": category, "decoder": run.decoder_of(model_id), "n_questions": len(dec)}
-                if model_id == base_id:
+                if ref_id == model_id:
                     row.update(n_compared=len(dec), speedup=1.0, speedup_ci_low=math.nan, speedup_ci_high=math.nan)
                 else:
-                    row.update({k: v for k, v in paired_speedup(dec, base).items() if k != "speedup_specbench"})
+                    ref = in_cat[in_cat.model_id == ref_id] if ref_id else None
+                    row.update({k: v for k, v in paired_speedup(dec, ref).items() if k != "speedup_specbench"})
                 row["tau"] = ratio(dec.new_tokens.sum(), dec.steps.sum())
                 if judge:
-                    answered = {qid: n for qid, n in _answered_turns(run, model_id).items() if qid in set(dec.question_id)}
+                    in_category = set(dec.question_id)
+                    answered = {qid: n for qid, n in _answered_turns(run, model_id).items() if qid in in_category}
                     graded = _graded(run.judgments[judge], model_id, answered)
                     row["score"] = graded.score.mean() if len(graded) else math.nan
                     row["coverage"] = ratio(len(graded), sum(answered.values()))
@@ -471,6 +503,8 @@ def config_table(runs: list[RunData]) -> pd.DataFrame:
         for key, v in (info.get("device") or {}).items():
             values[f"device.{key}"] = _as_text(v)
         values["decoders"] = ", ".join(str(d) for d in info.get("decoders") or run.model_ids())
+        if info.get("warmup") is not None:
+            values["warmup"] = _as_text(info["warmup"])
         values["medusa-bench"] = _as_text(info.get("version"))
         values["git_hash"] = _as_text(info.get("git_hash"))
         values["created"] = _as_text(info.get("created"))
@@ -486,12 +520,13 @@ def config_table(runs: list[RunData]) -> pd.DataFrame:
     return table
 
 
-def summary_table(speed: pd.DataFrame, quality: pd.DataFrame) -> pd.DataFrame:
-    """The at-a-glance table: how fast, why (τ), and whether quality held, per decoder."""
-    columns = ["run", "decoder", "n_questions", "n_compared", "tokens_per_s", "speedup", "speedup_ci_low", "speedup_ci_high", "tau", "exact_match"]
+def summary_table(runs: list[RunData], speed: pd.DataFrame, quality: pd.DataFrame) -> pd.DataFrame:
+    """The at-a-glance table: how fast, why (τ), and whether quality held, per decoder (primary judge)."""
+    columns = ["run", "decoder", "reference", "n_questions", "n_compared", "tokens_per_s", "speedup", "speedup_ci_low", "speedup_ci_high", "tau", "exact_match"]
     summary = speed[columns].copy()
     if not quality.empty:
-        judged = quality.groupby(["run", "decoder"], sort=False).first().reset_index()  # primary judge first
+        primary = {run.label: primary_judge(run) for run in runs}
+        judged = quality[[primary.get(r) == j for r, j in zip(quality.run, quality.judge)]]
         summary = summary.merge(judged[["run", "decoder", "score", "coverage", "score_vs_baseline"]], on=["run", "decoder"], how="left")
     return summary
 
@@ -506,6 +541,17 @@ class ReportTables:
     runs: list[RunData]
     tables: dict[str, pd.DataFrame]
     notes: list[str]
+
+    def is_reference(self, run_label: str, decoder: str) -> bool:
+        """True for plain-decoding rows (a baseline), which plots of drafting behaviour leave out."""
+        run = next(r for r in self.runs if r.label == run_label)
+        model_id = run.model_id_of(decoder)
+        return model_id is None or run.is_reference(model_id)
+
+    def drafting_rows(self, table: pd.DataFrame) -> pd.DataFrame:
+        if table.empty:
+            return table
+        return table[[not self.is_reference(r, d) for r, d in zip(table.run, table.decoder)]]
 
 
 TABLE_TITLES = {
@@ -527,23 +573,35 @@ def _notes(runs: list[RunData], speed: pd.DataFrame) -> list[str]:
         if not run.answers:
             notes.append(f"{run.label}: no answers yet (model_answer/ is empty).")
             continue
-        if run.baseline_id() is None:
-            notes.append(f"{run.label}: no baseline decoder in this run, so speedup is n/a; add `baseline` to --decoders.")
+        missing = sorted({run.reference_of(m) for m in run.model_ids() if run.reference_id(m) is None})
+        for reference in missing:
+            notes.append(f"{run.label}: no `{reference}` answers in this run, so speedup against it is n/a; add `{reference}` to --decoders.")
         if not run.judgments:
             notes.append(f"{run.label}: no judgments, so quality scores are n/a; run `medusa-bench judge` on it.")
-        rows = speed[speed.run == run.label]
-        base = rows[rows.decoder == BASELINE]
-        if run.baseline_id() and not base.empty:
-            total = int(base.n_questions.iloc[0])
-            for _, row in rows[rows.decoder != BASELINE].iterrows():
-                if row.n_compared < total:
-                    notes.append(f"{run.label}: {row.decoder} answered {row.n_questions} of the baseline's {total} questions; "
-                                 f"its speedup compares the {row.n_compared} questions both answered.")
+        rows = speed[speed.run == run.label].set_index("decoder")
+        for decoder, row in rows.iterrows():
+            if row.reference == decoder or row.reference not in rows.index:
+                continue
+            total = int(rows.loc[row.reference, "n_questions"])
+            if row.n_compared < total:
+                notes.append(f"{run.label}: {decoder} answered {row.n_questions} of {row.reference}'s {total} questions; "
+                             f"its speedup compares the {row.n_compared} questions both answered.")
+        notes += _precision_notes(run, speed[speed.run == run.label])
         for judge in run.judgments:
             if len(run.judgments) > 1 and judge != primary_judge(run):
                 notes.append(f"{run.label}: several judges; per-category scores use {primary_judge(run)}.")
                 break
     return notes
+
+
+def _precision_notes(run: RunData, speed: pd.DataFrame) -> list[str]:
+    """Flag lost exactness where it should not happen: greedy decoding in float32 must match 100%."""
+    dtype = str((run.info.get("device") or {}).get("dtype") or run.settings.get("dtype") or "")
+    if dtype not in ("float32", "fp32"):
+        return []
+    return [f"{run.label}: {row.decoder} matched the reference's tokens on only {100 * row.exact_match:.1f}% of turns in float32, "
+            "where greedy decoding with draft heads should be exact: check the verify step."
+            for _, row in speed.iterrows() if pd.notna(row.exact_match) and row.exact_match < 1.0]
 
 
 def build_tables(runs: list[RunData]) -> ReportTables:
@@ -552,7 +610,7 @@ def build_tables(runs: list[RunData]) -> ReportTables:
     acceptance, histogram = acceptance_tables(runs, frames)
     quality = quality_table(runs)
     tables = {
-        "summary": summary_table(speed, quality),
+        "summary": summary_table(runs, speed, quality),
         "speed": speed,
         "acceptance": acceptance,
         "tokens_per_step": histogram,
@@ -569,8 +627,8 @@ LABELS = {
     "run": "run", "decoder": "decoder", "model_id": "answer file", "judge": "judge", "category": "category",
     "n_questions": "questions", "n_compared": "compared", "new_tokens": "new tokens", "wall_time_s": "wall time (s)",
     "tokens_per_s": "tokens/s", "speedup": "speedup", "speedup_ci": "95% CI", "speedup_specbench": "speedup (Spec-Bench)",
-    "tau": "τ", "tau_predicted": "τ predicted", "exact_match": "exact match", "exact_match_turns": "turns compared",
-    "steps": "steps", "logged_steps": "steps logged", "score": "score", "graded": "graded", "expected": "expected",
+    "reference": "compared with", "tau": "τ", "tau_predicted": "τ predicted", "speedup_predicted": "speedup predicted", "exact_match": "exact match", "exact_match_turns": "turns compared",
+    "steps": "steps", "logged_steps": "steps logged", "score": "score", "graded": "graded", "reused": "grades reused", "expected": "expected",
     "coverage": "coverage", "score_vs_baseline": "Δ score vs baseline", "setting": "setting",
 }
 
@@ -596,13 +654,13 @@ def format_value(column: str, value: Any) -> str:
         return str(value)
     if column.startswith(("exact_match", "coverage", "accept_ge_", "tokens_")) and column not in ("exact_match_turns", "tokens_per_s"):
         return f"{100 * value:.1f}%"
-    if column in ("speedup", "speedup_specbench"):
+    if column in ("speedup", "speedup_specbench", "speedup_predicted"):
         return f"{value:.2f}×"
     if column == "score_vs_baseline":
         return f"{value:+.2f}"
     if column in ("tokens_per_s", "wall_time_s"):
         return f"{value:.1f}"
-    if isinstance(value, (int, np.integer)) or float(value).is_integer() and column in ("new_tokens", "steps", "n_questions", "n_compared", "graded", "expected", "logged_steps"):
+    if isinstance(value, (int, np.integer)) or float(value).is_integer() and column in ("new_tokens", "steps", "n_questions", "n_compared", "graded", "reused", "expected", "logged_steps"):
         return str(int(value))
     return f"{value:.2f}"
 
@@ -617,6 +675,10 @@ def display_frame(table: pd.DataFrame) -> pd.DataFrame:
         table.insert(position, "speedup_ci", ci)
     if "model_id" in table.columns and "decoder" in table.columns:
         table = table.drop(columns="model_id")
+    if "run" in table.columns and table["run"].nunique() <= 1:
+        table = table.drop(columns="run")  # one run: its name is in the report's header
+    if "reference" in table.columns and all(r in (BASELINE, d) for r, d in zip(table.reference, table.decoder)):
+        table = table.drop(columns="reference")  # only worth a column when some decoder has another reference
     shown = pd.DataFrame({_label(c): [v if c in ("speedup_ci",) else format_value(c, v) for v in table[c]] for c in table.columns})
     return shown
 

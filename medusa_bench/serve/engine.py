@@ -194,7 +194,7 @@ def _escape(value: str) -> str:
 class Engine:
     """Runs jobs on one worker thread; at most `max_waiting` jobs wait behind the running one."""
 
-    def __init__(self, loaded, decoder, decoder_name: str, model_id: str, max_waiting: int = 4) -> None:
+    def __init__(self, loaded, decoder, decoder_name: str, model_id: str, max_waiting: int = 16) -> None:
         self.loaded = loaded
         self.decoder = decoder
         self.decoder_name = decoder_name
