@@ -57,9 +57,15 @@ def run(
     acceptance: str = typer.Option("greedy", "--acceptance", help="greedy | typical"),
     posterior_threshold: float = typer.Option(0.09, "--posterior-threshold", help="Typical acceptance epsilon."),
     posterior_alpha: float = typer.Option(0.3, "--posterior-alpha", help="Typical acceptance delta."),
+    pld_max_ngram: int = typer.Option(3, "--pld-max-ngram", help="Prompt lookup: longest n-gram to match."),
+    pld_tokens: int = typer.Option(10, "--pld-tokens", help="Prompt lookup: most tokens drafted per branch."),
+    pld_branches: int = typer.Option(1, "--pld-branches", help="Prompt lookup: distinct continuations drafted as a tree."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
 ) -> None:
-    """Run decoders over a bench's questions; appends answers and resumes where it stopped."""
+    """Run decoders over a bench's questions; appends answers and resumes where it stopped.
+
+    Decoders: baseline, medusa, medusa2, hydra, pld; `medusa:chain-2` gives one decoder its own tree.
+    """
     from medusa_bench.bench.loop import RunConfig, run_benchmark
 
     config = RunConfig.from_cli(
@@ -68,7 +74,8 @@ def run(
         temperature=temperature, top_p=top_p, seed=seed, warmup=warmup, out=out, device=device,
         dtype=dtype, tree=tree, medusa_heads=medusa_heads, medusa2_model=medusa2_model,
         hydra_heads=hydra_heads, acceptance=acceptance, posterior_threshold=posterior_threshold,
-        posterior_alpha=posterior_alpha, trust_remote_code=trust_remote_code,
+        posterior_alpha=posterior_alpha, pld_max_ngram=pld_max_ngram, pld_tokens=pld_tokens,
+        pld_branches=pld_branches, trust_remote_code=trust_remote_code,
     )
     run_dir = run_benchmark(config, console=console)
     typer.echo(str(run_dir))
@@ -166,6 +173,77 @@ def serve(
         max_waiting=max_waiting, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
         served_model_name=served_model_name, log=lambda line: console.print(line, highlight=False, soft_wrap=True),
     )
+
+
+# ------------------------------------------------------------------------- distill and train
+@app.command()
+def distill(
+    prompts: List[Path] = typer.Option(..., "--prompts", "-p", help="Prompt files: self_instruct, GSM8K train, ShareGPT (repeat the option)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output ShareGPT jsonl (appended; re-run to resume)."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Hub id, local folder, .gguf file or 'smollm2-135m'."),
+    max_new_tokens: int = typer.Option(200, "--max-new-tokens", help="Token limit per answer."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    samples_per_prompt: int = typer.Option(1, "--samples-per-prompt", help="Sampled answers per prompt (needs --temperature > 0)."),
+    follow_up: bool = typer.Option(False, "--follow-up", help="Add a generic second turn for two-turn data."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Prompts per batched generate (left padded, sorted by length)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most N prompts from each file."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | float16 | bfloat16"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
+) -> None:
+    """Self-distillation: the model answers training prompts (never benchmark questions); ShareGPT jsonl out."""
+    from medusa_bench.models import load_model
+    from medusa_bench.train.distill import distill as run_distill
+
+    loaded = load_model(model, device, dtype, trust_remote_code)
+    result = run_distill(loaded, prompts, out, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                         samples_per_prompt=samples_per_prompt, follow_up=follow_up, batch_size=batch_size,
+                         limit=limit, seed=seed, console=console)
+    console.print(f"{result.written} conversations written ({result.skipped} already there), {result.new_tokens} tokens "
+                  f"in {result.seconds:.0f} s ({result.tokens_per_second:.1f} tok/s), {result.truncated} answers cut at the limit")
+    typer.echo(str(result.out))
+
+
+# --------------------------------------------------------------------------------------- tree
+@app.command("tree")
+def tree_command(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Hub id, local folder, .gguf file or 'smollm2-135m'."),
+    decoder: str = typer.Option("medusa", "--decoder", "-d", help="Whose heads: medusa | medusa2 | hydra."),
+    medusa_heads: Optional[str] = typer.Option(None, "--medusa-heads", help="Medusa-1 / v2 heads folder (default: the shipped heads)."),
+    medusa2_model: Optional[str] = typer.Option(None, "--medusa2-model", help="A Medusa-2 model folder."),
+    hydra_heads: Optional[str] = typer.Option(None, "--hydra-heads", help="Hydra heads folder."),
+    max_nodes: int = typer.Option(64, "--max-nodes", help="Largest tree, root included."),
+    max_depth: Optional[int] = typer.Option(None, "--max-depth", help="Deepest path (default: every head)."),
+    top_k: int = typer.Option(10, "--top-k", help="Candidates per head that calibration ranks."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Prompts file (.jsonl / text), or a calibration.json to use as is (default: self-instruct prompts)."),
+    prompts: int = typer.Option(16, "--prompts", help="Calibration prompts."),
+    tokens: int = typer.Option(64, "--tokens", help="Greedy answer tokens per calibration prompt."),
+    context_len: int = typer.Option(300, "--context-len", help="Cached tokens when a step is timed."),
+    repeats: int = typer.Option(10, "--repeats", help="Timed steps per tree size (median)."),
+    min_speedup: float = typer.Option(1.03, "--min-speedup", help="A tree must predict this much over the baseline, else the empty tree."),
+    refresh: bool = typer.Option(False, "--refresh", help="Measure again even if the cache holds these tables."),
+    out: Path = typer.Option(Path("tree.json"), "--out", "-o", help="tree.json to write; calibration.json and latency.json go beside it."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | float16 | bfloat16"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
+) -> None:
+    """Find the fastest candidate tree for these heads on this model and device (what `run --tree auto` uses)."""
+    from medusa_bench.bench.autotree import AutoTreeSettings, save_tree_files, summary_table, tree_for_decoder
+    from medusa_bench.decoders.base import DecoderOptions
+    from medusa_bench.models import load_model
+
+    settings = AutoTreeSettings(max_nodes=max_nodes, max_depth=max_depth, top_k=top_k, prompts=prompts, tokens=tokens,
+                                calibration=str(calibration) if calibration else None, context_len=context_len,
+                                repeats=repeats, min_speedup=min_speedup, refresh=refresh)
+    options = DecoderOptions(tree="auto", medusa_heads=medusa_heads, medusa2_model=medusa2_model, hydra_heads=hydra_heads,
+                             extra={"autotree": settings})
+    loaded = load_model(model, device, dtype, trust_remote_code)
+    auto = tree_for_decoder(decoder, loaded, options)
+    Console().print(summary_table(auto))
+    for path in save_tree_files(auto, out).values():
+        typer.echo(str(path))
 
 
 # ---------------------------------------------------------------------------------------- main

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from medusa_bench.errors import UserError, unknown_name
+from medusa_bench.paths import cache_dir  # noqa: F401  (re-exported: models live in the cache)
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +49,6 @@ class LoadedModel:
     @property
     def vocab_size(self) -> int:
         return self.model.get_output_embeddings().weight.shape[0]
-
-
-def cache_dir() -> Path:
-    """User cache folder: $MEDUSA_BENCH_CACHE, else $XDG_CACHE_HOME/medusa-bench, else ~/.cache/medusa-bench."""
-    root = os.environ.get("MEDUSA_BENCH_CACHE")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medusa-bench"
 
 
 def resolve_device(device: str) -> torch.device:

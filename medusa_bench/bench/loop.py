@@ -19,16 +19,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from medusa_bench import __version__
+from medusa_bench.bench.autotree import store_in_run, tree_records
 from medusa_bench.bench.prompts import build_prompt, conversation
 from medusa_bench.bench.questions import CATEGORY_TEMPERATURE, Question, load_questions
-from medusa_bench.decoders.base import Decoder, DecoderOptions, Sampling, build_decoder, decoder_names
+from medusa_bench.decoders.base import Decoder, DecoderOptions, Sampling, build_decoder, decoder_names, split_spec
 from medusa_bench.errors import UserError
 from medusa_bench.results import files
 
 # Settings that change the numbers: a run folder keeps them fixed for its whole life.
 SETTING_KEYS = ("model", "bench", "question_file", "max_new_tokens", "temperature", "top_p", "seed",
                 "device", "dtype", "tree", "acceptance", "posterior_threshold", "posterior_alpha",
-                "medusa_heads", "medusa2_model", "hydra_heads")
+                "medusa_heads", "medusa2_model", "hydra_heads", "pld_max_ngram", "pld_tokens", "pld_branches")
 
 
 @dataclass
@@ -53,7 +54,8 @@ class RunConfig:
 
     @classmethod
     def from_cli(cls, *, decoders: str, question_ids, categories, temperature: str, tree, medusa_heads,
-                 medusa2_model, hydra_heads, acceptance, posterior_threshold, posterior_alpha, **rest) -> "RunConfig":
+                 medusa2_model, hydra_heads, acceptance, posterior_threshold, posterior_alpha,
+                 pld_max_ngram=3, pld_tokens=10, pld_branches=1, **rest) -> "RunConfig":
         """Parse the CLI's strings; every bad value is a one-line UserError."""
         names = [d.strip() for d in decoders.split(",") if d.strip()]
         if not names:
@@ -73,7 +75,8 @@ class RunConfig:
             raise UserError(f"--warmup must be >= 0, got {rest['warmup']}")
         options = DecoderOptions(tree=tree, medusa_heads=medusa_heads, medusa2_model=medusa2_model,
                                  hydra_heads=hydra_heads, acceptance=acceptance,
-                                 posterior_threshold=posterior_threshold, posterior_alpha=posterior_alpha)
+                                 posterior_threshold=posterior_threshold, posterior_alpha=posterior_alpha,
+                                 pld_max_ngram=pld_max_ngram, pld_tokens=pld_tokens, pld_branches=pld_branches)
         split = lambda text: [x.strip() for x in text.split(",") if x.strip()] if text else None  # noqa: E731
         return cls(decoders=names, question_ids=split(question_ids), categories=split(categories),
                    temperature=temperature, options=options, **rest)
@@ -98,6 +101,7 @@ def settings_of(config: RunConfig, question_file: Path, device, dtype) -> dict:
         "tree": opts.tree, "acceptance": opts.acceptance, "posterior_threshold": opts.posterior_threshold,
         "posterior_alpha": opts.posterior_alpha, "medusa_heads": opts.medusa_heads,
         "medusa2_model": opts.medusa2_model, "hydra_heads": opts.hydra_heads,
+        "pld_max_ngram": opts.pld_max_ngram, "pld_tokens": opts.pld_tokens, "pld_branches": opts.pld_branches,
     }
 
 
@@ -138,13 +142,15 @@ def write_run_file(run_dir: Path, config: RunConfig, settings: dict, loaded, dec
         "models": {**(previous or {}).get("models", {}), **{name: model_id(loaded, name) for name in decoders}},
         "questions": (previous or {}).get("questions"), "warmup": config.warmup,
         "versions": files.package_versions(), "device": device_info(loaded),
+        "trees": {**(previous or {}).get("trees", {}), **tree_records(decoders)},  # each drafting decoder's tree + hash
     }
     files.write_json(run_dir / files.RUN_FILE, run)
     return run
 
 
 def model_id(loaded, decoder_name: str) -> str:
-    return f"{loaded.name}-{decoder_name}"
+    """'smollm2-135m' + 'medusa:chain-2' → 'smollm2-135m-medusa-chain-2' (a file-safe name)."""
+    return f"{loaded.name}-{decoder_name}".replace(":", "-").replace("/", "-").replace(" ", "")
 
 
 def answer_question(decoder: Decoder, loaded, question: Question, config: RunConfig, on_step=None) -> dict:
@@ -181,7 +187,7 @@ def run_benchmark(config: RunConfig, console: Optional[Console] = None, loaded=N
     question_file, questions = load_questions(config.bench, config.questions, config.limit, config.question_ids, config.categories)
     names = config.decoders
     for name in names:  # fail on a typo before loading anything
-        if name not in decoder_names():
+        if split_spec(name)[0] not in decoder_names():
             build_decoder(name, None, config.options)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
@@ -194,6 +200,7 @@ def run_benchmark(config: RunConfig, console: Optional[Console] = None, loaded=N
     references_first = {d.baseline_name for d in decoders.values()}
     names = sorted(names, key=lambda name: name not in references_first)
     files.ensure_writable_dir(run_dir / files.ANSWER_DIR)
+    store_in_run(run_dir, decoders, previous)  # --tree auto: tree.json, calibration.json, latency.json
     write_run_file(run_dir, config, settings, loaded, decoders, previous)
 
     paths = {name: files.answer_path(run_dir, model_id(loaded, name)) for name in names}

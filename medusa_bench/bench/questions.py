@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from medusa_bench.errors import UserError, unknown_name
-from medusa_bench.models import cache_dir
+from medusa_bench.paths import cache_dir
 
 _FASTCHAT = "https://raw.githubusercontent.com/lm-sys/FastChat/main/fastchat/llm_judge/data/mt_bench"
 BENCH_URLS = {

@@ -7,7 +7,7 @@ a different proposer: the baseline proposes nothing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional, Protocol
 
 from medusa_bench.errors import UserError, unknown_name
@@ -102,12 +102,28 @@ def decoder_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_decoder(name: str, loaded, options: DecoderOptions = DecoderOptions()) -> Decoder:
-    """The registry: 'unknown decoder 'x'; valid names are …' for a typo."""
+def split_spec(spec: str) -> tuple[str, Optional[str]]:
+    """'medusa:chain-2' → ('medusa', 'chain-2'): one run can compare trees side by side."""
+    name, _, tree = spec.partition(":")
+    return name.strip(), (tree.strip() or None)
+
+
+def build_decoder(spec: str, loaded, options: DecoderOptions = DecoderOptions()) -> Decoder:
+    """The registry: 'unknown decoder 'x'; valid names are …' for a typo.
+
+    `spec` is a decoder name, optionally with its own tree after a colon (`medusa:chain-2`),
+    which overrides `options.tree` for that decoder only; the decoder is then named `spec`.
+    """
     _load_builtin()
+    name, tree = split_spec(spec)
     if name not in _REGISTRY:
         raise unknown_name("decoder", name, _REGISTRY)
-    return _REGISTRY[name](loaded, options)
+    if tree is not None:
+        options = replace(options, tree=tree)
+    decoder = _REGISTRY[name](loaded, options)
+    if tree is not None:
+        decoder.name = f"{name}:{tree}"
+    return decoder
 
 
 def _load_builtin() -> None:

@@ -57,10 +57,21 @@ def default_heads(loaded, kind: str) -> Optional[Path]:
     return folder if folder.is_dir() else None
 
 
-def resolve_tree(options: DecoderOptions, num_heads: int) -> Tree:
-    if options.tree == "auto":
-        raise UserError("--tree auto needs the tree optimiser, which is not built yet; pass a preset such as chain-2 or mc_sim_7b_63")
-    return Tree.parse(options.tree, num_heads=num_heads)
+def resolve_tree(options: DecoderOptions, num_heads: int, loaded=None, make_proposer=None, heads_path=None,
+                 kind: str = "medusa"):
+    """(tree, the optimiser's AutoTree or None). `auto` measures these heads on this model and device.
+
+    `make_proposer(tree)` builds the decoder's proposer for any tree (calibration and profiling
+    use it). The optimiser lives in the bench layer; importing it here, lazily, is the one hook.
+    """
+    if options.tree != "auto":
+        return Tree.parse(options.tree, num_heads=num_heads), None
+    if loaded is None or make_proposer is None:
+        raise UserError(f"--tree auto is not available for {kind}; pass a preset such as chain-2 or mc_sim_7b_63")
+    from medusa_bench.bench.autotree import auto_tree
+
+    auto = auto_tree(loaded, make_proposer, heads_path, num_heads, kind, options.extra.get("autotree"))
+    return auto.tree, auto
 
 
 @register("medusa")
@@ -72,9 +83,11 @@ def build_medusa(loaded, options: DecoderOptions):
         raise UserError(f"the medusa decoder needs heads: pass --medusa-heads PATH (no default heads ship for {loaded.name}); "
                         "train some with `medusa-bench train medusa`")
     heads = load_heads(path, base_model=loaded.model)
-    tree = resolve_tree(options, heads.num_heads)
+    tree, auto = resolve_tree(options, heads.num_heads, loaded, lambda t: MedusaProposer(heads, t, loaded.device), path)
     proposer = MedusaProposer(heads, tree, loaded.device)
-    return SpeculativeDecoder("medusa", loaded, proposer, acceptance_of(options))
+    decoder = SpeculativeDecoder("medusa", loaded, proposer, acceptance_of(options))
+    decoder.autotree = auto  # the run folder keeps its tables (bench/autotree.store_in_run)
+    return decoder
 
 
 _MEDUSA2_MODELS: dict = {}
@@ -101,9 +114,13 @@ def load_medusa2(loaded, options: DecoderOptions):
 @register("medusa2")
 def build_medusa2(loaded, options: DecoderOptions):
     backbone, heads = load_medusa2(loaded, options)
-    proposer = MedusaProposer(heads, resolve_tree(options, heads.num_heads), backbone.device)
+    path = options.medusa2_model or default_heads(loaded, "medusa2")
+    tree, auto = resolve_tree(options, heads.num_heads, backbone, lambda t: MedusaProposer(heads, t, backbone.device),
+                              path, kind="medusa2")
+    proposer = MedusaProposer(heads, tree, backbone.device)
     decoder = SpeculativeDecoder("medusa2", backbone, proposer, acceptance_of(options))
     decoder.baseline_name = "medusa2-baseline"
+    decoder.autotree = auto
     return decoder
 
 

@@ -324,6 +324,22 @@ def _stream(engine: Engine, body: ChatCompletionRequest, job: Job) -> StreamingR
 
 
 # ------------------------------------------------------------------------------ entry point
+def _check_bindable(host: str, port: int) -> None:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise UserError(f"--host {host}: cannot resolve it ({error.strerror})") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as error:
+            raise UserError(f"cannot listen on {host}:{port} ({error.strerror}): pass another --port") from None
+
+
 def serve(
     model: str = "smollm2-135m",
     decoder: str = "baseline",
@@ -349,6 +365,7 @@ def serve(
         raise UserError(f"--port must be in 0..65535, got {port}")
     if max_waiting < 0:
         raise UserError(f"--max-waiting must be >= 0, got {max_waiting}")
+    _check_bindable(host, port)  # fail before spending time on the model
     loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     built = build_decoder(decoder, loaded, options or DecoderOptions())
     built.generate(build_prompt(loaded, [{"role": "user", "content": "Hi"}]), 2)  # warm-up

@@ -1,0 +1,112 @@
+"""What a speculative step costs beyond the forward it cannot avoid, per tree size.
+
+For tree sizes 1 … 64 nodes: our whole decoding step (drafting + verify forward + acceptance +
+KV-cache compaction, `SpeculativeDecoder._step`, the code `run` uses) against a bare base-model
+forward of the same number of tokens over the same cache, interleaved, median of repeats.
+Also drafting alone against a one-token forward. Targets on CPU: step/forward <= 1.15 for every
+size; drafting <= 10% of a one-token forward.
+
+    .venv/bin/python benchmarks/verify_overhead.py --context 300 --repeats 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+from transformers import DynamicCache
+
+from medusa_bench.decoders.base import DecoderOptions, Sampling, build_decoder
+from medusa_bench.decoders.spec import forward, sync
+from medusa_bench.heads.medusa import MedusaHeads, save_heads
+from medusa_bench.models import load_model
+from medusa_bench.trees.presets import get_preset
+from medusa_bench.trees.tree import Tree
+
+SIZES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def tree_of(n: int) -> Tree:
+    """n nodes (root included): the first n-1 paths of mc_sim_7b_63, extended by rank-0 chains."""
+    paths = get_preset("mc_sim_7b_63")[: n - 1]
+    return Tree.parse(paths if paths else "empty")
+
+
+def crop(cache, length: int) -> None:
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--context", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    args = parser.parse_args()
+
+    loaded = load_model(args.model, args.device, args.dtype)
+    device = loaded.device
+    heads = MedusaHeads(num_heads=args.heads, hidden_size=loaded.hidden_size, vocab_size=None)
+    folder = tempfile.mkdtemp()
+    save_heads(heads, folder, format="v2")
+    prompt = torch.randint(100, 20000, (1, args.context), device=device)
+
+    print(f"{args.model} on {device.type}/{str(loaded.dtype).replace('torch.', '')}, context {args.context}, "
+          f"{args.heads} heads (shared lm_head), median of {args.repeats}")
+    print(f"{'nodes':>5} {'forward ms':>11} {'step ms':>9} {'step/forward':>13} {'draft ms':>9}")
+    one_token_forward = None
+    with torch.inference_mode():
+        cache = DynamicCache()
+        positions = torch.arange(args.context, device=device)[None]
+        logits, hidden = forward(loaded.model, prompt, cache, positions, None, True, last_only=True)
+        root, last_hidden = int(logits[-1].argmax()), hidden[-1]
+        for n in SIZES:
+            tree = tree_of(n)
+            decoder = build_decoder("medusa" if n > 1 else "baseline", loaded,
+                                    DecoderOptions(tree=str(tree.to_list()) if n > 1 else "empty", medusa_heads=folder))
+            decoder.proposer.reset(prompt[0].tolist())
+            ids = torch.randint(100, 20000, (1, n), device=device)
+            bare_positions = (args.context + torch.arange(n, device=device))[None]
+            context = prompt[0].tolist()
+
+            def bare():
+                forward(loaded.model, ids, cache, bare_positions, None, False)
+
+            def step():
+                decoder._step(root, last_hidden, context, [], cache, Sampling(), None)
+
+            def draft():
+                decoder.proposer.propose(root, last_hidden, context)
+
+            for _ in range(3):  # warm-up
+                bare(); crop(cache, args.context)
+                step(); crop(cache, args.context)
+            bare_t, step_t, draft_t = [], [], []
+            for _ in range(args.repeats):
+                bare_t.append(timed(bare, device)); crop(cache, args.context)
+                step_t.append(timed(step, device)); crop(cache, args.context)
+                if n > 1:
+                    draft_t.append(timed(draft, device))
+            b, s = statistics.median(bare_t), statistics.median(step_t)
+            d = statistics.median(draft_t) if draft_t else 0.0
+            one_token_forward = one_token_forward or b
+            print(f"{n:>5} {b * 1e3:>11.2f} {s * 1e3:>9.2f} {s / b:>13.3f} {d * 1e3:>9.2f}")
+    print(f"drafting at 4 heads / one-token forward: {d / one_token_forward:.3f} (target <= 0.10)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""`--tree auto`: calibrate → profile → search, cached, and the files a run folder keeps.
+
+The measured tables depend on the model, the heads, the device, the dtype, the settings and
+the code that measures them; all of these make the cache key, so a cached answer is reused
+only where it would be measured again the same. The search itself is cheap and always re-run
+on the cached tables.
+
+Cache folder: `<user cache>/trees/<model>-<kind>-<key>/` holding key.json, calibration.json,
+latency.json and tree.json (`medusa_bench.models.cache_dir()`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from medusa_bench import __version__
+from medusa_bench.bench import calibrate as cal
+from medusa_bench.errors import UserError
+from medusa_bench.trees.search import (
+    Calibration, Latency, SearchResult, best_tree, greedy_tree, load_calibration, load_latency,
+    save_calibration, save_latency,
+)
+from medusa_bench.trees.tree import Tree
+
+DEFAULT_MIN_SPEEDUP = 1.03  # a tree must promise 3% over the baseline: prediction noise stays >= 0.97x
+RUN_FILES = ("tree", "calibration", "latency")
+# The code that shapes the tables, with the proposer's and its heads' own modules: a change measures again.
+CODE_FILES = ("bench/calibrate.py", "bench/autotree.py", "trees/search.py", "trees/tree.py", "decoders/spec.py")
+
+
+@dataclass
+class AutoTreeSettings:
+    """What the optimiser measures and searches; everything but `refresh`/`cache_dir`/`min_speedup` keys the cache."""
+
+    max_nodes: int = 64  # largest tree, root included
+    max_depth: Optional[int] = None  # default: as deep as the heads go
+    top_k: int = 10  # candidates per depth that calibration ranks
+    calibration: Optional[str] = None  # a prompts file, or a calibration.json to use as is
+    prompts: int = 16
+    tokens: int = 64  # greedy answer tokens per calibration prompt
+    context_len: int = 300  # cached tokens when profiling a step
+    sizes: tuple[int, ...] = cal.PROFILE_SIZES
+    repeats: int = 10
+    warmup: int = 3
+    min_speedup: float = DEFAULT_MIN_SPEEDUP
+    refresh: bool = False
+    cache_dir: Optional[str] = None  # default: <user cache>/trees
+
+    def __post_init__(self):
+        for name in ("max_nodes", "top_k", "prompts", "tokens", "context_len", "repeats"):
+            if getattr(self, name) < 1:
+                raise UserError(f"tree optimiser: {name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_depth is not None and self.max_depth < 1:
+            raise UserError(f"tree optimiser: --max-depth must be >= 1, got {self.max_depth}")
+
+
+@dataclass
+class AutoTree:
+    """The optimiser's answer: the tree, why, and the tables it came from."""
+
+    tree: Tree
+    result: SearchResult
+    calibration: Calibration
+    latency: Latency
+    folder: Path  # the cache folder holding the files
+    reused: bool  # tables came from the cache
+    info: dict = field(default_factory=dict)  # the cache key's fields
+
+    def tree_json(self) -> dict:
+        data = self.result.tree_json()
+        data["autotree"] = self.info
+        return data
+
+    def save(self, folder: Path, suffix: str = "") -> dict[str, Path]:
+        """Write tree.json, calibration.json and latency.json (`tree{suffix}.json` …) into `folder`."""
+        return self.write({name: Path(folder) / f"{name}{suffix}.json" for name in RUN_FILES})
+
+    def write(self, paths: dict[str, Path]) -> dict[str, Path]:
+        for path in paths.values():
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        _write(paths["tree"], self.tree_json())
+        _write(paths["calibration"], self.calibration.to_json())
+        _write(paths["latency"], self.latency.to_json())
+        return paths
+
+
+def tree_for_decoder(spec: str, loaded, options) -> AutoTree:
+    """`medusa-bench tree`: build the decoder with `--tree auto` (the very path `run` takes) and return its search."""
+    from dataclasses import replace
+
+    from medusa_bench.decoders.base import build_decoder
+
+    decoder = build_decoder(spec, loaded, replace(options, tree="auto"))
+    auto = getattr(decoder, "autotree", None)
+    if auto is None:
+        raise UserError(f"decoder {spec!r} drafts no tree from heads; search trees for medusa, medusa2 or hydra")
+    return auto
+
+
+def save_tree_files(auto: AutoTree, out: Path) -> dict[str, Path]:
+    """tree.json at `out`; calibration.json and latency.json beside it."""
+    out = Path(out)
+    return auto.write({"tree": out, "calibration": out.parent / "calibration.json", "latency": out.parent / "latency.json"})
+
+
+def auto_tree(loaded, make_proposer: cal.MakeProposer, heads_path, num_heads: int, kind: str = "medusa",
+              settings: Optional[AutoTreeSettings] = None, log: Optional[Callable[[str], None]] = None) -> AutoTree:
+    """The fastest tree for these heads on this model and device: measured once, then cached."""
+    settings = settings or AutoTreeSettings()
+    log = log or _stderr
+    depth = min(num_heads, settings.max_depth or num_heads)
+    table_file, prompt_file = calibration_source(settings.calibration)
+    probe = make_proposer(Tree([(0,) * d for d in range(1, depth + 1)]))  # a chain: the heads up to `depth`
+    info = cache_info(loaded, heads_path, kind, settings, depth, table_file or prompt_file, probe)
+    folder = cache_folder(loaded, kind, info, settings)
+    calibration = latency = None
+    if not settings.refresh and (folder / "key.json").is_file() and _read(folder / "key.json") == info:
+        calibration = load_calibration(folder / "calibration.json")
+        latency = load_latency(folder / "latency.json")
+        log(f"tree auto: reusing the {kind} tables measured on this device ({folder})")
+    reused = calibration is not None
+    if not reused:
+        prompts = cal.pick(cal.read_prompts(prompt_file), settings.prompts)
+        calibration = load_calibration(table_file) if table_file else measure_calibration(loaded, probe, prompts, depth, settings, log)
+        trees = profile_trees(calibration, settings, depth)
+        log(f"tree auto: profiling one decoding step for tree sizes {', '.join(map(str, trees))} "
+            f"at {settings.context_len} cached tokens ({settings.repeats} repeats) …")
+        context = cal.context_ids(loaded, prompts, settings.context_len)
+        latency = cal.profile(loaded, make_proposer, trees, context, settings.repeats, settings.warmup)
+        save_calibration(calibration, _partial(folder) / "calibration.json")
+        save_latency(latency, _partial(folder) / "latency.json")
+        _write(_partial(folder) / "key.json", info)
+        _publish(folder)
+    result = best_tree(calibration, latency, min(settings.max_nodes, max(latency.step_time)), depth, num_heads, settings.min_speedup)
+    auto = AutoTree(result.tree, result, calibration, latency, folder, reused, info)
+    _write(folder / "tree.json", auto.tree_json())
+    log(f"tree auto: {result.choice.reason}")
+    return auto
+
+
+def measure_calibration(loaded, proposer, prompts: list[str], depth: int, settings: AutoTreeSettings, log) -> Calibration:
+    log(f"tree auto: calibrating the draft heads on {len(prompts)} prompts × {settings.tokens} greedy tokens …")
+    calibration = cal.calibrate(loaded, proposer, prompts, depth, settings.top_k, settings.tokens)
+    top1 = " / ".join(f"{x:.2f}" for x in calibration.meta["top1"])
+    log(f"tree auto: top-1 per depth {top1}; top-{settings.top_k} "
+        + " / ".join(f"{x:.2f}" for x in calibration.meta[f"top{settings.top_k}"]))
+    return calibration
+
+
+def profile_trees(calibration: Calibration, settings: AutoTreeSettings, depth: int) -> dict[int, Tree]:
+    """The search's best tree at each profiled size: the step times are those of the trees it will pick from."""
+    depth = min(depth, calibration.max_depth)
+    candidates = greedy_tree(calibration.prob_fn(), settings.max_nodes, depth, calibration.top_k)
+    sizes = sorted({n for n in (*settings.sizes, len(candidates)) if 1 <= n <= len(candidates)} | {1})
+    return {n: candidates[n - 1].tree for n in sizes}
+
+
+def calibration_source(option: Optional[str]) -> tuple[Optional[Path], Path]:
+    """(calibration.json to use as is, or None; the prompts file) for `--calibration`."""
+    if option is None:
+        return None, cal.default_prompt_file()
+    path = Path(option).expanduser()
+    if not path.is_file():
+        raise UserError(f"--calibration {path}: file not found; pass a prompts file (.jsonl or text) or a calibration.json")
+    if path.suffix.lower() == ".json":  # a measured table: still needs prompts for the profiling context
+        return path, cal.default_prompt_file()
+    return None, path
+
+
+# ------------------------------------------------------------------------------ cache
+def cache_info(loaded, heads_path, kind: str, settings: AutoTreeSettings, depth: int, source: Path, proposer) -> dict:
+    """Everything the measured tables depend on (JSON-plain: compared as is on reuse)."""
+    import torch
+
+    measured = {k: v for k, v in asdict(settings).items() if k not in ("refresh", "cache_dir", "min_speedup", "calibration")}
+    measured["sizes"] = list(measured["sizes"])
+    return {
+        "kind": kind, "model": loaded.spec, "model_source": str(loaded.source), "heads": heads_id(heads_path),
+        "device": cal.device_name(loaded), "dtype": str(loaded.dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(), "code": code_version(proposer), "depth": depth,
+        "calibration": {"file": str(source), "sha256": _file_hash(source)}, "settings": measured,
+    }
+
+
+def heads_id(path) -> str:
+    """sha256 of the heads' weights (the path alone would miss retrained heads)."""
+    from medusa_bench.heads.medusa import heads_fingerprint
+
+    try:
+        return heads_fingerprint(path)
+    except (UserError, OSError):  # another layout (e.g. Hydra): hash its weight files
+        folder = Path(path)
+        files = sorted(f for f in folder.iterdir() if f.suffix in (".pt", ".bin", ".safetensors")) if folder.is_dir() else []
+        return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest() if files else str(path)
+
+
+def code_version(proposer=None) -> str:
+    """Package version + a hash of the files that shape the tables (another decoder's edits don't count)."""
+    root = Path(__file__).resolve().parents[1]
+    files = [root / name for name in CODE_FILES]
+    for obj in (proposer, getattr(proposer, "heads", None)):
+        module = sys.modules.get(type(obj).__module__) if obj is not None else None
+        if getattr(module, "__file__", None):
+            files.append(Path(module.__file__))
+    digest = hashlib.sha256()
+    for file in files:
+        if file.is_file():
+            digest.update(file.read_bytes())
+    return f"{__version__}+{digest.hexdigest()[:12]}"
+
+
+def cache_folder(loaded, kind: str, info: dict, settings: AutoTreeSettings) -> Path:
+    from medusa_bench.models import cache_dir
+
+    root = Path(settings.cache_dir) if settings.cache_dir else cache_dir() / "trees"
+    key = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16]
+    return root / f"{loaded.name}-{kind}-{key}"
+
+
+def _partial(folder: Path) -> Path:
+    partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
+    partial.mkdir(parents=True, exist_ok=True)
+    return partial
+
+
+def _publish(folder: Path) -> None:
+    """Move the freshly measured tables into place in one rename (a killed run leaves no half cache)."""
+    import shutil
+
+    partial = _partial(folder)
+    if folder.exists():
+        shutil.rmtree(folder)
+    partial.rename(folder)
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------ run folders
+def tree_of(decoder) -> Optional[Tree]:
+    return getattr(getattr(decoder, "proposer", None), "tree", None)
+
+
+def tree_records(decoders: dict) -> dict:
+    """run.json's "trees": each drafting decoder's tree, its hash, and whether the optimiser chose it."""
+    records = {}
+    for name, decoder in decoders.items():
+        tree = tree_of(decoder)
+        if isinstance(tree, Tree):
+            records[name] = {"name": tree.name, "hash": tree.hash, "num_nodes": tree.num_nodes, "depth": tree.depth,
+                             "auto": getattr(decoder, "autotree", None) is not None}
+    return records
+
+
+def store_in_run(run_dir: Path, decoders: dict, previous: Optional[dict]) -> None:
+    """Copy the optimiser's files into the run folder; refuse to resume with another tree.
+
+    The first auto decoder's files are tree.json, calibration.json, latency.json (what the
+    report reads); any further ones get the decoder's name as a suffix.
+    """
+    before = (previous or {}).get("trees") or {}
+    for name, record in tree_records(decoders).items():
+        old = before.get(name, {}).get("hash")
+        if old is not None and old != record["hash"]:
+            raise UserError(f"{run_dir} was run with another tree for {name} ({old}, now {record['hash']}: "
+                            "the optimiser re-measured?); use another --out, or pass that run's tree.json as --tree to resume")
+    autos = [(name, d.autotree) for name, d in decoders.items() if getattr(d, "autotree", None) is not None]
+    for i, (name, auto) in enumerate(autos):
+        auto.save(run_dir, "" if i == 0 else "-" + "".join(c if c.isalnum() else "-" for c in name))
+
+
+# ------------------------------------------------------------------------------ output
+def summary_rows(auto: AutoTree) -> list[dict]:
+    """The profiled budgets (and the chosen one): n, depth, τ, step ms, tokens/s, × baseline."""
+    profiled = set(auto.latency.step_time) | {auto.result.choice.n}
+    rows = []
+    for row in auto.result.choice.table:
+        if row["n"] in profiled:
+            tree = auto.result.candidates[row["n"] - 1].tree
+            rows.append({**row, "depth": tree.depth, "chosen": row["n"] == auto.result.choice.n})
+    return rows
+
+
+def summary_table(auto: AutoTree):
+    from rich.table import Table
+
+    table = Table(title=f"tree search ({auto.latency.device}, {auto.latency.dtype}, {auto.latency.context_len} cached tokens)")
+    for column in ("nodes", "depth", "pred. τ", "step ms", "pred. tok/s", "× baseline", ""):
+        table.add_column(column, justify="right")
+    for row in summary_rows(auto):
+        table.add_row(str(row["n"]), str(row["depth"]), f"{row['tau']:.3f}", f"{row['step_time'] * 1e3:.1f}",
+                      f"{row['throughput']:.1f}", f"{row['speedup']:.3f}", "← chosen" if row["chosen"] else "")
+    return table
+
+
+def _stderr(line: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(line, highlight=False, soft_wrap=True)
+
+
+def _write(path: Path, data) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _read(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+

@@ -1,0 +1,310 @@
+"""Measure what the tree search needs: how often drafts are right, and what a step costs.
+
+- **Calibrate.** Greedy answers (the run loop's own baseline) to calibration prompts, never
+  benchmark questions; one base forward over prompt + answer gives every hidden state; then
+  the proposer ranks the true future tokens at all answer positions in one batched call.
+  A position t drafts from hidden[t] (which predicted the root tokens[t + 1]); its depth-d
+  draft is right when it equals tokens[t + 1 + d]. We count the rank sequences, so the
+  table is the joint, path-conditional one (`kind: conditional`): exact for Medusa's heads
+  (whose depths are correlated: easy text is easy for every head) and what Hydra needs.
+- **Profile.** The run loop's own verify step (`SpeculativeDecoder._step`: drafting, the tree
+  forward, acceptance, cache update) on a prefilled cache of a typical context length, for
+  each tree size; sizes interleaved round by round so machine drift hits all alike;
+  warm-up, device sync, median.
+
+The proposer contract for calibration: a proposer may define
+    true_ranks(hidden [S, H], tokens [S], positions [T], depth) -> LongTensor [T, depth]
+the rank of tokens[t + 1 + d] among its depth-d candidates at position t, given that the
+root and the drafts above it are the true tokens (teacher forcing: the path above was
+accepted), or -1 where t + 1 + d is past the sequence. Medusa heads need no such method:
+`medusa_true_ranks` serves any proposer with a `MedusaHeads` as `.heads`.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from transformers import DynamicCache
+
+from medusa_bench.bench.prompts import build_prompt
+from medusa_bench.decoders.base import Sampling
+from medusa_bench.decoders.spec import Proposer, SpeculativeDecoder, forward, sync
+from medusa_bench.errors import UserError
+from medusa_bench.trees.search import Calibration, Latency
+from medusa_bench.trees.tree import Tree
+
+DEFAULT_PROMPTS = ("self_instruct", "user_oriented_instructions.jsonl")  # self-distillation prompts
+PROFILE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+RANK_CHUNK = 64  # positions per head call: [depth, 64, V] logits at a time
+
+MakeProposer = Callable[[Tree], Proposer]
+
+
+# ------------------------------------------------------------------------------ prompts
+def default_prompt_file() -> Path:
+    from medusa_bench.bench.questions import data_file
+
+    return data_file(*DEFAULT_PROMPTS, option="--calibration")
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompt texts from a .jsonl (self-instruct, FastChat questions, ShareGPT, {"prompt"}) or a text file, one per line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read calibration prompts {path}: {error}") from None
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if path.suffix.lower() != ".jsonl":
+            prompts.append(line.strip())
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path} line {number}: not valid JSON ({error.msg}); use one JSON object per line") from None
+        text = prompt_text(record)
+        if text is None:
+            raise UserError(f"{path} line {number}: no prompt found; give 'instruction', 'prompt', 'question', "
+                            "'turns' or ShareGPT 'conversations'")
+        prompts.append(text)
+    if not prompts:
+        raise UserError(f"{path} holds no prompts")
+    return prompts
+
+
+def prompt_text(record) -> Optional[str]:
+    """The user's first message in one record of the common prompt formats."""
+    if isinstance(record, str):
+        return record.strip() or None
+    if not isinstance(record, dict):
+        return None
+    if isinstance(record.get("instruction"), str):  # self-instruct: instruction + its first input
+        instances = record.get("instances") or [{}]
+        extra = (instances[0] or {}).get("input") if isinstance(instances[0], dict) else None
+        extra = extra or record.get("input")
+        return record["instruction"].strip() + (f"\n\n{extra.strip()}" if isinstance(extra, str) and extra.strip() else "")
+    for key in ("prompt", "question", "text"):
+        if isinstance(record.get(key), str) and record[key].strip():
+            return record[key].strip()
+    turns = record.get("turns")
+    if isinstance(turns, list) and turns and isinstance(turns[0], str):
+        return turns[0]
+    for message in record.get("conversations") or []:
+        if isinstance(message, dict) and message.get("from", message.get("role")) in ("human", "user"):
+            return message.get("value", message.get("content"))
+    return None
+
+
+def pick(prompts: Sequence[str], count: int) -> list[str]:
+    """`count` prompts spread evenly over the file (a fixed slice: same prompts every time)."""
+    if count < 1:
+        raise UserError(f"calibration needs at least 1 prompt, got {count}")
+    if count >= len(prompts):
+        return list(prompts)
+    return [prompts[i * len(prompts) // count] for i in range(count)]
+
+
+# ------------------------------------------------------------------------------ calibrate
+def greedy_sequences(loaded, prompts: Sequence[str], max_new_tokens: int) -> list[tuple[list[int], int]]:
+    """(prompt + greedy answer ids, prompt length) per prompt, from the run loop's baseline."""
+    decoder = SpeculativeDecoder("baseline", loaded, Proposer())
+    out = []
+    for text in prompts:
+        ids = build_prompt(loaded, [{"role": "user", "content": text}])
+        answer = decoder.generate(ids, max_new_tokens).token_ids
+        out.append((ids + answer, len(ids)))
+    return out
+
+
+@torch.inference_mode()
+def last_hidden(loaded, ids: list[int]) -> torch.Tensor:
+    """Post-norm last hidden states [S, H] of one sequence, one forward, no logits."""
+    tokens = torch.tensor([ids], device=loaded.device)  # [1, S]
+    out = loaded.model(input_ids=tokens, output_hidden_states=True, use_cache=False, logits_to_keep=1)
+    return out.hidden_states[-1][0]  # [S, H]
+
+
+@torch.no_grad()
+def medusa_true_ranks(heads, hidden: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, depth: int) -> torch.Tensor:
+    """Rank of each true future token among each Medusa head's candidates: [T, depth], -1 past the end."""
+    size = tokens.shape[0]
+    offsets = torch.arange(2, depth + 2, device=tokens.device)  # head d (1-based) predicts t + 1 + d
+    target_pos = positions[:, None] + offsets[None]  # [T, depth]
+    valid = target_pos < size
+    targets = tokens[target_pos.clamp(max=size - 1)]  # [T, depth]
+    ranks = []
+    for start in range(0, positions.shape[0], RANK_CHUNK):
+        rows = slice(start, start + RANK_CHUNK)
+        logits = heads.draft_logits(hidden[positions[rows]], num_heads=depth).float()  # [depth, t, V]
+        true = logits.gather(-1, targets[rows].T.unsqueeze(-1))  # [depth, t, 1]
+        ranks.append((logits > true).sum(-1).T)  # [t, depth]
+    return torch.cat(ranks).masked_fill(~valid, -1)
+
+
+def true_ranks(proposer, hidden, tokens, positions, depth: int) -> torch.Tensor:
+    """The proposer's own `true_ranks`, else Medusa heads' (see the module docstring)."""
+    method = getattr(proposer, "true_ranks", None)
+    if method is not None:
+        return method(hidden, tokens, positions, depth)
+    from medusa_bench.heads.medusa import MedusaHeads
+
+    heads = getattr(proposer, "heads", None)
+    if isinstance(heads, MedusaHeads):
+        return medusa_true_ranks(heads, hidden, tokens, positions, depth)
+    raise UserError(f"{type(proposer).__name__} cannot be calibrated: it needs a method "
+                    "true_ranks(hidden, tokens, positions, depth); pass a fixed --tree instead of auto")
+
+
+def rank_table(loaded, proposer, sequences: list[tuple[list[int], int]], depth: int) -> torch.Tensor:
+    """True-token ranks [N, depth] at every answer position of every sequence (-1: past the end)."""
+    rows = []
+    for ids, prompt_len in sequences:
+        if len(ids) - prompt_len < 2:  # an answer of one token leaves nothing to draft
+            continue
+        hidden = last_hidden(loaded, ids)  # [S, H]
+        tokens = torch.tensor(ids, device=loaded.device)  # [S]
+        positions = torch.arange(prompt_len - 1, len(ids) - 2, device=loaded.device)  # [T]: a depth-1 target exists
+        rows.append(true_ranks(proposer, hidden, tokens, positions, depth).cpu())
+    if not rows:
+        raise UserError("calibration produced no answer tokens to score; use other prompts or more --tokens")
+    return torch.cat(rows)
+
+
+def statistics_of(ranks: torch.Tensor, top_k: int, meta: Optional[dict] = None) -> Calibration:
+    """Path-conditional acceptance table from rank rows [N, depth]; per-depth marginals in meta.
+
+    paths[(r_1..r_d)] = #(rows starting r_1..r_d) / #(rows starting r_1..r_{d-1} with a depth-d
+    target), so the product along a path is the joint frequency of that rank sequence.
+    """
+    hits: Counter = Counter()
+    trials: Counter = Counter()
+    for row in ranks.tolist():
+        row = tuple(row)
+        for d, rank in enumerate(row):
+            if rank < 0:
+                break
+            trials[row[:d]] += 1
+            if rank >= top_k:
+                break
+            hits[row[: d + 1]] += 1
+    if not trials:
+        raise UserError("calibration found no positions to score; use longer answers (--tokens)")
+    paths = {path: hits[path] / trials[path[:-1]] for path in hits}
+    if not paths:  # no draft was ever right: one zero entry keeps the file valid
+        paths = {(0,): 0.0}
+    per_depth = marginals(ranks, top_k)
+    meta = dict(meta or {})
+    meta.update({
+        "statistics": "joint rank paths (path-conditional)",
+        "per_depth": per_depth,
+        "top1": [round(row[0], 4) for row in per_depth],
+        f"top{top_k}": [round(sum(row), 4) for row in per_depth],
+        "positions": [int((ranks[:, d] >= 0).sum()) for d in range(ranks.shape[1])],
+    })
+    return Calibration("conditional", top_k, paths=paths, samples=int(trials[()]), meta=meta)
+
+
+def marginals(ranks: torch.Tensor, top_k: int) -> list[list[float]]:
+    """acc[d][r] = P(true token at depth d + 1 is the rank-r candidate), over positions with a target."""
+    table = []
+    for d in range(ranks.shape[1]):
+        column = ranks[:, d]
+        column = column[column >= 0]
+        total = max(column.numel(), 1)
+        table.append([round(float((column == r).sum()) / total, 6) for r in range(top_k)])
+    return table
+
+
+def calibrate(loaded, proposer, prompts: Sequence[str], depth: int, top_k: int = 10, max_new_tokens: int = 64,
+              meta: Optional[dict] = None) -> Calibration:
+    """Greedy answers to `prompts`, then the proposer's acceptance table up to `depth` and `top_k`."""
+    sequences = greedy_sequences(loaded, prompts, max_new_tokens)
+    ranks = rank_table(loaded, proposer, sequences, depth)
+    info = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "answer_tokens": sum(len(s) - p for s, p in sequences)}
+    return statistics_of(ranks, top_k, {**info, **(meta or {})})
+
+
+# ------------------------------------------------------------------------------ profile
+def context_ids(loaded, prompts: Sequence[str], length: int) -> list[int]:
+    """A real-text context of exactly `length` tokens (prompts' chat ids, concatenated and cut)."""
+    length = max(2, min(length, loaded.context_length - 80))  # room for the largest tree
+    ids: list[int] = []
+    for text in prompts:
+        ids += build_prompt(loaded, [{"role": "user", "content": text}])
+        if len(ids) >= length:
+            break
+    while len(ids) < length:  # few short prompts: repeat them
+        ids += ids
+    return ids[:length]
+
+
+@torch.inference_mode()
+def time_steps(loaded, decoders: dict[int, SpeculativeDecoder], context: list[int], repeats: int, warmup: int) -> dict[int, list[float]]:
+    """Seconds of `decoder._step` per size, on the same prefilled cache (cropped back after each step)."""
+    device = loaded.device
+    cache = DynamicCache()
+    prompt = torch.tensor([context], device=device)  # [1, L]
+    positions = torch.arange(len(context), device=device)[None]  # [1, L]
+    logits, hidden = forward(loaded.model, prompt, cache, positions, None, want_hidden=True, last_only=True)
+    root, hidden = int(logits[-1].argmax()), hidden[-1]  # the next token and the state that chose it
+    for decoder in decoders.values():
+        decoder.proposer.reset(context)
+    times: dict[int, list[float]] = {n: [] for n in decoders}
+    for round_ in range(warmup + repeats):
+        for n, decoder in decoders.items():
+            sync(device)
+            start = time.perf_counter()
+            decoder._step(root, hidden, context, [], cache, Sampling(), None)
+            sync(device)
+            elapsed = time.perf_counter() - start
+            crop(cache, len(context))
+            if round_ >= warmup:
+                times[n].append(elapsed)
+    return times
+
+
+def crop(cache, length: int) -> None:
+    """Drop everything past `length` from the cache (what the step appended)."""
+    for layer in cache.layers:
+        layer.keys = layer.keys[:, :, :length]
+        layer.values = layer.values[:, :, :length]
+
+
+def profile(loaded, make_proposer: MakeProposer, trees: dict[int, Tree], context: list[int], repeats: int = 10,
+            warmup: int = 3, meta: Optional[dict] = None) -> Latency:
+    """Median step time per tree size n (nodes incl. the root); n = 1 is the baseline's plain step."""
+    if repeats < 1 or warmup < 0:
+        raise UserError(f"profiling needs repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    decoders = {}
+    for n, tree in sorted(trees.items()):
+        proposer = Proposer() if tree.num_nodes == 1 else make_proposer(tree)
+        decoders[n] = SpeculativeDecoder(f"n{n}", loaded, proposer)
+    times = time_steps(loaded, decoders, context, repeats, warmup)
+    step_time = {n: statistics.median(ts) for n, ts in times.items()}
+    quartiles = {str(n): [_quantile(ts, 0.25), _quantile(ts, 0.75)] for n, ts in times.items()}
+    info = {"repeats": repeats, "warmup": warmup, "statistic": "median", "quartiles": quartiles,
+            "threads": torch.get_num_threads(), "trees": {str(n): tree.to_list() for n, tree in trees.items()}}
+    return Latency(step_time, device=device_name(loaded), dtype=str(loaded.dtype).replace("torch.", ""),
+                   context_len=len(context), baseline_step_time=step_time.get(1), meta={**info, **(meta or {})})
+
+
+def device_name(loaded) -> str:
+    import platform
+
+    if loaded.device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(loaded.device)}"
+    return f"cpu:{platform.processor() or platform.machine()}"
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

@@ -1,0 +1,230 @@
+"""`--tree auto` and `medusa-bench tree`: calibration statistics, profiling, cache, run folder files.
+
+The search itself (optimality, budget choice, file formats) is tested in test_tree_search.py.
+Everything here runs tiny settings (a prompt or two, a few tokens, trees of <= 3 nodes).
+"""
+
+import json
+import sys
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from medusa_bench.bench import autotree
+from medusa_bench.bench import calibrate as cal
+from medusa_bench.bench.autotree import AutoTreeSettings, auto_tree, store_in_run
+from medusa_bench.bench.loop import RunConfig, run_benchmark
+from medusa_bench.bench.prompts import build_prompt
+from medusa_bench.cli import main
+from medusa_bench.decoders.base import DecoderOptions, build_decoder
+from medusa_bench.decoders.medusa import MedusaProposer
+from medusa_bench.errors import UserError
+from medusa_bench.heads.medusa import MedusaHeads, load_heads, save_heads
+from medusa_bench.trees.search import conditional_prob, load_calibration, load_latency
+from medusa_bench.trees.tree import Tree
+
+TINY = dict(prompts=1, tokens=8, max_nodes=3, repeats=2, warmup=0, context_len=64)
+
+
+@pytest.fixture(scope="module")
+def heads_dir(smollm, tmp_path_factory):
+    """Random heads through the shared lm_head (quality is irrelevant to the mechanics)."""
+    torch.manual_seed(0)
+    heads = MedusaHeads(num_heads=3, hidden_size=smollm.hidden_size, vocab_size=None)
+    with torch.no_grad():
+        heads.res_weight.normal_(0, 0.05)
+    folder = tmp_path_factory.mktemp("heads")
+    save_heads(heads, folder, format="v2", base_model_name_or_path="smollm2-135m")
+    return folder
+
+
+def good_table(path):
+    """A hand-made table under which a chain clearly pays."""
+    path.write_text(json.dumps({"kind": "independent", "top_k": 2, "accuracy": [[0.9, 0.05], [0.9, 0.05], [0.9, 0.05]]}))
+    return path
+
+
+# ------------------------------------------------------------------------------ statistics
+def test_statistics_are_joint_path_frequencies():
+    ranks = torch.tensor([
+        [0, 0, 1],
+        [0, 1, -1],  # the sequence ended: no depth-3 target
+        [1, 0, 0],
+        [0, 12, 0],  # rank 12 is outside top-2: nothing below it counts
+        [5, 0, 0],
+        [0, 0, 0],
+    ])
+    calib = cal.statistics_of(ranks, top_k=2)
+    assert calib.kind == "conditional" and calib.top_k == 2 and calib.samples == 6
+    paths = calib.paths
+    assert paths[(0,)] == pytest.approx(4 / 6) and paths[(1,)] == pytest.approx(1 / 6)
+    assert paths[(0, 0)] == pytest.approx(2 / 4) and paths[(0, 1)] == pytest.approx(1 / 4)
+    assert paths[(0, 0, 1)] == pytest.approx(1 / 2) and paths[(1, 0, 0)] == 1.0
+    prob = conditional_prob(paths)
+    assert prob((0, 0)) == pytest.approx(2 / 6)  # product along the path = joint frequency
+    assert prob((0, 0, 0)) == pytest.approx(1 / 6)
+    assert calib.meta["top1"] == [pytest.approx(x, abs=1e-4) for x in (4 / 6, 4 / 6, 4 / 5)]  # marginals
+    assert calib.meta["positions"] == [6, 6, 5]
+    assert cal.statistics_of(torch.tensor([[7, 7]]), top_k=2).paths == {(0,): 0.0}  # never right: still a valid table
+    with pytest.raises(UserError, match="no positions"):
+        cal.statistics_of(torch.full((3, 2), -1), top_k=2)
+
+
+def test_prompt_files_in_the_common_formats(tmp_path):
+    jsonl = tmp_path / "p.jsonl"
+    rows = [{"instruction": "Fix this.", "instances": [{"input": "teh cat", "output": "x"}]},
+            {"question": "Why?"}, {"turns": ["First turn", "second"]},
+            {"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "Hi there"}]}]
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    assert cal.read_prompts(jsonl) == ["Fix this.\n\nteh cat", "Why?", "First turn", "Hi there"]
+    text = tmp_path / "p.txt"
+    text.write_text("one\n\ntwo\n")
+    assert cal.read_prompts(text) == ["one", "two"]
+    assert cal.pick(list("abcdefgh"), 4) == ["a", "c", "e", "g"] and cal.pick(["a"], 16) == ["a"]
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(UserError, match="no prompts"):
+        cal.read_prompts(tmp_path / "empty.txt")
+    (tmp_path / "bad.jsonl").write_text('{"nothing": 1}\n')
+    with pytest.raises(UserError, match="line 1: no prompt"):
+        cal.read_prompts(tmp_path / "bad.jsonl")
+    (tmp_path / "broken.jsonl").write_text('{"prompt": \n')
+    with pytest.raises(UserError, match="not valid JSON"):
+        cal.read_prompts(tmp_path / "broken.jsonl")
+
+
+def test_default_prompts_are_self_instruct_not_benchmark_questions(data_dir):
+    path = cal.default_prompt_file()
+    assert "self_instruct" in str(path)
+    prompts = cal.read_prompts(path)
+    questions = {t for line in (data_dir / "mt_bench" / "question.jsonl").read_text().splitlines()
+                 for t in json.loads(line)["turns"]}
+    assert len(prompts) > 100 and not questions & set(prompts)
+
+
+def test_medusa_true_ranks_match_a_slow_reference(smollm, heads_dir):
+    heads = load_heads(heads_dir, base_model=smollm.model)
+    ids = build_prompt(smollm, [{"role": "user", "content": "Count to five."}])[:20]
+    hidden = cal.last_hidden(smollm, ids)  # [S, H]
+    tokens = torch.tensor(ids)
+    positions = torch.tensor([3, 10, 16, 17])
+    ranks = cal.medusa_true_ranks(heads, hidden, tokens, positions, depth=3)
+    for i, t in enumerate(positions.tolist()):
+        logits = heads.draft_logits(hidden[t], num_heads=3)  # [3, V]
+        for d in range(3):
+            target = t + 2 + d
+            expected = -1 if target >= len(ids) else int((logits[d] > logits[d, ids[target]]).sum())
+            assert int(ranks[i, d]) == expected
+    proposer = MedusaProposer(heads, Tree.chain(3), smollm.device)
+    assert torch.equal(cal.true_ranks(proposer, hidden, tokens, positions, 3), ranks)
+    with pytest.raises(UserError, match="true_ranks"):
+        cal.true_ranks(object(), hidden, tokens, positions, 3)
+
+
+# ------------------------------------------------------------------------------ refusals
+def test_auto_without_heads_is_refused(smollm):
+    nameless = replace(smollm, name="model-without-default-heads")
+    with pytest.raises(UserError, match="needs heads: pass --medusa-heads"):
+        build_decoder("medusa:auto", nameless, DecoderOptions())
+    with pytest.raises(UserError, match="drafts no tree"):
+        autotree.tree_for_decoder("baseline", smollm, DecoderOptions())
+
+
+def test_bad_settings_and_calibration_files_are_clear(smollm, heads_dir, tmp_path):
+    with pytest.raises(UserError, match="max-nodes must be >= 1"):
+        AutoTreeSettings(max_nodes=0)
+    options = lambda **kw: DecoderOptions(tree="auto", medusa_heads=str(heads_dir),  # noqa: E731
+                                          extra={"autotree": AutoTreeSettings(cache_dir=str(tmp_path), **TINY, **kw)})
+    with pytest.raises(UserError, match="--calibration .*not found"):
+        build_decoder("medusa", smollm, options(calibration=str(tmp_path / "missing.jsonl")))
+    bad = tmp_path / "calibration.json"
+    bad.write_text(json.dumps({"kind": "independent", "accuracy": [[0.9, 0.5]]}))
+    with pytest.raises(UserError, match="sums to 1.400"):
+        build_decoder("medusa", smollm, options(calibration=str(bad)))
+
+
+def test_resuming_with_another_tree_is_refused(tmp_path):
+    decoder = SimpleNamespace(proposer=SimpleNamespace(tree=Tree.chain(2)), autotree=None)
+    previous = {"trees": {"medusa:auto": {"hash": "0123456789ab"}}}
+    with pytest.raises(UserError, match="another tree for medusa:auto"):
+        store_in_run(tmp_path, {"medusa:auto": decoder}, previous)
+    store_in_run(tmp_path, {"medusa:auto": decoder}, {"trees": {"medusa:auto": {"hash": Tree.chain(2).hash}}})
+
+
+# ------------------------------------------------------------------------------ end to end
+def test_auto_measures_caches_and_fills_the_run_folder(smollm, heads_dir, tmp_path, monkeypatch):
+    settings = AutoTreeSettings(cache_dir=str(tmp_path / "cache"), **TINY)
+    heads = load_heads(heads_dir, base_model=smollm.model)
+    make = lambda tree: MedusaProposer(heads, tree, smollm.device)  # noqa: E731
+    lines = []
+    first = auto_tree(smollm, make, heads_dir, heads.num_heads, settings=settings, log=lines.append)
+    assert not first.reused and any("calibrating" in line for line in lines)
+    tree = first.tree
+    tree.check_fits(num_heads=3)
+    assert tree.num_nodes <= 3 and set(first.latency.step_time) == {1, 2, 3}
+    assert first.latency.context_len == 64 and first.latency.device.startswith("cpu")
+    assert first.calibration.kind == "conditional" and first.calibration.meta["prompts"] == 1
+    assert lines[-1] == f"tree auto: {first.result.choice.reason}"
+    if not first.result.choice.beats_baseline:  # random heads: the empty tree, and it says why
+        assert tree.num_nodes == 1 and "no tree beats the baseline" in lines[-1]
+    for name in ("key", "calibration", "latency", "tree"):
+        assert (first.folder / f"{name}.json").is_file()
+
+    # The second call measures nothing: the tables come from the cache.
+    def refuse(*args, **kwargs):
+        raise AssertionError("measured again instead of reusing the cache")
+
+    monkeypatch.setattr(cal, "calibrate", refuse)
+    monkeypatch.setattr(cal, "profile", refuse)
+    again = auto_tree(smollm, make, heads_dir, heads.num_heads, settings=settings, log=lines.append)
+    assert again.reused and again.tree == tree and again.latency.step_time == first.latency.step_time
+
+    # `run` with a per-decoder auto tree reuses it too and keeps its files beside the answers.
+    out = tmp_path / "run"
+    config = RunConfig(bench="quick", question_ids=["1005"], max_new_tokens=6, warmup=0, out=out, device="cpu",
+                       decoders=["baseline", "medusa:auto"],
+                       options=DecoderOptions(medusa_heads=str(heads_dir), extra={"autotree": settings}))
+    run_benchmark(config, loaded=smollm)
+    saved = json.loads((out / "tree.json").read_text())
+    assert Tree.parse(out / "tree.json") == tree and saved["hash"] == tree.hash
+    assert saved["search"]["tau"] == pytest.approx(first.result.choice.tau)
+    assert [row["n"] for row in saved["candidates"]] == [1, 2, 3]
+    assert load_calibration(out / "calibration.json").paths == first.calibration.paths
+    assert load_latency(out / "latency.json").step_time == first.latency.step_time
+    run = json.loads((out / "run.json").read_text())
+    assert run["trees"]["medusa:auto"] == {"name": tree.name, "hash": tree.hash, "num_nodes": tree.num_nodes,
+                                           "depth": tree.depth, "auto": True}
+    answers = (out / "model_answer" / "smollm2-135m-medusa-auto.jsonl").read_text().splitlines()
+    assert json.loads(answers[0])["choices"][0]["exact_match"] == [True, True]
+
+
+def cli(capsys, monkeypatch, *args):
+    monkeypatch.setattr(sys, "argv", ["medusa-bench", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_tree_command_with_a_given_calibration_table(smollm, heads_dir, tmp_path, monkeypatch, capsys):
+    import medusa_bench.models
+
+    monkeypatch.setattr(medusa_bench.models, "load_model", lambda *args, **kwargs: smollm)
+    monkeypatch.setenv("MEDUSA_BENCH_CACHE", str(tmp_path / "cache"))
+    table = good_table(tmp_path / "table.json")
+    out = tmp_path / "search" / "tree.json"
+    code, stdout, stderr = cli(capsys, monkeypatch, "tree", "--medusa-heads", heads_dir, "--calibration", table,
+                               "--max-nodes", 3, "--repeats", 2, "--context-len", 64, "--device", "cpu", "--out", out)
+    assert code == 0, stderr
+    saved = json.loads(out.read_text())
+    assert saved["autotree"]["calibration"]["file"] == str(table)
+    assert saved["tree"] in ([], [[0]], [[0], [0, 0]]) and saved["search"]["reason"] in stderr
+    assert (out.parent / "calibration.json").is_file() and (out.parent / "latency.json").is_file()
+    assert str(out) in stdout and "pred. τ" in stdout
+    assert any(p.name.startswith("smollm2-135m-medusa-") for p in (tmp_path / "cache" / "trees").iterdir())
+    code, _, stderr = cli(capsys, monkeypatch, "tree", "--decoder", "baseline", "--out", out)
+    assert code == 2 and "drafts no tree" in stderr
