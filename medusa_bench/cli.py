@@ -57,6 +57,7 @@ def run(
     acceptance: str = typer.Option("greedy", "--acceptance", help="greedy | typical"),
     posterior_threshold: float = typer.Option(0.09, "--posterior-threshold", help="Typical acceptance epsilon."),
     posterior_alpha: float = typer.Option(0.3, "--posterior-alpha", help="Typical acceptance delta."),
+    draft_vocab: int = typer.Option(-1, "--draft-vocab", help="Heads draft among the N most frequent tokens (-1: the heads' default, 0: all)."),
     pld_max_ngram: int = typer.Option(3, "--pld-max-ngram", help="Prompt lookup: longest n-gram to match."),
     pld_tokens: int = typer.Option(10, "--pld-tokens", help="Prompt lookup: most tokens drafted per branch."),
     pld_branches: int = typer.Option(1, "--pld-branches", help="Prompt lookup: distinct continuations drafted as a tree."),
@@ -75,7 +76,7 @@ def run(
         dtype=dtype, tree=tree, medusa_heads=medusa_heads, medusa2_model=medusa2_model,
         hydra_heads=hydra_heads, acceptance=acceptance, posterior_threshold=posterior_threshold,
         posterior_alpha=posterior_alpha, pld_max_ngram=pld_max_ngram, pld_tokens=pld_tokens,
-        pld_branches=pld_branches, trust_remote_code=trust_remote_code,
+        pld_branches=pld_branches, draft_vocab=draft_vocab, trust_remote_code=trust_remote_code,
     )
     run_dir = run_benchmark(config, console=console)
     typer.echo(str(run_dir))
@@ -206,6 +207,74 @@ def distill(
     typer.echo(str(result.out))
 
 
+_DATA = typer.Option(..., "--data", help="ShareGPT jsonl (e.g. from `medusa-bench distill`).")
+_OUT = typer.Option(..., "--out", "-o", help="Output folder for the heads.")
+_MODEL = typer.Option("smollm2-135m", "--model", "-m", help="Hub id, local folder, .gguf file or 'smollm2-135m'.")
+_HEADS = typer.Option(4, "--heads", help="Number of Medusa heads.")
+_HELDOUT = typer.Option(0.05, "--heldout", help="Fraction of sequences held out for accuracy and early stopping.")
+_MAX_MINUTES = typer.Option(None, "--max-minutes", help="Stop optimising after this many minutes (keeps the best weights).")
+_MAX_LENGTH = typer.Option(None, "--max-length", help="Truncate sequences to N tokens (default: the model's context).")
+_SOFTMAX = typer.Option("active", "--softmax", help="active (training softmax over the tokens seen as targets: faster) | full.")
+_SAVE_DTYPE = typer.Option("float16", "--save-dtype", help="float32 | float16 | bfloat16 for the written weights.")
+_HIDDEN_CACHE = typer.Option(None, "--hidden-cache", help="Folder for cached base hidden states (default: user cache; 'none': off).")
+
+
+@train_app.command("medusa")
+def train_medusa(
+    data: Path = _DATA, out: Path = _OUT, model: str = _MODEL, heads: int = _HEADS,
+    layers: int = typer.Option(1, "--layers", help="ResBlocks per head."),
+    lm_head: str = typer.Option("shared", "--lm-head", help="shared (heads end in the base lm_head: a few MB) | own."),
+    epochs: int = typer.Option(10, "--epochs"), batch_size: int = typer.Option(256, "--batch-size", help="Positions per step."),
+    lr: float = typer.Option(1e-3, "--lr"), heldout: float = _HELDOUT, patience: int = typer.Option(2, "--patience"),
+    max_minutes: Optional[float] = _MAX_MINUTES, max_length: Optional[int] = _MAX_LENGTH, softmax: str = _SOFTMAX,
+    save_dtype: str = _SAVE_DTYPE, seed: int = typer.Option(0, "--seed"), hidden_cache: Optional[str] = _HIDDEN_CACHE,
+    device: str = typer.Option("auto", "--device"), dtype: str = typer.Option("auto", "--dtype"),
+) -> None:
+    """Medusa-1: train heads on a frozen base model (loss on assistant tokens; held-out accuracy; calibration.json)."""
+    from medusa_bench.models import load_model
+    from medusa_bench.train.fit import FitConfig, train_medusa as fit
+
+    config = FitConfig(num_heads=heads, num_layers=layers, lm_head=lm_head, epochs=epochs, batch_size=batch_size, lr=lr,
+                       heldout=heldout, patience=patience, max_minutes=max_minutes, max_length=max_length, softmax=softmax,
+                       save_dtype=save_dtype, seed=seed, hidden_cache=hidden_cache)
+    config.check()
+    result = fit(load_model(model, device, dtype), data, out, config, console=console)
+    console.print(f"held-out: {result.best}")
+    typer.echo(str(result.out))
+
+
+@train_app.command("medusa2")
+def train_medusa2(
+    data: Path = _DATA, out: Path = _OUT, model: str = _MODEL, heads: int = _HEADS,
+    init_heads: Optional[str] = typer.Option(None, "--init-heads", help="Start from these Medusa-1 heads (else warm up first)."),
+    warmup_epochs: int = typer.Option(2, "--warmup-epochs", help="Medusa-1 epochs before joint training (without --init-heads)."),
+    epochs: int = typer.Option(1, "--epochs"), batch_size: int = typer.Option(4, "--batch-size", help="Sequences per step."),
+    lr: float = typer.Option(2e-4, "--lr", help="LoRA learning rate."), heads_lr: float = typer.Option(5e-4, "--heads-lr"),
+    lora_r: int = typer.Option(8, "--lora-r"), lora_alpha: int = typer.Option(16, "--lora-alpha"),
+    lora_layers: int = typer.Option(0, "--lora-layers", help="Adapt only the last N decoder layers (0: all)."),
+    heads_coefficient: float = typer.Option(0.2, "--heads-coefficient", help="lambda: weight of the head losses."),
+    heads_decay: float = typer.Option(0.8, "--heads-decay", help="Head k's loss weight is lambda * decay^k."),
+    heldout: float = _HELDOUT, patience: int = typer.Option(1, "--patience"), max_minutes: Optional[float] = _MAX_MINUTES,
+    max_length: Optional[int] = _MAX_LENGTH, softmax: str = _SOFTMAX, save_dtype: str = _SAVE_DTYPE,
+    full_model: bool = typer.Option(False, "--full-model", help="Write a full merged model folder instead of the compact adapter."),
+    seed: int = typer.Option(0, "--seed"), hidden_cache: Optional[str] = _HIDDEN_CACHE,
+    device: str = typer.Option("auto", "--device"), dtype: str = typer.Option("auto", "--dtype"),
+) -> None:
+    """Medusa-2: LoRA on the backbone + heads, KL self-distillation to the frozen model; the medusa2 decoder loads the folder."""
+    from medusa_bench.models import load_model
+    from medusa_bench.train.medusa2 import Medusa2Config, train_medusa2 as fit
+
+    config = Medusa2Config(num_heads=heads, init_heads=init_heads, warmup_epochs=warmup_epochs, epochs=epochs,
+                           batch_size=batch_size, lr=lr, heads_lr=heads_lr, lora_r=lora_r, lora_alpha=lora_alpha,
+                           lora_layers=lora_layers, heads_coefficient=heads_coefficient, heads_decay=heads_decay,
+                           heldout=heldout, patience=patience, max_minutes=max_minutes, max_length=max_length,
+                           softmax=softmax, save_dtype=save_dtype, full_model=full_model, seed=seed, hidden_cache=hidden_cache)
+    config.check()
+    result = fit(load_model(model, device, dtype), data, out, config, console=console)
+    console.print(f"held-out: {result.best}")
+    typer.echo(str(result.out))
+
+
 # --------------------------------------------------------------------------------------- tree
 @app.command("tree")
 def tree_command(
@@ -214,10 +283,11 @@ def tree_command(
     medusa_heads: Optional[str] = typer.Option(None, "--medusa-heads", help="Medusa-1 / v2 heads folder (default: the shipped heads)."),
     medusa2_model: Optional[str] = typer.Option(None, "--medusa2-model", help="A Medusa-2 model folder."),
     hydra_heads: Optional[str] = typer.Option(None, "--hydra-heads", help="Hydra heads folder."),
+    draft_vocab: int = typer.Option(-1, "--draft-vocab", help="As in `run`: heads draft among the N most frequent tokens (-1: the heads' default, 0: all)."),
     max_nodes: int = typer.Option(64, "--max-nodes", help="Largest tree, root included."),
     max_depth: Optional[int] = typer.Option(None, "--max-depth", help="Deepest path (default: every head)."),
     top_k: int = typer.Option(10, "--top-k", help="Candidates per head that calibration ranks."),
-    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Prompts file (.jsonl / text), or a calibration.json to use as is (default: self-instruct prompts)."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Prompts file (.jsonl / text) to measure on, or a calibration.json to use as is (default: the heads' own held-out calibration.json, else self-instruct prompts)."),
     prompts: int = typer.Option(16, "--prompts", help="Calibration prompts."),
     tokens: int = typer.Option(64, "--tokens", help="Greedy answer tokens per calibration prompt."),
     context_len: int = typer.Option(300, "--context-len", help="Cached tokens when a step is timed."),
@@ -238,12 +308,40 @@ def tree_command(
                                 calibration=str(calibration) if calibration else None, context_len=context_len,
                                 repeats=repeats, min_speedup=min_speedup, refresh=refresh)
     options = DecoderOptions(tree="auto", medusa_heads=medusa_heads, medusa2_model=medusa2_model, hydra_heads=hydra_heads,
-                             extra={"autotree": settings})
+                             draft_vocab=draft_vocab, extra={"autotree": settings})
     loaded = load_model(model, device, dtype, trust_remote_code)
     auto = tree_for_decoder(decoder, loaded, options)
     Console().print(summary_table(auto))
     for path in save_tree_files(auto, out).values():
         typer.echo(str(path))
+
+
+# -------------------------------------------------------------------------------- train hydra
+@train_app.command("hydra")
+def train_hydra(
+    data: Path = _DATA, out: Path = _OUT, model: str = _MODEL,
+    heads: int = typer.Option(4, "--heads", help="Number of Hydra heads (tree depth)."),
+    arch: str = typer.Option("mlp", "--arch", help="mlp (Hydra) | prefix-mlp (Hydra++: one prefix attention layer)."),
+    loss: str = typer.Option("teacher", "--loss", help="teacher (the base model's distribution: Hydra++) | data (the data tokens) | both."),
+    layers: int = typer.Option(1, "--layers", help="ResBlocks per head."),
+    lm_head: str = typer.Option("shared", "--lm-head", help="shared (heads end in the base lm_head: a few MB) | own."),
+    epochs: int = typer.Option(10, "--epochs"), batch_size: int = typer.Option(256, "--batch-size", help="Assistant tokens per step (whole sequences)."),
+    lr: float = typer.Option(1e-3, "--lr"), heldout: float = _HELDOUT, patience: int = typer.Option(2, "--patience"),
+    max_minutes: Optional[float] = _MAX_MINUTES, max_length: Optional[int] = _MAX_LENGTH, softmax: str = _SOFTMAX,
+    save_dtype: str = _SAVE_DTYPE, seed: int = typer.Option(0, "--seed"), hidden_cache: Optional[str] = _HIDDEN_CACHE,
+    device: str = typer.Option("auto", "--device"), dtype: str = typer.Option("auto", "--dtype"),
+) -> None:
+    """Hydra: heads conditioned on the drafted tokens above them, on a frozen base model (held-out accuracy; calibration.json)."""
+    from medusa_bench.models import load_model
+    from medusa_bench.train.hydra import HydraFitConfig, train_hydra as fit
+
+    config = HydraFitConfig(num_heads=heads, num_layers=layers, arch=arch, loss=loss, lm_head=lm_head, epochs=epochs,
+                            batch_size=batch_size, lr=lr, heldout=heldout, patience=patience, max_minutes=max_minutes,
+                            max_length=max_length, softmax=softmax, save_dtype=save_dtype, seed=seed, hidden_cache=hidden_cache)
+    config.check()
+    result = fit(load_model(model, device, dtype), data, out, config, console=console)
+    console.print(f"held-out: {result.best}")
+    typer.echo(str(result.out))
 
 
 # ---------------------------------------------------------------------------------------- main

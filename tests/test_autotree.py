@@ -109,17 +109,34 @@ def test_medusa_true_ranks_match_a_slow_reference(smollm, heads_dir):
     hidden = cal.last_hidden(smollm, ids)  # [S, H]
     tokens = torch.tensor(ids)
     positions = torch.tensor([3, 10, 16, 17])
-    ranks = cal.medusa_true_ranks(heads, hidden, tokens, positions, depth=3)
-    for i, t in enumerate(positions.tolist()):
-        logits = heads.draft_logits(hidden[t], num_heads=3)  # [3, V]
-        for d in range(3):
-            target = t + 2 + d
-            expected = -1 if target >= len(ids) else int((logits[d] > logits[d, ids[target]]).sum())
-            assert int(ranks[i, d]) == expected
+
+    def slow(vocab=None):
+        """Rank among the drafted candidates, one position and head at a time; top_k = not drafted."""
+        out = torch.full((len(positions), 3), -1)
+        for i, t in enumerate(positions.tolist()):
+            logits = heads.draft_logits(hidden[t], num_heads=3)  # [3, V]
+            for d in range(3):
+                target = t + 2 + d
+                if target < len(ids):
+                    allowed = torch.tensor(vocab) if vocab is not None else torch.arange(logits.shape[-1])
+                    inside = bool((allowed == ids[target]).any())
+                    rank = int((logits[d, allowed] > logits[d, ids[target]]).sum()) if inside else 50
+                    out[i, d] = min(rank, 50)
+        return out
+
+    ranks = cal.medusa_true_ranks(heads, hidden, tokens, positions, depth=3, top_k=50)
+    assert torch.equal(ranks, slow()) and (ranks == -1).any()
     proposer = MedusaProposer(heads, Tree.chain(3), smollm.device)
-    assert torch.equal(cal.true_ranks(proposer, hidden, tokens, positions, 3), ranks)
+    assert torch.equal(cal.true_ranks(proposer, hidden, tokens, positions, 3, 50), ranks)
+    # A restricted draft vocabulary: ranks count only drafted tokens, the rest are misses.
+    vocab = sorted(set(range(0, 49152, 3)) | set(ids[:12]))
+    heads.restrict_draft_vocab(torch.tensor(vocab))
+    try:
+        assert torch.equal(cal.medusa_true_ranks(heads, hidden, tokens, positions, depth=3, top_k=50), slow(vocab))
+    finally:
+        heads.restrict_draft_vocab(None)
     with pytest.raises(UserError, match="true_ranks"):
-        cal.true_ranks(object(), hidden, tokens, positions, 3)
+        cal.true_ranks(object(), hidden, tokens, positions, 3, 50)
 
 
 # ------------------------------------------------------------------------------ refusals
@@ -210,18 +227,23 @@ def cli(capsys, monkeypatch, *args):
     return code, captured.out, captured.err
 
 
-def test_tree_command_with_a_given_calibration_table(smollm, heads_dir, tmp_path, monkeypatch, capsys):
+def test_tree_command_uses_the_heads_own_calibration(smollm, heads_dir, tmp_path, monkeypatch, capsys):
+    """Heads trained by this tool ship a held-out calibration.json: it is used instead of measuring."""
+    import shutil
+
     import medusa_bench.models
 
     monkeypatch.setattr(medusa_bench.models, "load_model", lambda *args, **kwargs: smollm)
     monkeypatch.setenv("MEDUSA_BENCH_CACHE", str(tmp_path / "cache"))
-    table = good_table(tmp_path / "table.json")
+    monkeypatch.setattr(cal, "calibrate", lambda *a, **k: pytest.fail("measured instead of using calibration.json"))
+    heads = shutil.copytree(heads_dir, tmp_path / "heads")
+    table = good_table(heads / "calibration.json")
     out = tmp_path / "search" / "tree.json"
-    code, stdout, stderr = cli(capsys, monkeypatch, "tree", "--medusa-heads", heads_dir, "--calibration", table,
-                               "--max-nodes", 3, "--repeats", 2, "--context-len", 64, "--device", "cpu", "--out", out)
+    code, stdout, stderr = cli(capsys, monkeypatch, "tree", "--medusa-heads", heads, "--max-nodes", 3, "--prompts", 1,
+                               "--repeats", 2, "--context-len", 64, "--device", "cpu", "--out", out)
     assert code == 0, stderr
     saved = json.loads(out.read_text())
-    assert saved["autotree"]["calibration"]["file"] == str(table)
+    assert saved["autotree"]["calibration"]["file"] == str(table) and f"statistics from {table}" in stderr
     assert saved["tree"] in ([], [[0]], [[0], [0, 0]]) and saved["search"]["reason"] in stderr
     assert (out.parent / "calibration.json").is_file() and (out.parent / "latency.json").is_file()
     assert str(out) in stdout and "pred. τ" in stdout

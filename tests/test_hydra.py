@@ -68,6 +68,18 @@ def test_level_drafting_matches_slow_reference(arch, tree):
         assert fast == slow_draft(heads, tree, state, root)
 
 
+def test_draft_vocab_restricts_the_candidates():
+    model = tiny_llama()
+    heads = random_heads(model, "mlp", shared=False, K=2)
+    tree = Tree.parse("[[0],[1],[0,0],[1,0]]")
+    plan, state = level_plan(tree.buffers()), torch.randn(H)
+    full = draft_tree(heads, plan, state, 3, tree.num_nodes)
+    heads.restrict_draft_vocab(torch.randperm(V))  # every token, another order: the same drafts
+    assert torch.equal(draft_tree(heads, plan, state, 3, tree.num_nodes), full)
+    heads.restrict_draft_vocab(torch.arange(10, 20))
+    assert all(10 <= t < 20 for t in draft_tree(heads, plan, state, 3, tree.num_nodes)[1:].tolist())
+
+
 def test_level_plan_runs_each_head_once_over_nodes_with_children():
     plan = level_plan(Tree.parse("[[0],[1],[2],[0,0],[0,1],[2,0],[0,0,0]]").buffers())
     assert [level.head for level in plan] == [0, 1, 2]
@@ -155,7 +167,7 @@ def test_true_ranks_condition_on_the_true_path(arch):
 def references(smollm):
     baseline = build_decoder("baseline", smollm)
     prompts = [build_prompt(smollm, [{"role": "user", "content": p}]) for p in PROMPTS]
-    return [(ids, baseline.generate(ids, 32).token_ids) for ids in prompts]
+    return [(ids, baseline.generate(ids, 24).token_ids) for ids in prompts]
 
 
 @pytest.fixture(scope="module")
@@ -170,18 +182,43 @@ def random_smollm_heads(smollm, tmp_path_factory):
 def test_greedy_hydra_is_lossless(smollm, random_smollm_heads, references, tree):
     decoder = build_decoder("hydra", smollm, DecoderOptions(tree=tree, hydra_heads=str(random_smollm_heads)))
     for ids, expected in references:
-        result = decoder.generate(ids, 32)
+        result = decoder.generate(ids, 24)
         assert result.token_ids == expected
         assert sum(result.accept_lengths) == len(result.token_ids) and result.steps == len(result.accept_lengths)
 
 
 def test_typical_acceptance_runs(smollm, random_smollm_heads, references):
-    options = DecoderOptions(tree="tree-8", hydra_heads=str(random_smollm_heads), acceptance="typical")
+    options = DecoderOptions(tree="[[0],[1],[0,0]]", hydra_heads=str(random_smollm_heads), acceptance="typical")
     decoder = build_decoder("hydra", smollm, options)
     ids, expected = references[0]
-    assert decoder.generate(ids, 32).token_ids == expected  # typical at temperature 0 is greedy
-    sampled = decoder.generate(ids, 16, Sampling(temperature=0.7, seed=1))
-    assert 1 <= len(sampled.token_ids) <= 16 and sum(sampled.accept_lengths) == len(sampled.token_ids)
+    assert decoder.generate(ids, 12).token_ids == expected[:12]  # typical at temperature 0 is greedy
+    sampled = decoder.generate(ids, 8, Sampling(temperature=0.7, seed=1))
+    assert 1 <= len(sampled.token_ids) <= 8 and sum(sampled.accept_lengths) == len(sampled.token_ids)
+
+
+def test_training_writes_heads_that_decode_losslessly(smollm, references, tmp_path):
+    from medusa_bench.train.hydra import HydraFitConfig, train_hydra
+
+    answers = [smollm.tokenizer.decode(expected) for _, expected in references]
+    with open(tmp_path / "data.jsonl", "w") as handle:
+        for prompt, answer in zip(PROMPTS * 3, answers * 3):
+            handle.write(json.dumps({"conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]}) + "\n")
+    config = HydraFitConfig(num_heads=2, arch="prefix-mlp", epochs=3, batch_size=40, heldout=0.2, patience=5,
+                            hidden_cache="none", top_k=4)
+    result = train_hydra(smollm, tmp_path / "data.jsonl", tmp_path / "heads", config)
+    assert result.curve[-1]["train_loss"] < result.curve[0]["train_loss"]
+    for name in ("hydra_lm_head.pt", "config.json", "calibration.json", "curve.csv", "draft_vocab.json"):
+        assert (tmp_path / "heads" / name).is_file()
+    calibration = json.loads((tmp_path / "heads" / "calibration.json").read_text())
+    assert calibration["kind"] == "conditional" and calibration["top_k"] == 4
+
+    decoder = build_decoder("hydra", smollm, DecoderOptions(tree="[[0],[1],[0,0]]", hydra_heads=str(tmp_path / "heads")))
+    ids, expected = references[1]
+    assert decoder.generate(ids, 16).token_ids == expected[:16]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"medusa_num_heads": 2, "base_model_name_or_path": "vicuna-7b"}))
+    with pytest.raises(UserError, match="already holds"):
+        train_hydra(smollm, tmp_path / "data.jsonl", tmp_path / "other", config)
 
 
 class OracleHydra(HydraProposer):
@@ -218,7 +255,7 @@ def test_prefix_layer_follows_the_accepted_path(smollm, references):
     heads = random_heads(smollm.model, "prefix-mlp", shared=True, K=3, scale=0.3)
     for ids, expected in references:
         proposer = OracleHydra(heads, Tree.parse(ORACLE_TREE), smollm.device, base_model=smollm.model, answer=expected)
-        result = SpeculativeDecoder("oracle", smollm, proposer).generate(ids, 32)
+        result = SpeculativeDecoder("oracle", smollm, proposer).generate(ids, 24)
         assert result.token_ids == expected
         assert max(result.accept_lengths) == 4
 

@@ -130,3 +130,29 @@ def test_bad_tree_and_heads_errors(smollm, random_heads, tmp_path):
     save_heads(small, tmp_path / "small", format="medusa1")
     with pytest.raises(UserError, match="576"):
         build_decoder("medusa", smollm, DecoderOptions(tree="chain-1", medusa_heads=str(tmp_path / "small")))
+
+
+def test_draft_vocabulary_restriction_is_lossless_and_exact(smollm, random_heads, references, tmp_path):
+    """Drafting among the N most frequent tokens (draft_vocab.json) picks the best of those N."""
+    import json
+    import shutil
+
+    from medusa_bench.heads.medusa import load_heads
+
+    folder = tmp_path / "heads"
+    shutil.copytree(random_heads, folder)
+    ids, expected = references[0]
+    order = list(dict.fromkeys(expected + list(range(smollm.vocab_size))))  # answer tokens first
+    (folder / "draft_vocab.json").write_text(json.dumps({"token_ids": order}))
+    decoder = build_decoder("medusa", smollm, DecoderOptions(tree="chain-3", medusa_heads=str(folder), draft_vocab=64))
+    assert decoder.proposer.heads.draft_vocab_size == 64
+    assert decoder.generate(ids, 40).token_ids == expected
+
+    heads = load_heads(folder, base_model=smollm.model)
+    hidden = torch.randn(smollm.hidden_size)
+    full = heads.draft_logits(hidden, num_heads=3)  # [3, V]
+    allowed = torch.tensor(order[:64])
+    heads.restrict_draft_vocab(allowed)
+    assert torch.equal(heads.draft_topk(hidden, 4, num_heads=3), allowed[full[:, allowed].topk(4, dim=-1).indices])
+    with pytest.raises(UserError, match="draft_vocab.json"):
+        build_decoder("medusa", smollm, DecoderOptions(tree="chain-1", medusa_heads=str(random_heads), draft_vocab=100))

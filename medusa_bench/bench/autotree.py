@@ -55,7 +55,7 @@ class AutoTreeSettings:
     def __post_init__(self):
         for name in ("max_nodes", "top_k", "prompts", "tokens", "context_len", "repeats"):
             if getattr(self, name) < 1:
-                raise UserError(f"tree optimiser: {name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"tree optimiser: --{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_depth is not None and self.max_depth < 1:
             raise UserError(f"tree optimiser: --max-depth must be >= 1, got {self.max_depth}")
 
@@ -115,7 +115,7 @@ def auto_tree(loaded, make_proposer: cal.MakeProposer, heads_path, num_heads: in
     settings = settings or AutoTreeSettings()
     log = log or _stderr
     depth = min(num_heads, settings.max_depth or num_heads)
-    table_file, prompt_file = calibration_source(settings.calibration)
+    table_file, prompt_file = calibration_source(settings.calibration, heads_path)
     probe = make_proposer(Tree([(0,) * d for d in range(1, depth + 1)]))  # a chain: the heads up to `depth`
     info = cache_info(loaded, heads_path, kind, settings, depth, table_file or prompt_file, probe)
     folder = cache_folder(loaded, kind, info, settings)
@@ -126,13 +126,7 @@ def auto_tree(loaded, make_proposer: cal.MakeProposer, heads_path, num_heads: in
         log(f"tree auto: reusing the {kind} tables measured on this device ({folder})")
     reused = calibration is not None
     if not reused:
-        prompts = cal.pick(cal.read_prompts(prompt_file), settings.prompts)
-        calibration = load_calibration(table_file) if table_file else measure_calibration(loaded, probe, prompts, depth, settings, log)
-        trees = profile_trees(calibration, settings, depth)
-        log(f"tree auto: profiling one decoding step for tree sizes {', '.join(map(str, trees))} "
-            f"at {settings.context_len} cached tokens ({settings.repeats} repeats) …")
-        context = cal.context_ids(loaded, prompts, settings.context_len)
-        latency = cal.profile(loaded, make_proposer, trees, context, settings.repeats, settings.warmup)
+        calibration, latency = measure_tables(loaded, probe, make_proposer, depth, settings, table_file, prompt_file, log)
         save_calibration(calibration, _partial(folder) / "calibration.json")
         save_latency(latency, _partial(folder) / "latency.json")
         _write(_partial(folder) / "key.json", info)
@@ -142,6 +136,23 @@ def auto_tree(loaded, make_proposer: cal.MakeProposer, heads_path, num_heads: in
     _write(folder / "tree.json", auto.tree_json())
     log(f"tree auto: {result.choice.reason}")
     return auto
+
+
+def measure_tables(loaded, probe, make_proposer, depth: int, settings: AutoTreeSettings, table_file: Optional[Path],
+                   prompt_file: Path, log) -> tuple[Calibration, Latency]:
+    """Calibrate (unless given a table), then profile the search's best tree at each size."""
+    prompts = cal.pick(cal.read_prompts(prompt_file), settings.prompts)
+    if table_file:
+        log(f"tree auto: acceptance statistics from {table_file}")
+        calibration = load_calibration(table_file)
+    else:
+        calibration = measure_calibration(loaded, probe, prompts, depth, settings, log)
+    trees = profile_trees(calibration, settings, depth)
+    length = min(settings.context_len, loaded.context_length - max(trees))
+    log(f"tree auto: profiling one decoding step for tree sizes {', '.join(map(str, trees))} "
+        f"at {length} cached tokens ({settings.repeats} repeats) …")
+    context = cal.context_ids(loaded, prompts, length)
+    return calibration, cal.profile(loaded, make_proposer, trees, context, settings.repeats, settings.warmup)
 
 
 def measure_calibration(loaded, proposer, prompts: list[str], depth: int, settings: AutoTreeSettings, log) -> Calibration:
@@ -161,9 +172,18 @@ def profile_trees(calibration: Calibration, settings: AutoTreeSettings, depth: i
     return {n: candidates[n - 1].tree for n in sizes}
 
 
-def calibration_source(option: Optional[str]) -> tuple[Optional[Path], Path]:
-    """(calibration.json to use as is, or None; the prompts file) for `--calibration`."""
+def calibration_source(option: Optional[str], heads_path=None) -> tuple[Optional[Path], Path]:
+    """(calibration.json to use as is, or None to measure; the prompts file) for `--calibration`.
+
+    Default: the heads' own calibration.json when they ship one (`medusa-bench train` measures
+    it on held-out data: heads score far higher on the prompts they were trained on, so
+    measuring on those would promise trees that don't pay); else measure on the
+    self-distillation prompts.
+    """
     if option is None:
+        shipped = Path(heads_path) / "calibration.json" if heads_path is not None else None
+        if shipped is not None and shipped.is_file():
+            return shipped, cal.default_prompt_file()
         return None, cal.default_prompt_file()
     path = Path(option).expanduser()
     if not path.is_file():
@@ -184,6 +204,7 @@ def cache_info(loaded, heads_path, kind: str, settings: AutoTreeSettings, depth:
         "kind": kind, "model": loaded.spec, "model_source": str(loaded.source), "heads": heads_id(heads_path),
         "device": cal.device_name(loaded), "dtype": str(loaded.dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(), "code": code_version(proposer), "depth": depth,
+        "draft_vocab": getattr(getattr(proposer, "heads", None), "draft_vocab_size", None),  # restricted drafting
         "calibration": {"file": str(source), "sha256": _file_hash(source)}, "settings": measured,
     }
 
@@ -234,9 +255,11 @@ def _publish(folder: Path) -> None:
     import shutil
 
     partial = _partial(folder)
-    if folder.exists():
-        shutil.rmtree(folder)
-    partial.rename(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        partial.rename(folder)
+    except OSError:  # another process published the same tables first
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _file_hash(path: Path) -> str:

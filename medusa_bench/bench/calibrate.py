@@ -16,8 +16,9 @@ The proposer contract for calibration: a proposer may define
     true_ranks(hidden [S, H], tokens [S], positions [T], depth) -> LongTensor [T, depth]
 the rank of tokens[t + 1 + d] among its depth-d candidates at position t, given that the
 root and the drafts above it are the true tokens (teacher forcing: the path above was
-accepted), or -1 where t + 1 + d is past the sequence. Medusa heads need no such method:
-`medusa_true_ranks` serves any proposer with a `MedusaHeads` as `.heads`.
+accepted), or -1 where t + 1 + d is past the sequence; any rank >= top_k is a miss. Medusa
+heads need no such method: `medusa_true_ranks` serves any proposer with a `MedusaHeads` as
+`.heads`, ranking by the heads' own `draft_topk`, the very call that drafts.
 """
 
 from __future__ import annotations
@@ -134,8 +135,13 @@ def last_hidden(loaded, ids: list[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def medusa_true_ranks(heads, hidden: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, depth: int) -> torch.Tensor:
-    """Rank of each true future token among each Medusa head's candidates: [T, depth], -1 past the end."""
+def medusa_true_ranks(heads, hidden: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, depth: int,
+                      top_k: int) -> torch.Tensor:
+    """Where each true future token sits in each Medusa head's drafted top-k: [T, depth].
+
+    Ranked by `draft_topk` itself, the decoder's drafting call (so a restricted draft
+    vocabulary counts as it drafts); top_k where the token is not drafted, -1 past the end.
+    """
     size = tokens.shape[0]
     offsets = torch.arange(2, depth + 2, device=tokens.device)  # head d (1-based) predicts t + 1 + d
     target_pos = positions[:, None] + offsets[None]  # [T, depth]
@@ -144,13 +150,13 @@ def medusa_true_ranks(heads, hidden: torch.Tensor, tokens: torch.Tensor, positio
     ranks = []
     for start in range(0, positions.shape[0], RANK_CHUNK):
         rows = slice(start, start + RANK_CHUNK)
-        logits = heads.draft_logits(hidden[positions[rows]], num_heads=depth).float()  # [depth, t, V]
-        true = logits.gather(-1, targets[rows].T.unsqueeze(-1))  # [depth, t, 1]
-        ranks.append((logits > true).sum(-1).T)  # [t, depth]
+        drafted = heads.draft_topk(hidden[positions[rows]], top_k, num_heads=depth).transpose(0, 1)  # [t, depth, k]
+        hit = drafted == targets[rows].unsqueeze(-1)  # [t, depth, k]
+        ranks.append(torch.where(hit.any(-1), hit.int().argmax(-1), top_k))  # [t, depth]
     return torch.cat(ranks).masked_fill(~valid, -1)
 
 
-def true_ranks(proposer, hidden, tokens, positions, depth: int) -> torch.Tensor:
+def true_ranks(proposer, hidden, tokens, positions, depth: int, top_k: int) -> torch.Tensor:
     """The proposer's own `true_ranks`, else Medusa heads' (see the module docstring)."""
     method = getattr(proposer, "true_ranks", None)
     if method is not None:
@@ -159,12 +165,12 @@ def true_ranks(proposer, hidden, tokens, positions, depth: int) -> torch.Tensor:
 
     heads = getattr(proposer, "heads", None)
     if isinstance(heads, MedusaHeads):
-        return medusa_true_ranks(heads, hidden, tokens, positions, depth)
+        return medusa_true_ranks(heads, hidden, tokens, positions, depth, top_k)
     raise UserError(f"{type(proposer).__name__} cannot be calibrated: it needs a method "
                     "true_ranks(hidden, tokens, positions, depth); pass a fixed --tree instead of auto")
 
 
-def rank_table(loaded, proposer, sequences: list[tuple[list[int], int]], depth: int) -> torch.Tensor:
+def rank_table(loaded, proposer, sequences: list[tuple[list[int], int]], depth: int, top_k: int) -> torch.Tensor:
     """True-token ranks [N, depth] at every answer position of every sequence (-1: past the end)."""
     rows = []
     for ids, prompt_len in sequences:
@@ -173,7 +179,7 @@ def rank_table(loaded, proposer, sequences: list[tuple[list[int], int]], depth: 
         hidden = last_hidden(loaded, ids)  # [S, H]
         tokens = torch.tensor(ids, device=loaded.device)  # [S]
         positions = torch.arange(prompt_len - 1, len(ids) - 2, device=loaded.device)  # [T]: a depth-1 target exists
-        rows.append(true_ranks(proposer, hidden, tokens, positions, depth).cpu())
+        rows.append(true_ranks(proposer, hidden, tokens, positions, depth, top_k).cpu())
     if not rows:
         raise UserError("calibration produced no answer tokens to score; use other prompts or more --tokens")
     return torch.cat(rows)
@@ -228,7 +234,7 @@ def calibrate(loaded, proposer, prompts: Sequence[str], depth: int, top_k: int =
               meta: Optional[dict] = None) -> Calibration:
     """Greedy answers to `prompts`, then the proposer's acceptance table up to `depth` and `top_k`."""
     sequences = greedy_sequences(loaded, prompts, max_new_tokens)
-    ranks = rank_table(loaded, proposer, sequences, depth)
+    ranks = rank_table(loaded, proposer, sequences, depth, top_k)
     info = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "answer_tokens": sum(len(s) - p for s, p in sequences)}
     return statistics_of(ranks, top_k, {**info, **(meta or {})})
 
@@ -236,7 +242,7 @@ def calibrate(loaded, proposer, prompts: Sequence[str], depth: int, top_k: int =
 # ------------------------------------------------------------------------------ profile
 def context_ids(loaded, prompts: Sequence[str], length: int) -> list[int]:
     """A real-text context of exactly `length` tokens (prompts' chat ids, concatenated and cut)."""
-    length = max(2, min(length, loaded.context_length - 80))  # room for the largest tree
+    length = max(2, length)
     ids: list[int] = []
     for text in prompts:
         ids += build_prompt(loaded, [{"role": "user", "content": text}])

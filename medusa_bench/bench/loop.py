@@ -29,7 +29,7 @@ from medusa_bench.results import files
 # Settings that change the numbers: a run folder keeps them fixed for its whole life.
 SETTING_KEYS = ("model", "bench", "question_file", "max_new_tokens", "temperature", "top_p", "seed",
                 "device", "dtype", "tree", "acceptance", "posterior_threshold", "posterior_alpha",
-                "medusa_heads", "medusa2_model", "hydra_heads", "pld_max_ngram", "pld_tokens", "pld_branches")
+                "medusa_heads", "medusa2_model", "hydra_heads", "pld_max_ngram", "pld_tokens", "pld_branches", "draft_vocab")
 
 
 @dataclass
@@ -55,7 +55,7 @@ class RunConfig:
     @classmethod
     def from_cli(cls, *, decoders: str, question_ids, categories, temperature: str, tree, medusa_heads,
                  medusa2_model, hydra_heads, acceptance, posterior_threshold, posterior_alpha,
-                 pld_max_ngram=3, pld_tokens=10, pld_branches=1, **rest) -> "RunConfig":
+                 pld_max_ngram=3, pld_tokens=10, pld_branches=1, draft_vocab=-1, **rest) -> "RunConfig":
         """Parse the CLI's strings; every bad value is a one-line UserError."""
         names = [d.strip() for d in decoders.split(",") if d.strip()]
         if not names:
@@ -76,7 +76,8 @@ class RunConfig:
         options = DecoderOptions(tree=tree, medusa_heads=medusa_heads, medusa2_model=medusa2_model,
                                  hydra_heads=hydra_heads, acceptance=acceptance,
                                  posterior_threshold=posterior_threshold, posterior_alpha=posterior_alpha,
-                                 pld_max_ngram=pld_max_ngram, pld_tokens=pld_tokens, pld_branches=pld_branches)
+                                 pld_max_ngram=pld_max_ngram, pld_tokens=pld_tokens, pld_branches=pld_branches,
+                                 draft_vocab=draft_vocab)
         split = lambda text: [x.strip() for x in text.split(",") if x.strip()] if text else None  # noqa: E731
         return cls(decoders=names, question_ids=split(question_ids), categories=split(categories),
                    temperature=temperature, options=options, **rest)
@@ -102,6 +103,7 @@ def settings_of(config: RunConfig, question_file: Path, device, dtype) -> dict:
         "posterior_alpha": opts.posterior_alpha, "medusa_heads": opts.medusa_heads,
         "medusa2_model": opts.medusa2_model, "hydra_heads": opts.hydra_heads,
         "pld_max_ngram": opts.pld_max_ngram, "pld_tokens": opts.pld_tokens, "pld_branches": opts.pld_branches,
+        "draft_vocab": opts.draft_vocab,
     }
 
 

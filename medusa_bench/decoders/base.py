@@ -72,6 +72,7 @@ class DecoderOptions:
     pld_max_ngram: int = 3
     pld_tokens: int = 10
     pld_branches: int = 1
+    draft_vocab: int = -1  # heads draft among the N most frequent tokens; -1: the heads' own default, 0: all
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):

@@ -22,7 +22,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from medusa_bench.decoders.base import DecoderOptions, register
-from medusa_bench.decoders.medusa import acceptance_of, default_heads, resolve_tree
+from medusa_bench.decoders.medusa import acceptance_of, apply_draft_vocab, default_heads, resolve_tree
 from medusa_bench.decoders.spec import Draft, Proposer, SpeculativeDecoder
 from medusa_bench.errors import UserError
 from medusa_bench.trees.tree import Tree, TreeBuffers
@@ -75,8 +75,7 @@ def draft_tree(heads, plan: list[Level], state: Tensor, root: int, num_nodes: in
     tokens[0] = root
     x = heads.root_inputs(state[None], tokens[:1])  # [1, W]: the root's path
     for level in plan:
-        logits = heads.head_logits(level.head, x[level.expand])  # [m, V]
-        top = logits.topk(level.top_k, dim=-1).indices  # [m, k]
+        top = heads.draft_topk(level.head, x[level.expand], level.top_k)  # [m, k]
         children = top[level.parent_row, level.rank]  # [c]
         tokens[level.nodes] = children
         x = heads.extend(x[level.parent], children)  # [c, W + H]: each child's path
@@ -226,6 +225,7 @@ def build_hydra(loaded, options: DecoderOptions):
         raise UserError(f"the hydra decoder needs heads: pass --hydra-heads PATH (no default heads ship for {loaded.name}); "
                         "train some with `medusa-bench train hydra`")
     heads = load_hydra_heads(path, base_model=loaded.model)
+    apply_draft_vocab(heads, path, options.draft_vocab)
 
     def make_proposer(tree: Tree) -> HydraProposer:
         return HydraProposer(heads, tree, loaded.device, base_model=loaded.model)

@@ -74,6 +74,28 @@ def resolve_tree(options: DecoderOptions, num_heads: int, loaded=None, make_prop
     return auto.tree, auto
 
 
+DEFAULT_DRAFT_VOCAB = 16384
+
+
+def apply_draft_vocab(heads, folder, size: int) -> None:
+    """Restrict drafting to the heads' most frequent tokens (see MedusaHeads.restrict_draft_vocab).
+
+    size -1: the folder's draft_vocab.json, up to 16384 tokens, if it has one, else all tokens;
+    0: the whole vocabulary; N: the N most frequent tokens (needs draft_vocab.json).
+    """
+    from medusa_bench.heads.medusa import DRAFT_VOCAB_FILE, read_draft_vocab
+
+    if size == 0:
+        return
+    ids = read_draft_vocab(folder)
+    if ids is None:
+        if size > 0:
+            raise UserError(f"--draft-vocab {size} needs token frequencies in {DRAFT_VOCAB_FILE} beside the heads; "
+                            "heads trained by `medusa-bench train` have one; or pass --draft-vocab 0")
+        return
+    heads.restrict_draft_vocab(torch.tensor(ids[: DEFAULT_DRAFT_VOCAB if size < 0 else size]))
+
+
 @register("medusa")
 def build_medusa(loaded, options: DecoderOptions):
     from medusa_bench.heads.medusa import load_heads
@@ -83,6 +105,7 @@ def build_medusa(loaded, options: DecoderOptions):
         raise UserError(f"the medusa decoder needs heads: pass --medusa-heads PATH (no default heads ship for {loaded.name}); "
                         "train some with `medusa-bench train medusa`")
     heads = load_heads(path, base_model=loaded.model)
+    apply_draft_vocab(heads, path, options.draft_vocab)
     tree, auto = resolve_tree(options, heads.num_heads, loaded, lambda t: MedusaProposer(heads, t, loaded.device), path)
     proposer = MedusaProposer(heads, tree, loaded.device)
     decoder = SpeculativeDecoder("medusa", loaded, proposer, acceptance_of(options))
@@ -94,9 +117,15 @@ _MEDUSA2_MODELS: dict = {}
 
 
 def load_medusa2(loaded, options: DecoderOptions):
-    """The Medusa-2 backbone (loaded once per folder, same device and dtype) and its heads."""
-    from medusa_bench.heads.medusa import fit_to_base, load_medusa2_heads
-    from medusa_bench.models import load_model
+    """The Medusa-2 backbone (loaded once per folder, same device and dtype) and its heads.
+
+    Two layouts: a full Medusa-2 model folder, or a compact adapter folder (peft LoRA adapter +
+    v2 heads + config.json naming the base), whose LoRA is merged into a fresh copy of the base:
+    `loaded`'s own weights when the adapter names that model (or nothing), else the named base.
+    """
+    from medusa_bench.heads import io
+    from medusa_bench.heads.medusa import fit_to_base, load_heads, load_medusa2_heads
+    from medusa_bench.models import load_model, model_name
 
     path = options.medusa2_model or default_heads(loaded, "medusa2")
     if path is None:
@@ -104,9 +133,20 @@ def load_medusa2(loaded, options: DecoderOptions):
                         "train one with `medusa-bench train medusa2`")
     key = (str(path), str(loaded.device), str(loaded.dtype))
     if key not in _MEDUSA2_MODELS:
-        backbone = load_model(str(path), device=loaded.device.type, dtype=str(loaded.dtype).replace("torch.", ""))
+        dtype = str(loaded.dtype).replace("torch.", "")
+        if (Path(path) / "adapter_config.json").is_file():
+            from peft import PeftModel
+
+            base = io.read_json(Path(path) / "config.json").get("base_model_name_or_path") if (Path(path) / "config.json").is_file() else None
+            own = base is None or base in (loaded.spec, loaded.source) or model_name(str(base)) == loaded.name
+            backbone = load_model(loaded.source if own else str(base), device=loaded.device.type, dtype=dtype)
+            backbone.model = PeftModel.from_pretrained(backbone.model, str(path)).merge_and_unload().eval()
+            backbone.model.requires_grad_(False)
+            heads = fit_to_base(load_heads(path), backbone.model)
+        else:
+            backbone = load_model(str(path), device=loaded.device.type, dtype=dtype)
+            heads = fit_to_base(load_medusa2_heads(path), backbone.model)
         backbone.name = loaded.name
-        heads = fit_to_base(load_medusa2_heads(path), backbone.model)
         _MEDUSA2_MODELS[key] = (backbone, heads)
     return _MEDUSA2_MODELS[key]
 

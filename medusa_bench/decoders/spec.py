@@ -231,11 +231,10 @@ class SpeculativeDecoder:
             emitted, rows = [root], [next_logits]
             done = root in self.eos or len(out) + 1 >= max_new_tokens
             if not done:  # the forward is needed only if the turn goes on after the root
-                root_row = next_logits
                 emitted, draft_rows, next_logits, next_hidden, residual = self._step(
                     root, next_hidden, prompt_ids, out, cache, sampling, generator)
-                rows = [root_row] + draft_rows
-            emitted, rows, finish = self._cut(emitted, rows, max_new_tokens - len(out))
+                rows = rows + draft_rows() if token_logprobs is not None else rows
+            emitted, finish = self._cut(emitted, max_new_tokens - len(out))
             out.extend(emitted)
             accept_lengths.append(len(emitted))
             if token_logprobs is not None:
@@ -251,7 +250,8 @@ class SpeculativeDecoder:
         return Generation(out, len(accept_lengths), accept_lengths, wall, finish, token_logprobs)
 
     def _step(self, root, hidden, prompt_ids, out, cache, sampling, generator):
-        """One verify step. Returns emitted tokens (root first), the logit rows that chose the drafts, the next state."""
+        """One verify step. Returns emitted tokens (root first), a callable giving the logit rows
+        that chose the drafts (needed only for logprobs), and the next state."""
         draft = self.proposer.propose(root, hidden, prompt_ids + out) if self.proposer.draft_size else None
         prefix = cache_length(cache)
         if draft is None:  # a plain one-token step: the baseline's whole cost
@@ -259,7 +259,7 @@ class SpeculativeDecoder:
             positions = torch.tensor([[prefix]], device=self.device)
             logits, hidden = forward(self.model, tokens[None], cache, positions, None, self.proposer.needs_hidden)
             self.proposer.update(0)
-            return [root], [], logits[0], (hidden[0] if hidden is not None else None), None
+            return [root], lambda: [], logits[0], (hidden[0] if hidden is not None else None), None
 
         buffers = draft.buffers
         tokens = draft.tokens.to(self.device)  # [n]
@@ -280,24 +280,22 @@ class SpeculativeDecoder:
         self.proposer.update(len(path) - 1)
         emitted = tokens[keep].tolist()
         last = path[-1]
-        draft_rows = [logits[buffers.parents[node]] for node in path[1:]]  # what chose each draft
+        parents = buffers.parents.tolist()
+        draft_rows = lambda: [logits[parents[node]] for node in path[1:]]  # noqa: E731  (what chose each draft; only for logprobs)
         return emitted, draft_rows, logits[last], (hidden[last] if hidden is not None else None), residual
 
-    def _cut(self, emitted: list[int], rows: list, room: int) -> tuple[list[int], list, str]:
+    def _cut(self, emitted: list[int], room: int) -> tuple[list[int], str]:
         """Cut a step's tokens at EOS (inclusive) and at the token limit: never count past them."""
         for i, token in enumerate(emitted[:room]):
             if token in self.eos:
-                return emitted[: i + 1], rows[: i + 1], "stop"
-        return emitted[:room], rows[:room], "length"
+                return emitted[: i + 1], "stop"
+        return emitted[:room], "length"
 
 
 def _logprobs(rows: list, tokens: list[int], k: int) -> list:
     """(logprob, top-k alternatives) of each emitted token under the base model's raw distribution."""
     result = []
     for row, token in zip(rows, tokens):
-        if row is None:
-            result.append(None)
-            continue
         logp = torch.log_softmax(row.float(), dim=-1)
         top = torch.topk(logp, k) if k > 0 else None
         alternatives = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []

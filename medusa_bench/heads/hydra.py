@@ -75,8 +75,9 @@ class HydraHeads(nn.Module):
       share the base lm_head (``attach_base``)
     - ``prefix``: the Hydra++ prefix layer (a one-layer base model), None for ``mlp``
 
-    The token embeddings and a shared lm_head are references to the base model's tensors
-    (``attach_base``), never parameters of the heads, so saving writes head weights only.
+    The base model's token embeddings and lm_head (the logits of shared heads; the teacher in
+    training) are references (``attach_base``), never parameters of the heads, so saving
+    writes head weights only.
     """
 
     def __init__(self, num_heads: int, hidden_size: int, vocab_size: int | None = None, num_layers: int = 1,
@@ -104,7 +105,9 @@ class HydraHeads(nn.Module):
                 raise UserError("prefix-mlp Hydra heads need the base model's config to build their prefix layer")
             self.prefix = prefix_layer(base_config).to(**{k: v for k, v in like.items() if v is not None})
         self._embed: Tensor | None = None  # base input embeddings [V, H]; never registered
-        self._lm_head: Tensor | None = None  # base lm_head weight [V, H] when shared; never registered
+        self._lm_head: Tensor | None = None  # base lm_head weight [V, H]; never registered
+        self._draft_vocab: Tensor | None = None  # [V'] token ids drafting is restricted to (None: all)
+        self._draft_proj: list | None = None  # per head (weight [V', H], bias [V'] or None)
         self.base_model_name_or_path: str | None = None
         self.source: str | None = None
 
@@ -113,12 +116,21 @@ class HydraHeads(nn.Module):
                   shared_lm_head: bool = True) -> HydraHeads:
         """Fresh grounded heads fitted to a transformers CausalLM, ready to train.
 
-        Own projections start as copies of the base lm_head (Hydra's init), with zero bias.
+        Each head's skip path starts as [I, 0, …]: it passes the base state through and ignores
+        the token embeddings, so a head starts where a Medusa head does (the reference starts it
+        random, which needs far more data than a CPU budget gives). Own projections start as
+        copies of the base lm_head (Hydra's init), with zero bias.
         """
         weight = _output_weight(model)  # [V, H]
         vocab = None if shared_lm_head else weight.shape[0]
-        heads = cls(num_heads, weight.shape[1], vocab, num_layers, arch, True, _text_config(model),
-                    dtype=weight.dtype, device=weight.device)
+        H = weight.shape[1]
+        heads = cls(num_heads, H, vocab, num_layers, arch, True, _text_config(model), dtype=weight.dtype, device=weight.device)
+        with torch.no_grad():
+            for head in heads.hydra_mlp:
+                skip = head[0].res_connection  # Linear(H * (k + 2), H)
+                skip.weight.zero_()
+                skip.weight[:, :H].copy_(torch.eye(H))
+                skip.bias.zero_()
         if heads.hydra_lm_head is not None:
             with torch.no_grad():
                 for linear in heads.hydra_lm_head:
@@ -134,8 +146,7 @@ class HydraHeads(nn.Module):
         if embed.shape[1] != self.hidden_size:
             raise UserError(f"the base embeddings have shape {tuple(embed.shape)} but the heads need [vocab, {self.hidden_size}]")
         self.__dict__["_embed"] = embed  # bypass nn.Module.__setattr__: must not become a parameter
-        if self.shares_lm_head:
-            self.__dict__["_lm_head"] = _output_weight(model)
+        self.__dict__["_lm_head"] = _output_weight(model)  # the logits of shared heads; the teacher in training
 
     # ------------------------------------------------------------------ shapes
 
@@ -167,11 +178,17 @@ class HydraHeads(nn.Module):
 
     # ------------------------------------------------------------------ compute
 
+    @property
+    def base_lm_head(self) -> Tensor:
+        """The base model's lm_head weight [V, H] (attached, not a parameter)."""
+        if self._lm_head is None:
+            raise RuntimeError("Hydra heads need the base model: load them with base_model=... or call attach_base(model)")
+        return self._lm_head
+
     def embed(self, ids: Tensor) -> Tensor:
         """ids [...] -> base input embeddings [..., H]."""
         if self._embed is None:
-            raise RuntimeError("Hydra heads need the base model's embeddings: load them with base_model=... "
-                               "or call attach_base(model)")
+            raise RuntimeError("Hydra heads need the base model: load them with base_model=... or call attach_base(model)")
         return F.embedding(ids, self._embed)
 
     def head_logits(self, k: int, x: Tensor) -> Tensor:
@@ -179,9 +196,38 @@ class HydraHeads(nn.Module):
         y = self.hydra_mlp[k](x)  # [N, H]
         if self.hydra_lm_head is not None:
             return self.hydra_lm_head[k](y)
-        if self._lm_head is None:
-            raise RuntimeError("these Hydra heads share the base lm_head: call attach_base(model) first")
-        return F.linear(y, self._lm_head)
+        return F.linear(y, self.base_lm_head)
+
+    @torch.no_grad()
+    def draft_topk(self, k: int, x: Tensor, top_k: int) -> Tensor:
+        """The drafting hot path: head k on its inputs x [N, W] -> the top_k token ids [N, top_k], best first."""
+        if self._draft_vocab is None:
+            return self.head_logits(k, x).topk(top_k, dim=-1).indices
+        weight, bias = self._draft_proj[k]  # [V', H], [V'] or None
+        logits = F.linear(self.hydra_mlp[k](x), weight, bias)  # [N, V']
+        return self._draft_vocab[logits.topk(top_k, dim=-1).indices]
+
+    def restrict_draft_vocab(self, token_ids: Tensor | None) -> None:
+        """Draft only among `token_ids` [V'] (say, the training data's most frequent tokens, as FR-Spec does).
+
+        Each depth of a Hydra tree reads the vocab projection once; a smaller one makes drafting
+        cheaper. Verification is unchanged, so decoding stays lossless. None: the whole vocabulary.
+        Call it after the heads are on their final device and dtype.
+        """
+        if token_ids is None:
+            self._draft_vocab = self._draft_proj = None
+            return
+        ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.base_lm_head.device)  # [V']
+        vocab = self.vocab_size
+        if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise UserError(f"draft vocabulary ids must lie in [0, {vocab}); got {ids.numel()} ids")
+        if self.hydra_lm_head is None:
+            shared = (self.base_lm_head.detach().index_select(0, ids).contiguous(), None)
+            self._draft_proj = [shared] * self.num_heads
+        else:
+            self._draft_proj = [(lin.weight.detach().index_select(0, ids).contiguous(), lin.bias.detach()[ids])
+                                for lin in self.hydra_lm_head]
+        self._draft_vocab = ids
 
     def extend(self, x: Tensor, ids: Tensor) -> Tensor:
         """Path inputs one level deeper: x [N, W] + tokens [N] -> [N, W + H] (unchanged if ungrounded)."""

@@ -12,11 +12,10 @@ trained on the questions they are measured on would inflate every number.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Optional
@@ -28,6 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from medusa_bench.bench.prompts import build_prompt, conversation
 from medusa_bench.errors import UserError
 from medusa_bench.results import files
+from medusa_bench.train.data import messages_of, read_records
 
 # Generic second turns for two-turn data (--follow-up): they fit any first answer.
 FOLLOW_UPS = (
@@ -38,8 +38,6 @@ FOLLOW_UPS = (
     "What are the main limitations of your answer?",
     "Please make your answer more concise.",
 )
-USER_ROLES = ("human", "user")
-ASSISTANT_ROLES = ("gpt", "assistant", "chatgpt", "bard", "model")
 BENCH_DIRS = ("mt_bench", "spec_bench")
 
 
@@ -60,7 +58,6 @@ class DistillResult:
     new_tokens: int = 0
     seconds: float = 0.0
     truncated: int = 0  # answers cut at max_new_tokens
-    extra: dict = field(default_factory=dict)
 
     @property
     def tokens_per_second(self) -> float:
@@ -81,7 +78,7 @@ def read_prompts(paths: list[Path], limit: Optional[int] = None, follow_up: bool
     for path in paths:
         path = Path(path).expanduser()
         refuse_benchmark_path(path)
-        found = [p for p in _prompts_in(path) if p.turns]
+        found = [p for p in prompts_in(path) if p.turns]
         if not found:
             raise UserError(f"{path} holds no prompts: expected self_instruct (instruction), GSM8K (question) "
                             "or ShareGPT (conversations) records")
@@ -122,7 +119,7 @@ def benchmark_turns() -> set[str]:
     turns: set[str] = set()
     for path in candidates:
         if path.is_file():
-            for record in _records(path):
+            for record in read_records(path):
                 turns.update(_normal(t) for t in record.get("turns", []) if isinstance(t, str))
     return turns
 
@@ -131,28 +128,9 @@ def _normal(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().casefold()
 
 
-def _records(path: Path) -> list[dict]:
-    """Records of a .jsonl file or a .json list (ShareGPT dumps are often one JSON array)."""
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{path} is not valid JSON (line {error.lineno})") from None
-        return [r for r in data if isinstance(r, dict)]
-    records = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise UserError(f"{path} line {number} is not valid JSON: fix or delete that line") from None
-    return records
-
-
-def _prompts_in(path: Path) -> list[Prompt]:
+def prompts_in(path: Path) -> list[Prompt]:
     prompts = []
-    for number, record in enumerate(_records(path)):
+    for number, record in enumerate(read_records(path)):
         if "question_id" in record and "turns" in record:
             raise UserError(f"{path} holds benchmark questions (question_id + turns): never train heads on them")
         rid = str(record.get("id", number))
@@ -168,14 +146,7 @@ def record_turns(record: dict) -> list[str]:
         return [f"{record['instruction'].strip()}\n\n{extra}" if extra else record["instruction"].strip()]
     if "question" in record:  # GSM8K
         return [str(record["question"]).strip()]
-    messages = record.get("conversations") or record.get("messages") or []
-    turns = []
-    for message in messages:
-        role = str(message.get("from", message.get("role", ""))).lower()
-        text = message.get("value", message.get("content"))
-        if role in USER_ROLES and isinstance(text, str) and text.strip():
-            turns.append(text.strip())
-    return turns
+    return [m["content"].strip() for m in messages_of(record) if m["role"] == "user" and m["content"].strip()]
 
 
 # ------------------------------------------------------------------------------ generating
@@ -219,10 +190,9 @@ def distill(
         task = progress.add_task("distilling", total=len(items))
         for begin in range(0, len(items), batch_size):
             batch = items[begin: begin + batch_size]
-            for record in answer_batch(loaded, [p for p, _ in batch], max_new_tokens, temperature, top_p):
-                prompt, k = batch[record.pop("_row")]
-                record["id"] = sample_id(prompt, k, samples_per_prompt)
-                files.append_jsonl(out, record)
+            for row, record in enumerate(answer_batch(loaded, [p for p, _ in batch], max_new_tokens, temperature, top_p)):
+                prompt, k = batch[row]
+                files.append_jsonl(out, {"id": sample_id(prompt, k, samples_per_prompt), **record})
                 result.written += 1
                 result.new_tokens += sum(record["new_tokens"])
                 result.truncated += record["finish"].count("length")
@@ -246,7 +216,7 @@ def resume_ids(out: Path, model_name: str) -> set[str]:
 
 
 def answer_batch(loaded, prompts: list[Prompt], max_new_tokens: int, temperature: float, top_p: float) -> list[dict]:
-    """Answer every turn of a batch of prompts; one ShareGPT record per prompt (`_row` = its index)."""
+    """Answer every turn of a batch of prompts; one ShareGPT record per prompt, in order."""
     answers: list[list[str]] = [[] for _ in prompts]
     finish: list[list[str]] = [[] for _ in prompts]
     new_tokens: list[list[int]] = [[] for _ in prompts]
@@ -261,9 +231,9 @@ def answer_batch(loaded, prompts: list[Prompt], max_new_tokens: int, temperature
             new_tokens[i].append(len(tokens))
     records = []
     for row, prompt in enumerate(prompts):
-        turns = [prompt.turns[t] for t in range(len(answers[row]))]
-        messages = [m for q, a in zip(turns, answers[row]) for m in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
-        records.append({"_row": row, "source": prompt.source, "model": loaded.name, "conversations": messages,
+        pairs = zip(prompt.turns, answers[row])
+        messages = [m for q, a in pairs for m in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
+        records.append({"source": prompt.source, "model": loaded.name, "conversations": messages,
                         "finish": finish[row], "new_tokens": new_tokens[row]})
     return records
 

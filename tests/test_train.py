@@ -1,0 +1,204 @@
+"""Head training: self-distillation (resume, benchmark refusal), Medusa-1 and Medusa-2 training
+(loss goes down, checkpoints load and decode losslessly), shipped default heads, bad inputs."""
+
+import json
+
+import pytest
+import torch
+
+from medusa_bench.bench.prompts import build_prompt
+from medusa_bench.decoders.base import DecoderOptions, build_decoder
+from medusa_bench.decoders.medusa import default_heads
+from medusa_bench.errors import UserError
+from medusa_bench.heads.medusa import load_heads
+from medusa_bench.results import files
+from medusa_bench.train.data import head_targets, last_hidden, load_sequences, tokenize
+from medusa_bench.train.distill import distill
+from medusa_bench.train.fit import FitConfig, check_out_folder, head_logits, train_medusa
+from medusa_bench.train.medusa2 import Medusa2Config, train_medusa2
+from medusa_bench.trees.search import load_calibration
+
+# Shipped heads must reach this held-out top-1 for head 0 on answers to prompts they never saw
+# (measured when they were trained: see calibration.json; a broken or mismatched load gives ~0).
+DEFAULT_HEAD0_TOP1_FLOOR = 0.15
+UNSEEN_PROMPTS = ["Describe how a bicycle gear works.", "List five tips for keeping houseplants alive.",
+                  "Explain what a prime number is, with examples."]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def counting_conversations(n=24):
+    """Short, learnable answers: the heads can lower their loss in a few steps."""
+    records = []
+    for i in range(n):
+        start = 3 * i
+        answer = f"Here are the numbers from {start} to {start + 12}: " + ", ".join(str(x) for x in range(start, start + 13)) + "."
+        records.append({"id": str(i), "conversations": [{"from": "human", "value": f"Count from {start}."}, {"from": "gpt", "value": answer}]})
+    return records
+
+
+def greedy(loaded, decoder, prompt, n=24):
+    ids = build_prompt(loaded, [{"role": "user", "content": prompt}])
+    return decoder.generate(ids, n).token_ids
+
+
+@pytest.fixture(scope="module")
+def counting_data(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "count.jsonl", counting_conversations())
+
+
+@pytest.fixture(scope="module")
+def trained(smollm, counting_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("heads") / "count-medusa"
+    config = FitConfig(num_heads=3, epochs=3, batch_size=64, lr=3e-3, heldout=0.2, patience=5,
+                       hidden_cache=str(tmp_path_factory.mktemp("hidden")))
+    return train_medusa(smollm, counting_data, out, config)
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def test_tokenize_masks_assistant_tokens_and_end_of_turn(smollm):
+    messages = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi there!"},
+                {"role": "user", "content": "Again."}, {"role": "assistant", "content": "Hello again."}]
+    seq = tokenize(smollm, messages)
+    masked = smollm.tokenizer.decode(seq.ids[seq.mask])
+    assert masked == "Hi there!<|im_end|>Hello again.<|im_end|>"
+    targets = head_targets(seq, 2)  # head k at t predicts t + k + 2, assistant tokens only
+    t = int(seq.mask.nonzero()[0]) - 2
+    assert targets[t, 0] == seq.ids[t + 2] and targets[t - 1, 0] == -100
+
+
+def test_long_sequences_are_truncated_with_a_warning(smollm, counting_data):
+    with pytest.warns(UserWarning, match="longer than 45 tokens; truncated"):
+        sequences = load_sequences(smollm, counting_data, max_length=45)
+    assert sequences and all(len(s) <= 45 for s in sequences)
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def test_data_without_assistant_turns_is_a_clear_error(smollm, tmp_path):
+    path = write_jsonl(tmp_path / "q.jsonl", [{"conversations": [{"from": "human", "value": "Hello?"}]}])
+    with pytest.raises(UserError, match="no assistant turns"):
+        load_sequences(smollm, path)
+
+
+def test_zero_heads_is_a_clear_error(smollm, counting_data, tmp_path):
+    with pytest.raises(UserError, match="--heads must be >= 1"):
+        train_medusa(smollm, counting_data, tmp_path / "out", FitConfig(num_heads=0))
+
+
+def test_output_folder_of_another_model_is_refused(smollm, tmp_path):
+    other = tmp_path / "vicuna-heads"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"base_model_name_or_path": "lmsys/vicuna-7b-v1.3", "hidden_size": 4096,
+                                                   "medusa_num_heads": 5, "medusa_num_layers": 1}))
+    with pytest.raises(UserError, match="already holds heads for lmsys/vicuna-7b-v1.3"):
+        check_out_folder(other, smollm)
+
+
+# ------------------------------------------------------------------------------ distill
+
+
+def test_distill_appends_and_resumes_after_a_kill(smollm, tmp_path):
+    prompts = write_jsonl(tmp_path / "tasks.jsonl", [
+        {"id": "a", "instruction": "Name a colour.", "instances": [{"input": ""}]},
+        {"id": "b", "instruction": "Translate to French.", "instances": [{"input": "Good morning"}]},
+        {"question": "Tom has 3 apples and buys 2 more. How many apples does he have?"},
+    ])
+    out = tmp_path / "distilled.jsonl"
+    first = distill(smollm, [prompts], out, max_new_tokens=6, batch_size=2, limit=2)
+    assert first.written == 2
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text(lines[0] + lines[1][:25])  # killed while writing the second record
+    second = distill(smollm, [prompts], out, max_new_tokens=6, batch_size=2)
+    records = files.read_jsonl(out)
+    assert second.skipped == 1 and second.written == 2
+    assert {r["id"] for r in records} == {"tasks:a", "tasks:b", "tasks:2"}
+    assert records[0] == json.loads(lines[0])
+    by_id = {r["id"]: r for r in records}
+    assert by_id["tasks:b"]["conversations"][0]["value"] == "Translate to French.\n\nGood morning"
+    assert [m["from"] for m in by_id["tasks:2"]["conversations"]] == ["human", "gpt"]
+    assert distill(smollm, [prompts], out, max_new_tokens=6).written == 0
+
+
+def test_distill_refuses_benchmark_questions(smollm, tmp_path):
+    bench = tmp_path / "mt_bench"
+    bench.mkdir()
+    with pytest.raises(UserError, match="benchmark question file"):
+        distill(smollm, [write_jsonl(bench / "question.jsonl", [{"question_id": 1, "turns": ["x"]}])], tmp_path / "o.jsonl")
+    quick = [json.loads(line) for line in open(default_quick_file())][0]["turns"][0]
+    sharegpt = write_jsonl(tmp_path / "mine.jsonl", [{"conversations": [{"from": "human", "value": quick}]}])
+    with pytest.raises(UserError, match="benchmark questions"):
+        distill(smollm, [sharegpt], tmp_path / "o.jsonl")
+
+
+def default_quick_file():
+    from importlib import resources
+
+    return str(resources.files("medusa_bench") / "data" / "quick_question.jsonl")
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def test_medusa1_training_lowers_the_loss_and_writes_a_lossless_checkpoint(smollm, trained):
+    curve = trained.curve
+    assert curve[-1]["train_loss"] < curve[0]["train_loss"]
+    folder = trained.out
+    for name in ("config.json", "medusa_lm_head.safetensors", "calibration.json", "curve.csv", "training.json", "draft_vocab.json"):
+        assert (folder / name).is_file(), name
+    calibration = load_calibration(folder / "calibration.json")
+    assert calibration.kind == "independent" and len(calibration.accuracy) == 3
+    assert calibration.accuracy[0][0] == pytest.approx(trained.best["top1_head0"], abs=1e-3)
+    heads = load_heads(folder, base_model=smollm.model)
+    assert heads.num_heads == 3 and heads.shares_lm_head
+    baseline = build_decoder("baseline", smollm)
+    medusa = build_decoder("medusa", smollm, DecoderOptions(tree="[[0],[1],[0,0],[0,0,0]]", medusa_heads=str(folder)))
+    for prompt in ("Count from 30.", "Write one sentence about rain."):
+        assert greedy(smollm, medusa, prompt) == greedy(smollm, baseline, prompt)
+
+
+def test_medusa2_adapter_trains_loads_and_decodes_losslessly(smollm, trained, counting_data, tmp_path):
+    out = tmp_path / "count-medusa2"
+    config = Medusa2Config(num_heads=3, init_heads=str(trained.out), epochs=1, batch_size=4, lr=1e-3, lora_layers=1,
+                           heldout=0.2, max_length=40, hidden_cache=str(tmp_path / "hidden"))
+    result = train_medusa2(smollm, counting_data, out, config)
+    assert {"adapter_config.json", "adapter_model.safetensors", "medusa_lm_head.safetensors", "calibration.json"} <= {p.name for p in out.iterdir()}
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2-135m"
+    assert result.best["heldout_kl"] >= 0
+    options = DecoderOptions(tree="chain-2", medusa2_model=str(out))
+    medusa2, reference = build_decoder("medusa2", smollm, options), build_decoder("medusa2-baseline", smollm, options)
+    assert medusa2.loaded.model is not smollm.model  # the LoRA is merged into a copy; the base is untouched
+    assert not any(p.requires_grad for p in smollm.model.parameters())
+    assert greedy(smollm, medusa2, "Count from 40.") == greedy(smollm, reference, "Count from 40.")
+
+
+# ------------------------------------------------------------------------------ shipped defaults
+
+
+def test_shipped_default_heads_load_and_predict_unseen_answers(smollm):
+    folder = default_heads(smollm, "medusa")
+    assert folder is not None, "medusa_bench/data/heads/smollm2-135m-medusa is missing"
+    heads = load_heads(folder, base_model=smollm.model)
+    baseline = build_decoder("baseline", smollm)
+    hits = total = 0
+    for prompt in UNSEEN_PROMPTS:
+        prompt_ids = build_prompt(smollm, [{"role": "user", "content": prompt}])
+        ids = torch.tensor(prompt_ids + greedy(smollm, baseline, prompt, 48))
+        hidden = last_hidden(smollm.model, ids)  # [T, H]
+        top1 = head_logits(heads, hidden[len(prompt_ids) - 1: -2]).argmax(-1)[0]  # head 0 at t predicts t + 2
+        hits += int((top1 == ids[len(prompt_ids) + 1:]).sum())
+        total += top1.numel()
+    assert hits / total > DEFAULT_HEAD0_TOP1_FLOOR
+
+
+def test_shipped_medusa2_adapter_is_lossless_against_its_backbone(smollm):
+    assert default_heads(smollm, "medusa2") is not None, "medusa_bench/data/heads/smollm2-135m-medusa2 is missing"
+    medusa2, reference = build_decoder("medusa2", smollm, DecoderOptions(tree="chain-2")), build_decoder("medusa2-baseline", smollm)
+    prompt = UNSEEN_PROMPTS[0]
+    assert greedy(smollm, medusa2, prompt) == greedy(smollm, reference, prompt)
