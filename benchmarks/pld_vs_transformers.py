@@ -162,6 +162,7 @@ def main() -> None:
             print(f"{category:>13} q{question.question_id:<4} {line}", flush=True)
 
     report(args, loaded, chosen, tallies, mismatches)
+    learned(decoders["pld"].proposer)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"args": vars(args), "records": records}, handle, indent=1)
@@ -192,6 +193,16 @@ def report(args, loaded, chosen, tallies, mismatches) -> None:
         bad = mismatches.get(name, [])
         detail = f"; differ at (question, token): {bad[:8]}" if bad else ""
         print(f"identical tokens to baseline, {name}: {total - len(bad)}/{total}{detail}")
+
+
+def learned(proposer) -> None:
+    """What pld's draft policy measured on this machine: step costs and acceptance by match strength."""
+    costs = proposer.costs
+    sizes = sorted(k for k, chain in costs.seconds if chain and k > 1)
+    measured = ", ".join(f"{k}: {costs.relative(k):.2f}x (n={costs.seconds[(k, True)][1]})" for k in sizes)
+    print(f"\npld measured step cost vs a 1-token step: {measured or 'none'}")
+    rates = ", ".join(f"{strength}: {proposer.stats.p((False, strength)):.2f}" for strength in range(1, 13))
+    print(f"pld acceptance estimate by match strength (tokens matched): {rates}")
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@ from medusa_bench.train.fit import FitConfig, check_out_folder, head_logits, tra
 from medusa_bench.train.medusa2 import Medusa2Config, train_medusa2
 from medusa_bench.trees.search import load_calibration
 
-# Shipped heads must reach this held-out top-1 for head 0 on answers to prompts they never saw
-# (measured when they were trained: see calibration.json; a broken or mismatched load gives ~0).
-DEFAULT_HEAD0_TOP1_FLOOR = 0.15
+# Head 0 of the shipped heads must reach this top-1 on the base model's answers to prompts they
+# never saw. Measured: 0.156 on UNSEEN_PROMPTS (0.18 on the training run's held-out split, see
+# calibration.json); untrained heads score 0.0, and a broken or mismatched load about that.
+DEFAULT_HEAD0_TOP1_FLOOR = 0.10
 UNSEEN_PROMPTS = ["Describe how a bicycle gear works.", "List five tips for keeping houseplants alive.",
                   "Explain what a prime number is, with examples."]
 
@@ -191,7 +192,8 @@ def test_shipped_default_heads_load_and_predict_unseen_answers(smollm):
         prompt_ids = build_prompt(smollm, [{"role": "user", "content": prompt}])
         ids = torch.tensor(prompt_ids + greedy(smollm, baseline, prompt, 48))
         hidden = last_hidden(smollm.model, ids)  # [T, H]
-        top1 = head_logits(heads, hidden[len(prompt_ids) - 1: -2]).argmax(-1)[0]  # head 0 at t predicts t + 2
+        with torch.no_grad():
+            top1 = head_logits(heads, hidden[len(prompt_ids) - 1: -2]).argmax(-1)[0]  # head 0 at t predicts t + 2
         hits += int((top1 == ids[len(prompt_ids) + 1:]).sum())
         total += top1.numel()
     assert hits / total > DEFAULT_HEAD0_TOP1_FLOOR

@@ -11,7 +11,9 @@ so drafting blindly is slower than plain decoding. Each step therefore drafts on
 that pay for themselves: a node's chance of acceptance comes from the acceptance measured on
 earlier drafts of similar strength (how long the match is), the cost of a step of k tokens from
 the measured time between steps, and the draft is the set of nodes that maximises expected
-tokens per second, possibly none (a plain one-token step, the baseline's cost).
+tokens per second, possibly none (a plain one-token step, the baseline's cost). What it learns
+(acceptance, step times) is kept across generations. `DecoderOptions(extra={"pld_adaptive": False})`
+drafts every candidate instead, as transformers' prompt lookup does.
 """
 
 from __future__ import annotations

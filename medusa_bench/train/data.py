@@ -214,7 +214,7 @@ def head_targets(seq: Sequence, num_heads: int) -> torch.Tensor:
     return targets
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the result feeds autograd (head training) later
 def last_hidden(model, ids: torch.Tensor) -> torch.Tensor:
     """ids [T] → the base model's last hidden state [T, H] (post-norm: lm_head(h) are the logits)."""
     inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
