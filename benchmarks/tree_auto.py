@@ -111,6 +111,8 @@ def main() -> None:
         print(f"{label:<14}{row['nodes']:>6}{row['tok_s']:>9.2f}{row['tok_s'] / base['tok_s']:>8.3f}{row['tau']:>7.3f}"
               f"{row['pred_tau']:>8.3f}{row['pred_speedup']:>8.3f}")
 
+    errors = {label: abs(row["pred_tau"] - row["tau"]) / row["tau"] for label, row in rows.items()}
+    print("τ prediction error |pred τ − τ| / τ: " + ", ".join(f"{label} {e:.1%}" for label, e in errors.items()))
     a = rows["auto"]
     best_label = max((label for label in rows if label != "auto"), key=lambda label: rows[label]["tok_s"])
     checks = [

@@ -52,10 +52,14 @@ def counting_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(smollm, counting_data, tmp_path_factory):
+def hidden_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("hidden"))
+
+
+@pytest.fixture(scope="module")
+def trained(smollm, counting_data, hidden_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("heads") / "count-medusa"
-    config = FitConfig(num_heads=3, epochs=3, batch_size=64, lr=3e-3, heldout=0.2, patience=5,
-                       hidden_cache=str(tmp_path_factory.mktemp("hidden")))
+    config = FitConfig(num_heads=3, epochs=3, batch_size=64, lr=3e-3, heldout=0.2, patience=5, hidden_cache=hidden_dir)
     return train_medusa(smollm, counting_data, out, config)
 
 
@@ -164,9 +168,14 @@ def test_medusa1_training_lowers_the_loss_and_writes_a_lossless_checkpoint(smoll
         assert greedy(smollm, medusa, prompt) == greedy(smollm, baseline, prompt)
 
 
-def test_medusa2_adapter_trains_loads_and_decodes_losslessly(smollm, trained, counting_data, tmp_path):
+def test_medusa2_init_heads_must_match(smollm, trained, counting_data, hidden_dir, tmp_path):
+    with pytest.raises(UserError, match="has 3 heads"):
+        train_medusa2(smollm, counting_data, tmp_path / "m2", Medusa2Config(num_heads=4, init_heads=str(trained.out), hidden_cache=hidden_dir))
+
+
+def test_medusa2_adapter_trains_loads_and_decodes_losslessly(smollm, counting_data, tmp_path):
     out = tmp_path / "count-medusa2"
-    config = Medusa2Config(num_heads=3, init_heads=str(trained.out), epochs=1, batch_size=4, lr=1e-3, lora_layers=1,
+    config = Medusa2Config(num_heads=3, warmup_epochs=1, epochs=1, batch_size=4, lr=1e-3, lora_layers=1,
                            heldout=0.2, max_length=40, hidden_cache=str(tmp_path / "hidden"))
     result = train_medusa2(smollm, counting_data, out, config)
     assert {"adapter_config.json", "adapter_model.safetensors", "medusa_lm_head.safetensors", "calibration.json"} <= {p.name for p in out.iterdir()}

@@ -168,4 +168,6 @@ def build_medusa2(loaded, options: DecoderOptions):
 def build_medusa2_baseline(loaded, options: DecoderOptions):
     """Plain decoding on the Medusa-2 backbone: the lossless reference and speed baseline of medusa2."""
     backbone, _ = load_medusa2(loaded, options)
-    return SpeculativeDecoder("medusa2-baseline", backbone, Proposer())
+    decoder = SpeculativeDecoder("medusa2-baseline", backbone, Proposer())
+    decoder.baseline_name = "medusa2-baseline"  # a reference itself: another model than `baseline`
+    return decoder

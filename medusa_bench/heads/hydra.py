@@ -302,22 +302,26 @@ class HydraHeads(nn.Module):
 
     def hydra_state_dict(self) -> dict[str, Tensor]:
         """Weights under the reference's keys (see the module docstring); no base tensors."""
-        step, offset = (2, 1) if self.arch == "prefix-mlp" else (1, 0)
-        out: dict[str, Tensor] = {}
+        local = self.state_dict()
+        return {published: local[own] for published, own in self.published_keys().items()}
+
+    def published_keys(self) -> dict[str, str]:
+        """The reference's key -> this module's state_dict key (ResBlock j sits at 2j + 1 in prefix-mlp heads)."""
+        step, offset, middle = (2, 1, ".1") if self.arch == "prefix-mlp" else (1, 0, "")
+        keys = {}
         for k, head in enumerate(self.hydra_mlp):
             for j, block in enumerate(head):
-                for name, value in block.state_dict().items():
-                    out[f"hydra_mlp.{k}.{step * j + offset}.{name}"] = value
+                for name in block.state_dict():
+                    keys[f"hydra_mlp.{k}.{step * j + offset}.{name}"] = f"hydra_mlp.{k}.{j}.{name}"
         if self.hydra_lm_head is not None:
-            middle = ".1" if self.arch == "prefix-mlp" else ""
-            for k, linear in enumerate(self.hydra_lm_head):
-                out[f"hydra_lm_head.{k}{middle}.weight"] = linear.weight
-                out[f"hydra_lm_head.{k}{middle}.bias"] = linear.bias
+            for k in range(self.num_heads):
+                for name in ("weight", "bias"):
+                    keys[f"hydra_lm_head.{k}{middle}.{name}"] = f"hydra_lm_head.{k}.{name}"
         if self.prefix is not None:
-            for name, value in self.prefix.state_dict().items():
+            for name in self.prefix.state_dict():
                 if not name.startswith("embed_tokens."):  # unused: the prefix layer reads hidden states
-                    out[PREFIX_KEY + name] = value
-        return out
+                    keys[PREFIX_KEY + name] = f"prefix.{name}"
+        return keys
 
 
 def prefix_layer(base_config) -> nn.Module:
@@ -398,21 +402,10 @@ def from_hydra_state_dict(tensors: dict[str, Tensor], arch: str = "mlp", grounde
 
 def _assign(heads: HydraHeads, tensors: dict[str, Tensor]) -> None:
     """Load published-key tensors into the (meta) modules, replacing their parameters."""
-    step, offset = (2, 1) if heads.arch == "prefix-mlp" else (1, 0)
-    local = {}
-    for k, head in enumerate(heads.hydra_mlp):
-        for j, block in enumerate(head):
-            for name in block.state_dict():
-                local[f"hydra_mlp.{k}.{j}.{name}"] = tensors[f"hydra_mlp.{k}.{step * j + offset}.{name}"]
-    if heads.hydra_lm_head is not None:
-        middle = ".1" if heads.arch == "prefix-mlp" else ""
-        for k in range(heads.num_heads):
-            for name in ("weight", "bias"):
-                local[f"hydra_lm_head.{k}.{name}"] = tensors[f"hydra_lm_head.{k}{middle}.{name}"]
-    if heads.prefix is not None:
-        for name, value in heads.prefix.state_dict().items():
-            key = PREFIX_KEY + name
-            local[f"prefix.{name}"] = tensors[key] if key in tensors else torch.zeros(value.shape, dtype=value.dtype)
+    local = {own: tensors[published] for published, own in heads.published_keys().items()}
+    if heads.prefix is not None:  # the embedding stub is never saved
+        stub = heads.prefix.embed_tokens.weight
+        local["prefix.embed_tokens.weight"] = torch.zeros(stub.shape, dtype=stub.dtype)
     heads.load_state_dict(local, strict=True, assign=True)
     if heads.prefix is not None:  # buffers that are not saved (rotary inv_freq) must be real tensors again
         rebuilt = prefix_layer(heads.prefix.config)

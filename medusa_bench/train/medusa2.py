@@ -20,7 +20,7 @@ import copy
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -101,7 +101,8 @@ def initial_heads(loaded, config: Medusa2Config, train: list, held: list, consol
         console.print(f"warming up the heads: {config.warmup_epochs} Medusa-1 epochs on the frozen base")
         train_pos = positions_of(*zip(*train), config.num_heads)
         held_pos = positions_of(*zip(*(held or train)), config.num_heads)
-        warm = FitConfig(**{**asdict(config), "epochs": config.warmup_epochs, "lr": config.heads_lr * 2, "batch_size": 256})
+        shared = {f.name: getattr(config, f.name) for f in fields(FitConfig)}
+        warm = FitConfig(**{**shared, "epochs": config.warmup_epochs, "lr": config.heads_lr * 2, "batch_size": 256})
         fit_heads(heads, train_pos, held_pos, warm, log=lambda row: console.print("warm-up " + epoch_line(row), highlight=False))
     return heads
 
