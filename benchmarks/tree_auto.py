@@ -75,6 +75,13 @@ def totals(run_dir: Path, loaded, decoder: str) -> dict:
     return {"tok_s": tokens / wall if wall else float("nan"), "tau": tokens / steps if steps else float("nan"), "tokens": tokens}
 
 
+def top1(calibration) -> list[float]:
+    """P(the top-1 draft is right) per depth, given the path above it was right."""
+    if calibration.kind == "independent":
+        return [round(row[0], 3) for row in calibration.accuracy]
+    return [round(calibration.paths.get((0,) * d, 0.0), 3) for d in range(1, calibration.max_depth + 1)]
+
+
 def main() -> None:
     args = parse_args()
     loaded = load_model(args.model, args.device, args.dtype)
@@ -103,7 +110,7 @@ def main() -> None:
                        "pred_speedup": tau / latency.at(tree.num_nodes) * latency.at(1)}
 
     print(f"\n{loaded.name} on {latency.device}/{latency.dtype}, {args.bench}, limit {args.limit or 'all'}, "
-          f"max {args.max_new_tokens} new tokens; calibration top-1 per depth {auto.calibration.meta.get('top1')}")
+          f"max {args.max_new_tokens} new tokens; calibration top-1 per depth {top1(auto.calibration)}")
     print(f"auto: {auto.result.choice.reason}")
     print(f"{'decoder':<14}{'nodes':>6}{'tok/s':>9}{'× base':>8}{'τ':>7}{'pred τ':>8}{'pred ×':>8}")
     print(f"{'baseline':<14}{1:>6}{base['tok_s']:>9.2f}{1:>8.3f}{base['tau']:>7.3f}{1:>8.3f}{1:>8.3f}")
