@@ -34,6 +34,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--medusa-heads", default=None, help="default: the heads shipped for the model")
     parser.add_argument("--bench", default="mt_bench")
     parser.add_argument("--limit", type=int, default=None, help="first N questions (default all)")
+    parser.add_argument("--question-ids", default=None, help="comma-separated ids, e.g. two per MT-Bench category")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--greedy-sizes", default="4,8,16,32", help="nodes (root included) of the search's fixed trees")
     parser.add_argument("--max-nodes", type=int, default=64)
@@ -94,7 +95,8 @@ def main() -> None:
              for label in trees}
     specs["auto"] = "medusa:auto"
     trees["auto"] = auto.tree
-    config = RunConfig(model=args.model, decoders=["baseline", *specs.values()], bench=args.bench, limit=args.limit,
+    ids = [q.strip() for q in args.question_ids.split(",") if q.strip()] if args.question_ids else None
+    config = RunConfig(model=args.model, decoders=["baseline", *specs.values()], bench=args.bench, limit=args.limit, question_ids=ids,
                        max_new_tokens=args.max_new_tokens, warmup=args.warmup, out=out, device=args.device,
                        dtype=args.dtype, options=options)
     run_dir = run_benchmark(config, loaded=loaded)
@@ -109,7 +111,7 @@ def main() -> None:
         rows[label] = {**measured, "nodes": tree.num_nodes, "pred_tau": tau,
                        "pred_speedup": tau / latency.at(tree.num_nodes) * latency.at(1)}
 
-    print(f"\n{loaded.name} on {latency.device}/{latency.dtype}, {args.bench}, limit {args.limit or 'all'}, "
+    print(f"\n{loaded.name} on {latency.device}/{latency.dtype}, {args.bench}, {len(ids) if ids else (args.limit or 'all')} questions, "
           f"max {args.max_new_tokens} new tokens; calibration top-1 per depth {top1(auto.calibration)}")
     print(f"auto: {auto.result.choice.reason}")
     print(f"{'decoder':<14}{'nodes':>6}{'tok/s':>9}{'× base':>8}{'τ':>7}{'pred τ':>8}{'pred ×':>8}")

@@ -15,12 +15,14 @@ import argparse
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 
 import torch
 from transformers import DynamicCache
 
 from medusa_bench.decoders.base import DecoderOptions, Sampling, build_decoder
-from medusa_bench.decoders.spec import forward, sync
+from medusa_bench.decoders.medusa import default_heads
+from medusa_bench.decoders.spec import crop_cache, forward, sync
 from medusa_bench.heads.medusa import MedusaHeads, save_heads
 from medusa_bench.models import load_model
 from medusa_bench.trees.presets import get_preset
@@ -33,11 +35,6 @@ def tree_of(n: int) -> Tree:
     """n nodes (root included): the first n-1 paths of mc_sim_7b_63, extended by rank-0 chains."""
     paths = get_preset("mc_sim_7b_63")[: n - 1]
     return Tree.parse(paths if paths else "empty")
-
-
-def crop(cache, length: int) -> None:
-    for layer in cache.layers:
-        layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
 
 
 def timed(fn, device) -> float:
@@ -53,20 +50,28 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--context", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--medusa-heads", default=None,
+                        help="heads folder (default: the heads shipped for the model, drafting as `run` does; else random heads)")
+    parser.add_argument("--heads", type=int, default=4, help="number of random heads when the model has no heads")
+    parser.add_argument("--draft-vocab", type=int, default=-1, help="as in `run`: -1 the heads' default, 0 all tokens")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
 
     loaded = load_model(args.model, args.device, args.dtype)
     device = loaded.device
-    heads = MedusaHeads(num_heads=args.heads, hidden_size=loaded.hidden_size, vocab_size=None)
-    folder = tempfile.mkdtemp()
-    save_heads(heads, folder, format="v2")
+    folder = args.medusa_heads or default_heads(loaded, "medusa")
+    if folder is None:
+        heads = MedusaHeads(num_heads=args.heads, hidden_size=loaded.hidden_size, vocab_size=None)
+        folder = tempfile.mkdtemp()
+        save_heads(heads, folder, format="v2")
+    options = DecoderOptions(medusa_heads=str(folder), draft_vocab=args.draft_vocab)
     prompt = torch.randint(100, 20000, (1, args.context), device=device)
+    probe = build_decoder("medusa", loaded, replace(options, tree="chain-1")).proposer.heads
+    drafted = probe.draft_vocab_size or loaded.vocab_size
 
     print(f"{args.model} on {device.type}/{str(loaded.dtype).replace('torch.', '')}, context {args.context}, "
-          f"{args.heads} heads (shared lm_head), median of {args.repeats}")
+          f"{probe.num_heads} heads from {folder}, drafting among {drafted} tokens, median of {args.repeats}")
     print(f"{'nodes':>5} {'forward ms':>11} {'step ms':>9} {'step/forward':>13} {'draft ms':>9}")
     one_token_forward = None
     with torch.inference_mode():
@@ -77,7 +82,7 @@ def main() -> None:
         for n in SIZES:
             tree = tree_of(n)
             decoder = build_decoder("medusa" if n > 1 else "baseline", loaded,
-                                    DecoderOptions(tree=str(tree.to_list()) if n > 1 else "empty", medusa_heads=folder))
+                                    replace(options, tree=str(tree.to_list()) if n > 1 else "empty"))
             decoder.proposer.reset(prompt[0].tolist())
             ids = torch.randint(100, 20000, (1, n), device=device)
             bare_positions = (args.context + torch.arange(n, device=device))[None]
@@ -93,19 +98,19 @@ def main() -> None:
                 decoder.proposer.propose(root, last_hidden, context)
 
             for _ in range(3):  # warm-up
-                bare(); crop(cache, args.context)
-                step(); crop(cache, args.context)
+                bare(); crop_cache(cache, args.context)
+                step(); crop_cache(cache, args.context)
             bare_t, step_t, draft_t = [], [], []
             for _ in range(args.repeats):
-                bare_t.append(timed(bare, device)); crop(cache, args.context)
-                step_t.append(timed(step, device)); crop(cache, args.context)
+                bare_t.append(timed(bare, device)); crop_cache(cache, args.context)
+                step_t.append(timed(step, device)); crop_cache(cache, args.context)
                 if n > 1:
                     draft_t.append(timed(draft, device))
             b, s = statistics.median(bare_t), statistics.median(step_t)
             d = statistics.median(draft_t) if draft_t else 0.0
             one_token_forward = one_token_forward or b
             print(f"{n:>5} {b * 1e3:>11.2f} {s * 1e3:>9.2f} {s / b:>13.3f} {d * 1e3:>9.2f}")
-    print(f"drafting at 4 heads / one-token forward: {d / one_token_forward:.3f} (target <= 0.10)")
+    print(f"drafting at {probe.num_heads} heads / one-token forward: {d / one_token_forward:.3f} (target <= 0.10)")
 
 
 if __name__ == "__main__":

@@ -217,18 +217,25 @@ _MAX_LENGTH = typer.Option(None, "--max-length", help="Truncate sequences to N t
 _SOFTMAX = typer.Option("active", "--softmax", help="active (training softmax over the tokens seen as targets: faster) | full.")
 _SAVE_DTYPE = typer.Option("float16", "--save-dtype", help="float32 | float16 | bfloat16 for the written weights.")
 _HIDDEN_CACHE = typer.Option(None, "--hidden-cache", help="Folder for cached base hidden states (default: user cache; 'none': off).")
+_LAYERS = typer.Option(1, "--layers", help="ResBlocks per head.")
+_LM_HEAD = typer.Option("shared", "--lm-head", help="shared (heads end in the base lm_head: a few MB) | own.")
+_EPOCHS = typer.Option(10, "--epochs")
+_LR = typer.Option(1e-3, "--lr")
+_PATIENCE = typer.Option(2, "--patience", help="Epochs without a better held-out loss before stopping.")
+_SEED = typer.Option(0, "--seed")
+_DEVICE = typer.Option("auto", "--device")
+_DTYPE = typer.Option("auto", "--dtype")
 
 
 @train_app.command("medusa")
 def train_medusa(
     data: Path = _DATA, out: Path = _OUT, model: str = _MODEL, heads: int = _HEADS,
-    layers: int = typer.Option(1, "--layers", help="ResBlocks per head."),
-    lm_head: str = typer.Option("shared", "--lm-head", help="shared (heads end in the base lm_head: a few MB) | own."),
-    epochs: int = typer.Option(10, "--epochs"), batch_size: int = typer.Option(256, "--batch-size", help="Positions per step."),
-    lr: float = typer.Option(1e-3, "--lr"), heldout: float = _HELDOUT, patience: int = typer.Option(2, "--patience"),
+    layers: int = _LAYERS, lm_head: str = _LM_HEAD,
+    epochs: int = _EPOCHS, batch_size: int = typer.Option(256, "--batch-size", help="Positions per step."),
+    lr: float = _LR, heldout: float = _HELDOUT, patience: int = _PATIENCE,
     max_minutes: Optional[float] = _MAX_MINUTES, max_length: Optional[int] = _MAX_LENGTH, softmax: str = _SOFTMAX,
-    save_dtype: str = _SAVE_DTYPE, seed: int = typer.Option(0, "--seed"), hidden_cache: Optional[str] = _HIDDEN_CACHE,
-    device: str = typer.Option("auto", "--device"), dtype: str = typer.Option("auto", "--dtype"),
+    save_dtype: str = _SAVE_DTYPE, seed: int = _SEED, hidden_cache: Optional[str] = _HIDDEN_CACHE,
+    device: str = _DEVICE, dtype: str = _DTYPE,
 ) -> None:
     """Medusa-1: train heads on a frozen base model (loss on assistant tokens; held-out accuracy; calibration.json)."""
     from medusa_bench.models import load_model
@@ -257,8 +264,8 @@ def train_medusa2(
     heldout: float = _HELDOUT, patience: int = typer.Option(1, "--patience"), max_minutes: Optional[float] = _MAX_MINUTES,
     max_length: Optional[int] = _MAX_LENGTH, softmax: str = _SOFTMAX, save_dtype: str = _SAVE_DTYPE,
     full_model: bool = typer.Option(False, "--full-model", help="Write a full merged model folder instead of the compact adapter."),
-    seed: int = typer.Option(0, "--seed"), hidden_cache: Optional[str] = _HIDDEN_CACHE,
-    device: str = typer.Option("auto", "--device"), dtype: str = typer.Option("auto", "--dtype"),
+    seed: int = _SEED, hidden_cache: Optional[str] = _HIDDEN_CACHE,
+    device: str = _DEVICE, dtype: str = _DTYPE,
 ) -> None:
     """Medusa-2: LoRA on the backbone + heads, KL self-distillation to the frozen model; the medusa2 decoder loads the folder."""
     from medusa_bench.models import load_model
@@ -323,13 +330,12 @@ def train_hydra(
     heads: int = typer.Option(4, "--heads", help="Number of Hydra heads (tree depth)."),
     arch: str = typer.Option("mlp", "--arch", help="mlp (Hydra) | prefix-mlp (Hydra++: one prefix attention layer)."),
     loss: str = typer.Option("teacher", "--loss", help="teacher (the base model's distribution: Hydra++) | data (the data tokens) | both."),
-    layers: int = typer.Option(1, "--layers", help="ResBlocks per head."),
-    lm_head: str = typer.Option("shared", "--lm-head", help="shared (heads end in the base lm_head: a few MB) | own."),
-    epochs: int = typer.Option(10, "--epochs"), batch_size: int = typer.Option(256, "--batch-size", help="Assistant tokens per step (whole sequences)."),
-    lr: float = typer.Option(1e-3, "--lr"), heldout: float = _HELDOUT, patience: int = typer.Option(2, "--patience"),
+    layers: int = _LAYERS, lm_head: str = _LM_HEAD,
+    epochs: int = _EPOCHS, batch_size: int = typer.Option(256, "--batch-size", help="Assistant tokens per step (whole sequences)."),
+    lr: float = _LR, heldout: float = _HELDOUT, patience: int = _PATIENCE,
     max_minutes: Optional[float] = _MAX_MINUTES, max_length: Optional[int] = _MAX_LENGTH, softmax: str = _SOFTMAX,
-    save_dtype: str = _SAVE_DTYPE, seed: int = typer.Option(0, "--seed"), hidden_cache: Optional[str] = _HIDDEN_CACHE,
-    device: str = typer.Option("auto", "--device"), dtype: str = typer.Option("auto", "--dtype"),
+    save_dtype: str = _SAVE_DTYPE, seed: int = _SEED, hidden_cache: Optional[str] = _HIDDEN_CACHE,
+    device: str = _DEVICE, dtype: str = _DTYPE,
 ) -> None:
     """Hydra: heads conditioned on the drafted tokens above them, on a frozen base model (held-out accuracy; calibration.json)."""
     from medusa_bench.models import load_model

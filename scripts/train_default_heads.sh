@@ -2,6 +2,7 @@
 # The exact commands that made the default heads shipped for the embedded model (smollm2-135m):
 #   medusa_bench/data/heads/smollm2-135m-medusa   (Medusa-1, 4 heads through the shared lm_head)
 #   medusa_bench/data/heads/smollm2-135m-medusa2  (Medusa-2 adapter: LoRA + 4 heads)
+#   medusa_bench/data/heads/smollm2-135m-hydra    (Hydra++: 4 prefix-mlp heads, teacher loss)
 # Data: the base model's own greedy answers to the 427 self-instruct prompts in
 # ../shared/data/self_instruct -- never MT-Bench or Spec-Bench questions (distill refuses them).
 # Each folder's training.json / curve.csv / calibration.json record what the run measured.
@@ -29,3 +30,6 @@ time $MB train medusa --model smollm2-135m --data "$WORK/distill.jsonl" --heads 
 time $MB train medusa2 --model smollm2-135m --data "$WORK/distill.jsonl" --heads 4 \
   --init-heads "$HEADS/smollm2-135m-medusa" --lora-layers 8 --lora-r 8 --lr 5e-4 --heads-lr 5e-4 \
   --epochs 1 --max-minutes 12 --save-dtype float16 --out "$HEADS/smollm2-135m-medusa2"
+
+time $MB train hydra --model smollm2-135m --data "$WORK/distill.jsonl" --arch prefix-mlp --heads 4 --loss teacher \
+  --lm-head shared --epochs 5 --lr 1e-3 --max-minutes 13 --save-dtype float16 --out "$HEADS/smollm2-135m-hydra"

@@ -211,7 +211,8 @@ def test_auto_measures_caches_and_fills_the_run_folder(smollm, heads_dir, tmp_pa
     assert load_latency(out / "latency.json").step_time == first.latency.step_time
     run = json.loads((out / "run.json").read_text())
     assert run["trees"]["medusa:auto"] == {"name": tree.name, "hash": tree.hash, "num_nodes": tree.num_nodes,
-                                           "depth": tree.depth, "auto": True}
+                                           "depth": tree.depth, "auto": True,
+                                           "files": {name: f"{name}.json" for name in ("tree", "calibration", "latency")}}
     answers = (out / "model_answer" / "smollm2-135m-medusa-auto.jsonl").read_text().splitlines()
     assert json.loads(answers[0])["choices"][0]["exact_match"] == [True, True]
 
@@ -250,3 +251,18 @@ def test_tree_command_uses_the_heads_own_calibration(smollm, heads_dir, tmp_path
     assert any(p.name.startswith("smollm2-135m-medusa-") for p in (tmp_path / "cache" / "trees").iterdir())
     code, _, stderr = cli(capsys, monkeypatch, "tree", "--decoder", "baseline", "--out", out)
     assert code == 2 and "drafts no tree" in stderr
+
+
+def test_shipped_tables_need_no_data_folder(smollm, tmp_path, monkeypatch):
+    """Heads that ship their calibration.json: `--tree auto` only profiles, on the package's own text."""
+    from medusa_bench.decoders.medusa import default_heads
+
+    monkeypatch.setenv("MEDUSA_BENCH_DATA", str(tmp_path / "empty"))
+    monkeypatch.setenv("MEDUSA_BENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("medusa_bench.bench.questions.BENCH_URLS", {})
+    heads = default_heads(smollm, "medusa")
+    table, prompts = autotree.calibration_source(None, heads)
+    assert table == heads / "calibration.json" and prompts.name == "quick_question.jsonl"
+    assert cal.read_prompts(prompts)
+    with pytest.raises(UserError, match="MEDUSA_BENCH_DATA"):
+        autotree.calibration_source(None, tmp_path)  # no table: it must measure, on data it cannot find

@@ -148,7 +148,7 @@ def test_true_ranks_condition_on_the_true_path(arch):
     """Calibration's ranks: head d - 1 at position t, fed the true tokens t + 1 .. t + d, ranks token t + 1 + d."""
     model = tiny_llama().double()
     heads = random_heads(model, arch, shared=False, K=3).double()
-    proposer = HydraProposer(heads, Tree.parse("chain-3"), torch.device("cpu"), base_model=model)
+    proposer = HydraProposer(heads, Tree.parse("chain-3"), torch.device("cpu"))
     hidden, ids = torch.randn(9, H, dtype=torch.float64), torch.randint(0, V, (9,))
     positions = torch.tensor([0, 3, 5, 6, 7])
     ranks = proposer.true_ranks(hidden, ids, positions, 3)
@@ -244,7 +244,6 @@ class OracleHydra(HydraProposer):
         tokens = draft_tree(self.heads, self.plan, state, root, self.tree.num_nodes)
         produced = len(context) - self.prompt_len + 1
         tokens[self.branch] = torch.tensor((self.answer + [0] * 8)[produced: produced + 3])
-        self.prefix.drafted(tokens)
         return Draft(tokens, self.buffers)
 
 
@@ -255,7 +254,7 @@ def test_prefix_layer_follows_the_accepted_path(smollm, references):
     """Hydra++'s prefix layer, fed incrementally along accepted paths, equals one pass over the whole text."""
     heads = random_heads(smollm.model, "prefix-mlp", shared=True, K=3, scale=0.3)
     for ids, expected in references:
-        proposer = OracleHydra(heads, Tree.parse(ORACLE_TREE), smollm.device, base_model=smollm.model, answer=expected)
+        proposer = OracleHydra(heads, Tree.parse(ORACLE_TREE), smollm.device, answer=expected)
         result = SpeculativeDecoder("oracle", smollm, proposer).generate(ids, 24)
         assert result.token_ids == expected
         assert max(result.accept_lengths) == 4
@@ -278,3 +277,14 @@ def test_default_heads_ship_and_decode_losslessly(smollm, references):
     result = decoder.generate(ids, 24)
     assert result.token_ids == expected
     assert result.steps < len(expected)  # trained heads draft something right on ordinary text
+
+
+def test_profiler_times_prefix_heads_steps(smollm):
+    """The tree optimiser's profiler repeats one step on a fixed context: Hydra++'s prefix layer must rewind."""
+    from medusa_bench.bench.calibrate import profile
+
+    heads = random_heads(smollm.model, "prefix-mlp", shared=True, K=2, scale=0.3)
+    trees = {1: Tree.parse("empty"), 3: Tree.parse("[[0],[0,0]]")}
+    latency = profile(smollm, lambda t: HydraProposer(heads, t, smollm.device),
+                      trees, context=list(range(100, 160)), repeats=2, warmup=1)
+    assert set(latency.step_time) == {1, 3} and all(t > 0 for t in latency.step_time.values())

@@ -8,7 +8,7 @@ from medusa_bench.decoders.base import DecoderOptions, Sampling, build_decoder
 from medusa_bench.decoders.spec import Acceptance, Draft, Proposer, SpeculativeDecoder, accept_greedy, accept_typical
 from medusa_bench.errors import UserError
 from medusa_bench.heads.medusa import MedusaHeads, save_heads
-from medusa_bench.trees.tree import Tree, TreeBuffers
+from medusa_bench.trees.tree import TreeBuffers
 
 PROMPTS = ["Explain why the sky is blue.", "Write a haiku about autumn.", "Reply with just the word yes."]
 TREES = ["chain-1", "chain-3", "[[0],[1],[2],[3],[4],[5],[6],[7]]", "[[0],[0,0],[0,0,0],[0,0,0,0],[0,0,0,0,0]]",
@@ -77,6 +77,7 @@ def test_verify_step_cuts_at_eos_and_limit_mid_step(smollm, references, limit):
         assert max(result.accept_lengths) == 4 or len(expected) < 4
         assert sum(result.accept_lengths) == len(expected)
         assert result.steps == len(result.accept_lengths) < len(expected) or len(expected) <= 1
+        assert result.steps - 1 <= result.drafts <= result.steps and result.draft_tokens == 7 * result.drafts
 
 
 def test_typical_acceptance_formula_on_hand_made_logits():

@@ -293,6 +293,29 @@ def test_tree_search_file_gives_predictions(tmp_path):
     assert 'alt="Predicted against measured τ"' in build_report([run]).read_text()
 
 
+def test_predictions_belong_to_the_decoders_whose_tree_was_searched(tmp_path):
+    """run.json's "trees" names the auto decoders and their files; a fixed tree gets no prediction."""
+    def searched(tau):
+        return {"tree": [[0], [1]], "search": {"n": 3, "tau": tau, "speedup": 1.1}, "candidates": [{"n": 3, "tau": tau}]}
+
+    answers = {"tiny-baseline": records(BASELINE_Q, "baseline"), "tiny-medusa": records(MEDUSA_Q, "medusa"),
+               "tiny-hydra": records(HYDRA_Q, "hydra"), "tiny-pld": records(MEDUSA_Q, "pld")}
+    run = write_run(tmp_path / "auto", answers, extras={"tree": searched(1.5), "tree-hydra": searched(1.9)})
+    info = json.loads((run / "run.json").read_text())
+    info["trees"] = {
+        "medusa": {"name": "auto", "hash": "a", "num_nodes": 3, "depth": 1, "auto": True,
+                   "files": {"tree": "tree.json", "calibration": "calibration.json", "latency": "latency.json"}},
+        "hydra": {"name": "auto", "hash": "b", "num_nodes": 3, "depth": 1, "auto": True,
+                  "files": {"tree": "tree-hydra.json", "calibration": "calibration-hydra.json", "latency": "latency-hydra.json"}},
+        "pld": {"name": "chain-3", "hash": "c", "num_nodes": 4, "depth": 3, "auto": False},
+    }
+    (run / "run.json").write_text(json.dumps(info))
+    acceptance = collect([run]).tables["acceptance"]
+    assert row(acceptance, decoder="medusa").tau_predicted == pytest.approx(1.5)
+    assert row(acceptance, decoder="hydra").tau_predicted == pytest.approx(1.9)
+    assert math.isnan(row(acceptance, decoder="pld").tau_predicted)
+
+
 def test_run_without_judgments_or_baseline(tmp_path):
     run = write_run(tmp_path / "partial", {"tiny-medusa": records(MEDUSA_Q, "medusa")})
     report = collect([run])

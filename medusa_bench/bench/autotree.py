@@ -77,10 +77,6 @@ class AutoTree:
         data["autotree"] = self.info
         return data
 
-    def save(self, folder: Path, suffix: str = "") -> dict[str, Path]:
-        """Write tree.json, calibration.json and latency.json (`tree{suffix}.json` …) into `folder`."""
-        return self.write({name: Path(folder) / f"{name}{suffix}.json" for name in RUN_FILES})
-
     def write(self, paths: dict[str, Path]) -> dict[str, Path]:
         for path in paths.values():
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -183,14 +179,26 @@ def calibration_source(option: Optional[str], heads_path=None) -> tuple[Optional
     if option is None:
         shipped = Path(heads_path) / "calibration.json" if heads_path is not None else None
         if shipped is not None and shipped.is_file():
-            return shipped, cal.default_prompt_file()
+            return shipped, profiling_prompt_file()
         return None, cal.default_prompt_file()
     path = Path(option).expanduser()
     if not path.is_file():
         raise UserError(f"--calibration {path}: file not found; pass a prompts file (.jsonl or text) or a calibration.json")
     if path.suffix.lower() == ".json":  # a measured table: still needs prompts for the profiling context
-        return path, cal.default_prompt_file()
+        return path, profiling_prompt_file()
     return None, path
+
+
+def profiling_prompt_file() -> Path:
+    """Text for the profiled step's context only (timing, not accuracy): the self-distillation
+    prompts when the data folder is there, else the package's own quick questions, so that
+    `--tree auto` with shipped tables works without any data set."""
+    try:
+        return cal.default_prompt_file()
+    except UserError:
+        from importlib import resources
+
+        return Path(str(resources.files("medusa_bench") / "data" / "quick_question.jsonl"))
 
 
 # ------------------------------------------------------------------------------ cache
@@ -272,31 +280,35 @@ def tree_of(decoder) -> Optional[Tree]:
 
 
 def tree_records(decoders: dict) -> dict:
-    """run.json's "trees": each drafting decoder's tree, its hash, and whether the optimiser chose it."""
-    records = {}
+    """run.json's "trees": each drafting decoder's tree, its hash, whether the optimiser chose it, and its files.
+
+    The first auto decoder's files are tree.json, calibration.json, latency.json; any further
+    ones get the decoder's name as a suffix (tree-hydra-auto.json …).
+    """
+    records, autos = {}, 0
     for name, decoder in decoders.items():
         tree = tree_of(decoder)
-        if isinstance(tree, Tree):
-            records[name] = {"name": tree.name, "hash": tree.hash, "num_nodes": tree.num_nodes, "depth": tree.depth,
-                             "auto": getattr(decoder, "autotree", None) is not None}
+        if not isinstance(tree, Tree):
+            continue
+        auto = getattr(decoder, "autotree", None) is not None
+        records[name] = {"name": tree.name, "hash": tree.hash, "num_nodes": tree.num_nodes, "depth": tree.depth, "auto": auto}
+        if auto:
+            suffix = "" if autos == 0 else "-" + "".join(c if c.isalnum() else "-" for c in name)
+            records[name]["files"] = {file: f"{file}{suffix}.json" for file in RUN_FILES}
+            autos += 1
     return records
 
 
 def store_in_run(run_dir: Path, decoders: dict, previous: Optional[dict]) -> None:
-    """Copy the optimiser's files into the run folder; refuse to resume with another tree.
-
-    The first auto decoder's files are tree.json, calibration.json, latency.json (what the
-    report reads); any further ones get the decoder's name as a suffix.
-    """
+    """Copy the optimiser's files into the run folder (names from `tree_records`); refuse to resume with another tree."""
     before = (previous or {}).get("trees") or {}
     for name, record in tree_records(decoders).items():
         old = before.get(name, {}).get("hash")
         if old is not None and old != record["hash"]:
             raise UserError(f"{run_dir} was run with another tree for {name} ({old}, now {record['hash']}: "
                             "the optimiser re-measured?); use another --out, or pass that run's tree.json as --tree to resume")
-    autos = [(name, d.autotree) for name, d in decoders.items() if getattr(d, "autotree", None) is not None]
-    for i, (name, auto) in enumerate(autos):
-        auto.save(run_dir, "" if i == 0 else "-" + "".join(c if c.isalnum() else "-" for c in name))
+        if record["auto"]:
+            decoders[name].autotree.write({file: Path(run_dir) / path for file, path in record["files"].items()})
 
 
 # ------------------------------------------------------------------------------ output

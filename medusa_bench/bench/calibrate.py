@@ -35,7 +35,7 @@ from transformers import DynamicCache
 
 from medusa_bench.bench.prompts import build_prompt
 from medusa_bench.decoders.base import Sampling
-from medusa_bench.decoders.spec import Proposer, SpeculativeDecoder, forward, sync
+from medusa_bench.decoders.spec import Proposer, SpeculativeDecoder, crop_cache, forward, sync
 from medusa_bench.errors import UserError
 from medusa_bench.trees.search import Calibration, Latency
 from medusa_bench.trees.tree import Tree
@@ -272,17 +272,10 @@ def time_steps(loaded, decoders: dict[int, SpeculativeDecoder], context: list[in
             decoder._step(root, hidden, context, [], cache, Sampling(), None)
             sync(device)
             elapsed = time.perf_counter() - start
-            crop(cache, len(context))
+            crop_cache(cache, len(context))  # drop what the step appended
             if round_ >= warmup:
                 times[n].append(elapsed)
     return times
-
-
-def crop(cache, length: int) -> None:
-    """Drop everything past `length` from the cache (what the step appended)."""
-    for layer in cache.layers:
-        layer.keys = layer.keys[:, :, :length]
-        layer.values = layer.values[:, :, :length]
 
 
 def profile(loaded, make_proposer: MakeProposer, trees: dict[int, Tree], context: list[int], repeats: int = 10,

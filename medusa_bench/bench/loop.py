@@ -11,7 +11,7 @@ from __future__ import annotations
 import shortuuid
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 

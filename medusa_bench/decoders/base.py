@@ -44,6 +44,8 @@ class Generation:
     wall_time: float  # prefill + decode, seconds, device-synchronised
     finish_reason: str  # "stop" (EOS or on_step asked) | "length"
     logprobs: Optional[list] = None  # per token: (logprob, [(token_id, logprob), ...])
+    drafts: int = 0  # steps that verified a draft (the last step and no-match steps verify none)
+    draft_tokens: int = 0  # draft nodes those steps verified, the root not counted
 
 
 StepCallback = Callable[[list[int]], Optional[bool]]

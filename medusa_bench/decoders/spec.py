@@ -48,6 +48,10 @@ class Proposer:
     def update(self, accepted: int) -> None:
         """How many drafted tokens the last step accepted (0 … depth)."""
 
+    def observe(self, rows: torch.Tensor) -> None:
+        """The base hidden states [q, H] of the tokens just kept in the cache, in context order:
+        the prompt's after prefill, the accepted path's after a step (only if `needs_hidden`)."""
+
 
 @dataclass(frozen=True)
 class Acceptance:
@@ -64,7 +68,7 @@ def sync(device: torch.device) -> None:
 # ------------------------------------------------------------------------------ model calls
 def forward(model, input_ids: torch.Tensor, cache, position_ids: torch.Tensor, mask: Optional[torch.Tensor],
             want_hidden: bool, last_only: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """One base forward appending to `cache`. Returns logits [q, V] and hidden [q, H] (post-norm)."""
+    """One base forward appending to `cache`. Returns logits [q, V] ([1, V] with last_only) and hidden [q, H] (post-norm)."""
     out = model(
         input_ids=input_ids,  # [1, q]
         position_ids=position_ids,  # [1, q]
@@ -77,14 +81,20 @@ def forward(model, input_ids: torch.Tensor, cache, position_ids: torch.Tensor, m
     logits = out.logits[0]  # [q or 1, V]
     hidden = None
     if want_hidden:
-        hidden = out.hidden_states[-1][0]  # [q, H]: the last entry is already after the final norm
-        if last_only:
-            hidden = hidden[-1:]
+        hidden = out.hidden_states[-1][0]  # [q, H] (every row, even with last_only): already after the final norm
     return logits, hidden
 
 
 def cache_length(cache) -> int:
     return cache.get_seq_length()
+
+
+def crop_cache(cache, length: int) -> None:
+    """Drop every slot past `length` (transformers' own `crop` changed meaning across versions)."""
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None:
+            layer.keys = layer.keys[:, :, :length]
+            layer.values = layer.values[:, :, :length]
 
 
 def keep_in_cache(cache, start: int, keep: torch.Tensor, contiguous: bool) -> None:
@@ -199,6 +209,7 @@ class SpeculativeDecoder:
         self.draft_size = proposer.draft_size
         self.baseline_name = "baseline"  # the decoder whose tokens a lossless run must reproduce
         self.eos = set(loaded.eos_token_ids)
+        self.drafts_verified = self.draft_tokens_verified = 0  # running counts over every generate() call
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
@@ -210,6 +221,7 @@ class SpeculativeDecoder:
             generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
         want_hidden = self.proposer.needs_hidden
         self.proposer.reset(prompt_ids)
+        drafts_before, draft_tokens_before = self.drafts_verified, self.draft_tokens_verified
 
         sync(device)
         start = time.perf_counter()
@@ -218,7 +230,10 @@ class SpeculativeDecoder:
         positions = torch.arange(len(prompt_ids), device=device)[None]  # [1, P]
         logits, hidden = forward(model, prompt, cache, positions, None, want_hidden, last_only=True)
         next_logits = logits[-1]  # [V]
-        next_hidden = hidden[-1] if want_hidden else None  # [H]
+        next_hidden = None
+        if want_hidden:
+            self.proposer.observe(hidden)  # [P, H]
+            next_hidden = hidden[-1]  # [H]
         residual = None
 
         out: list[int] = []
@@ -247,7 +262,8 @@ class SpeculativeDecoder:
         wall = time.perf_counter() - start
         if len(out) >= max_new_tokens and finish != "stop":
             finish = "length"
-        return Generation(out, len(accept_lengths), accept_lengths, wall, finish, token_logprobs)
+        return Generation(out, len(accept_lengths), accept_lengths, wall, finish, token_logprobs,
+                          self.drafts_verified - drafts_before, self.draft_tokens_verified - draft_tokens_before)
 
     def _step(self, root, hidden, prompt_ids, out, cache, sampling, generator):
         """One verify step. Returns emitted tokens (root first), a callable giving the logit rows
@@ -259,9 +275,12 @@ class SpeculativeDecoder:
             positions = torch.tensor([[prefix]], device=self.device)
             logits, hidden = forward(self.model, tokens[None], cache, positions, None, self.proposer.needs_hidden)
             self.proposer.update(0)
+            if hidden is not None:
+                self.proposer.observe(hidden)  # [1, H]
             return [root], lambda: [], logits[0], (hidden[0] if hidden is not None else None), None
-
         buffers = draft.buffers
+        self.drafts_verified += 1
+        self.draft_tokens_verified += buffers.num_nodes - 1
         tokens = draft.tokens.to(self.device)  # [n]
         tokens[0] = root
         positions = (prefix + buffers.depths)[None]  # [1, n]
@@ -278,6 +297,8 @@ class SpeculativeDecoder:
         keep = torch.tensor(path, device=self.device)
         keep_in_cache(cache, prefix, keep, contiguous=path == list(range(len(path))))
         self.proposer.update(len(path) - 1)
+        if hidden is not None:
+            self.proposer.observe(hidden[keep])  # [a + 1, H]: the accepted path's rows
         emitted = tokens[keep].tolist()
         last = path[-1]
         parents = buffers.parents.tolist()

@@ -121,10 +121,10 @@ class HydraHeads(nn.Module):
         random, which needs far more data than a CPU budget gives). Own projections start as
         copies of the base lm_head (Hydra's init), with zero bias.
         """
-        weight = _output_weight(model)  # [V, H]
+        weight = io.output_weight(model, "Hydra heads")  # [V, H]
         vocab = None if shared_lm_head else weight.shape[0]
         H = weight.shape[1]
-        heads = cls(num_heads, H, vocab, num_layers, arch, True, _text_config(model), dtype=weight.dtype, device=weight.device)
+        heads = cls(num_heads, H, vocab, num_layers, arch, True, io.text_config(model), dtype=weight.dtype, device=weight.device)
         with torch.no_grad():
             for head in heads.hydra_mlp:
                 skip = head[0].res_connection  # Linear(H * (k + 2), H)
@@ -137,7 +137,7 @@ class HydraHeads(nn.Module):
                     linear.weight.copy_(weight)
                     linear.bias.zero_()
         heads.attach_base(model)
-        heads.base_model_name_or_path = _model_name(model)
+        heads.base_model_name_or_path = io.model_name_of(model)
         return heads
 
     def attach_base(self, model: nn.Module) -> None:
@@ -146,7 +146,7 @@ class HydraHeads(nn.Module):
         if embed.shape[1] != self.hidden_size:
             raise UserError(f"the base embeddings have shape {tuple(embed.shape)} but the heads need [vocab, {self.hidden_size}]")
         self.__dict__["_embed"] = embed  # bypass nn.Module.__setattr__: must not become a parameter
-        self.__dict__["_lm_head"] = _output_weight(model)  # the logits of shared heads; the teacher in training
+        self.__dict__["_lm_head"] = io.output_weight(model, "Hydra heads")  # the logits of shared heads; the teacher in training
 
     # ------------------------------------------------------------------ shapes
 
@@ -348,7 +348,7 @@ def load_hydra_heads(path: str | Path, base_model: nn.Module | None = None) -> H
     heads need ``base_model``: their prefix layer has the base model's architecture.
     """
     folder, head_file = _locate(path)
-    config = _read_config(folder)
+    config = io.read_config(folder)
     arch = config.get("hydra_head_arch", "mlp")
     if arch not in ARCHS:
         raise UserError(f"{folder}: hydra_head_arch {arch!r} is not supported; this tool reads {' and '.join(ARCHS)} heads")
@@ -359,7 +359,7 @@ def load_hydra_heads(path: str | Path, base_model: nn.Module | None = None) -> H
         raise UserError(f"{folder}: prefix-mlp Hydra heads need the base model to load (pass base_model)")
     tensors = io.load_tensors(head_file)
     heads = from_hydra_state_dict(tensors, arch, bool(config.get("grounded_heads", True)),
-                                  _text_config(base_model) if base_model is not None else None, source=str(head_file))
+                                  io.text_config(base_model) if base_model is not None else None, source=str(head_file))
     declared = config.get("hydra_num_heads")
     if declared is not None and declared != heads.num_heads:
         warnings.warn(f"{folder}: config.json declares hydra_num_heads={declared} but the weights hold "
@@ -424,13 +424,13 @@ def fit_to_base(heads: HydraHeads, base_model: nn.Module) -> HydraHeads:
     """Check the heads fit ``base_model``, attach its embeddings (and lm_head), follow its dtype/device."""
     check_fits(heads, base_model)
     heads.attach_base(base_model)
-    weight = _output_weight(base_model)
+    weight = io.output_weight(base_model, "Hydra heads")
     return heads.to(device=weight.device, dtype=weight.dtype)
 
 
 def check_fits(heads: HydraHeads, base_model: nn.Module) -> None:
     """UserError unless the heads' hidden size (and own vocabulary) match ``base_model``'s."""
-    base_vocab, base_hidden = _output_weight(base_model).shape
+    base_vocab, base_hidden = io.output_weight(base_model, "Hydra heads").shape
     problems = []
     if heads.hidden_size != base_hidden:
         problems.append(f"hidden size {heads.hidden_size} vs the base model's {base_hidden}")
@@ -438,7 +438,7 @@ def check_fits(heads: HydraHeads, base_model: nn.Module) -> None:
         problems.append(f"vocabulary {heads.vocab_size} vs the base model's {base_vocab}")
     if problems:
         raise UserError(
-            f"Hydra heads {heads.source or ''} do not fit the base model {_model_name(base_model) or ''}: "
+            f"Hydra heads {heads.source or ''} do not fit the base model {io.model_name_of(base_model) or ''}: "
             f"{'; '.join(problems)} (the heads were made for {heads.base_model_name_or_path or 'an unnamed model'}); "
             "pass heads trained for this model"
         )
@@ -528,26 +528,3 @@ def _locate(path: str | Path) -> tuple[Path, Path]:
         raise UserError(f"{folder} has no Hydra heads: looked for {', '.join(HEAD_FILES)}; "
                         "pass a Hydra heads folder, or train some with `medusa-bench train hydra`")
     return folder, head_file
-
-
-def _read_config(folder: Path) -> dict:
-    path = Path(folder) / "config.json"
-    return io.read_json(path) if path.is_file() else {}
-
-
-def _text_config(model: nn.Module):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def _output_weight(model: nn.Module) -> Tensor:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    weight = getattr(head, "weight", None)
-    if weight is None:
-        raise UserError(f"the base model {_model_name(model) or ''} has no lm_head; Hydra heads need a causal LM")
-    return weight
-
-
-def _model_name(model: nn.Module) -> str | None:
-    config = getattr(model, "config", None)
-    return getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None) or None

@@ -202,3 +202,30 @@ def _torch_load_weights_only(path: Path):
         ) from None
     except (OSError, RuntimeError, EOFError, ValueError) as exc:
         raise UserError(f"cannot read {path} as a torch checkpoint: {exc}") from None
+
+
+# ------------------------------------------------------------------------------ base models
+def read_config(folder: Path) -> dict:
+    """A heads folder's config.json, or {} when there is none."""
+    path = Path(folder) / "config.json"
+    return read_json(path) if path.is_file() else {}
+
+
+def text_config(model):
+    """The language model's config (multimodal models nest it)."""
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def output_weight(model, what: str = "draft heads") -> torch.Tensor:
+    """The base model's lm_head weight [V, H]: shared heads end in it, fitting checks read its shape."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if weight is None:
+        raise UserError(f"the base model {model_name_of(model) or ''} has no lm_head; {what} need a causal LM")
+    return weight
+
+
+def model_name_of(model) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None) or None

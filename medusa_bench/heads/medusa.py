@@ -103,7 +103,7 @@ class MedusaHeads(nn.Module):
         Own projections start as copies of the base ``lm_head`` (Medusa-1's init); shared ones
         reference it. The heads take the ``lm_head``'s dtype and device.
         """
-        weight = _output_weight(model)  # [V, H]
+        weight = io.output_weight(model, "Medusa heads")  # [V, H]
         vocab = None if shared_lm_head else weight.shape[0]
         heads = cls(num_heads, weight.shape[1], vocab, num_layers, dtype=weight.dtype, device=weight.device)
         if shared_lm_head:
@@ -111,7 +111,7 @@ class MedusaHeads(nn.Module):
         else:
             with torch.no_grad():
                 heads.proj_weight.copy_(weight.detach().unsqueeze(0).expand_as(heads.proj_weight))
-        heads.base_model_name_or_path = _model_name(model)
+        heads.base_model_name_or_path = io.model_name_of(model)
         return heads
 
     def attach_lm_head(self, lm_head: Tensor | nn.Module) -> None:
@@ -298,7 +298,7 @@ def load_heads(path: str | Path, base_model: nn.Module | None = None) -> MedusaH
     """
     folder, head_file = _locate(path)
     if head_file is not None:
-        heads = _load_head_file(head_file, _read_config(folder))
+        heads = _load_head_file(head_file, io.read_config(folder))
     else:
         heads = load_medusa2_heads(folder)
     if base_model is not None:
@@ -321,7 +321,7 @@ def detect_format(path: str | Path) -> str:
 def load_medusa2_heads(folder: str | Path) -> MedusaHeads:
     """The heads of a Medusa-2 model folder: only its ``medusa_head.*`` tensors are read."""
     folder = Path(folder)
-    config = _read_config(folder)
+    config = io.read_config(folder)
     if not io.model_weight_files(folder):
         raise _missing_files_error(folder)
     tensors = io.load_model_tensors(folder, MEDUSA2_PREFIX)
@@ -342,7 +342,7 @@ def load_medusa2_heads(folder: str | Path) -> MedusaHeads:
 def fit_to_base(heads: MedusaHeads, base_model: nn.Module) -> MedusaHeads:
     """Check the heads fit ``base_model``, attach its lm_head if shared, follow its dtype/device."""
     check_fits(heads, base_model)
-    weight = _output_weight(base_model)  # [V, H]
+    weight = io.output_weight(base_model, "Medusa heads")  # [V, H]
     if heads.shares_lm_head:
         heads.attach_lm_head(weight)
     return heads.to(device=weight.device, dtype=weight.dtype)
@@ -350,10 +350,9 @@ def fit_to_base(heads: MedusaHeads, base_model: nn.Module) -> MedusaHeads:
 
 def check_fits(heads: MedusaHeads, base_model: nn.Module) -> None:
     """UserError unless the heads' hidden size (and own vocabulary) match ``base_model``'s."""
-    weight = _output_weight(base_model)  # [V, H]
+    weight = io.output_weight(base_model, "Medusa heads")  # [V, H]
     base_vocab, lm_hidden = weight.shape
-    config = getattr(base_model, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text_config = io.text_config(base_model) if getattr(base_model, "config", None) is not None else None
     base_hidden = getattr(text_config, "hidden_size", None) or lm_hidden
     problems = []
     if heads.hidden_size != base_hidden:
@@ -362,7 +361,7 @@ def check_fits(heads: MedusaHeads, base_model: nn.Module) -> None:
         problems.append(f"vocabulary {heads.vocab_size} vs the base model's {base_vocab}")
     if problems:
         raise UserError(
-            f"Medusa heads {heads.source or ''} do not fit the base model {_model_name(base_model) or ''}: "
+            f"Medusa heads {heads.source or ''} do not fit the base model {io.model_name_of(base_model) or ''}: "
             f"{'; '.join(problems)} (the heads were made for "
             f"{heads.base_model_name_or_path or 'an unnamed model'}); pass heads trained for this model"
         )
@@ -546,9 +545,6 @@ def _missing_files_error(folder: Path) -> UserError:
     )
 
 
-def _read_config(folder: Path) -> dict:
-    path = Path(folder) / "config.json"
-    return io.read_json(path) if path.is_file() else {}
 
 
 def _declares_v2(config: dict) -> bool:
@@ -569,17 +565,8 @@ def _head_config(heads: MedusaHeads, fmt: str, base_model_name_or_path: str | No
     return {k: v for k, v in config.items() if v is not None}
 
 
-def _output_weight(model: nn.Module) -> Tensor:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    weight = getattr(head, "weight", None)
-    if weight is None:
-        raise UserError(f"the base model {_model_name(model) or ''} has no lm_head; Medusa heads need a causal LM")
-    return weight
 
 
-def _model_name(model: nn.Module) -> str | None:
-    config = getattr(model, "config", None)
-    return getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
 
 
 def read_draft_vocab(folder: str | Path | None) -> list[int] | None:

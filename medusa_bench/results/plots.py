@@ -18,7 +18,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from medusa_bench.results.tables import ReportTables, RunData, predicted_tau
+from medusa_bench.results.tables import ReportTables, RunData, predicted, tree_files
 
 COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C", "#CCB974", "#64B5CD"]
 
@@ -154,11 +154,14 @@ def speed_vs_quality(report: ReportTables) -> bytes | None:
 
 def tree_paths(run: RunData) -> list[list[int]] | None:
     """The run's tree as medusa_choices paths: tree.json's "tree", else an inline list in settings."""
-    tree = run.extras.get("tree")
-    candidates = [tree.get("tree") if isinstance(tree, dict) else tree, run.settings.get("tree")]
-    for candidate in candidates:
-        if isinstance(candidate, list) and all(isinstance(p, list) and all(isinstance(r, int) for r in p) for p in candidate):
-            return [list(p) for p in candidate if p]
+    return tree_paths_of(run.extras.get("tree")) or tree_paths_of(run.settings.get("tree"))
+
+
+def tree_paths_of(tree: Any) -> list[list[int]] | None:
+    """medusa_choices paths from a tree.json object ({"tree": paths, …}) or a bare list of paths."""
+    candidate = tree.get("tree") if isinstance(tree, dict) else tree
+    if isinstance(candidate, list) and all(isinstance(p, list) and all(isinstance(r, int) for r in p) for p in candidate):
+        return [list(p) for p in candidate if p]
     return None
 
 
@@ -231,14 +234,14 @@ def _number(mapping: dict, keys: tuple) -> float | None:
     return None
 
 
-def predicted_curve(extras: dict) -> list[tuple[float, float]]:
+def predicted_curve(files: dict) -> list[tuple[float, float]]:
     """(nodes incl. root, predicted τ) pairs from a per-budget table, in whatever shape it was saved.
 
     `medusa-bench tree` writes {"candidates": [{"n", "tau", "step_time", …}]} with n counting the
     root (the tokens of one verify forward, as in latency.json); other shapes are accepted too.
     """
     points = []
-    for source in (extras.get("tree"), extras.get("calibration")):
+    for source in (files.get("tree"), files.get("calibration")):
         if not isinstance(source, dict):
             continue
         for key in CURVE_KEYS:
@@ -268,24 +271,25 @@ def tau_predicted_vs_measured(report: ReportTables) -> bytes | None:
     fig = Figure(figsize=(6.2, 4.0))
     ax = fig.subplots()
     drawn = False
-    for i, run in enumerate(report.runs):
-        paths = tree_paths(run)
-        curve = predicted_curve(run.extras)
-        predicted = predicted_tau(run)
-        predicted = None if math.isnan(predicted) else predicted
+    k = 0
+    for run in report.runs:
         measured = report.drafting_rows(speed[speed.run == run.label])
-        measured = measured[measured.tau.notna()]
-        if not paths or measured.empty or (predicted is None and not curve):
-            continue
-        color = COLORS[i % len(COLORS)]
-        prefix = text(f"{run.label}: ") if several else ""
-        if curve:
-            ax.plot(*zip(*curve), "-", color=color, alpha=0.6, label=f"{prefix}predicted τ by tree size")
-        if predicted is not None:
-            ax.scatter([len(paths) + 1], [predicted], marker="s", s=60, facecolors="none", edgecolors=color, label=f"{prefix}predicted τ, chosen tree")
-        for j, (_, row) in enumerate(measured.iterrows()):
-            ax.scatter([len(paths) + 1], [row.tau], marker="o^vD"[j % 4], s=50, color=color, label=f"{prefix}measured τ ({text(row.decoder)})")
-        drawn = True
+        for _, row in measured[measured.tau.notna()].iterrows():
+            files = tree_files(run, row.decoder)
+            paths = tree_paths_of(files.get("tree"))
+            curve = predicted_curve(files)
+            tau = predicted(files, "tau")
+            if paths is None or (math.isnan(tau) and not curve):
+                continue  # a fixed tree: the optimiser predicted nothing for it
+            color = COLORS[k % len(COLORS)]
+            k += 1
+            label = text(f"{run.label}: {row.decoder}" if several else row.decoder)
+            if curve:
+                ax.plot(*zip(*curve), "-", color=color, alpha=0.6, label=f"{label}: predicted τ by tree size")
+            if not math.isnan(tau):
+                ax.scatter([len(paths) + 1], [tau], marker="s", s=60, facecolors="none", edgecolors=color, label=f"{label}: predicted τ, chosen tree")
+            ax.scatter([len(paths) + 1], [row.tau], marker="o", s=50, color=color, label=f"{label}: measured τ")
+            drawn = True
     if not drawn:
         return None
     ax.set_xlim(left=0, right=ax.get_xlim()[1] + 1)

@@ -335,13 +335,31 @@ def acceptance_counts(run: RunData, model_id: str) -> Counter:
     return counts
 
 
-def predicted(run: RunData, key: str) -> float:
+def tree_files(run: RunData, decoder: str) -> dict[str, Any]:
+    """The tree optimiser's files (tree, calibration, latency JSON) behind one decoder's tree.
+
+    run.json's "trees" says which decoders had their tree chosen by `--tree auto` and where
+    their files are; a decoder on a fixed tree has none. Runs without that record (or with a
+    tree.json put there by hand) fall back to the folder's own tree.json.
+    """
+    records = run.info.get("trees") or {}
+    if decoder not in records:
+        return run.extras if not records else {}
+    record = records[decoder]
+    if not record.get("auto"):
+        return {}
+    names = record.get("files") or {name: f"{name}.json" for name in OPTIONAL_FILES}
+    loaded = {name: _load_optional_json(run.path / str(file), run.notes) for name, file in names.items()}
+    return {name: data for name, data in loaded.items() if data is not None}
+
+
+def predicted(files: dict[str, Any], key: str) -> float:
     """The tree optimiser's prediction for the chosen tree (key "tau" or "speedup"), if saved.
 
-    Read tolerantly: `tree.json` from `medusa-bench tree` has {"search": {"tau", "speedup", …}};
+    Read tolerantly: `medusa-bench tree` writes {"search": {"tau", "speedup", …}} into tree.json;
     other writers may use {"predicted": {key: x}} or "predicted_<key>"; calibration.json likewise.
     """
-    for extra in (run.extras.get("tree"), run.extras.get("calibration")):
+    for extra in (files.get("tree"), files.get("calibration")):
         if not isinstance(extra, dict):
             continue
         for holder in (extra.get("predicted"), extra.get("search")):
@@ -350,10 +368,6 @@ def predicted(run: RunData, key: str) -> float:
         if _is_number(extra.get(f"predicted_{key}")):
             return float(extra[f"predicted_{key}"])
     return math.nan
-
-
-def predicted_tau(run: RunData) -> float:
-    return predicted(run, "tau")
 
 
 def _is_number(value: Any) -> bool:
@@ -374,9 +388,9 @@ def acceptance_tables(runs: list[RunData], frames: dict[str, pd.DataFrame]) -> t
             decoder = run.decoder_of(model_id)
             row = {"run": run.label, "decoder": decoder, "steps": int(dec.steps.sum()) if dec.steps.notna().any() else math.nan,
                    "tau": ratio(dec.new_tokens.sum(), dec.steps.sum())}
-            drafting = not run.is_reference(model_id)
-            row["tau_predicted"] = predicted(run, "tau") if drafting else math.nan
-            row["speedup_predicted"] = predicted(run, "speedup") if drafting else math.nan
+            files = {} if run.is_reference(model_id) else tree_files(run, decoder)
+            row["tau_predicted"] = predicted(files, "tau")
+            row["speedup_predicted"] = predicted(files, "speedup")
             for depth in range(1, longest):
                 row[f"accept_ge_{depth}"] = ratio(sum(n for k, n in c.items() if k - 1 >= depth), steps)
             accept_rows.append(row)

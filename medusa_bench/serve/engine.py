@@ -139,8 +139,8 @@ class Metrics:
             self.generation_tokens += sum(generation.accept_lengths)
             self.steps += generation.steps
             if self.draft_size:
-                self.drafts += generation.steps
-                self.draft_tokens += generation.steps * self.draft_size
+                self.drafts += generation.drafts
+                self.draft_tokens += generation.draft_tokens
             for length in generation.accept_lengths:
                 accepted = max(0, length - 1)  # the root (the base model's own token) is not a draft
                 self.accepted_tokens += accepted

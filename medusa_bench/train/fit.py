@@ -23,7 +23,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -154,22 +154,37 @@ def check_out_folder(out: Path, loaded) -> None:
 
 def fit_heads(heads: MedusaHeads, train: Positions, held: Positions, config: FitConfig,
               log: Optional[Callable[[dict], None]] = None) -> list[dict]:
-    """AdamW with warm-up + cosine decay; early stopping on held-out loss; keeps the best weights."""
+    """Medusa heads on cached positions: shuffled batches of `batch_size` positions."""
+    vocab = active_vocab(train.targets) if config.softmax == "active" else None
+
+    def epoch_batches(generator: torch.Generator):
+        order = torch.randperm(len(train), generator=generator)
+        return (order[begin: begin + config.batch_size] for begin in range(0, len(train), config.batch_size))
+
+    return train_loop(heads, epoch_batches, lambda rows: head_loss(heads, train.hidden[rows], train.targets[rows], vocab),
+                      lambda: evaluate(heads, held if len(held) else train, config.top_k),
+                      math.ceil(len(train) / config.batch_size), config, log)
+
+
+def train_loop(heads: torch.nn.Module, epoch_batches: Callable[[torch.Generator], Iterable], loss_of: Callable[[Any], torch.Tensor],
+               held_out: Callable[[], dict], steps_per_epoch: int, config: FitConfig,
+               log: Optional[Callable[[dict], None]] = None) -> list[dict]:
+    """AdamW with warm-up + cosine decay; early stopping on held-out loss; keeps the best weights.
+
+    Shared by every head trainer: `epoch_batches(generator)` gives one epoch's batches,
+    `loss_of(batch)` their loss, `held_out()` the held-out metrics (`evaluate`'s shape).
+    """
     generator = torch.Generator().manual_seed(config.seed)
     params = [p for p in heads.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
     schedule = warmup_cosine(optimiser, total=config.epochs * steps_per_epoch)
-    vocab = active_vocab(train.targets) if config.softmax == "active" else None
     deadline = time.perf_counter() + config.max_minutes * 60 if config.max_minutes else math.inf
     curve, best_loss, best_state, stale, step = [], math.inf, None, 0, 0
     began = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
-        order = torch.randperm(len(train), generator=generator)
         losses = []
-        for begin in range(0, len(train), config.batch_size):
-            rows = order[begin: begin + config.batch_size]
-            loss = head_loss(heads, train.hidden[rows], train.targets[rows], vocab)
+        for batch in epoch_batches(generator):
+            loss = loss_of(batch)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -178,9 +193,9 @@ def fit_heads(heads: MedusaHeads, train: Positions, held: Positions, config: Fit
             step += 1
             if time.perf_counter() > deadline:
                 break
-        metrics = evaluate(heads, held if len(held) else train, config.top_k)
+        metrics = held_out()
         row = {"epoch": epoch, "steps": step, "seconds": round(time.perf_counter() - began, 1),
-               "train_loss": round(sum(losses) / len(losses), 4), **summary(metrics)}
+               "train_loss": round(sum(losses) / max(len(losses), 1), 4), **summary(metrics)}
         curve.append(row)
         if log:
             log(row)

@@ -20,7 +20,6 @@ path-conditional statistics: P(rank at depth d | the path above accepted), for `
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,8 +34,8 @@ from medusa_bench.errors import UserError
 from medusa_bench.heads import io
 from medusa_bench.heads.hydra import ARCHS, HydraHeads, save_hydra_heads
 from medusa_bench.models import DTYPES, model_name
-from medusa_bench.train.data import IGNORE, Sequence
-from medusa_bench.train.fit import FitConfig, FitResult, active_vocab, epoch_line, prepare_sequences, summary, warmup_cosine, write_curve
+from medusa_bench.train.data import Sequence
+from medusa_bench.train.fit import FitConfig, FitResult, active_vocab, epoch_line, prepare_sequences, summary, train_loop, write_curve
 from medusa_bench.train.vocab import write_draft_vocab
 from medusa_bench.trees.search import save_calibration
 
@@ -103,42 +102,12 @@ def check_out_folder(out: Path, loaded) -> None:
 
 def fit(heads: HydraHeads, train: list[Pair], held: list[Pair], config: HydraFitConfig,
         log: Optional[Callable[[dict], None]] = None) -> list[dict]:
-    """AdamW with warm-up + cosine decay over batches of whole sequences; early stopping on held-out loss."""
-    generator = torch.Generator().manual_seed(config.seed)
-    params = [p for p in heads.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    """Hydra heads teacher-forced over batches of whole sequences (fit.train_loop's schedule and early stopping)."""
     vocab = active_vocab(torch.cat([seq.ids[seq.mask] for seq, _ in train])) if config.softmax == "active" else None
     steps_per_epoch = len(batches(train, config.batch_size, torch.arange(len(train))))
-    schedule = warmup_cosine(optimiser, total=config.epochs * steps_per_epoch)
-    deadline = time.perf_counter() + config.max_minutes * 60 if config.max_minutes else math.inf
-    curve, best_loss, best_state, stale, step = [], math.inf, None, 0, 0
-    began = time.perf_counter()
-    for epoch in range(1, config.epochs + 1):
-        losses = []
-        for batch in batches(train, config.batch_size, torch.randperm(len(train), generator=generator)):
-            loss = batch_loss(heads, batch, vocab, config.loss)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-            losses.append(loss.item())
-            step += 1
-            if time.perf_counter() > deadline:
-                break
-        metrics = evaluate(heads, held, config.top_k)
-        row = {"epoch": epoch, "steps": step, "seconds": round(time.perf_counter() - began, 1),
-               "train_loss": round(sum(losses) / max(len(losses), 1), 4), **summary(metrics)}
-        curve.append(row)
-        if log:
-            log(row)
-        if metrics["loss"] < best_loss:
-            best_loss, best_state, stale = metrics["loss"], copy.deepcopy(heads.state_dict()), 0
-        else:
-            stale += 1
-        if stale > config.patience or time.perf_counter() > deadline:
-            break
-    heads.load_state_dict(best_state)
-    return curve
+    return train_loop(heads, lambda generator: batches(train, config.batch_size, torch.randperm(len(train), generator=generator)),
+                      lambda batch: batch_loss(heads, batch, vocab, config.loss), lambda: evaluate(heads, held, config.top_k),
+                      steps_per_epoch, config, log)
 
 
 def batches(pairs: list[Pair], targets_per_batch: int, order: torch.Tensor) -> list[list[Pair]]:
