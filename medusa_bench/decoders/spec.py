@@ -207,6 +207,8 @@ class SpeculativeDecoder:
         self.acceptance = acceptance
         self.lossless = lossless and acceptance.rule == "greedy"
         self.draft_size = proposer.draft_size
+        # an empty tree (the optimiser's answer where speculation does not pay) is the baseline's exact work
+        self.want_hidden = proposer.needs_hidden and proposer.draft_size > 0
         self.baseline_name = "baseline"  # the decoder whose tokens a lossless run must reproduce
         self.eos = set(loaded.eos_token_ids)
         self.drafts_verified = self.draft_tokens_verified = 0  # running counts over every generate() call
@@ -219,7 +221,7 @@ class SpeculativeDecoder:
         if not sampling.greedy:
             generator = torch.Generator(device=device)
             generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
-        want_hidden = self.proposer.needs_hidden
+        want_hidden = self.want_hidden
         self.proposer.reset(prompt_ids)
         drafts_before, draft_tokens_before = self.drafts_verified, self.draft_tokens_verified
 
@@ -273,7 +275,7 @@ class SpeculativeDecoder:
         if draft is None:  # a plain one-token step: the baseline's whole cost
             tokens = torch.tensor([root], device=self.device)
             positions = torch.tensor([[prefix]], device=self.device)
-            logits, hidden = forward(self.model, tokens[None], cache, positions, None, self.proposer.needs_hidden)
+            logits, hidden = forward(self.model, tokens[None], cache, positions, None, self.want_hidden)
             self.proposer.update(0)
             if hidden is not None:
                 self.proposer.observe(hidden)  # [1, H]
@@ -285,7 +287,7 @@ class SpeculativeDecoder:
         tokens[0] = root
         positions = (prefix + buffers.depths)[None]  # [1, n]
         mask = None if buffers.max_depth == buffers.num_nodes - 1 else buffers.additive_mask(prefix, self.model.dtype)
-        logits, hidden = forward(self.model, tokens[None], cache, positions, mask, self.proposer.needs_hidden)
+        logits, hidden = forward(self.model, tokens[None], cache, positions, mask, self.want_hidden)
 
         residual = None
         if self.acceptance.rule == "typical":
