@@ -170,7 +170,7 @@ def test_resuming_with_another_tree_is_refused(tmp_path):
 
 
 # ------------------------------------------------------------------------------ end to end
-def test_auto_measures_caches_and_fills_the_run_folder(smollm, heads_dir, tmp_path, monkeypatch):
+def test_auto_measures_caches_and_fills_the_run_folder(smollm, heads_dir, tmp_path, monkeypatch, data_dir):
     settings = AutoTreeSettings(cache_dir=str(tmp_path / "cache"), **TINY)
     heads = load_heads(heads_dir, base_model=smollm.model)
     make = lambda tree: MedusaProposer(heads, tree, smollm.device)  # noqa: E731
