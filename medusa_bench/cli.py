@@ -227,6 +227,16 @@ _DEVICE = typer.Option("auto", "--device")
 _DTYPE = typer.Option("auto", "--dtype")
 
 
+def _train(fit, config, model: str, device: str, dtype: str, data: Path, out: Path) -> None:
+    """What every `train` command does once its options are a config: check, load, fit, say where."""
+    from medusa_bench.models import load_model
+
+    config.check()
+    result = fit(load_model(model, device, dtype), data, out, config, console=console)
+    console.print(f"held-out: {result.best}")
+    typer.echo(str(result.out))
+
+
 @train_app.command("medusa")
 def train_medusa(
     data: Path = _DATA, out: Path = _OUT, model: str = _MODEL, heads: int = _HEADS,
@@ -238,16 +248,12 @@ def train_medusa(
     device: str = _DEVICE, dtype: str = _DTYPE,
 ) -> None:
     """Medusa-1: train heads on a frozen base model (loss on assistant tokens; held-out accuracy; calibration.json)."""
-    from medusa_bench.models import load_model
     from medusa_bench.train.fit import FitConfig, train_medusa as fit
 
     config = FitConfig(num_heads=heads, num_layers=layers, lm_head=lm_head, epochs=epochs, batch_size=batch_size, lr=lr,
                        heldout=heldout, patience=patience, max_minutes=max_minutes, max_length=max_length, softmax=softmax,
                        save_dtype=save_dtype, seed=seed, hidden_cache=hidden_cache)
-    config.check()
-    result = fit(load_model(model, device, dtype), data, out, config, console=console)
-    console.print(f"held-out: {result.best}")
-    typer.echo(str(result.out))
+    _train(fit, config, model, device, dtype, data, out)
 
 
 @train_app.command("medusa2")
@@ -268,7 +274,6 @@ def train_medusa2(
     device: str = _DEVICE, dtype: str = _DTYPE,
 ) -> None:
     """Medusa-2: LoRA on the backbone + heads, KL self-distillation to the frozen model; the medusa2 decoder loads the folder."""
-    from medusa_bench.models import load_model
     from medusa_bench.train.medusa2 import Medusa2Config, train_medusa2 as fit
 
     config = Medusa2Config(num_heads=heads, init_heads=init_heads, warmup_epochs=warmup_epochs, epochs=epochs,
@@ -276,10 +281,7 @@ def train_medusa2(
                            lora_layers=lora_layers, heads_coefficient=heads_coefficient, heads_decay=heads_decay,
                            heldout=heldout, patience=patience, max_minutes=max_minutes, max_length=max_length,
                            softmax=softmax, save_dtype=save_dtype, full_model=full_model, seed=seed, hidden_cache=hidden_cache)
-    config.check()
-    result = fit(load_model(model, device, dtype), data, out, config, console=console)
-    console.print(f"held-out: {result.best}")
-    typer.echo(str(result.out))
+    _train(fit, config, model, device, dtype, data, out)
 
 
 # --------------------------------------------------------------------------------------- tree
@@ -338,16 +340,12 @@ def train_hydra(
     device: str = _DEVICE, dtype: str = _DTYPE,
 ) -> None:
     """Hydra: heads conditioned on the drafted tokens above them, on a frozen base model (held-out accuracy; calibration.json)."""
-    from medusa_bench.models import load_model
     from medusa_bench.train.hydra import HydraFitConfig, train_hydra as fit
 
     config = HydraFitConfig(num_heads=heads, num_layers=layers, arch=arch, loss=loss, lm_head=lm_head, epochs=epochs,
                             batch_size=batch_size, lr=lr, heldout=heldout, patience=patience, max_minutes=max_minutes,
                             max_length=max_length, softmax=softmax, save_dtype=save_dtype, seed=seed, hidden_cache=hidden_cache)
-    config.check()
-    result = fit(load_model(model, device, dtype), data, out, config, console=console)
-    console.print(f"held-out: {result.best}")
-    typer.echo(str(result.out))
+    _train(fit, config, model, device, dtype, data, out)
 
 
 # ---------------------------------------------------------------------------------------- main

@@ -135,8 +135,9 @@ def prepare_sequences(loaded, data: Path, config: FitConfig, console: Console) -
     return train, held, info
 
 
-def check_out_folder(out: Path, loaded) -> None:
-    """Refuse an output folder that holds another model's heads (retraining this model's is fine)."""
+def check_out_folder(out: Path, loaded, heads_key: str = "medusa_num_heads", kind: str = "") -> None:
+    """Refuse an output folder that holds another model's heads, or heads of another kind
+    (config.json without `heads_key`); retraining this model's heads of this kind is fine."""
     config_path = Path(out) / "config.json"
     if not config_path.is_file():
         return
@@ -144,9 +145,9 @@ def check_out_folder(out: Path, loaded) -> None:
     base = config.get("base_model_name_or_path")
     hidden = config.get("hidden_size")
     same_name = base is None or base in (loaded.spec, loaded.source) or model_name(str(base)) == loaded.name
-    if not same_name or (hidden is not None and hidden != loaded.hidden_size) or "medusa_num_heads" not in config:
-        what = f"heads for {base}" if base else "another model"
-        raise UserError(f"{out} already holds {what}, not {loaded.spec}: pass a new --out folder (or delete that one)")
+    if not same_name or (hidden is not None and hidden != loaded.hidden_size) or heads_key not in config:
+        what = f"heads for {base}" if base else "another model's files"
+        raise UserError(f"{out} already holds {what}, not {kind}{loaded.spec}: pass a new --out folder (or delete that one)")
 
 
 # ------------------------------------------------------------------------------ optimisation

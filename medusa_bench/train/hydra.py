@@ -33,9 +33,9 @@ from medusa_bench.bench.calibrate import statistics_of
 from medusa_bench.errors import UserError
 from medusa_bench.heads import io
 from medusa_bench.heads.hydra import ARCHS, HydraHeads, save_hydra_heads
-from medusa_bench.models import DTYPES, model_name
+from medusa_bench.models import DTYPES
 from medusa_bench.train.data import Sequence
-from medusa_bench.train.fit import FitConfig, FitResult, active_vocab, epoch_line, prepare_sequences, summary, train_loop, write_curve
+from medusa_bench.train.fit import FitConfig, FitResult, active_vocab, check_out_folder, epoch_line, prepare_sequences, summary, train_loop, write_curve
 from medusa_bench.train.vocab import write_draft_vocab
 from medusa_bench.trees.search import save_calibration
 
@@ -69,7 +69,7 @@ def train_hydra(loaded, data: Path, out: Path, config: HydraFitConfig = HydraFit
     """Train Hydra heads on `data` (ShareGPT jsonl) for the frozen `loaded` model; write them to `out`."""
     console = console or Console(stderr=True)
     config.check()
-    check_out_folder(out, loaded)
+    check_out_folder(out, loaded, heads_key="hydra_num_heads", kind="Hydra heads for ")
     start = time.perf_counter()
     train, held, info = prepare_sequences(loaded, data, config, console)
     if not held:
@@ -82,19 +82,6 @@ def train_hydra(loaded, data: Path, out: Path, config: HydraFitConfig = HydraFit
     result = FitResult(Path(out), curve, info=info)
     result.best = write(heads, loaded, out, held, config, result)
     return result
-
-
-def check_out_folder(out: Path, loaded) -> None:
-    """Refuse an output folder that holds other heads (retraining this model's Hydra heads is fine)."""
-    path = Path(out) / "config.json"
-    if not path.is_file():
-        return
-    config = io.read_json(path)
-    base = config.get("base_model_name_or_path")
-    same = base is None or base in (loaded.spec, loaded.source) or model_name(str(base)) == loaded.name
-    if not same or "hydra_num_heads" not in config or config.get("hidden_size", loaded.hidden_size) != loaded.hidden_size:
-        what = f"heads for {base}" if base else "another model's files"
-        raise UserError(f"{out} already holds {what}, not Hydra heads for {loaded.spec}: pass a new --out folder (or delete that one)")
 
 
 # ------------------------------------------------------------------------------ optimisation
