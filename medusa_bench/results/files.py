@@ -105,6 +105,18 @@ def append_jsonl(path: Path, record: dict) -> None:
         os.fsync(handle.fileno())
 
 
+def rewrite_jsonl(path: Path, records: Iterable[dict]) -> None:
+    """Replace a JSONL file's contents atomically: temp file in the same folder, fsync, rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        for record in records:
+            handle.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
 def iter_answer_files(run_dir: Path) -> Iterator[Path]:
     yield from sorted((Path(run_dir) / ANSWER_DIR).glob("*.jsonl"))
 
