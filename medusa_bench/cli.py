@@ -101,6 +101,7 @@ def judge(
     questions: Optional[Path] = typer.Option(None, "--questions", help="Question file (default: the run's)."),
     judge_prompts: Optional[Path] = typer.Option(None, "--judge-prompts", help="FastChat judge_prompts.jsonl."),
     reference_answers: Optional[Path] = typer.Option(None, "--reference-answers", help="Reference answers (FastChat reference_answer/gpt-4.jsonl)."),
+    retry_unparseable: bool = typer.Option(False, "--retry-unparseable", help="Ask the judge again for judgments stored as unparseable (score -1); the new one replaces the old line."),
 ) -> None:
     """Grade a run's answers with an LLM judge (MT-Bench style); resumes where it stopped."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -116,11 +117,12 @@ def judge(
             baseline=baseline, reuse=not no_reuse, score=score, max_tokens=max_tokens, timeout=timeout,
             retry=RetryPolicy(max_retries=max_retries), questions=questions, judge_prompts=judge_prompts,
             reference_answers=reference_answers, progress=lambda done, total: bar.update(task, completed=done, total=total),
+            retry_unparseable=retry_unparseable,
         )
     Console().print(summary_table(result))
     console.print(
         f"{result.judged} judged, {result.reused} reused, {result.skipped} already done, "
-        f"{result.unparsed} unparseable (kept, counted as missing)"
+        f"{result.unparsed} unparseable (kept, counted as missing)" + (f", {result.retried} re-asked" if retry_unparseable else "")
     )
     typer.echo(str(result.path))
 

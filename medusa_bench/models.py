@@ -38,9 +38,11 @@ class LoadedModel:
     spec: str  # what the user passed
     device: torch.device
     dtype: torch.dtype
+    dtype_auto: dict | None = None  # how `run --dtype auto` chose dtype (bench/precision.py), else None
     eos_token_ids: list[int] = field(default_factory=list)
     context_length: int = 2048
     source: str = ""  # where the weights came from (folder, file)
+    attn_implementation: str = ""  # the attention kernel that ran: sdpa, or eager where the model refuses sdpa
 
     @property
     def hidden_size(self) -> int:
@@ -62,7 +64,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """auto: fp32 on CPU (fp16 matmuls are slow there), bf16 on CUDA when supported, else fp16."""
+    """auto: fp32 on CPU (fp16 matmuls are slow there; `run` measures bf16: bench/precision.py), bf16 on CUDA when supported, else fp16."""
     if dtype == "auto":
         if device.type != "cuda":
             return torch.float32
@@ -143,7 +145,7 @@ def resolve_source(spec: str) -> tuple[str, str]:
 
 
 def load_model(spec: str = "smollm2-135m", device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False) -> LoadedModel:
-    """Load a causal LM and its tokenizer for decoding (eval mode, no grad, SDPA attention)."""
+    """Load a causal LM and its tokenizer for decoding (eval mode, no grad, SDPA attention where the model takes it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -153,19 +155,43 @@ def load_model(spec: str = "smollm2-135m", device: str = "auto", dtype: str = "a
     source, name = resolve_source(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa")
-    except OSError as error:
-        raise UserError(f"cannot load model {spec!r}: {str(error).splitlines()[0]}") from None
-    except ValueError as error:
+        model = load_weights(AutoModelForCausalLM, source, torch_dtype, trust_remote_code)
+    except UserError:
+        raise
+    except Exception as error:  # one line for the user, not transformers' traceback
         if "trust_remote_code" in str(error):
             raise UserError(f"model {spec!r} needs its own code from the hub; re-run with --trust-remote-code if you trust it") from None
-        raise
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserError(f"cannot load model {spec!r}: {first}") from None
     model.to(torch_device).eval()
     model.requires_grad_(False)
     return LoadedModel(
         model=model, tokenizer=tokenizer, name=name, spec=spec, device=torch_device, dtype=torch_dtype,
         eos_token_ids=eos_ids(model, tokenizer), context_length=context_length(model, tokenizer), source=source,
+        attn_implementation=model.config._attn_implementation,
     )
+
+
+# Fastest first among the kernels that take the verify step's 4-D tree mask. Flash-attention and
+# flex kernels are left out: transformers reads a tensor mask there as padding (or needs a
+# BlockMask), so a tree would attend to its siblings.
+ATTENTION_KERNELS = ("sdpa", "eager")
+
+
+def load_weights(auto_class, source: str, dtype: torch.dtype, trust_remote_code: bool):
+    """The model with the first kernel of ATTENTION_KERNELS it accepts (Gemma2 refuses sdpa: softcapping)."""
+    for kernel in ATTENTION_KERNELS:
+        try:
+            return auto_class.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=kernel)
+        except ValueError as error:
+            if kernel == ATTENTION_KERNELS[-1] or not refuses_kernel(error):
+                raise
+            log.info("%s does not support %s attention; trying the next kernel", source, kernel)
+
+
+def refuses_kernel(error: ValueError) -> bool:
+    text = str(error).lower()  # e.g. "Gemma2ForCausalLM does not support an attention implementation through ...sdpa..."
+    return "does not support" in text and "attention" in text
 
 
 def eos_ids(model, tokenizer) -> list[int]:

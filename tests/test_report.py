@@ -100,6 +100,17 @@ def records(raw, decoder, exact=None, texts=None):
     return [answer(q, c, decoder, t, w, s, exact=(exact or {}).get(q), texts=(texts or {}).get(q)) for q, (c, t, w, s) in raw.items()]
 
 
+def diverge_where_not_exact(answers: list[dict]) -> list[dict]:
+    """Make token ids agree with `exact_match`: a turn marked False parts from the baseline's
+    all-ones ids at token 3 (so the drift table and its plot have something to show)."""
+    for record in answers:
+        choice = record["choices"][0]
+        for turn, same in enumerate(choice["exact_match"] or []):
+            if same is False:
+                choice["token_ids"][turn][3] = 2
+    return answers
+
+
 # judgments: baseline all graded; medusa with one failed grade (score -1) on question 2 turn 2.
 BASE_SCORES = {(1, 1): 7, (1, 2): 6, (2, 1): 8, (2, 2): 5, (3, 1): 4, (3, 2): 3, (4, 1): 9, (4, 2): 8}
 MEDUSA_SCORES = {(1, 1): 7, (1, 2): 5, (2, 1): 8, (2, 2): -1, (3, 1): 5, (3, 2): 3, (4, 1): 9, (4, 2): 7}
@@ -131,7 +142,7 @@ def full_run(tmp_path):
     return write_run(
         tmp_path / "full",
         {"tiny-baseline": records(BASELINE_Q, "baseline"),
-         "tiny-medusa": records(MEDUSA_Q, "medusa", MEDUSA_EXACT, texts={1: [EVIL, "second turn"]}),
+         "tiny-medusa": diverge_where_not_exact(records(MEDUSA_Q, "medusa", MEDUSA_EXACT, texts={1: [EVIL, "second turn"]})),
          "tiny-hydra": records(HYDRA_Q, "hydra")},
         judgments=all_judgments(), extras={"tree": TREE, "latency": LATENCY},
     )
@@ -174,6 +185,8 @@ def test_speed_table_matches_hand_computation(full_run):
     assert medusa.speedup_specbench == pytest.approx(expected_sb)
     # Exact match over turns: 5 of 8 turns matched.
     assert medusa.exact_match == pytest.approx(5 / 8) and medusa.exact_match_turns == 8
+    drift = row(collect([full_run]).tables["precision"], decoder="medusa")  # recomputed from token ids: the same 5 of 8
+    assert drift.exact_vs_baseline == pytest.approx(5 / 8) and drift.divergence_vs_baseline == 3.0
     assert math.isnan(base.exact_match)  # null on the baseline: not applicable
     assert medusa.speedup_ci_low <= medusa.speedup <= medusa.speedup_ci_high
 
@@ -405,7 +418,7 @@ def test_html_is_self_contained_and_escaped(full_run):
     assert "&lt;img src=x onerror=alert(2)&gt;" in page
     assert not re.search(r'(src|href)="(https?:)?//', page)  # no network fetches
     sources = image_sources(page)
-    assert len(sources) == 6  # speedup, speed vs quality, tokens per step, predicted τ, step time, tree
+    assert len(sources) == 7  # speedup, speed vs quality, first divergence, tokens per step, predicted τ, step time, tree
     for source in sources:
         assert source.startswith("data:image/png;base64,")
         assert base64.b64decode(source.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
@@ -486,6 +499,6 @@ def test_report_renders_in_headless_chromium(full_run, tmp_path):
                    probed.resolve().as_uri(), profile=tmp_path / "profile3").stdout
     body = re.search(r"<body([^>]*)>", dom).group(1)
     attrs = dict(re.findall(r'data-([a-z-]+)="([^"]*)"', body))
-    assert int(attrs["images"]) == 6 and attrs["images-ok"] == attrs["images"], attrs
+    assert int(attrs["images"]) == 7 and attrs["images-ok"] == attrs["images"], attrs
     assert json.loads(attrs["errors"].replace("&quot;", '"')) == []
     assert attrs["scripts"] == "1" and attrs["text"] == "true"

@@ -19,7 +19,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from medusa_bench import __version__
+from medusa_bench.bench import precision
 from medusa_bench.bench.autotree import store_in_run, tree_records
+from medusa_bench.bench.contention import TIMING_FIELDS, count_flagged, cpu_meter, is_flagged
 from medusa_bench.bench.prompts import build_prompt, conversation
 from medusa_bench.bench.questions import CATEGORY_TEMPERATURE, Question, load_questions
 from medusa_bench.decoders.base import Decoder, DecoderOptions, Sampling, build_decoder, decoder_names, split_spec
@@ -29,7 +31,7 @@ from medusa_bench.results import files
 # Settings that change the numbers: a run folder keeps them fixed for its whole life.
 SETTING_KEYS = ("model", "bench", "question_file", "max_new_tokens", "temperature", "top_p", "seed",
                 "device", "dtype", "tree", "acceptance", "posterior_threshold", "posterior_alpha",
-                "medusa_heads", "medusa2_model", "hydra_heads", "pld_max_ngram", "pld_tokens", "pld_branches", "draft_vocab")
+                "medusa_heads", "medusa2_model", "hydra_heads", "pld_max_ngram", "pld_tokens", "pld_branches", "draft_vocab", "precision_reference")
 
 
 @dataclass
@@ -51,17 +53,23 @@ class RunConfig:
     dtype: str = "auto"
     options: DecoderOptions = field(default_factory=DecoderOptions)
     trust_remote_code: bool = False
+    precision_reference: Optional[str] = None  # float32 | none; None: float32 unless the run is float32
+    remeasure_flagged: bool = False  # re-time the questions with a contended turn, keeping their answers
 
     @classmethod
     def from_cli(cls, *, decoders: str, question_ids, categories, temperature: str, tree, medusa_heads,
                  medusa2_model, hydra_heads, acceptance, posterior_threshold, posterior_alpha,
-                 pld_max_ngram=3, pld_tokens=10, pld_branches=1, draft_vocab=-1, **rest) -> "RunConfig":
+                 pld_max_ngram=3, pld_tokens=10, pld_branches=1, draft_vocab=-1, control=False, **rest) -> "RunConfig":
         """Parse the CLI's strings; every bad value is a one-line UserError."""
         names = [d.strip() for d in decoders.split(",") if d.strip()]
         if not names:
             raise UserError("--decoders is empty; valid names are: " + ", ".join(decoder_names()))
+        if control and "control" in names:
+            raise UserError("control is asked for twice: drop it from --decoders or drop --control")
+        names += ["control"] if control else []  # the A/A noise floor: the baseline's work, timed again
         if len(set(names)) != len(names):
             raise UserError(f"--decoders lists a decoder twice: {decoders}")
+        precision.check_reference_option(rest.get("precision_reference"))
         if temperature != "category":
             try:
                 temperature = float(temperature)
@@ -121,13 +129,64 @@ def check_same_settings(run_dir: Path, settings: dict) -> Optional[dict]:
     return previous
 
 
+# The DecoderOptions field naming each decoder's heads, and the shipped kind loaded when it is None.
+HEADS_OPTIONS = {"medusa": ("medusa_heads", "medusa"), "medusa2": ("medusa2_model", "medusa2"),
+                 "medusa2-baseline": ("medusa2_model", "medusa2"), "hydra": ("hydra_heads", "hydra")}
+
+
+def content_hashes(config: RunConfig, questions: list[Question]) -> dict:
+    """What settings (paths) cannot see: {"questions": {id: sha256}, "heads": {folder: sha256}}.
+
+    Per question, so a resume may select more or fewer questions; heads over the folders this
+    run's decoders load, the shipped defaults included.
+    """
+    import dataclasses
+    import hashlib
+    import json
+    from types import SimpleNamespace
+
+    from medusa_bench.decoders.medusa import default_heads
+    from medusa_bench.heads.io import weights_hash
+    from medusa_bench.models import model_name
+
+    questions_hash = {str(q.question_id): hashlib.sha256(json.dumps(dataclasses.asdict(q), sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+                      for q in questions}
+    heads = {}
+    for name in config.decoders:
+        option, kind = HEADS_OPTIONS.get(split_spec(name)[0], (None, None))
+        if option is None:
+            continue
+        folder = getattr(config.options, option) or default_heads(SimpleNamespace(name=model_name(config.model)), kind)
+        digest = weights_hash(folder) if folder else None  # None: a Hub id, or no heads (the build says so)
+        if digest:
+            heads[str(Path(folder).expanduser().resolve())] = digest
+    return {"questions": questions_hash, "heads": heads}
+
+
+def check_same_contents(previous: Optional[dict], hashes: dict, question_file: Path) -> dict:
+    """Refuse a resume whose questions or heads changed under the same paths; the merged hashes."""
+    before = (previous or {}).get("content_hashes") or {}
+    short = lambda digest: digest[:8] + "…"  # noqa: E731
+    for folder, new in hashes["heads"].items():
+        old = (before.get("heads") or {}).get(folder)
+        if old and old != new:
+            raise UserError(f"heads in {folder} changed since this run started (hash {short(old)} → {short(new)}); use another --out")
+    for qid, new in hashes["questions"].items():
+        old = (before.get("questions") or {}).get(qid)
+        if old and old != new:
+            raise UserError(f"question {qid} in {question_file} changed since this run started "
+                            f"(hash {short(old)} → {short(new)}); use another --out")
+    return {kind: {**(before.get(kind) or {}), **hashes[kind]} for kind in ("questions", "heads")}
+
+
 def device_info(loaded) -> dict:
     import platform
 
     import torch
 
     info = {"type": loaded.device.type, "dtype": str(loaded.dtype).replace("torch.", ""),
-            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
+            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+            "attn_implementation": getattr(loaded, "attn_implementation", "") or None}
     if loaded.device.type == "cuda":
         info["name"] = torch.cuda.get_device_name(loaded.device)
     else:
@@ -135,7 +194,8 @@ def device_info(loaded) -> dict:
     return info
 
 
-def write_run_file(run_dir: Path, config: RunConfig, settings: dict, loaded, decoders: dict, previous: Optional[dict]) -> dict:
+def write_run_file(run_dir: Path, config: RunConfig, settings: dict, loaded, decoders: dict, previous: Optional[dict],
+                   hashes: Optional[dict] = None) -> dict:
     names = list(dict.fromkeys((previous or {}).get("decoders", []) + list(decoders)))
     run = {
         "tool": "medusa-bench", "version": __version__,
@@ -145,7 +205,13 @@ def write_run_file(run_dir: Path, config: RunConfig, settings: dict, loaded, dec
         "questions": (previous or {}).get("questions"), "warmup": config.warmup,
         "versions": files.package_versions(), "device": device_info(loaded),
         "trees": {**(previous or {}).get("trees", {}), **tree_records(decoders)},  # each drafting decoder's tree + hash
+        "content_hashes": hashes or (previous or {}).get("content_hashes"),  # questions and heads, checked on resume
     }
+    dtype_auto = loaded.dtype_auto or (previous or {}).get("device", {}).get("dtype_auto")
+    if dtype_auto:  # how --dtype auto chose (a resume keeps the first choice); absent when --dtype was explicit
+        run["device"]["dtype_auto"] = dtype_auto
+    if settings.get("precision_reference", "none") != "none":
+        run["precision_reference"] = {"dtype": settings["precision_reference"], "file": reference_file(loaded, settings["precision_reference"])}
     files.write_json(run_dir / files.RUN_FILE, run)
     return run
 
@@ -159,9 +225,12 @@ def answer_question(decoder: Decoder, loaded, question: Question, config: RunCon
     """Both turns of one question; turn 2 sees this decoder's own turn-1 answer."""
     sampling = config.sampling_for(question)
     turns, new_tokens, wall, steps, accepts, token_ids = [], [], [], [], [], []
+    usages = []  # per turn: cpu_share, load_avg, contended (bench/contention.py)
     for turn in range(len(question.turns)):
         prompt_ids = build_prompt(loaded, conversation(question.turns[: turn + 1], turns))
-        result = decoder.generate(prompt_ids, config.max_new_tokens, sampling, on_step=on_step)
+        with cpu_meter(loaded.device) as usage:
+            result = decoder.generate(prompt_ids, config.max_new_tokens, sampling, on_step=on_step)
+        usages.append(usage)
         text = loaded.tokenizer.decode(result.token_ids, skip_special_tokens=True).strip()
         turns.append(text)
         new_tokens.append(len(result.token_ids))
@@ -170,7 +239,8 @@ def answer_question(decoder: Decoder, loaded, question: Question, config: RunCon
         accepts.append(result.accept_lengths)
         token_ids.append(result.token_ids)
     return {"index": 0, "turns": turns, "new_tokens": new_tokens, "wall_time": wall, "decoding_steps": steps,
-            "accept_lengths": accepts, "token_ids": token_ids, "temperature": sampling.temperature}
+            "accept_lengths": accepts, "token_ids": token_ids, "temperature": sampling.temperature,
+            **{key: [usage[key] for usage in usages] for key in ("cpu_share", "load_avg", "contended")}}
 
 
 def warm_up(decoders: dict[str, Decoder], loaded, questions: list[Question], config: RunConfig) -> None:
@@ -192,18 +262,24 @@ def run_benchmark(config: RunConfig, console: Optional[Console] = None, loaded=N
         if split_spec(name)[0] not in decoder_names():
             build_decoder(name, None, config.options)
     device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
     run_dir = files.ensure_writable_dir(config.out or default_out(config, model_name(config.model)))
+    lock = files.lock_run_dir(run_dir)  # noqa: F841 — held until this call returns: one writer per run folder
+    dtype_name = precision.run_dtype(config.dtype, run_dir)  # a resumed --dtype auto run keeps its folder's dtype
+    if loaded is None and dtype_name == "auto":  # measured on the loaded model: the settings need the answer
+        loaded = precision.load_auto(config.model, config.device, config.trust_remote_code)
+    dtype = loaded.dtype if loaded is not None else resolve_dtype(dtype_name, device)
     settings = settings_of(config, question_file, device, dtype)
+    settings["precision_reference"] = precision.reference_dtype(config.precision_reference, settings["dtype"])
     previous = check_same_settings(run_dir, settings)  # refuse before the slow model load
-    loaded = loaded or load_model(config.model, config.device, config.dtype, config.trust_remote_code)
+    hashes = check_same_contents(previous, content_hashes(config, questions), question_file)
+    loaded = loaded or load_model(config.model, config.device, dtype_name, config.trust_remote_code)
     decoders = {name: build_decoder(name, loaded, config.options) for name in names}
     # Within a question, reference decoders go first so exact-match can be checked at once.
     references_first = {d.baseline_name for d in decoders.values()}
     names = sorted(names, key=lambda name: name not in references_first)
     files.ensure_writable_dir(run_dir / files.ANSWER_DIR)
     store_in_run(run_dir, decoders, previous)  # --tree auto: tree.json, calibration.json, latency.json
-    write_run_file(run_dir, config, settings, loaded, decoders, previous)
+    write_run_file(run_dir, config, settings, loaded, decoders, previous, hashes)
 
     paths = {name: files.answer_path(run_dir, model_id(loaded, name)) for name in names}
     for path in paths.values():
@@ -211,36 +287,85 @@ def run_benchmark(config: RunConfig, console: Optional[Console] = None, loaded=N
     done = {name: {str(r["question_id"]): r for r in files.read_jsonl(path)} for name, path in paths.items()}
     references = {ref: done.get(ref) or {str(r["question_id"]): r for r in files.read_jsonl(files.answer_path(run_dir, model_id(loaded, ref)))}
                   for ref in {decoder.baseline_name for decoder in decoders.values()}}
-    todo = [(q, name) for q in questions for name in names if str(q.question_id) not in done[name]]
-    if not todo:
+    reference = PrecisionReference(run_dir, loaded, config) if settings["precision_reference"] != "none" else None
+    todo = [(index, question, name) for index, question in enumerate(questions) for name in question_order(names, index)
+            if str(question.question_id) not in done[name]]
+    reference_todo = [question for question in questions if reference and str(question.question_id) not in reference.done]
+    if not todo and not reference_todo and not config.remeasure_flagged:
         console.print(f"nothing to do: all {len(questions)} questions × {len(names)} decoders are in {run_dir}")
-        return run_dir
-
-    warm_up({n: decoders[n] for n in {name for _, name in todo}}, loaded, questions, config)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("starting", total=len(todo))
-        for question, name in todo:
-            live = {"tokens": 0, "start": time.perf_counter()}
-
-            def on_step(tokens, live=live, name=name, question=question):
-                live["tokens"] += len(tokens)
-                rate = live["tokens"] / max(time.perf_counter() - live["start"], 1e-9)
-                progress.update(task, description=f"q {question.question_id} · {name} · {rate:5.1f} tok/s")
-
-            choice = answer_question(decoders[name], loaded, question, config, on_step=on_step)
-            decoder = decoders[name]
-            reference = references[decoder.baseline_name].get(str(question.question_id))
-            choice["exact_match"] = exact_match(choice, decoder, reference, name)
-            record = {
-                "question_id": question.question_id, "answer_id": shortuuid.uuid(), "model_id": model_id(loaded, name),
-                "decoder": name, "baseline": decoder.baseline_name, "category": question.category, "tstamp": time.time(), "choices": [choice],
-            }
-            files.append_jsonl(paths[name], record)
-            if name in references:
-                references[name][str(question.question_id)] = record
-            progress.advance(task)
+    elif todo or reference_todo:
+        warm_up({n: decoders[n] for n in {name for _, _, name in todo}}, loaded, questions, config)
+        with run_progress(console) as progress:
+            task = progress.add_task("starting", total=len(todo) + len(reference_todo))
+            pending: list = []  # answers waiting for their reference's answer to this question (exact match)
+            for index, question, name in todo:
+                choice = answer_question(decoders[name], loaded, question, config, on_step=live_rate(progress, task, question, name))
+                pending.append(answer_record(question, name, decoders[name], loaded, choice))
+                pending = store_ready(pending, references, names, paths)
+                progress.advance(task)
+                if question in reference_todo and not any(q is question for _, q, _ in todo[todo.index((index, question, name)) + 1:]):
+                    reference.answer(question, config, references, progress, task)
+            for question in reference_todo:  # questions whose timed answers were all there already
+                if str(question.question_id) not in reference.done:
+                    reference.answer(question, config, references, progress, task)
+    if config.remeasure_flagged:
+        remeasure_flagged(questions, names, decoders, loaded, config, paths, console)
+    flagged, total = count_flagged(r for path in paths.values() for r in files.read_jsonl(path))
+    if flagged:
+        console.print(f"{flagged} of {total} turns were measured while the CPU was shared; rerun with --remeasure-flagged on a quiet machine")
     return run_dir
+
+
+def run_progress(console: Console) -> Progress:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    return Progress(*columns, console=console, transient=False)
+
+
+def live_rate(progress: Progress, task, question: Question, name: str):
+    """on_step callback: the live tokens/s of this answer in the progress line."""
+    live = {"tokens": 0, "start": time.perf_counter()}
+
+    def on_step(tokens):
+        live["tokens"] += len(tokens)
+        rate = live["tokens"] / max(time.perf_counter() - live["start"], 1e-9)
+        progress.update(task, description=f"q {question.question_id} · {name} · {rate:5.1f} tok/s")
+
+    return on_step
+
+
+def question_order(names: list[str], index: int) -> list[str]:
+    """The decoders' turn order for the question at `index`: baseline and control (the A/A pair)
+    swap places every other question, so neither is always the one that runs first."""
+    if index % 2 == 0 or "baseline" not in names or "control" not in names:
+        return names
+    order = list(names)
+    i, j = order.index("baseline"), order.index("control")
+    order[i], order[j] = order[j], order[i]
+    return order
+
+
+def answer_record(question: Question, name: str, decoder: Decoder, loaded, choice: dict) -> dict:
+    return {
+        "question_id": question.question_id, "answer_id": shortuuid.uuid(), "model_id": model_id(loaded, name),
+        "decoder": name, "baseline": decoder.baseline_name, "category": question.category, "tstamp": time.time(), "choices": [choice],
+    }
+
+
+def store_ready(pending: list, references: dict, names: list[str], paths: dict) -> list:
+    """Append the pending answers whose reference answered this question (or is not in this run),
+    exact match filled in; return those still waiting (control may run before the baseline)."""
+    waiting = []
+    for record in pending:
+        qid, ref = str(record["question_id"]), record["baseline"]
+        if ref in names and ref != record["decoder"] and qid not in references[ref]:
+            waiting.append(record)
+            continue
+        choice = record["choices"][0]
+        choice["exact_match"] = exact_match_of(choice, record["decoder"], ref, references[ref].get(qid))
+        files.append_jsonl(paths[record["decoder"]], record)
+        if record["decoder"] in references:
+            references[record["decoder"]][qid] = record
+    return store_ready(waiting, references, names, paths) if len(waiting) < len(pending) and waiting else waiting
 
 
 def exact_match(choice: dict, decoder: Decoder, baseline: Optional[dict], name: str) -> Optional[list[bool]]:

@@ -133,7 +133,7 @@ def _load_builtin() -> None:
     """Importing the decoder modules registers them."""
     import importlib
 
-    for module in ("baseline", "medusa", "hydra", "pld"):
+    for module in ("baseline", "control", "medusa", "hydra", "pld"):
         try:
             importlib.import_module(f"medusa_bench.decoders.{module}")
         except ModuleNotFoundError as error:

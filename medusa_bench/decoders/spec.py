@@ -21,6 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from medusa_bench.decoders.base import Generation, Sampling, StepCallback
+from medusa_bench.errors import UserError
 from medusa_bench.trees.tree import TreeBuffers
 
 
@@ -65,6 +66,53 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# ------------------------------------------------------------------------------ attention layout
+FULL, SLIDING, CHUNKED = "full_attention", "sliding_attention", "chunked_attention"
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """What the model's attention layers see beyond causality, so that the tree mask can copy it.
+
+    A user-supplied 4-D mask replaces the model's own, sliding window included: the tree mask must
+    restrict each layer type the way transformers' mask functions would for a plain forward.
+    """
+
+    limits: dict  # layer type -> (window, chunk), None where that layer type has no such limit
+    per_type: bool  # mixed layer types: pass {layer type: mask} (transformers 5 models read such a dict)
+
+    def bites(self, last_position: int) -> bool:
+        """Does any limit hide a key from a query at `last_position` (the deepest tree node)?"""
+        return any(chunk is not None or (window is not None and last_position >= window)
+                   for window, chunk in self.limits.values())
+
+
+def attention_layout(config) -> Optional[AttentionLayout]:
+    """The model's local-attention limits, or None when every layer sees the whole prefix (the plain path)."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None) or None
+    chunk = getattr(text, "attention_chunk_size", None) or None
+    types = getattr(text, "layer_types", None)
+    if not isinstance(types, (list, tuple)):  # one kind of layer (Mistral, Phi3: windowed when sliding_window is set)
+        return AttentionLayout({FULL: (window, None)}, per_type=False) if window else None
+    unknown = sorted(set(types) - {FULL, SLIDING, CHUNKED})
+    if unknown:  # recurrent state cannot be cut back to the accepted path like a KV cache
+        raise UserError(f"tree verification needs attention layers but this model has {', '.join(unknown)} layers; use the baseline decoder")
+    limits = {kind: (window if kind == SLIDING else None, chunk if kind == CHUNKED else None) for kind in dict.fromkeys(types)}
+    if all(limit == (None, None) for limit in limits.values()):
+        return None
+    return AttentionLayout(limits, per_type=len(limits) > 1)
+
+
+def tree_mask(buffers: TreeBuffers, prefix: int, dtype: torch.dtype, layout: Optional[AttentionLayout]):
+    """The verify forward's mask: one [1, 1, n, prefix + n] additive mask, or {layer type: mask}."""
+    if layout is None or not layout.bites(prefix + buffers.max_depth):
+        return buffers.additive_mask(prefix, dtype)  # no limit reaches into the tree's view: every layer alike
+    masks = {kind: buffers.additive_mask(prefix, dtype) if limit == (None, None)
+             else buffers.local_mask(prefix, dtype, *limit) for kind, limit in layout.limits.items()}
+    return masks if layout.per_type else next(iter(masks.values()))
+
+
 # ------------------------------------------------------------------------------ model calls
 def forward(model, input_ids: torch.Tensor, cache, position_ids: torch.Tensor, mask: Optional[torch.Tensor],
             want_hidden: bool, last_only: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -72,7 +120,7 @@ def forward(model, input_ids: torch.Tensor, cache, position_ids: torch.Tensor, m
     out = model(
         input_ids=input_ids,  # [1, q]
         position_ids=position_ids,  # [1, q]
-        attention_mask=mask,  # None (causal) or [1, 1, q, past + q] additive
+        attention_mask=mask,  # None (causal), [1, 1, q, past + q] additive, or {layer type: such a mask}
         past_key_values=cache,
         use_cache=True,
         output_hidden_states=want_hidden,
@@ -89,8 +137,20 @@ def cache_length(cache) -> int:
     return cache.get_seq_length()
 
 
+def full_layers(cache) -> None:
+    """Slot arithmetic below needs every layer to keep every key (DynamicCache without a config).
+
+    A sliding-window cache layer (DynamicSlidingWindowLayer) drops its oldest keys when a tree is
+    appended, so rejected nodes would push out prefix keys later queries still see, and its slots
+    no longer start at position 0: the loop keeps full layers and windows through the mask instead.
+    """
+    if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
+        raise ValueError("speculative decoding needs a cache that keeps every key: use DynamicCache() without a config")
+
+
 def crop_cache(cache, length: int) -> None:
     """Drop every slot past `length` (transformers' own `crop` changed meaning across versions)."""
+    full_layers(cache)
     for layer in cache.layers:
         if getattr(layer, "keys", None) is not None:
             layer.keys = layer.keys[:, :, :length]
@@ -100,6 +160,7 @@ def crop_cache(cache, length: int) -> None:
 def keep_in_cache(cache, start: int, keep: torch.Tensor, contiguous: bool) -> None:
     """Keep slots start+keep (sorted, keep[0] == 0) as start…start+m-1 and drop the rest."""
     new_length = start + keep.numel()
+    full_layers(cache)
     for layer in cache.layers:
         if not contiguous:
             index = keep + start  # [m]
@@ -211,6 +272,8 @@ class SpeculativeDecoder:
         self.want_hidden = proposer.needs_hidden and proposer.draft_size > 0
         self.baseline_name = "baseline"  # the decoder whose tokens a lossless run must reproduce
         self.eos = set(loaded.eos_token_ids)
+        # sliding-window / chunked layers: the tree mask must apply their limits (None: the plain mask path)
+        self.layout = attention_layout(self.model.config) if self.draft_size > 0 else None
         self.drafts_verified = self.draft_tokens_verified = 0  # running counts over every generate() call
 
     @torch.inference_mode()
@@ -227,7 +290,7 @@ class SpeculativeDecoder:
 
         sync(device)
         start = time.perf_counter()
-        cache = DynamicCache()
+        cache = DynamicCache()  # no config: full layers for every layer type (see full_layers)
         prompt = torch.tensor([prompt_ids], device=device)  # [1, P]
         positions = torch.arange(len(prompt_ids), device=device)[None]  # [1, P]
         logits, hidden = forward(model, prompt, cache, positions, None, want_hidden, last_only=True)
@@ -286,7 +349,8 @@ class SpeculativeDecoder:
         tokens = draft.tokens.to(self.device)  # [n]
         tokens[0] = root
         positions = (prefix + buffers.depths)[None]  # [1, n]
-        mask = None if buffers.max_depth == buffers.num_nodes - 1 else buffers.additive_mask(prefix, self.model.dtype)
+        # a chain needs no mask: the model's own (windowed) causal mask is the tree's
+        mask = None if buffers.max_depth == buffers.num_nodes - 1 else tree_mask(buffers, prefix, self.model.dtype, self.layout)
         logits, hidden = forward(self.model, tokens[None], cache, positions, mask, self.want_hidden)
 
         residual = None

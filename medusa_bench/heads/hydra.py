@@ -318,15 +318,23 @@ class HydraHeads(nn.Module):
                 for name in ("weight", "bias"):
                     keys[f"hydra_lm_head.{k}{middle}.{name}"] = f"hydra_lm_head.{k}.{name}"
         if self.prefix is not None:
+            stub = embedding_name(self.prefix)
             for name in self.prefix.state_dict():
-                if not name.startswith("embed_tokens."):  # unused: the prefix layer reads hidden states
+                if name != stub:  # unused: the prefix layer reads hidden states
                     keys[PREFIX_KEY + name] = f"prefix.{name}"
         return keys
 
 
 def prefix_layer(base_config) -> nn.Module:
-    """A one-layer model of the base architecture, fed hidden states (its token embedding is a stub)."""
+    """A one-layer model of the base architecture, fed hidden states (its token embedding is a stub).
+
+    AutoModel builds the base's own decoder-layer class, norm and position encoding (rotary,
+    learned, alibi) under the base's attribute names; the attention kernel is the first the
+    architecture accepts, as for the base model.
+    """
     from transformers import AutoModel
+
+    from medusa_bench.models import ATTENTION_KERNELS, refuses_kernel
 
     config = copy.deepcopy(base_config)
     config.num_hidden_layers = 1
@@ -334,7 +342,18 @@ def prefix_layer(base_config) -> nn.Module:
     config.pad_token_id = None
     if isinstance(getattr(config, "layer_types", None), list):
         config.layer_types = config.layer_types[-1:]
-    return AutoModel.from_config(config, attn_implementation="sdpa")
+    for kernel in ATTENTION_KERNELS:
+        try:
+            return AutoModel.from_config(config, attn_implementation=kernel)
+        except ValueError as error:
+            if kernel == ATTENTION_KERNELS[-1] or not refuses_kernel(error):
+                raise
+
+
+def embedding_name(prefix: nn.Module) -> str:
+    """The prefix layer's token-embedding weight ('embed_tokens.weight', 'wte.weight', ...): a stub, never saved."""
+    embedding = prefix.get_input_embeddings()
+    return next(f"{name}.weight" for name, module in prefix.named_modules() if module is embedding)
 
 
 # ====================================================================== loading
@@ -392,7 +411,8 @@ def from_hydra_state_dict(tensors: dict[str, Tensor], arch: str = "mlp", grounde
     for key, shape in wanted.items():
         if tuple(tensors[key].shape) != tuple(shape):
             raise UserError(f"{source}: tensor {key!r} has shape {tuple(tensors[key].shape)}, expected {tuple(shape)}")
-    extra = [k for k in tensors if k not in wanted and k != PREFIX_KEY + "embed_tokens.weight"]
+    stub = PREFIX_KEY + embedding_name(heads.prefix) if heads.prefix is not None else None
+    extra = [k for k in tensors if k not in wanted and k != stub]
     if extra:
         warnings.warn(f"{source}: ignoring {len(extra)} unexpected tensors, e.g. {extra[0]!r}", stacklevel=3)
     _assign(heads, {k: tensors[k].to(dtype) for k in wanted})
@@ -404,8 +424,8 @@ def _assign(heads: HydraHeads, tensors: dict[str, Tensor]) -> None:
     """Load published-key tensors into the (meta) modules, replacing their parameters."""
     local = {own: tensors[published] for published, own in heads.published_keys().items()}
     if heads.prefix is not None:  # the embedding stub is never saved
-        stub = heads.prefix.embed_tokens.weight
-        local["prefix.embed_tokens.weight"] = torch.zeros(stub.shape, dtype=stub.dtype)
+        stub = heads.prefix.get_input_embeddings().weight
+        local[f"prefix.{embedding_name(heads.prefix)}"] = torch.zeros(stub.shape, dtype=stub.dtype)
     heads.load_state_dict(local, strict=True, assign=True)
     if heads.prefix is not None:  # buffers that are not saved (rotary inv_freq) must be real tensors again
         rebuilt = prefix_layer(heads.prefix.config)
@@ -460,10 +480,11 @@ def save_hydra_heads(heads: HydraHeads, folder: str | Path, base_model_name_or_p
     loading casts them to the base model's dtype.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     tensors = heads.hydra_state_dict()
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    check_loads_back(heads, tensors, folder)
+    folder.mkdir(parents=True, exist_ok=True)
     for stale in HEAD_FILES[1:]:
         (folder / stale).unlink(missing_ok=True)
     io.save_tensors(folder / HEAD_FILES[0], tensors)
@@ -482,6 +503,20 @@ def save_hydra_heads(heads: HydraHeads, folder: str | Path, base_model_name_or_p
     }
     io.write_json(folder / "config.json", {k: v for k, v in config.items() if v is not None})
     return folder / HEAD_FILES[0]
+
+
+def check_loads_back(heads: HydraHeads, tensors: dict[str, Tensor], folder: Path) -> None:
+    """UserError unless `tensors` rebuild heads of the same layout: never write heads the tool cannot load."""
+    config = heads.prefix.config if heads.prefix is not None else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # an ignored tensor is a tensor lost
+            back = from_hydra_state_dict(tensors, heads.arch, heads.grounded, config, source=str(folder))
+    except Exception as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserError(f"refusing to save Hydra heads to {folder}: they would not load back ({first})") from None
+    if set(back.state_dict()) != set(heads.state_dict()):
+        raise UserError(f"refusing to save Hydra heads to {folder}: they would load back with other weights")
 
 
 # ====================================================================== helpers

@@ -102,6 +102,22 @@ def sha256_tensors(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def weights_hash(path: Path) -> str | None:
+    """Hex sha256 over a heads folder's weight and config files (names and bytes), or over one
+    file; None when `path` is not local (a Hub id). Resume compares it to catch retrained heads."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        found = [path]
+    elif path.is_dir():
+        found = sorted(f for f in path.iterdir() if f.is_file() and f.suffix in (".safetensors", ".pt", ".bin", ".json"))
+    else:
+        return None
+    digest = hashlib.sha256()
+    for file in found:
+        digest.update(f"{file.name}\n{sha256_file(file)}\n".encode())
+    return digest.hexdigest()
+
+
 # --------------------------------------------------------------------------- model folders
 
 
@@ -196,12 +212,52 @@ def _torch_load_weights_only(path: Path):
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise UserError(
-            f"refusing to load {path}: it contains pickled Python objects, not just tensors; "
-            "convert it to a plain state dict or safetensors in an environment you trust"
-        ) from None
-    except (OSError, RuntimeError, EOFError, ValueError) as exc:
-        raise UserError(f"cannot read {path} as a torch checkpoint: {exc}") from None
+        # torch raises this both for a refused global (a pickle that would run code) and for
+        # bytes that are no pickle at all; only a well-formed pickle stream is the former.
+        if _well_formed_pickle(path):
+            raise UserError(
+                f"refusing to load {path}: it contains pickled Python objects other than tensors — refused for safety; "
+                "convert it to a plain state dict or safetensors in an environment you trust"
+            ) from None
+        raise UserError(_not_a_checkpoint(path)) from None
+    except Exception:  # OSError, EOFError, KeyError, zip errors…: the bytes are not a torch file
+        raise UserError(_not_a_checkpoint(path)) from None
+
+
+def _not_a_checkpoint(path: Path) -> str:
+    return f"{path} is not a valid checkpoint (corrupt or truncated, or not a torch file); download or save it again"
+
+
+def _well_formed_pickle(path: Path) -> bool:
+    """Whether the pickle data torch reads from `path` parses completely (without running it).
+
+    A torch zip file holds one pickle (`*/data.pkl`); a legacy torch file is several pickles in
+    a row (magic number, protocol, system info, the object, storage keys) before raw storage
+    bytes; a plain `pickle.dump` file is one. Random or truncated bytes fail to parse early.
+    """
+    import io as _io
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                names = [n for n in archive.namelist() if n.endswith("data.pkl")]
+                if not names:
+                    return False
+                stream, needed = _io.BytesIO(archive.read(names[0])), 1
+        else:
+            stream, needed = _io.BytesIO(Path(path).read_bytes()), 5
+        parsed = 0
+        while parsed < needed:
+            if stream.tell() == len(stream.getbuffer()):
+                return parsed > 0  # every pickle in the file parsed (a plain pickle.dump file)
+            for _ in pickletools.genops(stream):
+                pass
+            parsed += 1
+        return True
+    except Exception:  # unknown opcode, truncated stream, bad zip: corrupt, not malicious
+        return False
 
 
 # ------------------------------------------------------------------------------ base models

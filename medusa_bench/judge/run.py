@@ -4,7 +4,9 @@ Writes `model_judgment/<judge>_single.jsonl` (or `_pair.jsonl`) in FastChat's fo
 per judgment appended as soon as it is made, so a killed run loses only the calls in flight
 and a re-run skips what is already in the file. A greedy decoder whose answer is
 token-identical to the baseline's (`exact_match`) reuses the baseline's judgment
-(`reused_from`) instead of paying for another call.
+(`reused_from`) instead of paying for another call. Unparseable judgments (score -1, winner
+"error") are kept and skipped on resume; `retry_unparseable` asks again and replaces each old
+line with the new judgment in an atomic rewrite of the file.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Callable
 from medusa_bench.errors import UserError
 from medusa_bench.judge import mtbench
 from medusa_bench.judge.client import DEFAULT_KEY_ENV, JudgeClient, RetryPolicy, run_bounded
-from medusa_bench.results.files import JUDGMENT_DIR, append_jsonl, load_answers, load_run, read_jsonl
+from medusa_bench.results.files import JUDGMENT_DIR, append_jsonl, load_answers, load_run, lock_run_dir, read_jsonl, rewrite_jsonl
 
 MODES = ("single", "pairwise")
 SCORES = ("text", "logprobs")
@@ -58,6 +60,7 @@ class JudgeResult:
     judged: int = 0  # new judgments that needed judge calls
     reused: int = 0  # new judgments copied from the baseline's (or identical-answer ties)
     skipped: int = 0  # already in the file
+    retried: int = 0  # unparseable judgments asked again (retry_unparseable) and replaced
     unparsed: int = 0  # new judgments with no parseable verdict (score -1 / winner "error")
     summary: "object" = None  # pandas DataFrame, see summarize_*
     records: list[dict] = field(default_factory=list, repr=False)
@@ -89,12 +92,14 @@ def judge_run(
     judge_prompts: Path | str | None = None,
     reference_answers: Path | str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    retry_unparseable: bool = False,
 ) -> JudgeResult:
     """Judge the answers in `run_dir`; returns counts and a summary (see module docstring).
 
     `progress(done, total)` is called after each judgment. Retryable endpoint failures are
     retried per `retry`; when they run out, or on any other 4xx, a `UserError` is raised after
-    the judgments in flight are saved.
+    the judgments in flight are saved. `retry_unparseable` asks the judge again for judgments
+    stored as unparseable; each new one replaces its old line.
     """
     mode = {"pairwise-baseline": "pairwise", "pair": "pairwise"}.get(mode, mode)  # FastChat's names too
     if mode not in MODES:
@@ -109,6 +114,7 @@ def judge_run(
     client = JudgeClient(judge_model, base_url=base_url, key_env=api_key_env, timeout=timeout, retry=retry)
 
     run_info = load_run(run_dir)
+    run_lock = lock_run_dir(run_dir)  # noqa: F841 — held until this call returns: one writer per run folder
     answers = _collect_answers(run_dir, run_info)
     selected = _select(answers, decoders, baseline, mode)
     baseline_id = next((m for m, a in answers.items() if a and next(iter(a.values())).decoder == baseline), None)
@@ -130,6 +136,10 @@ def judge_run(
     existing = read_jsonl(path)
     if mode == "single":
         _check_score_method(path, existing, score)
+    # Keys whose unparseable judgment is asked again: left out of `existing` so they are planned
+    # (and a reuse never copies the old -1), replaced in the file when the new one arrives.
+    stale = {_record_key(mode, r) for r in existing if _unparsed(r)} if retry_unparseable else set()
+    existing = [r for r in existing if _record_key(mode, r) not in stale]
 
     plan = _plan(mode, selected, answers, baseline_id, question_map, references, reuse)
     keys = {_record_key(mode, r) for r in existing}
@@ -153,14 +163,20 @@ def judge_run(
     def save(record: dict) -> None:
         nonlocal done
         with lock:
-            append_jsonl(path, record)
+            key = _record_key(mode, record)
+            if key in stale:
+                _replace_line(path, mode, key, record)
+                stale.discard(key)
+                result.retried += 1
+            else:
+                append_jsonl(path, record)
             existing.append(record)
             done += 1
             if record.get("reused_from"):
                 result.reused += 1
             else:
                 result.judged += 1
-            if record.get("score", 0) == mtbench.UNPARSED or "error" in (record.get("g1_winner"), record.get("g2_winner")):
+            if _unparsed(record):
                 result.unparsed += 1
         if progress:
             progress(done, total)
@@ -336,6 +352,27 @@ def _find_baseline_record(records, task, baseline_id, judge_model) -> dict | Non
         if _record_key("single", record) == key:
             return record
     return None
+
+
+def _unparsed(record: dict) -> bool:
+    """A judgment without a verdict: score -1 (single) or an "error" winner (pairwise)."""
+    return record.get("score", 0) == mtbench.UNPARSED or "error" in (record.get("g1_winner"), record.get("g2_winner"))
+
+
+def _replace_line(path: Path, mode: str, key: tuple, record: dict) -> None:
+    """Put `record` where the unparseable judgment with `key` was; atomic (temp file + rename),
+    so a kill leaves either the old file or the new one."""
+    kept, placed = [], False
+    for old in read_jsonl(path):
+        if _record_key(mode, old) == key and _unparsed(old):
+            if not placed:
+                kept.append(record)
+                placed = True
+            continue
+        kept.append(old)
+    if not placed:
+        kept.append(record)
+    rewrite_jsonl(path, kept)
 
 
 # ------------------------------------------------------------------------------ judging

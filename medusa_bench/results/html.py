@@ -20,7 +20,7 @@ from medusa_bench.results.tables import (
     BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, TABLE_TITLES, ReportTables, RunData, display_frame, format_value, primary_judge,
 )
 
-TEXT_COLUMNS = {"run", "decoder", "category", "judge", "setting", "answer file"}
+TEXT_COLUMNS = {"run", "decoder", "category", "judge", "setting", "answer file", "vs noise", "dtype"}
 SAMPLES_PER_RUN = 3
 
 CSS = """
@@ -38,6 +38,8 @@ th, td { padding:5px 8px; border-bottom:1px solid var(--line); text-align:left; 
 th { background:var(--bg-alt); font-weight:600; }
 td.num { text-align:right; } tr:hover td { background:#fafbfc; }
 ul.headline { padding-left:20px; } ul.headline li { margin:4px 0; }
+.banner { background:#eef3fb; border-left:4px solid var(--accent); padding:8px 14px; margin:12px 0; font-size:14.5px; font-weight:600; }
+.banner p { margin:3px 0; }
 .notes { background:#fff8e6; border-left:4px solid #e0a800; padding:8px 14px; margin:12px 0; font-size:14px; }
 .figs { display:grid; grid-template-columns:repeat(auto-fit, minmax(460px, 1fr)); gap:8px 24px; align-items:start; }
 figure { margin:18px 0; } figure img { max-width:100%; height:auto; border:1px solid var(--line); }
@@ -95,16 +97,41 @@ def headline_items(report: ReportTables) -> list[str]:
         if pd.notna(row.speedup):
             ci = "" if pd.isna(row.speedup_ci_low) else f" (95% CI {row.speedup_ci_low:.2f}–{row.speedup_ci_high:.2f})"
             speed = f"{row.speedup:.2f}× the speed of {row.reference}{ci} on {int(row.n_compared)} questions"
+            speed += NOISE_WORDS.get(row.get("vs_noise"), "")
         else:
             speed = f"{_fmt('tokens_per_s', row.tokens_per_s)} tokens/s ({row.reference} not run: no speedup)"
         parts = [speed, f"τ = {_fmt('tau', row.tau)} tokens per step"]
         if pd.notna(row.exact_match):
             parts.append(f"{_fmt('exact_match', row.exact_match)} of turns token-identical to {row.reference}")
+        drift = _drift_row(report, row.run, row.decoder)
+        if drift is not None and pd.notna(drift.get("exact_vs_fp32")):
+            # Beside the baseline's own match with fp32, so a reader can tell rounding from a decoder bug.
+            parts.append(f"{_fmt('exact_vs_fp32', drift['exact_vs_fp32'])} token-identical to the float32 reference "
+                         f"(the {row.reference} itself: {_fmt('baseline_exact_vs_fp32', drift['baseline_exact_vs_fp32'])})")
         if "score" in summary.columns and pd.notna(row.get("score")):
             delta = row.get("score_vs_baseline")
             parts.append(f"MT-Bench {row.score:.2f}" + (f" ({delta:+.2f} vs {row.reference} on the same turns)" if pd.notna(delta) else ""))
         items.append(f"<li>{who}: " + "; ".join(esc(p) for p in parts) + ".</li>")
     return items
+
+
+def _drift_row(report: ReportTables, run: str, decoder: str) -> pd.Series | None:
+    precision = report.tables.get("precision")
+    if precision is None or precision.empty:
+        return None
+    rows = precision[(precision.run == run) & (precision.decoder == decoder)]
+    return rows.iloc[0] if len(rows) else None
+
+
+NOISE_WORDS = {"inside noise": ", inside the noise band: not distinguishable from no speedup",
+               "faster": ", above the noise band", "slower": ", below the noise band"}
+
+
+def banner_html(report: ReportTables) -> str:
+    """The lines a reader must see before any number (noise floor, shared-CPU turns), escaped."""
+    if not report.banner:
+        return ""
+    return '<div class="banner">' + "".join(f"<p>{esc(line)}</p>" for line in report.banner) + "</div>"
 
 
 def runs_line(runs: list[RunData]) -> str:
@@ -216,6 +243,14 @@ def method_html(report: ReportTables) -> str:
         "<b>exact match</b>: share of turns whose token ids equal the baseline's. Greedy decoding with draft heads is lossless in exact "
         "arithmetic, so 100% is expected in float32; float16/bfloat16 kernels may round differently for different batch shapes and drift. "
         "n/a: sampled decoding or no baseline.",
+        "<b>drift</b>: the drift table recomputes exact match from the answers' token ids, against the baseline decoded in the run's "
+        "dtype and, for bfloat16/float16 runs, against the baseline decoded again in float32; “first divergence” is the index of the "
+        "first token where a turn parts from the reference (turns that never part have none). The baseline's own match against float32 "
+        "is the floor the precision sets: a decoder near it differs because of rounding, not because of drafting.",
+        "<b>noise floor</b>: the <code>control</code> decoder is an A/A copy of the baseline, interleaved like any decoder; its speedup "
+        "interval is what measurement noise alone produces. “vs noise” says whether a decoder's interval lies above it (faster), below "
+        "it (slower) or overlaps it (inside noise); without a control, 1.00× stands in for the band. Turns timed while other processes "
+        "shared the CPU are flagged by the run and counted (“shared-CPU turns”).",
         "<b>MT-Bench score</b>: single-answer grades 1–10 by an LLM judge (math, reasoning and coding against reference answers), FastChat's "
         "convention: mean per turn, overall = mean of all graded turns. A judgment without a parseable rating is missing and lowers "
         "<i>coverage</i> (graded / answered turns); it is never silently dropped. Δ score compares with the baseline on turns graded for both. "
@@ -243,16 +278,20 @@ def render_html(report: ReportTables, plots: list[Plot]) -> str:
     generated = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     notes = ("<div class=notes><b>Notes</b><ul>" + "".join(f"<li>{esc(n)}</li>" for n in report.notes) + "</ul></div>") if report.notes else ""
     headline = headline_items(report)
-    nav = "".join(f'<a href="#{a}">{esc(l)}</a>' for a, l in [("glance", "At a glance"), ("speed", "Speed"), ("acceptance", "Acceptance"),
+    nav = "".join(f'<a href="#{a}">{esc(l)}</a>' for a, l in [("glance", "At a glance"), ("speed", "Speed"), ("drift", "Drift"), ("acceptance", "Acceptance"),
                                                                 ("quality", "Quality"), ("samples", "Sample answers"), ("method", "Method"), ("config", "Configuration")])
     body = [
         "<h1>medusa-bench report</h1>",
         f'<p class="meta">Runs: {runs_line(report.runs)}. Generated {esc(generated)}.</p>',
+        banner_html(report),
         f"<nav>{nav}</nav>",
         _section("glance", TABLE_TITLES["summary"], f'<ul class="headline">{"".join(headline)}</ul>' if headline else "", notes,
                  table_html(t["summary"], "no answers yet"), _plots(plots, ["speedup", "quality"])),
         _section("speed", TABLE_TITLES["speed"], table_html(t["speed"], "no answers yet"),
                  "<h3>Per category</h3>", table_html(t["categories"], "no answers yet")),
+        _section("drift", TABLE_TITLES["precision"],
+                 table_html(t["precision"], "no token ids to compare (sampled decoding, or a run written before token ids were saved)"),
+                 _plots(plots, ["divergence"])),
         _section("acceptance", TABLE_TITLES["acceptance"], table_html(t["acceptance"]),
                  f"<h3>{esc(TABLE_TITLES['tokens_per_step'])}</h3>", table_html(t["tokens_per_step"]),
                  _plots(plots, ["tokens_per_step", "tau", "step_time", "tree"])),

@@ -18,7 +18,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from medusa_bench.results.tables import ReportTables, RunData, predicted, tree_files
+from medusa_bench.results import drift
+from medusa_bench.results.tables import ReportTables, RunData, noise_band, predicted, tree_files
 
 COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C", "#CCB974", "#64B5CD"]
 
@@ -84,6 +85,11 @@ def speedup_by_category(report: ReportTables) -> bytes | None:
         ax.bar(np.array(x) + (i - (len(series) - 1) / 2) * width, values, width, yerr=[low, high], capsize=3,
                color=COLORS[i % len(COLORS)], label=series_label(run, decoder, several))
     ax.axhline(1.0, color="black", linewidth=1, linestyle="--")
+    for run in report.runs:  # the A/A control's interval: bars whose whiskers reach into it are noise
+        band = noise_band(speed[speed.run == run.label])
+        if band:
+            ax.axhspan(*band, color="#999999", alpha=0.25, zorder=0,
+                       label=series_label(run.label, "A/A noise band", several) if several else "A/A noise band (control's 95% CI)")
     ax.set_xticks(range(len(groups)), [text(g) for g in groups], rotation=30 if len(groups) > 5 else 0, ha="right" if len(groups) > 5 else "center")
     ax.set_ylabel("speedup over baseline (×)")
     ax.set_title("Speedup by category (dashed line: baseline; whiskers: 95% bootstrap CI)", fontsize=10)
@@ -146,6 +152,48 @@ def speed_vs_quality(report: ReportTables) -> bytes | None:
     ax.set_title("Speed against quality", fontsize=10)
     legend_below(ax, -0.2)
     ax.margins(x=0.2)
+    return to_png(fig)
+
+
+# ------------------------------------------------------------------------------------- drift
+
+
+def first_divergence_strip(report: ReportTables) -> bytes | None:
+    """Where decoders part from their baseline: one row of points (a token position per diverging
+    turn) per decoder, a box over them, and, where the run has an fp32 reference, the baseline's own
+    divergence from fp32 as a grey reference row: the same spread there means the precision did it."""
+    several = len(report.runs) > 1
+    series: list[tuple[str, list[int], bool]] = []  # (label, positions, is the precision reference row)
+    for run in report.runs:
+        base = report.drift.get((run.label, "baseline"))
+        if base and base["baseline_vs_fp32"]:
+            label = f"baseline vs {run.precision_dtype or 'float32'} ({run.dtype or '?'} baseline)"
+            series.append((series_label(run.label, label, several), drift.divergence_positions(base["baseline_vs_fp32"]), True))
+        for (label, decoder), summary in report.drift.items():
+            if label == run.label and decoder != "baseline" and summary["vs_baseline"]:
+                series.append((series_label(run.label, decoder, several), drift.divergence_positions(summary["vs_baseline"]), False))
+    if not any(positions for _, positions, _ in series):
+        return None  # every compared turn is token-identical: nothing parted anywhere
+    fig = Figure(figsize=(6.8, max(2.4, 0.55 * len(series) + 1.4)))
+    ax = fig.subplots()
+    rng = np.random.default_rng(0)  # fixed jitter: the same report draws the same picture
+    for y, (label, positions, reference) in enumerate(series):
+        color = "#8C8C8C" if reference else COLORS[y % len(COLORS)]
+        if positions:
+            ax.scatter(positions, y + rng.uniform(-0.18, 0.18, len(positions)), s=14, alpha=0.7, color=color, zorder=2)
+            # The middle half as a bar and the median as a tick (drawn by hand: boxplot's orientation API changed in 3.10).
+            q1, median, q3 = np.percentile(positions, [25, 50, 75])
+            ax.plot([q1, q3], [y, y], linewidth=7, alpha=0.3, color=color, solid_capstyle="butt", zorder=1)
+            ax.plot([median], [y], marker="|", markersize=18, markeredgewidth=2, color="black", zorder=3)
+        else:
+            ax.text(0, y, "  no turn diverged", va="center", fontsize=8, color="#5f6670")
+    ax.set_yticks(range(len(series)), [label for label, _, _ in series], fontsize=8)
+    ax.set_ylim(len(series) - 0.5, -0.5)  # first series on top, with room around the outer rows
+    ax.set_xlim(left=-1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("first differing token (index in the turn's answer)")
+    ax.set_title("First divergence from the baseline per diverging turn (bar: middle half, tick: median;\n"
+                 "grey: the baseline against its fp32 decoding)", fontsize=9)
     return to_png(fig)
 
 
@@ -353,6 +401,9 @@ def all_plots(report: ReportTables) -> list[Plot]:
     makers = [
         ("speedup", "Speedup by category", "Ratio of summed tokens/s against the baseline on the same questions; whiskers are 95% bootstrap intervals over questions.", speedup_by_category),
         ("quality", "Speed against quality", "One point per decoder: MT-Bench score (mean of graded turns) against speedup.", speed_vs_quality),
+        ("divergence", "First divergence",
+         "Token index where each non-identical turn first parts from the baseline's; grey: where the baseline itself parts from "
+         "its float32 decoding. Similar distributions mean the drift comes from the precision, not from the decoder.", first_divergence_strip),
         ("tokens_per_step", "Tokens per step", "Each step emits the base model's own token plus the accepted drafts; τ is the mean of this distribution.", tokens_per_step),
         ("tau", "Predicted against measured τ", "The tree optimiser's prediction from calibrated head accuracies, against what the run measured.", tau_predicted_vs_measured),
         ("step_time", "Step time against tree size", "Profiled cost of one verify forward; a tree pays off only if τ grows faster than this.", step_time_vs_tree_size),

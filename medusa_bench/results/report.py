@@ -43,6 +43,23 @@ def _file_target(out: Path, fmt: str) -> Path:
 
 KEY_COLUMNS = ("run", "decoder", "category", "judge")
 
+# The terminal's shorter view (markdown, HTML and CSV keep every column under its full name):
+# columns a reader at 80 columns can do without, and shorter headers for the rest.
+TERMINAL_DROP = {
+    "summary": ("reference", "n_questions", "tokens_per_s"),
+    "speed": ("new_tokens", "wall_time_s", "speedup_specbench", "exact_match_turns"),
+    "precision": ("dtype", "divergence_vs_fp32"),
+    "quality": ("reused", "expected", "graded", "coverage_turn*"),
+    "categories": ("n_questions",),
+}
+SHORT_LABELS = {
+    "questions": "qs", "compared": "cmp", "tokens/s": "tok/s", "exact match": "exact", "coverage": "cov",
+    "Δ score vs baseline": "Δ score", "shared-CPU turns": "shared CPU", "exact vs baseline": "exact",
+    "median first divergence": "1st diff", "exact vs fp32": "exact fp32", "median divergence vs fp32": "1st diff fp32",
+    "baseline exact vs fp32": "base fp32", "steps logged": "steps", "τ predicted": "τ pred", "speedup predicted": "pred ×",
+    "grades reused": "reused", "turns compared": "turns", "speedup (Spec-Bench)": "× (Spec-Bench)",
+}
+
 
 def _rich_table(title: str, shown: pd.DataFrame, wrap: bool = False):
     from rich.table import Table
@@ -51,7 +68,9 @@ def _rich_table(title: str, shown: pd.DataFrame, wrap: bool = False):
     # Text objects, not strings: a "[...]" inside a model or decoder name is not rich markup.
     table = Table(title=title, title_justify="left")
     for column in shown.columns:
-        table.add_column(Text(str(column)), no_wrap=not wrap, overflow="fold")
+        # Names (decoders, settings, metric labels in the first column) are never wrapped, values only as a last resort.
+        keep_whole = not wrap or column in KEY_COLUMNS or column in ("setting", "")
+        table.add_column(Text(str(column)), no_wrap=keep_whole, overflow="fold")
     for row in shown.itertuples(index=False):
         table.add_row(*(Text(str(v)) for v in row))
     return table
@@ -67,25 +86,74 @@ def transpose(shown: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(data)
 
 
-def render_terminal(report: ReportTables, console) -> None:
-    """Every table as a rich table, notes first; one too wide for the terminal is transposed if that fits."""
-    from rich.measure import Measurement
-    from rich.text import Text
+def compact(name: str, table: pd.DataFrame) -> pd.DataFrame:
+    """The terminal's shorter view of a table: less important columns dropped, headers abbreviated."""
+    dropped = TERMINAL_DROP.get(name, ())
+    prefixes = tuple(d[:-1] for d in dropped if d.endswith("*"))  # "coverage_turn*": one column per turn
+    table = table.drop(columns=[c for c in table.columns if c in dropped or (prefixes and c.startswith(prefixes))])
+    return display_frame(table).rename(columns=lambda c: SHORT_LABELS.get(c, c))
 
-    for note in report.notes:
-        console.print(Text.assemble(("note: ", "yellow"), note), soft_wrap=True)
+
+def column_chunks(shown: pd.DataFrame, fits) -> list[pd.DataFrame] | None:
+    """Split a wide table into several, each repeating the key columns, so every one fits;
+    None when even the keys and one more column are too wide."""
+    keys = [c for c in shown.columns if c in KEY_COLUMNS]
+    chunks: list[list[str]] = []
+    for column in (c for c in shown.columns if c not in keys):
+        if chunks and fits(shown[keys + chunks[-1] + [column]]):
+            chunks[-1].append(column)
+        elif fits(shown[keys + [column]]):
+            chunks.append([column])
+        else:
+            return None
+    return [shown[keys + chunk] for chunk in chunks]
+
+
+def terminal_layouts(report: ReportTables, console) -> list[tuple[str, pd.DataFrame, bool]]:
+    """(title, table as shown, wrap?) for every non-empty table, chosen to fit `console.width`
+    without breaking a word: the full table, transposed, the compact view, compact transposed,
+    then the compact view split into column groups; wrapping inside cells only if nothing fits."""
+    from rich.measure import Measurement
+
+    def width(title: str, shown: pd.DataFrame) -> int:
+        return Measurement.get(console, console.options.update_width(10_000), _rich_table(title, shown)).maximum
+
+    layouts = []
     for name, table in report.tables.items():
         if table.empty:
             continue
         title = TABLE_TITLES.get(name, name)
         shown = display_frame(table)
-        layouts = [shown] if name == "config" else [shown, transpose(shown)]
-        widths = [Measurement.get(console, console.options.update_width(10_000), _rich_table(title, s)).maximum for s in layouts]
-        fitting = [s for s, w in zip(layouts, widths) if w <= console.width]
-        if fitting:
-            console.print(_rich_table(title, fitting[0]))
-        else:  # neither fits: the narrower one, wrapping inside cells rather than cutting numbers off
-            console.print(_rich_table(title, layouts[widths.index(min(widths))], wrap=True))
+        if name == "config":  # settings × runs: values (paths, reasons) may need wrapping, names never
+            fits_whole = width(title, shown) <= console.width
+            layouts.append((title, shown, not fits_whole))
+            continue
+        short = compact(name, table)
+        candidates = [shown, transpose(shown), short, transpose(short)]
+        fitting = next((s for s in candidates if width(title, s) <= console.width), None)
+        if fitting is not None:
+            layouts.append((title, fitting, False))
+            continue
+        chunks = column_chunks(short, lambda s: width(title, s) <= console.width)
+        if chunks:
+            layouts += [(f"{title} ({i}/{len(chunks)})", chunk, False) for i, chunk in enumerate(chunks, 1)]
+        else:  # nothing fits: the narrower one, wrapping inside cells rather than cutting numbers off
+            narrowest = min(candidates, key=lambda s: width(title, s))
+            layouts.append((title, narrowest, True))
+    return layouts
+
+
+def render_terminal(report: ReportTables, console) -> None:
+    """The banner (noise floor, shared-CPU turns) and notes first, then every table fitted to the terminal."""
+    from rich.text import Text
+
+    # Wrapped by rich at spaces, to the console's width (a terminal's own wrap would cut words).
+    for line in report.banner:
+        console.print(Text(line, style="bold"))
+    for note in report.notes:
+        console.print(Text.assemble(("note: ", "yellow"), note))
+    for title, shown, wrap in terminal_layouts(report, console):
+        console.print(_rich_table(title, shown, wrap=wrap))
 
 
 def build_report(run_dirs: Iterable[Path | str], out: Path | str | None = None, fmt: str = "html", *, console=None) -> Path | str:

@@ -12,7 +12,10 @@ HTML report can never disagree:
 - acceptance length τ = Σ new_tokens / Σ decoding_steps (baseline: 1.00);
 - per-depth acceptance = fraction of steps that accepted at least d drafted tokens;
 - exact match = fraction of turns whose token ids equal the baseline's (the run loop writes
-  `exact_match`; null means "not applicable", e.g. sampled decoding or no baseline);
+  `exact_match`; null means "not applicable", e.g. sampled decoding or no baseline); the
+  precision table recomputes it from `token_ids` (drift.py) and adds the fp32 reference;
+- noise floor = the `control` decoder's speedup and interval: an A/A copy of the baseline, so
+  any speedup whose interval overlaps it is indistinguishable from measurement noise;
 - MT-Bench score = mean of graded judgments (score −1 is a failed grade: missing, counted in
   coverage = graded / answered turns), FastChat `show_result.py` style: the overall score is
   the mean over all graded turns, not the mean of the two turn means.
@@ -33,9 +36,11 @@ import numpy as np
 import pandas as pd
 
 from medusa_bench.errors import UserError
+from medusa_bench.results import drift
 from medusa_bench.results.files import JUDGMENT_DIR, load_answers, load_run, read_json, read_jsonl
 
 BASELINE = "baseline"
+CONTROL = "control"  # the A/A copy of the baseline: its speedup is the measured noise floor
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
 CI_LEVEL = 0.95
@@ -56,6 +61,9 @@ class RunData:
     extras: dict[str, Any] = field(default_factory=dict)  # tree / calibration / latency JSON
     questions: dict[Any, dict] = field(default_factory=dict)  # question_id -> question record
     notes: list[str] = field(default_factory=list)
+    # The baseline decoded again in float32 (run.json "precision_reference"), for bf16/fp16 runs.
+    precision_reference: list[dict] = field(default_factory=list)
+    precision_dtype: str = ""
 
     @property
     def settings(self) -> dict:
@@ -78,7 +86,7 @@ class RunData:
         def key(model_id: str) -> tuple:
             decoder = self.decoder_of(model_id)
             rank = order.index(decoder) if decoder in order else len(order)
-            return (decoder != BASELINE, rank, decoder, model_id)
+            return (decoder != BASELINE, decoder != CONTROL, rank, decoder, model_id)
 
         return sorted(self.answers, key=key)
 
@@ -98,9 +106,14 @@ class RunData:
         return self.model_id_of(self.reference_of(model_id))
 
     def is_reference(self, model_id: str) -> bool:
-        """Plain decoding that others are measured against (no drafts of its own)."""
+        """Plain decoding that others are measured against (no drafts of its own), or the A/A
+        control copy of it: never a contender in a "which decoder is faster" view."""
         decoder = self.decoder_of(model_id)
-        return decoder == BASELINE or any(self.reference_of(m) == decoder for m in self.answers)
+        return decoder in (BASELINE, CONTROL) or any(self.reference_of(m) == decoder for m in self.answers)
+
+    @property
+    def dtype(self) -> str:
+        return str((self.info.get("device") or {}).get("dtype") or self.settings.get("dtype") or "")
 
 
 def unique_labels(paths: list[Path]) -> list[str]:
@@ -173,7 +186,25 @@ def load_run_data(run_dir: Path, label: str | None = None) -> RunData:
         notes=notes,
     )
     run.questions = _load_questions(run.settings, notes)
+    run.precision_reference, run.precision_dtype = _load_precision_reference(run_dir, run.info, notes)
     return run
+
+
+def _load_precision_reference(run_dir: Path, info: dict, notes: list[str]) -> tuple[list[dict], str]:
+    """The fp32 baseline answers named by run.json's "precision_reference" (absent in fp32 runs)."""
+    reference = info.get("precision_reference") if isinstance(info, dict) else None
+    if not isinstance(reference, dict) or not reference.get("file"):
+        return [], ""
+    path = run_dir / str(reference["file"])
+    if not path.exists():
+        notes.append(f"precision reference {reference['file']} is missing, so exact match against {reference.get('dtype') or 'float32'} is n/a.")
+        return [], ""
+    try:
+        records = [r for r in read_jsonl(path) if isinstance(r, dict) and "question_id" in r]
+    except UserError as error:
+        notes.append(f"precision reference skipped: {error}")
+        return [], ""
+    return _dedupe(records, lambda r: r["question_id"]), str(reference.get("dtype") or "float32")
 
 
 def load_runs(run_dirs: Iterable[Path]) -> list[RunData]:
@@ -221,6 +252,8 @@ def question_frame(run: RunData) -> pd.DataFrame:
             choice = _first_choice(record)
             matches = choice.get("exact_match")
             known = [m for m in matches if m is not None] if isinstance(matches, list) else []
+            # Per-turn flags written by runs since #15; older runs lack them (counted as unknown, not quiet).
+            contended = [c for c in choice.get("contended") or [] if c is not None] if isinstance(choice.get("contended"), list) else []
             rows.append(
                 {
                     "run": run.label,
@@ -234,9 +267,12 @@ def question_frame(run: RunData) -> pd.DataFrame:
                     "steps": _total(choice.get("decoding_steps")),
                     "em_match": sum(bool(m) for m in known),
                     "em_known": len(known),
+                    "contended": sum(bool(c) for c in contended),
+                    "contended_known": len(contended),
                 }
             )
-    columns = ["run", "model_id", "decoder", "question_id", "category", "n_turns", "new_tokens", "wall_time", "steps", "em_match", "em_known"]
+    columns = ["run", "model_id", "decoder", "question_id", "category", "n_turns", "new_tokens", "wall_time", "steps", "em_match", "em_known",
+               "contended", "contended_known"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -321,10 +357,47 @@ def speed_table(runs: list[RunData], frames: dict[str, pd.DataFrame]) -> pd.Data
             row["tau"] = ratio(dec.new_tokens.sum(), dec.steps.sum())
             row["exact_match"] = ratio(dec.em_match.sum(), dec.em_known.sum())
             row["exact_match_turns"] = int(dec.em_known.sum())
+            row["contended_turns"] = int(dec.contended.sum()) if dec.contended_known.sum() else math.nan
             rows.append(row)
     columns = ["run", "decoder", "model_id", "reference", "n_questions", "n_compared", "new_tokens", "wall_time_s", "tokens_per_s",
-               "speedup", "speedup_ci_low", "speedup_ci_high", "speedup_specbench", "tau", "exact_match", "exact_match_turns"]
-    return pd.DataFrame(rows, columns=columns)
+               "speedup", "speedup_ci_low", "speedup_ci_high", "vs_noise", "speedup_specbench", "tau", "exact_match", "exact_match_turns",
+               "contended_turns"]
+    table = pd.DataFrame(rows, columns=columns)
+    table["vs_noise"] = [noise_verdict(row, noise_band(table[table.run == row.run])) for _, row in table.iterrows()]
+    if table.contended_turns.isna().all():
+        table = table.drop(columns="contended_turns")  # runs from before the contention flags: nothing to count
+    return table
+
+
+def control_row(speed: pd.DataFrame) -> pd.Series | None:
+    """One run's A/A control row in the speed table, if it ran one."""
+    rows = speed[speed.decoder == CONTROL]
+    return rows.iloc[0] if len(rows) else None
+
+
+def noise_band(speed: pd.DataFrame) -> tuple[float, float] | None:
+    """One run's measured noise floor: the control's 95% interval (None without a usable control)."""
+    control = control_row(speed)
+    if control is None or pd.isna(control.speedup_ci_low) or pd.isna(control.speedup_ci_high):
+        return None
+    return (float(control.speedup_ci_low), float(control.speedup_ci_high))
+
+
+def noise_verdict(row: pd.Series, band: tuple[float, float] | None) -> str:
+    """Is this speedup distinguishable from noise? Its interval against the control's band, or
+    against 1.00 when there is no control: any overlap means the data cannot tell it from none."""
+    if row.decoder == CONTROL:
+        return "noise floor"
+    if row.reference == row.decoder:
+        return "reference"
+    if pd.isna(row.speedup_ci_low) or pd.isna(row.speedup_ci_high):
+        return "n/a"  # too few questions for an interval, or no reference
+    low, high = band or (1.0, 1.0)
+    if row.speedup_ci_low > high:
+        return "faster"
+    if row.speedup_ci_high < low:
+        return "slower"
+    return "inside noise"
 
 
 def acceptance_counts(run: RunData, model_id: str) -> Counter:
@@ -495,6 +568,62 @@ def category_table(runs: list[RunData], frames: dict[str, pd.DataFrame]) -> pd.D
     return pd.DataFrame(rows)
 
 
+def _is_sampled(run: RunData) -> bool:
+    """Sampled decoding is not expected to reproduce the baseline's tokens: no drift to measure."""
+    try:
+        return float(run.settings.get("temperature") or 0) > 0
+    except (TypeError, ValueError):
+        return False
+
+
+PRECISION_FP32_COLUMNS = ["exact_vs_fp32", "divergence_vs_fp32", "baseline_exact_vs_fp32"]
+
+
+def precision_table(runs: list[RunData], quality: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """Per run and decoder: exact match and median first divergence against the own-precision
+    baseline, the same against the fp32 reference, and the baseline's own match against fp32 on
+    those turns (the floor the precision sets anyway), with the primary judge's score beside them.
+
+    Also returns the per-turn comparisons behind it, {(run, decoder): drift.drift_summary(...)},
+    for the first-divergence plot. Decoders measured against another reference (medusa2 against
+    its own backbone) get no fp32 columns: the fp32 file holds the plain baseline's answers.
+    """
+    rows, details = [], {}
+    for run in runs:
+        if _is_sampled(run):
+            continue
+        fp32 = drift.turn_token_ids(run.precision_reference) if run.precision_reference else None
+        judge = primary_judge(run)
+        scores = quality[(quality.run == run.label) & (quality.judge == judge)].set_index("decoder") if judge and not quality.empty else None
+        for model_id in run.model_ids():
+            decoder = run.decoder_of(model_id)
+            ref_id = run.reference_id(model_id)
+            own = drift.turn_token_ids(run.answers[model_id])
+            base = drift.turn_token_ids(run.answers[ref_id]) if ref_id and ref_id != model_id else None
+            against_fp32 = fp32 if run.reference_of(model_id) == BASELINE or decoder == BASELINE else None
+            if decoder == BASELINE:  # the baseline against fp32 is its own floor
+                summary = drift.drift_summary(own, None, against_fp32)
+                summary["baseline_vs_fp32"] = summary["vs_fp32"]
+                summary["baseline_exact_match_fp32"] = summary["exact_match_fp32"]
+            else:
+                summary = drift.drift_summary(own, base, against_fp32)
+            details[(run.label, decoder)] = summary
+            row = {"run": run.label, "decoder": decoder, "dtype": run.dtype, "turns": summary["turns"],
+                   "exact_vs_baseline": summary["exact_match"], "divergence_vs_baseline": summary["first_divergence_median"],
+                   "exact_vs_fp32": summary["exact_match_fp32"], "divergence_vs_fp32": summary["first_divergence_fp32_median"],
+                   "baseline_exact_vs_fp32": summary["baseline_exact_match_fp32"]}
+            if scores is not None and decoder in scores.index:
+                row["score"] = scores.loc[decoder, "score"]
+                row["score_vs_baseline"] = scores.loc[decoder, "score_vs_baseline"]
+            rows.append(row)
+    table = pd.DataFrame(rows)
+    if table.empty or table[["exact_vs_baseline", *PRECISION_FP32_COLUMNS]].isna().all().all():
+        return pd.DataFrame(), details  # no token ids to compare (an older run, or sampled decoding)
+    if not any(run.precision_reference for run in runs):
+        table = table.drop(columns=PRECISION_FP32_COLUMNS)  # an fp32 run is its own reference
+    return table, details
+
+
 CONFIG_ORDER = ("model", "dtype", "device", "tree", "tree_hash", "max_new_tokens", "bench", "acceptance",
                 "temperature", "top_p", "seed", "warmup")
 
@@ -515,7 +644,13 @@ def config_table(runs: list[RunData]) -> pd.DataFrame:
         values = {key: _as_text(settings[key]) for key in CONFIG_ORDER if key in settings}
         values.update({key: _as_text(v) for key, v in settings.items() if key not in CONFIG_ORDER})
         for key, v in (info.get("device") or {}).items():
-            values[f"device.{key}"] = _as_text(v)
+            if key == "dtype_auto" and isinstance(v, dict):
+                values.update(_dtype_auto_rows(v))
+            else:
+                values[f"device.{key}"] = _as_text(v)
+        reference = info.get("precision_reference")
+        if isinstance(reference, dict):
+            values["precision_reference"] = f"{_as_text(reference.get('dtype'))}: {_as_text(reference.get('file'))}"
         values["decoders"] = ", ".join(str(d) for d in info.get("decoders") or run.model_ids())
         if info.get("warmup") is not None:
             values["warmup"] = _as_text(info["warmup"])
@@ -534,9 +669,23 @@ def config_table(runs: list[RunData]) -> pd.DataFrame:
     return table
 
 
+def _dtype_auto_rows(auto: dict) -> dict[str, str]:
+    """`--dtype auto`'s choice in words: the dtype, what each candidate cost per forward, and why."""
+    timings = auto.get("ms_per_forward") if isinstance(auto.get("ms_per_forward"), dict) else {}
+    costs = ", ".join(f"{dtype} {ms:.1f} ms" if _is_number(ms) else f"{dtype} {_as_text(ms)}" for dtype, ms in timings.items())
+    chosen = _as_text(auto.get("chosen"))
+    rows = {"device.dtype_auto": chosen + (f" (per forward: {costs})" if costs else "")}
+    if "native_bf16" in auto:
+        rows["device.dtype_auto.native_bf16"] = _as_text(auto["native_bf16"])
+    if auto.get("reason"):
+        rows["device.dtype_auto.reason"] = _as_text(auto["reason"])
+    return rows
+
+
 def summary_table(runs: list[RunData], speed: pd.DataFrame, quality: pd.DataFrame) -> pd.DataFrame:
     """The at-a-glance table: how fast, why (τ), and whether quality held, per decoder (primary judge)."""
-    columns = ["run", "decoder", "reference", "n_questions", "n_compared", "tokens_per_s", "speedup", "speedup_ci_low", "speedup_ci_high", "tau", "exact_match"]
+    columns = ["run", "decoder", "reference", "n_questions", "n_compared", "tokens_per_s", "speedup", "speedup_ci_low", "speedup_ci_high", "vs_noise",
+               "tau", "exact_match"]
     summary = speed[columns].copy()
     if not quality.empty:
         primary = {run.label: primary_judge(run) for run in runs}
@@ -555,9 +704,14 @@ class ReportTables:
     runs: list[RunData]
     tables: dict[str, pd.DataFrame]
     notes: list[str]
+    # What a reader must see before any number: the noise floor and shared-CPU warnings.
+    banner: list[str] = field(default_factory=list)
+    # (run, decoder) -> drift.drift_summary(...): the per-turn divergences behind "precision".
+    drift: dict = field(default_factory=dict)
 
     def is_reference(self, run_label: str, decoder: str) -> bool:
-        """True for plain-decoding rows (a baseline), which plots of drafting behaviour leave out."""
+        """True for plain-decoding rows (a baseline, the A/A control), which plots of drafting
+        behaviour and the headline's per-decoder claims leave out."""
         run = next(r for r in self.runs if r.label == run_label)
         model_id = run.model_id_of(decoder)
         return model_id is None or run.is_reference(model_id)
@@ -571,6 +725,7 @@ class ReportTables:
 TABLE_TITLES = {
     "summary": "At a glance",
     "speed": "Speed",
+    "precision": "Drift: exact match and first divergence",
     "acceptance": "Acceptance",
     "tokens_per_step": "Tokens per step (histogram)",
     "quality": "Quality (MT-Bench single grading)",
@@ -608,10 +763,56 @@ def _notes(runs: list[RunData], speed: pd.DataFrame) -> list[str]:
     return notes
 
 
+def _banner(runs: list[RunData], speed: pd.DataFrame) -> list[str]:
+    """Top-of-report lines: each run's A/A noise floor, and how many turns were timed on a shared CPU."""
+    lines = []
+    for run in runs:
+        prefix = f"{run.label}: " if len(runs) > 1 else ""
+        rows = speed[speed.run == run.label]
+        control = control_row(rows)
+        contenders = rows[[v not in ("reference", "noise floor") for v in rows.vs_noise]]
+        if control is not None and pd.notna(control.speedup):
+            band = noise_band(rows)
+            interval = f"95% CI {band[0]:.2f}–{band[1]:.2f}" if band else "no interval: fewer than two questions"
+            lines.append(f"{prefix}A/A control: {control.speedup:.2f}× ({interval}) — speedups inside this band are noise")
+        elif len(contenders):
+            lines.append(f"{prefix}no A/A control in this run: a speedup counts only where its 95% CI excludes 1.00× "
+                         f"(add `{CONTROL}` to --decoders to measure the noise floor)")
+        flagged = sum(_turn_flags(record, "contended") for model_id in run.model_ids() for record in run.answers[model_id])
+        known = sum(_turn_flags(record, "contended", count_all=True) for model_id in run.model_ids() for record in run.answers[model_id])
+        if flagged:
+            lines.append(f"{prefix}{flagged} of {known} turns were measured while the CPU was shared; "
+                         "rerun with --remeasure-flagged on a quiet machine")
+        remeasured = sum(bool(record.get("remeasured")) for model_id in run.model_ids() for record in run.answers[model_id])
+        if remeasured:
+            lines.append(f"{prefix}{remeasured} answers were re-measured after a shared-CPU first pass (their timings replace the first ones)")
+    return lines
+
+
+def _turn_flags(record: dict, key: str, count_all: bool = False) -> int:
+    """How many turns of an answer carry a true `key` flag (or any flag, with count_all)."""
+    flags = _first_choice(record).get(key)
+    if not isinstance(flags, list):
+        return 0
+    return sum(1 for f in flags if f is not None and (count_all or bool(f)))
+
+
+def _drift_notes(run: RunData, precision: pd.DataFrame) -> list[str]:
+    """Say where lost exactness is the precision's doing: the baseline itself drifts from fp32."""
+    if precision.empty or "baseline_exact_vs_fp32" not in precision.columns:
+        return []
+    rows = precision[(precision.run == run.label) & (precision.decoder == BASELINE)]
+    if rows.empty or pd.isna(rows.iloc[0].baseline_exact_vs_fp32) or rows.iloc[0].baseline_exact_vs_fp32 >= 1.0:
+        return []
+    floor = rows.iloc[0].baseline_exact_vs_fp32
+    return [f"{run.label}: in {run.dtype or 'this dtype'} the baseline itself matches its {run.precision_dtype} decoding on only "
+            f"{100 * floor:.1f}% of turns; a decoder's exact match near that level is the precision's rounding, not the decoder "
+            "(see the drift table)."]
+
+
 def _precision_notes(run: RunData, speed: pd.DataFrame) -> list[str]:
     """Flag lost exactness where it should not happen: greedy decoding in float32 must match 100%."""
-    dtype = str((run.info.get("device") or {}).get("dtype") or run.settings.get("dtype") or "")
-    if dtype not in ("float32", "fp32"):
+    if run.dtype not in ("float32", "fp32"):
         return []
     return [f"{run.label}: {row.decoder} matched the reference's tokens on only {100 * row.exact_match:.1f}% of turns in float32, "
             "where greedy decoding with draft heads should be exact: check the verify step."
@@ -623,16 +824,19 @@ def build_tables(runs: list[RunData]) -> ReportTables:
     speed = speed_table(runs, frames)
     acceptance, histogram = acceptance_tables(runs, frames)
     quality = quality_table(runs)
+    precision, drift_details = precision_table(runs, quality)
     tables = {
         "summary": summary_table(runs, speed, quality),
         "speed": speed,
+        "precision": precision,
         "acceptance": acceptance,
         "tokens_per_step": histogram,
         "quality": quality,
         "categories": category_table(runs, frames),
         "config": config_table(runs),
     }
-    return ReportTables(runs=runs, tables=tables, notes=_notes(runs, speed))
+    notes = _notes(runs, speed) + [n for run in runs for n in _drift_notes(run, precision)]
+    return ReportTables(runs=runs, tables=tables, notes=notes, banner=_banner(runs, speed), drift=drift_details)
 
 
 # ------------------------------------------------------------------------ display formatting
@@ -644,6 +848,10 @@ LABELS = {
     "reference": "compared with", "tau": "τ", "tau_predicted": "τ predicted", "speedup_predicted": "speedup predicted", "exact_match": "exact match", "exact_match_turns": "turns compared",
     "steps": "steps", "logged_steps": "steps logged", "score": "score", "graded": "graded", "reused": "grades reused", "expected": "expected",
     "coverage": "coverage", "score_vs_baseline": "Δ score vs baseline", "setting": "setting",
+    "vs_noise": "vs noise", "contended_turns": "shared-CPU turns", "dtype": "dtype", "turns": "turns",
+    "exact_vs_baseline": "exact vs baseline", "divergence_vs_baseline": "median first divergence",
+    "exact_vs_fp32": "exact vs fp32", "divergence_vs_fp32": "median divergence vs fp32",
+    "baseline_exact_vs_fp32": "baseline exact vs fp32",
 }
 
 
@@ -666,15 +874,16 @@ def format_value(column: str, value: Any) -> str:
         return "n/a"
     if isinstance(value, (bool, np.bool_)) or isinstance(value, str):
         return str(value)
-    if column.startswith(("exact_match", "coverage", "accept_ge_", "tokens_")) and column not in ("exact_match_turns", "tokens_per_s"):
+    if column.startswith(("exact_", "baseline_exact_", "coverage", "accept_ge_", "tokens_")) and column not in ("exact_match_turns", "tokens_per_s"):
         return f"{100 * value:.1f}%"
     if column in ("speedup", "speedup_specbench", "speedup_predicted"):
         return f"{value:.2f}×"
     if column == "score_vs_baseline":
         return f"{value:+.2f}"
-    if column in ("tokens_per_s", "wall_time_s"):
+    if column in ("tokens_per_s", "wall_time_s", "divergence_vs_baseline", "divergence_vs_fp32"):
         return f"{value:.1f}"
-    if isinstance(value, (int, np.integer)) or float(value).is_integer() and column in ("new_tokens", "steps", "n_questions", "n_compared", "graded", "reused", "expected", "logged_steps"):
+    if isinstance(value, (int, np.integer)) or float(value).is_integer() and column in ("new_tokens", "steps", "n_questions", "n_compared", "graded", "reused", "expected", "logged_steps",
+                                                                                    "contended_turns", "turns"):
         return str(int(value))
     return f"{value:.2f}"
 
@@ -697,23 +906,28 @@ def display_frame(table: pd.DataFrame) -> pd.DataFrame:
     return shown
 
 
+def md_escape(text: Any) -> str:
+    """Text from run files made inert in markdown: GitHub renders raw HTML, so `<script>` in a
+    decoder, category or device name must not reach the page as a tag, nor `|` split a cell."""
+    text = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
 def to_markdown(table: pd.DataFrame) -> str:
-    """A GitHub-flavoured markdown table (no `tabulate` needed); pipes in cells are escaped."""
+    """A GitHub-flavoured markdown table (no `tabulate` needed); every cell escaped (md_escape)."""
     shown = display_frame(table)
-
-    def cell(text: Any) -> str:
-        return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(cell(c) for c in shown.columns) + " |", "|" + "|".join("---" for _ in shown.columns) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in shown.itertuples(index=False)]
+    lines = ["| " + " | ".join(md_escape(c) for c in shown.columns) + " |", "|" + "|".join("---" for _ in shown.columns) + "|"]
+    lines += ["| " + " | ".join(md_escape(v) for v in row) + " |" for row in shown.itertuples(index=False)]
     return "\n".join(lines)
 
 
 def tables_to_markdown(report: ReportTables) -> str:
     """Every table under its own heading, plus the notes: paste-ready for a PR or a paper draft."""
-    parts = ["# medusa-bench report", "", "Runs: " + ", ".join(run.label for run in report.runs), ""]
+    parts = ["# medusa-bench report", "", "Runs: " + ", ".join(md_escape(run.label) for run in report.runs), ""]
+    for line in report.banner:  # one quote block each: consecutive quoted lines would merge into one paragraph
+        parts += [f"> **{md_escape(line)}**", ""]
     if report.notes:
-        parts += ["Notes:", ""] + [f"- {n}" for n in report.notes] + [""]
+        parts += ["Notes:", ""] + [f"- {md_escape(n)}" for n in report.notes] + [""]
     for name, table in report.tables.items():
         parts += [f"## {TABLE_TITLES.get(name, name)}", ""]
         parts += [to_markdown(table) if not table.empty else "_no data_", ""]

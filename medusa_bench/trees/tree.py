@@ -323,6 +323,26 @@ class TreeBuffers:
         mask[0, 0, :, prefix_len:] = tree_part
         return mask
 
+    def local_mask(self, prefix_len: int, dtype: torch.dtype = torch.float32, window: int | None = None,
+                   chunk: int | None = None) -> Tensor:
+        """`additive_mask` as a sliding-window or chunked attention layer sees it: [1, 1, n, prefix_len + n].
+
+        Node i stands at position q = prefix_len + depth[i]; a key stands at its cache slot (prefix)
+        or at prefix_len + depth[j] (tree ancestor j). Like transformers' overlays, a sliding layer
+        sees key k iff k > q - window, a chunked one iff k // chunk == q // chunk; the ancestor
+        structure is unchanged. Built per step: only models with such layers pay for it.
+        """
+        n, device = self.num_nodes, self.device
+        query = prefix_len + self.depths  # [n]
+        key = torch.cat([torch.arange(prefix_len, device=device), query])  # [prefix_len + n]
+        seen = torch.cat([torch.ones(n, prefix_len, dtype=torch.bool, device=device), self.attn_mask], dim=1)  # [n, P + n]
+        if window is not None:
+            seen &= key[None] > query[:, None] - window
+        if chunk is not None:
+            seen &= key[None] // chunk == query[:, None] // chunk
+        mask = torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill_(~seen, torch.finfo(dtype).min)
+        return mask[None, None]  # [1, 1, n, prefix_len + n]
+
 
 def _to_list(x) -> list[int]:
     return x.tolist() if isinstance(x, Tensor) else [int(v) for v in x]
