@@ -49,7 +49,7 @@ def run(
     warmup: int = typer.Option(1, "--warmup", help="Untimed warm-up generations per decoder."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default results/<model>-<bench>)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | float16 | bfloat16"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (CPU: bf16 if it is native and measures faster, else fp32; CUDA: bf16, else fp16) | float32 | float16 | bfloat16"),
     tree: str = typer.Option("mc_sim_7b_63", "--tree", help="Preset name, JSON file, inline list, or 'auto'."),
     medusa_heads: Optional[str] = typer.Option(None, "--medusa-heads", help="Medusa-1 / v2 heads folder."),
     medusa2_model: Optional[str] = typer.Option(None, "--medusa2-model", help="A Medusa-2 model folder."),
@@ -62,10 +62,21 @@ def run(
     pld_tokens: int = typer.Option(10, "--pld-tokens", help="Prompt lookup: most tokens drafted per branch."),
     pld_branches: int = typer.Option(1, "--pld-branches", help="Prompt lookup: distinct continuations drafted as a tree."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
+    control: bool = typer.Option(False, "--control", help="Add the A/A control: the baseline's work timed again as decoder 'control' (the noise floor)."),
+    precision_reference: str = typer.Option("auto", "--precision-reference", help="float32 | none: decode the baseline again in fp32 (untimed) to show what the precision changes; auto: float32 unless the run is fp32."),
+    remeasure_flagged: bool = typer.Option(False, "--remeasure-flagged", help="Re-time the questions with a turn measured while the CPU was shared; answers are kept."),
+    endpoint: Optional[List[str]] = typer.Option(None, "--endpoint", help="NAME=URL of an OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp, `serve`), e.g. ref=http://127.0.0.1:8000/v1; repeatable. Each is a decoder of the run."),
+    endpoint_model: Optional[str] = typer.Option(None, "--endpoint-model", help="Model id to ask the endpoints for (default: each server's only model in /v1/models)."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="The endpoint with speculation off: the baseline for speedup and exact match."),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the endpoints' API key (never written anywhere)."),
+    metrics_url: Optional[str] = typer.Option(None, "--metrics-url", help="Prometheus /metrics of the endpoints (default: the host of each URL + /metrics)."),
+    concurrency: Optional[str] = typer.Option(None, "--concurrency", help="Endpoints: a sweep of requests in flight, e.g. 1,4,16 (appended to sweep.jsonl)."),
+    request_timeout: float = typer.Option(300.0, "--request-timeout", help="Endpoints: seconds per request before it is retried."),
+    max_retries: int = typer.Option(4, "--max-retries", help="Endpoints: retries of a failed request (backoff) before it is recorded as failed."),
 ) -> None:
     """Run decoders over a bench's questions; appends answers and resumes where it stopped.
 
-    Decoders: baseline, medusa, medusa2, hydra, pld; `medusa:chain-2` gives one decoder its own tree.
+    Decoders: baseline, control, medusa, medusa2, hydra, pld; `medusa:chain-2` gives one decoder its own tree.
     """
     from medusa_bench.bench.loop import RunConfig, run_benchmark
 
@@ -77,8 +88,21 @@ def run(
         hydra_heads=hydra_heads, acceptance=acceptance, posterior_threshold=posterior_threshold,
         posterior_alpha=posterior_alpha, pld_max_ngram=pld_max_ngram, pld_tokens=pld_tokens,
         pld_branches=pld_branches, draft_vocab=draft_vocab, trust_remote_code=trust_remote_code,
+        control=control, precision_reference=precision_reference, remeasure_flagged=remeasure_flagged,
     )
-    run_dir = run_benchmark(config, console=console)
+    if endpoint:
+        from medusa_bench.bench.endpoints import EndpointRun, parse_concurrency, parse_endpoints, run_endpoint_benchmark
+
+        if decoders != "baseline" or control:
+            raise UserError("--endpoint runs hold endpoints only for now: drop --decoders/--control, or run them into another --out")
+        run_dir = run_endpoint_benchmark(config, EndpointRun(
+            parse_endpoints(endpoint), reference=reference, model=endpoint_model, api_key_env=api_key_env,
+            metrics_url=metrics_url, concurrency=parse_concurrency(concurrency), timeout=request_timeout,
+            max_retries=max_retries), console=console)
+    elif reference or concurrency:
+        raise UserError("--reference and --concurrency are for --endpoint runs: add --endpoint NAME=URL")
+    else:
+        run_dir = run_benchmark(config, console=console)
     typer.echo(str(run_dir))
 
 
@@ -160,7 +184,9 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (this machine only by default)."),
     port: int = typer.Option(8000, "--port", help="TCP port."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MEDUSA_BENCH_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/* (or set MEDUSA_BENCH_API_KEY)."),
-    max_waiting: int = typer.Option(16, "--max-waiting", help="Requests that may wait behind the running one; more get 503."),
+    max_waiting: int = typer.Option(16, "--max-waiting", help="Requests that may wait behind the running ones; more get 503."),
+    max_batch: int = typer.Option(8, "--max-batch", help="Plain decoders (baseline): requests decoded together in one batch. Drafting decoders run one at a time."),
+    heads: Optional[List[str]] = typer.Option(None, "--heads", help="NAME=PATH: more heads for --decoder medusa/hydra on the same base model (repeatable); a request picks one with model '<model>:NAME' or LoRAX's adapter_id."),
     served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="Model id clients use (default <model>-<decoder>)."),
 ) -> None:
     """Serve a decoder behind an OpenAI-compatible HTTP API (chat completions, streaming, /metrics)."""
@@ -173,7 +199,7 @@ def serve(
     )
     serve_forever(
         model=model, decoder=decoder, options=options, host=host, port=port, api_key=api_key,
-        max_waiting=max_waiting, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+        max_waiting=max_waiting, max_batch=max_batch, heads=heads, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
         served_model_name=served_model_name, log=lambda line: console.print(line, highlight=False, soft_wrap=True),
     )
 

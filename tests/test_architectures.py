@@ -31,6 +31,7 @@ from medusa_bench.trees.tree import Tree
 
 V, H, W = 64, 32, 16  # vocabulary, hidden size, sliding window
 PROMPT, NEW = 24, 64  # eval contexts reach 88 tokens: well past the window
+EVAL = 3  # prompts per decoder
 TREES = {"chain": "chain-3", "tree16": "tree-16"}
 
 
@@ -56,6 +57,15 @@ def _config(name: str):
                                              num_attention_heads=4, max_position_embeddings=256, **plain),
         "falcon": lambda: tf.FalconConfig(vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_heads=4, **plain),
     }[name]()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls: a second thread only adds contention on a shared machine (10-30x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma2", "gemma3", "gpt2", "gpt_neox", "falcon"]
@@ -91,12 +101,14 @@ def prompts(seed: int, count: int) -> list[list[int]]:
 @dataclass
 class Setup:
     loaded: LoadedModel
+    evals: list[list[int]]  # prompts
+    reference: list[list[int]]  # the baseline's greedy tokens for them
     medusa: MedusaHeads
     hydra: HydraHeads
     hydra_pp: HydraHeads
 
 
-def _train(parameters, loss_fn, steps: int = 120, lr: float = 1e-2) -> None:
+def _train(parameters, loss_fn, steps: int = 80, lr: float = 3e-2) -> None:
     opt = torch.optim.Adam(parameters, lr=lr)
     for _ in range(steps):
         opt.zero_grad()
@@ -106,11 +118,18 @@ def _train(parameters, loss_fn, steps: int = 120, lr: float = 1e-2) -> None:
 
 @functools.lru_cache(maxsize=None)
 def setup(name: str) -> Setup:
-    """The model plus Medusa, Hydra and Hydra++ heads (3 heads) fitted briefly to its greedy outputs."""
+    """The model plus Medusa, Hydra and Hydra++ heads (3 heads) fitted briefly to its greedy outputs.
+
+    The heads see the eval turns too: this tests verification, not the heads, and deep paths are
+    verified only where drafts get accepted.
+    """
     loaded = tiny_model(name)
     model = loaded.model
     baseline = SpeculativeDecoder("baseline", loaded, Proposer())
-    ids = torch.tensor([p + baseline.generate(p, NEW).token_ids for p in prompts(seed=100, count=8)])  # [B, T]
+    evals = prompts(seed=1, count=EVAL)
+    reference = [baseline.generate(p, NEW).token_ids for p in evals]
+    ids = torch.tensor([p + out for p, out in zip(evals, reference)]
+                       + [p + baseline.generate(p, NEW).token_ids for p in prompts(seed=100, count=3)])  # [B, T]
     with torch.no_grad():
         hidden = model(ids, output_hidden_states=True).hidden_states[-1]  # [B, T, H]
     ce = torch.nn.functional.cross_entropy
@@ -132,7 +151,7 @@ def setup(name: str) -> Setup:
 
         _train([p for p in heads.parameters() if p.requires_grad], loss)
         trained[arch] = heads.eval().requires_grad_(False)
-    return Setup(loaded, medusa.eval().requires_grad_(False), trained["mlp"], trained["prefix-mlp"])
+    return Setup(loaded, evals, reference, medusa.eval().requires_grad_(False), trained["mlp"], trained["prefix-mlp"])
 
 
 # ------------------------------------------------------------------------------ logits: tree nodes vs plain forwards
@@ -220,9 +239,7 @@ MATRIX: dict = {}  # (arch, decoder, tree) -> (identical turns, turns, mean acce
 @pytest.mark.parametrize("tree", list(TREES))
 def test_greedy_decoders_are_lossless_past_the_window(name, tree):
     s = setup(name)
-    evals = prompts(seed=1, count=3)
-    baseline = SpeculativeDecoder("baseline", s.loaded, Proposer())
-    reference = [baseline.generate(p, NEW).token_ids for p in evals]
+    evals, reference = s.evals, s.reference
     failures, accepted = [], {}
     for decoder_name, proposer in proposers(s, tree).items():
         decoder = SpeculativeDecoder(decoder_name, s.loaded, proposer)
@@ -259,3 +276,40 @@ def test_unloadable_hydra_heads_are_not_saved(tmp_path):
     with pytest.raises(UserError, match="would not load back"):
         save_hydra_heads(heads, tmp_path / "heads")
     assert not (tmp_path / "heads").exists()
+
+
+# ------------------------------------------------------------------------------ loading: the kernel that runs, one-line errors
+def save_tiny(name: str, folder) -> None:
+    """A tiny model folder load_model can read: weights, config and a word-level tokenizer (no downloads)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tiny_model(name).model.save_pretrained(folder)
+    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(V)}, unk_token="t0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, eos_token="t1").save_pretrained(folder)
+
+
+@pytest.mark.parametrize("name, kernel", [("llama", "sdpa"), ("gemma2", "eager")])
+def test_load_model_picks_a_kernel_the_model_accepts(name, kernel, tmp_path):
+    from medusa_bench.bench.loop import device_info
+    from medusa_bench.models import load_model
+
+    save_tiny(name, tmp_path)
+    loaded = load_model(str(tmp_path), device="cpu", dtype="float32")
+    assert loaded.attn_implementation == kernel  # Gemma2 refuses sdpa (softcapping): eager, not a traceback
+    assert device_info(loaded)["attn_implementation"] == kernel  # recorded in run.json
+
+
+def test_load_failure_is_one_line(tmp_path):
+    import json
+
+    from medusa_bench.errors import UserError
+    from medusa_bench.models import load_model
+
+    save_tiny("llama", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_size": 48}))  # weights no longer fit
+    with pytest.raises(UserError) as error:
+        load_model(str(tmp_path), device="cpu", dtype="float32")
+    assert "\n" not in str(error.value) and "cannot load model" in str(error.value)

@@ -207,7 +207,7 @@ def test_second_writer_is_refused_naming_the_pid_and_sigkill_releases(tmp_path, 
 
 # ------------------------------------------------------------------------------ 3. resume compares contents
 def quick_args(out: Path, *extra) -> list:
-    return ["run", "--max-new-tokens", "4", "--warmup", "0", "--device", "cpu", "--out", out, *extra]
+    return ["run", "--max-new-tokens", "4", "--warmup", "0", "--device", "cpu", "--dtype", "float32", "--out", out, *extra]
 
 
 def save_random_heads(folder: Path, seed: int) -> None:

@@ -37,7 +37,7 @@ def free_port() -> int:
 
 def start_server(port: int, *extra: str, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "medusa_bench.cli", "serve", "--model", "smollm2-135m", "--decoder", "baseline",
-           "--port", str(port), "--max-waiting", str(MAX_WAITING), *extra]
+           "--port", str(port), "--max-waiting", str(MAX_WAITING), "--max-batch", "1", *extra]
     handle = open(log, "w")
     process = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=dict(os.environ, MEDUSA_BENCH_DATA=str(DATA)))
     deadline = time.time() + 120

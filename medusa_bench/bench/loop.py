@@ -274,7 +274,8 @@ def run_benchmark(config: RunConfig, console: Optional[Console] = None, loaded=N
     hashes = check_same_contents(previous, content_hashes(config, questions), question_file)
     loaded = loaded or load_model(config.model, config.device, dtype_name, config.trust_remote_code)
     decoders = {name: build_decoder(name, loaded, config.options) for name in names}
-    # Within a question, reference decoders go first so exact-match can be checked at once.
+    # Within a question, reference decoders go first (but control and baseline swap every other
+    # question: question_order); an answer whose reference has not answered yet waits for it.
     references_first = {d.baseline_name for d in decoders.values()}
     names = sorted(names, key=lambda name: name not in references_first)
     files.ensure_writable_dir(run_dir / files.ANSWER_DIR)
@@ -288,26 +289,26 @@ def run_benchmark(config: RunConfig, console: Optional[Console] = None, loaded=N
     references = {ref: done.get(ref) or {str(r["question_id"]): r for r in files.read_jsonl(files.answer_path(run_dir, model_id(loaded, ref)))}
                   for ref in {decoder.baseline_name for decoder in decoders.values()}}
     reference = PrecisionReference(run_dir, loaded, config) if settings["precision_reference"] != "none" else None
-    todo = [(index, question, name) for index, question in enumerate(questions) for name in question_order(names, index)
-            if str(question.question_id) not in done[name]]
+    todo = [(question, name) for question in questions for name in names if str(question.question_id) not in done[name]]
     reference_todo = [question for question in questions if reference and str(question.question_id) not in reference.done]
     if not todo and not reference_todo and not config.remeasure_flagged:
         console.print(f"nothing to do: all {len(questions)} questions × {len(names)} decoders are in {run_dir}")
     elif todo or reference_todo:
-        warm_up({n: decoders[n] for n in {name for _, _, name in todo}}, loaded, questions, config)
+        warm_up({n: decoders[n] for n in {name for _, name in todo}}, loaded, questions, config)
         with run_progress(console) as progress:
             task = progress.add_task("starting", total=len(todo) + len(reference_todo))
-            pending: list = []  # answers waiting for their reference's answer to this question (exact match)
-            for index, question, name in todo:
-                choice = answer_question(decoders[name], loaded, question, config, on_step=live_rate(progress, task, question, name))
-                pending.append(answer_record(question, name, decoders[name], loaded, choice))
-                pending = store_ready(pending, references, names, paths)
-                progress.advance(task)
-                if question in reference_todo and not any(q is question for _, q, _ in todo[todo.index((index, question, name)) + 1:]):
-                    reference.answer(question, config, references, progress, task)
-            for question in reference_todo:  # questions whose timed answers were all there already
-                if str(question.question_id) not in reference.done:
-                    reference.answer(question, config, references, progress, task)
+            for index, question in enumerate(questions):
+                qid, pending = str(question.question_id), []
+                for name in question_order(names, index):
+                    if qid in done[name]:
+                        continue
+                    choice = answer_question(decoders[name], loaded, question, config, on_step=live_rate(progress, task, question, name))
+                    pending = store_ready(pending + [(answer_record(question, name, decoders[name], loaded, choice), decoders[name])],
+                                          references, names, paths)
+                    progress.advance(task)
+                if reference and qid not in reference.done:  # after the timed answers: never between them
+                    reference.answer(question, references, live_rate(progress, task, question, PrecisionReference.DECODER))
+                    progress.advance(task)
     if config.remeasure_flagged:
         remeasure_flagged(questions, names, decoders, loaded, config, paths, console)
     flagged, total = count_flagged(r for path in paths.values() for r in files.read_jsonl(path))
@@ -334,13 +335,13 @@ def live_rate(progress: Progress, task, question: Question, name: str):
 
 
 def question_order(names: list[str], index: int) -> list[str]:
-    """The decoders' turn order for the question at `index`: baseline and control (the A/A pair)
-    swap places every other question, so neither is always the one that runs first."""
-    if index % 2 == 0 or "baseline" not in names or "control" not in names:
+    """The decoders' turn order for the question at `index`: control (the A/A pair's second half)
+    runs right after the baseline, or right before it every other question, so neither of the
+    two is always the one that runs first."""
+    if "baseline" not in names or "control" not in names:
         return names
-    order = list(names)
-    i, j = order.index("baseline"), order.index("control")
-    order[i], order[j] = order[j], order[i]
+    order = [name for name in names if name != "control"]
+    order.insert(order.index("baseline") + (index + 1) % 2, "control")
     return order
 
 
@@ -352,20 +353,108 @@ def answer_record(question: Question, name: str, decoder: Decoder, loaded, choic
 
 
 def store_ready(pending: list, references: dict, names: list[str], paths: dict) -> list:
-    """Append the pending answers whose reference answered this question (or is not in this run),
-    exact match filled in; return those still waiting (control may run before the baseline)."""
-    waiting = []
-    for record in pending:
-        qid, ref = str(record["question_id"]), record["baseline"]
-        if ref in names and ref != record["decoder"] and qid not in references[ref]:
-            waiting.append(record)
-            continue
-        choice = record["choices"][0]
-        choice["exact_match"] = exact_match_of(choice, record["decoder"], ref, references[ref].get(qid))
-        files.append_jsonl(paths[record["decoder"]], record)
-        if record["decoder"] in references:
-            references[record["decoder"]][qid] = record
-    return store_ready(waiting, references, names, paths) if len(waiting) < len(pending) and waiting else waiting
+    """Append the pending (record, decoder) pairs whose reference has answered this question (or
+    is not in this run), exact match filled in; return those still waiting. Control may run
+    before the baseline, so its answer waits for the baseline's."""
+    def waits(record: dict) -> bool:
+        ref = record["baseline"]
+        return ref in names and ref != record["decoder"] and str(record["question_id"]) not in references[ref]
+
+    while True:
+        ready = [(record, decoder) for record, decoder in pending if not waits(record)]
+        if not ready:
+            return pending
+        pending = [(record, decoder) for record, decoder in pending if waits(record)]  # before storing changes `waits`
+        for record, decoder in ready:
+            qid, choice = str(record["question_id"]), record["choices"][0]
+            choice["exact_match"] = exact_match(choice, decoder, references[record["baseline"]].get(qid), record["decoder"])
+            files.append_jsonl(paths[record["decoder"]], record)
+            if record["decoder"] in references:
+                references[record["decoder"]][qid] = record
+
+
+def reference_file(loaded, dtype: str) -> str:
+    """The precision reference's answer file, relative to the run folder."""
+    return f"precision_reference/{loaded.name}-baseline-{dtype}.jsonl"
+
+
+class PrecisionReference:
+    """The baseline's answers decoded again in float32 (untimed): the precision's noise floor.
+
+    A bf16 verify forward over n tokens rounds differently than n one-token forwards, so bf16
+    decoders part from the bf16 baseline; where the fp32 baseline parts from it too, at the
+    same positions, it is the precision, not the decoder. Same questions, both turns, the fp32
+    conversation carrying its own turn-1 answer; appended and resumable like the answers.
+    """
+
+    DECODER = "baseline@float32"
+
+    def __init__(self, run_dir: Path, loaded, config: RunConfig):
+        self.path = Path(run_dir) / reference_file(loaded, "float32")
+        files.ensure_writable_dir(self.path.parent)
+        files.repair_jsonl(self.path)
+        self.done = {str(r["question_id"]): r for r in files.read_jsonl(self.path)}
+        self.run_model, self.config, self.decoder = loaded, config, None
+
+    def _decoder(self) -> Decoder:
+        """A second, float32 copy of the model, loaded only when a question needs it."""
+        from medusa_bench.models import load_model
+
+        if self.decoder is None:
+            model = load_model(self.run_model.spec, str(self.run_model.device), "float32", self.config.trust_remote_code)
+            model.name = self.run_model.name
+            self.decoder = build_decoder("baseline", model, self.config.options)
+            self.decoder.name = self.DECODER
+        return self.decoder
+
+    def answer(self, question: Question, references: dict, on_step=None) -> dict:
+        decoder = self._decoder()
+        qid = str(question.question_id)
+        choice = answer_question(decoder, decoder.loaded, question, self.config, on_step=on_step)
+        choice["exact_match"] = exact_match(choice, decoder, references.get("baseline", {}).get(qid), self.DECODER)
+        record = answer_record(question, self.DECODER, decoder, decoder.loaded, choice)
+        record["model_id"] = Path(self.path).stem
+        files.append_jsonl(self.path, record)
+        self.done[qid] = record
+        return record
+
+
+def remeasure_flagged(questions: list[Question], names: list[str], decoders: dict, loaded, config: RunConfig,
+                      paths: dict, console: Console) -> None:
+    """Re-time every decoder on the questions with a contended turn; keep the answers (tokens, text).
+
+    Replaces wall_time, cpu_share, load_avg and contended in place and marks the record
+    "remeasured"; an answer whose tokens differ on the re-run keeps its old record, said at the end.
+    """
+    records = {name: files.read_jsonl(paths[name]) for name in names}
+    by_question = {name: {str(r["question_id"]): r for r in rows} for name, rows in records.items()}
+    flagged = [(index, question) for index, question in enumerate(questions)
+               if any(is_flagged(r) for name in names if (r := by_question[name].get(str(question.question_id))))]
+    if not flagged:
+        console.print("no contended turns to remeasure")
+        return
+    warm_up(decoders, loaded, questions, config)
+    kept_old = []
+    with run_progress(console) as progress:
+        task = progress.add_task("remeasuring", total=len(flagged) * len(names))
+        for index, question in flagged:
+            qid = str(question.question_id)
+            for name in question_order(names, index):
+                old = by_question[name].get(qid)
+                if old is not None:
+                    new = answer_question(decoders[name], loaded, question, config, on_step=live_rate(progress, task, question, name))
+                    if new["token_ids"] != old["choices"][0]["token_ids"]:
+                        kept_old.append(f"{name} on question {qid}")
+                    else:
+                        old["choices"][0].update({key: new[key] for key in TIMING_FIELDS})
+                        old["remeasured"] = True
+                progress.advance(task)
+            for name in names:
+                if qid in by_question[name]:
+                    files.rewrite_jsonl(paths[name], records[name])  # atomic: a kill keeps the old file or the new one
+    console.print(f"remeasured {len(flagged)} questions × {len(names)} decoders")
+    if kept_old:
+        console.print(f"kept the old answer and timing of {', '.join(kept_old)}: the re-run's tokens differ")
 
 
 def exact_match(choice: dict, decoder: Decoder, baseline: Optional[dict], name: str) -> Optional[list[bool]]:

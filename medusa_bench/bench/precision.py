@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from medusa_bench.bench.contention import cpu_meter
 from medusa_bench.results import files
 
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -101,14 +102,16 @@ def choose_dtype(loaded) -> dict:
         return {"chosen": "float32", "ms_per_forward": ms, "native_bf16": False,
                 "reason": "float32: this CPU has no native bf16 (no avx512_bf16 or amx_bf16 flag), so bf16 would be emulated"}
     bf16 = copy.deepcopy(loaded.model).to(torch.bfloat16)
-    ms = time_dtypes({"float32": loaded.model, "bfloat16": bf16}, loaded.device)
+    with cpu_meter(loaded.device) as usage:
+        ms = time_dtypes({"float32": loaded.model, "bfloat16": bf16}, loaded.device)
     chosen = "bfloat16" if ms["bfloat16"] < ms["float32"] else "float32"
     if chosen == "bfloat16":
         loaded.model, loaded.dtype = bf16, torch.bfloat16
     del bf16
     faster, slower = (ms["bfloat16"], ms["float32"]) if chosen == "bfloat16" else (ms["float32"], ms["bfloat16"])
+    shared = f"; the CPU was shared while timing (cpu_share {usage['cpu_share']}): pass --dtype on a busy machine" if usage["contended"] else ""
     return {"chosen": chosen, "ms_per_forward": ms, "native_bf16": True,
-            "reason": f"{chosen}: {faster} vs {slower} ms per 1-token step at {CONTEXT} cached tokens (CPU has {flag})"}
+            "reason": f"{chosen}: {faster} vs {slower} ms per 1-token step at {CONTEXT} cached tokens (CPU has {flag}){shared}"}
 
 
 def load_auto(spec: str, device: str, trust_remote_code: bool = False):

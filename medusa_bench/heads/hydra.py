@@ -386,7 +386,7 @@ def load_hydra_heads(path: str | Path, base_model: nn.Module | None = None) -> H
     heads.base_model_name_or_path = config.get("base_model_name_or_path")
     if base_model is not None:
         fit_to_base(heads, base_model)
-    return heads
+    return heads.eval()  # the prefix layer of a GPT2-like base has dropout: off for drafting
 
 
 def from_hydra_state_dict(tensors: dict[str, Tensor], arch: str = "mlp", grounded: bool = True, base_config=None,

@@ -392,6 +392,31 @@ def step_time_vs_tree_size(report: ReportTables) -> bytes | None:
     return to_png(fig)
 
 
+def sweep_speedup(report: ReportTables) -> bytes | None:
+    """Speedup over the reference endpoint against requests in flight: where speculation stops paying."""
+    table = report.tables.get("sweep")
+    if table is None or table.empty:
+        return None
+    rows = table[table.speedup.notna()]
+    references = {(run.label, run.info.get("reference")) for run in report.runs}
+    rows = rows[[(r, d) not in references for r, d in zip(rows.run, rows.decoder)]]
+    if rows.empty:
+        return None
+    several = rows.run.nunique() > 1
+    fig = Figure(figsize=(6.4, 3.6))
+    ax = fig.add_subplot()
+    for i, ((run, decoder), group) in enumerate(rows.groupby(["run", "decoder"], sort=False)):
+        group = group.sort_values("concurrency")
+        ax.plot(group.concurrency, group.speedup, marker="o", color=COLORS[i % len(COLORS)], label=series_label(run, decoder, several))
+    ax.axhline(1.0, color="#888888", linewidth=1, linestyle="--")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(rows.concurrency.unique()), [str(c) for c in sorted(rows.concurrency.unique())])
+    ax.set_xlabel("requests in flight")
+    ax.set_ylabel("server tokens/s ÷ reference's")
+    legend_below(ax, offset=-0.2)
+    return to_png(fig)
+
+
 # -------------------------------------------------------------------------------- collection
 
 
@@ -406,6 +431,7 @@ def all_plots(report: ReportTables) -> list[Plot]:
          "its float32 decoding. Similar distributions mean the drift comes from the precision, not from the decoder.", first_divergence_strip),
         ("tokens_per_step", "Tokens per step", "Each step emits the base model's own token plus the accepted drafts; τ is the mean of this distribution.", tokens_per_step),
         ("tau", "Predicted against measured τ", "The tree optimiser's prediction from calibrated head accuracies, against what the run measured.", tau_predicted_vs_measured),
+        ("sweep", "Speedup against concurrency", "Endpoints: output tokens/s of the server with that many requests in flight, over the reference endpoint's at the same level; below the dashed line speculation no longer pays.", sweep_speedup),
         ("step_time", "Step time against tree size", "Profiled cost of one verify forward; a tree pays off only if τ grows faster than this.", step_time_vs_tree_size),
     ]
     for key, title, caption, maker in makers:

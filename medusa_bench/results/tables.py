@@ -731,7 +731,42 @@ TABLE_TITLES = {
     "quality": "Quality (MT-Bench single grading)",
     "categories": "Per category",
     "config": "Configuration",
+    "sweep": "Concurrency sweep (endpoints)",
 }
+
+
+SWEEP_FILE = "sweep.jsonl"  # written by bench/endpoints.py: one line per endpoint × concurrency level
+
+
+def sweep_table(runs: list[RunData]) -> pd.DataFrame:
+    """Per run, endpoint and concurrency level: the server's output tokens/s, its speedup over the
+    run's reference endpoint at the same level, latency percentiles (ms) and τ from the counters."""
+    rows = []
+    for run in runs:
+        path = Path(run.path) / SWEEP_FILE
+        if not path.is_file():
+            continue
+        latest = {}
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+                latest[(record["endpoint"], int(record["concurrency"]))] = record  # a re-measured level replaces the old one
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line: repaired by the next run
+        reference = run.info.get("reference")
+        ms = lambda record, key, p: (record.get(key) or {}).get(p) * 1000 if (record.get(key) or {}).get(p) is not None else math.nan  # noqa: E731
+        for (endpoint, level), record in sorted(latest.items(), key=lambda item: (item[0][1], item[0][0])):
+            base = latest.get((reference, level)) if reference else None
+            rate, base_rate = record.get("output_tokens_per_s"), (base or {}).get("output_tokens_per_s")
+            rows.append({
+                "run": run.label, "decoder": endpoint, "concurrency": level, "requests": record.get("requests"),
+                "failed": record.get("failed"), "server_tok_s": rate if rate is not None else math.nan,
+                "speedup": rate / base_rate if rate and base_rate else math.nan,
+                "request_tok_s_p50": (record.get("request_tokens_per_s") or {}).get("p50") or math.nan,
+                **{f"{key}_{p}_ms": ms(record, f"{key}_s", p) for key in ("ttft", "itl") for p in ("p50", "p90", "p99")},
+                "tau": record.get("tau") if record.get("tau") is not None else math.nan,
+            })
+    return pd.DataFrame(rows)
 
 
 def _notes(runs: list[RunData], speed: pd.DataFrame) -> list[str]:
@@ -835,6 +870,9 @@ def build_tables(runs: list[RunData]) -> ReportTables:
         "categories": category_table(runs, frames),
         "config": config_table(runs),
     }
+    sweep = sweep_table(runs)
+    if not sweep.empty:  # endpoint runs with --concurrency only
+        tables["sweep"] = sweep
     notes = _notes(runs, speed) + [n for run in runs for n in _drift_notes(run, precision)]
     return ReportTables(runs=runs, tables=tables, notes=notes, banner=_banner(runs, speed), drift=drift_details)
 
@@ -852,6 +890,9 @@ LABELS = {
     "exact_vs_baseline": "exact vs baseline", "divergence_vs_baseline": "median first divergence",
     "exact_vs_fp32": "exact vs fp32", "divergence_vs_fp32": "median divergence vs fp32",
     "baseline_exact_vs_fp32": "baseline exact vs fp32",
+    "concurrency": "in flight", "requests": "requests", "failed": "failed", "server_tok_s": "server tokens/s",
+    "request_tok_s_p50": "tokens/s per request p50", "ttft_p50_ms": "TTFT p50 (ms)", "ttft_p90_ms": "TTFT p90 (ms)",
+    "ttft_p99_ms": "TTFT p99 (ms)", "itl_p50_ms": "ITL p50 (ms)", "itl_p90_ms": "ITL p90 (ms)", "itl_p99_ms": "ITL p99 (ms)",
 }
 
 

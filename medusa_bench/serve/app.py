@@ -4,7 +4,8 @@ Endpoints: `GET /v1/models`, `POST /v1/chat/completions` (streaming by server-se
 logprobs, stop strings, seed), `GET /health`, `GET /metrics` (Prometheus text). With an API
 key, `/v1/*` needs `Authorization: Bearer KEY` (401 otherwise); `/health` and `/metrics` stay
 open, as in vLLM. Errors use OpenAI's body `{"error": {"message", "type", "param", "code"}}`.
-One generation runs at a time; a few requests wait; more get 503 with `Retry-After`.
+Plain decoding batches up to `--max-batch` requests; a drafting decoder runs one at a time; a
+few more requests wait; more get 503 with `Retry-After`.
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ class ChatCompletionRequest(BaseModel):
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     n: int = 1
+    return_token_ids: bool = False  # vLLM's extension: the generated token ids in the choice
+    adapter_id: Optional[str] = None  # LoRAX's field: which heads draft (`serve --heads NAME=PATH`)
 
 
 # ------------------------------------------------------------------------------ the app
@@ -131,22 +134,30 @@ def create_app(engine: Engine, api_key: Optional[str] = None) -> FastAPI:
         return {"status": "ok", "model": engine.model_id, "decoder": engine.decoder_name,
                 "running": metrics.running, "waiting": metrics.waiting}
 
+    @app.get("/version")
+    async def version():  # vLLM's route, plus what this server speculates with
+        from medusa_bench import __version__
+
+        return {"version": __version__, "engine": "medusa-bench", "decoder": engine.decoder_name,
+                "speculative_config": engine.speculative_config()}
+
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(engine.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PlainTextResponse(engine.render_metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
     async def models():
+        ids = [engine.model_id] + [f"{engine.model_id}:{name}" for name in engine.decoders if name != Engine.DEFAULT]
         return {"object": "list", "data": [
-            {"id": engine.model_id, "object": "model", "created": engine.started, "owned_by": "medusa-bench",
-             "root": engine.loaded.spec, "max_model_len": engine.loaded.context_length}]}
+            {"id": model, "object": "model", "created": engine.started, "owned_by": "medusa-bench",
+             "root": engine.loaded.spec, "parent": engine.model_id if model != engine.model_id else None,
+             "max_model_len": engine.loaded.context_length} for model in ids]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        if body.model and body.model not in names:
-            raise APIError(404, f"the model {body.model!r} does not exist; this server serves {engine.model_id!r}",
-                           param="model", code="model_not_found")
+        heads = _heads_of(engine, body, names)
         job = _make_job(engine, body)
+        job.heads = heads
         if body.stream:
             return _stream(engine, body, job)
         loop = asyncio.get_running_loop()
@@ -167,6 +178,22 @@ def create_app(engine: Engine, api_key: Optional[str] = None) -> FastAPI:
         return _completion_body(engine, body, job, completion)
 
     return app
+
+
+def _heads_of(engine: Engine, body: ChatCompletionRequest, names: set) -> str:
+    """The heads a request asks for: `model` = `<base>:<NAME>`, else LoRAX's `adapter_id`, else the default."""
+    model, heads = body.model, None
+    if model and model not in names:
+        base, _, heads = model.rpartition(":")
+        if not base or base not in names:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {engine.model_id!r}"
+                           + (f" with heads {', '.join(engine.decoders)} (as {engine.model_id}:NAME)" if len(engine.decoders) > 1 else ""),
+                           param="model", code="model_not_found")
+    heads = heads or body.adapter_id or Engine.DEFAULT
+    if heads not in engine.decoders:
+        raise APIError(404, f"no heads {heads!r} on this server; it has {', '.join(engine.decoders)}",
+                       param="adapter_id" if body.adapter_id else "model", code="model_not_found")
+    return heads
 
 
 def _validation_error(error: RequestValidationError) -> APIError:
@@ -273,7 +300,8 @@ def _completion_body(engine: Engine, body: ChatCompletionRequest, job: Job, comp
         "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
         "model": engine.model_id, "system_fingerprint": None,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
-                     "logprobs": _logprobs_body(engine, completion), "finish_reason": completion.finish_reason}],
+                     "logprobs": _logprobs_body(engine, completion), "finish_reason": completion.finish_reason,
+                     **({"token_ids": completion.token_ids} if body.return_token_ids else {})}],
         "usage": _usage(job, completion),
     }
 
@@ -288,10 +316,12 @@ def _stream(engine: Engine, body: ChatCompletionRequest, job: Job) -> StreamingR
     future.add_done_callback(lambda f: loop.call_soon_threadsafe(queue.put_nowait, ("done", f)))
     chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-    def chunk(delta: dict, finish=None, logprobs=None, usage=None, choices=True) -> str:
+    def chunk(delta: dict, finish=None, logprobs=None, usage=None, choices=True, token_ids=None) -> str:
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        if token_ids is not None:  # vLLM's return_token_ids; all of them in the finish chunk
+            choice["token_ids"] = token_ids
         data = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": engine.model_id,
-                "system_fingerprint": None,
-                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}] if choices else []}
+                "system_fingerprint": None, "choices": [choice] if choices else []}
         if usage is not None:
             data["usage"] = usage
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
@@ -312,7 +342,8 @@ def _stream(engine: Engine, body: ChatCompletionRequest, job: Job) -> StreamingR
                         yield f"data: {json.dumps({'error': failure})}\n\n"
                     break
                 completion = value.result()
-                yield chunk({}, completion.finish_reason, _logprobs_body(engine, completion))
+                yield chunk({}, completion.finish_reason, _logprobs_body(engine, completion),
+                            token_ids=completion.token_ids if body.return_token_ids else None)
                 if body.stream_options and body.stream_options.include_usage:
                     yield chunk({}, usage=_usage(job, completion), choices=False)
                 break
@@ -324,6 +355,31 @@ def _stream(engine: Engine, body: ChatCompletionRequest, job: Job) -> StreamingR
 
 
 # ------------------------------------------------------------------------------ entry point
+HEADS_OPTION = {"medusa": "medusa_heads", "hydra": "hydra_heads"}  # the DecoderOptions field naming each decoder's heads
+
+
+def _heads_options(decoder: str, options, specs: Optional[list[str]]) -> list[tuple[str, object]]:
+    """`--heads NAME=PATH` → [(NAME, options loading PATH)]; checked before the model loads."""
+    import dataclasses
+
+    if not specs:
+        return []
+    kind = decoder.split(":", 1)[0]
+    if kind not in HEADS_OPTION:
+        raise UserError(f"--heads needs --decoder medusa or hydra (heads of one kind on one base model), not {decoder!r}")
+    out, seen = [], {Engine.DEFAULT}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path or ":" in name:
+            raise UserError(f"--heads {spec!r}: write it as NAME=PATH (NAME without ':')")
+        if name in seen:
+            raise UserError(f"--heads {spec!r}: the name {name!r} is taken; give each heads its own name")
+        seen.add(name)
+        out.append((name, dataclasses.replace(options, **{HEADS_OPTION[kind]: path})))
+    return out
+
+
 def _check_bindable(host: str, port: int) -> None:
     import socket
 
@@ -348,6 +404,8 @@ def serve(
     port: int = 8000,
     api_key: Optional[str] = None,
     max_waiting: int = 16,
+    max_batch: int = 8,
+    heads: Optional[list[str]] = None,
     device: str = "auto",
     dtype: str = "auto",
     trust_remote_code: bool = False,
@@ -365,11 +423,15 @@ def serve(
         raise UserError(f"--port must be in 0..65535, got {port}")
     if max_waiting < 0:
         raise UserError(f"--max-waiting must be >= 0, got {max_waiting}")
+    if max_batch < 1:
+        raise UserError(f"--max-batch must be >= 1, got {max_batch}")
     _check_bindable(host, port)  # fail before spending time on the model
+    _heads_options(decoder, options or DecoderOptions(), heads)
     loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     built = build_decoder(decoder, loaded, options or DecoderOptions())
     built.generate(build_prompt(loaded, [{"role": "user", "content": "Hi"}]), 2)  # warm-up
-    engine = Engine(loaded, built, decoder, served_model_name or f"{loaded.name}-{decoder}", max_waiting)
+    extra = {name: build_decoder(decoder, loaded, options) for name, options in _heads_options(decoder, options or DecoderOptions(), heads)}
+    engine = Engine(loaded, built, decoder, served_model_name or f"{loaded.name}-{decoder}", max_waiting, max_batch, extra or None)
     app = create_app(engine, api_key)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model")

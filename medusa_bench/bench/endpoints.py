@@ -1,0 +1,613 @@
+"""Serving engines as decoders: `medusa-bench run --endpoint NAME=URL`.
+
+An endpoint is an OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp, `medusa-bench serve`).
+Each turn is one streamed chat completion; from the stream we take the time to first token,
+the wall time, the gaps between content chunks (inter-token latency), `usage` (asked for with
+`stream_options.include_usage`; else the text is counted with the model's tokenizer and the
+answer says so), the finish reason, and token ids where the server returns them (vLLM's and our
+`token_ids` with `return_token_ids`, or `token_id:N` logprob tokens).
+
+Acceptance comes only from the server's own counters: vLLM's Prometheus
+`vllm:spec_decode_num_{drafts,draft_tokens,accepted_tokens}_total` read before and after each
+request (τ = 1 + accepted / drafts), SGLang's per-request `meta_info.spec_verify_ct`
+(τ = completion tokens / verify steps), our serve's `usage.decoding_steps`. A server with none
+of these gets τ = n/a. Requests that fail are retried with backoff; one that still fails is
+written to `failed.jsonl` (never a silent zero) and the run goes on; a re-run retries it.
+
+`--concurrency 1,4,16` then runs every question's turns at each level with that many requests in
+flight, endpoint by endpoint, and appends one line per endpoint × level to `sweep.jsonl`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+from urllib.parse import urlparse
+
+import httpx
+import shortuuid
+from rich.console import Console
+
+from medusa_bench import __version__
+from medusa_bench.bench.prompts import conversation
+from medusa_bench.bench.questions import Question, load_questions
+from medusa_bench.errors import UserError
+from medusa_bench.judge.client import RetryPolicy, resolve_api_key
+from medusa_bench.results import files
+
+SWEEP_FILE = "sweep.jsonl"
+FAILED_FILE = "failed.jsonl"
+VLLM_COUNTERS = {"drafts": "vllm:spec_decode_num_drafts_total",
+                 "draft_tokens": "vllm:spec_decode_num_draft_tokens_total",
+                 "accepted": "vllm:spec_decode_num_accepted_tokens_total"}
+PER_POS = "vllm:spec_decode_num_accepted_tokens_per_pos_total"
+# Engine-specific body fields that make servers return token ids; dropped if a server refuses them.
+TOKEN_ID_FIELDS = {"return_token_ids": True, "return_tokens_as_token_ids": True, "logprobs": True, "top_logprobs": 0}
+ENDPOINT_SETTING_KEYS = ("bench", "question_file", "max_new_tokens", "temperature", "top_p", "seed", "endpoints", "reference")
+
+
+class RequestFailed(Exception):
+    """A request that failed in a way a retry may fix (connection, timeout, 5xx, 429, cut stream)."""
+
+    def __init__(self, message: str, retry_after: Optional[float] = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+# ------------------------------------------------------------------------------ options
+def parse_endpoints(specs: list[str]) -> dict[str, str]:
+    """['ref=http://h:8000/v1', ...] → {name: base url}; one-line errors for bad specs."""
+    endpoints: dict[str, str] = {}
+    for spec in specs:
+        name, sep, url = spec.partition("=")
+        name, url = name.strip(), url.strip().rstrip("/")
+        if not sep or not name or not url:
+            raise UserError(f"--endpoint {spec!r}: write it as NAME=URL, e.g. ref=http://127.0.0.1:8000/v1")
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+            raise UserError(f"--endpoint {spec!r}: NAME may use letters, digits, '.', '_' and '-' only (it names the answer file)")
+        parsed = urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise UserError(f"--endpoint {spec!r}: URL must be http(s)://host[:port]/v1")
+        if name in endpoints:
+            raise UserError(f"--endpoint names {name!r} twice; give each endpoint its own NAME")
+        endpoints[name] = url
+    return endpoints
+
+
+def parse_concurrency(text: Optional[str]) -> list[int]:
+    if not text:
+        return []
+    try:
+        levels = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--concurrency must be comma-separated whole numbers, e.g. 1,4,16; got {text!r}") from None
+    if not levels or min(levels) < 1:
+        raise UserError(f"--concurrency levels must be >= 1, got {text!r}")
+    return list(dict.fromkeys(levels))
+
+
+def server_root(base_url: str) -> str:
+    """http://h:8000/v1 → http://h:8000 (where /metrics, /version and /health live)."""
+    parsed = urlparse(base_url)
+    return f"{parsed.scheme}://{parsed.netloc}"
+
+
+# ------------------------------------------------------------------------------ Prometheus counters
+def parse_prometheus(text: str) -> dict[str, float]:
+    """Sum every sample of each metric over its labels, and keep per-position samples apart:
+    {'vllm:spec_decode_num_drafts_total': 12.0, 'vllm:..._per_pos_total{position="0"}': 5.0}."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = re.match(r'^([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?\s+(\S+)', line)
+        if not match:
+            continue
+        name, labels, value = match.groups()
+        try:
+            number = float(value)
+        except ValueError:
+            continue
+        values[name] = values.get(name, 0.0) + number
+        position = re.search(r'position="(\d+)"', labels or "")
+        if name == PER_POS and position:
+            key = f'{name}{{position="{position.group(1)}"}}'
+            values[key] = values.get(key, 0.0) + number
+    return values
+
+
+def counter_delta(before: Optional[dict], after: Optional[dict]) -> Optional[dict]:
+    """Speculative counters between two scrapes: {drafts, draft_tokens, accepted, per_pos, tau}; None without counters."""
+    if before is None or after is None or VLLM_COUNTERS["drafts"] not in after:
+        return None
+    delta = {key: after.get(name, 0.0) - before.get(name, 0.0) for key, name in VLLM_COUNTERS.items()}
+    positions = sorted(int(m.group(1)) for k in after if (m := re.search(r'position="(\d+)"', k)) and k.startswith(PER_POS))
+    delta["per_pos"] = [after.get(f'{PER_POS}{{position="{i}"}}', 0.0) - before.get(f'{PER_POS}{{position="{i}"}}', 0.0) for i in positions]
+    delta = {k: (int(v) if isinstance(v, float) and v.is_integer() else v) for k, v in delta.items()}
+    delta["tau"] = round(1 + delta["accepted"] / delta["drafts"], 6) if delta["drafts"] else None
+    return delta
+
+
+# ------------------------------------------------------------------------------ one endpoint
+@dataclass
+class Turn:
+    """One streamed completion, as measured on the client."""
+
+    text: str
+    completion_tokens: int
+    tokens_from: str  # "usage" | "tokenizer"
+    ttft: float
+    wall_time: float
+    itl: list[float]  # seconds between content chunks
+    finish_reason: Optional[str]
+    token_ids: Optional[list[int]]
+    verify_steps: Optional[int]  # the server's own count: our usage.decoding_steps, SGLang's spec_verify_ct
+    counters: Optional[dict] = None  # counter_delta around this request (concurrency 1 only)
+
+
+@dataclass
+class Endpoint:
+    """One OpenAI-compatible server; safe to share between threads. The key stays in here."""
+
+    name: str
+    base_url: str
+    api_key: str = field(repr=False)
+    key_env: str = "OPENAI_API_KEY"
+    model: Optional[str] = None
+    metrics_url: Optional[str] = None
+    timeout: float = 300.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # Body fields asking for token ids: all of them until the server shows which works (or refuses them).
+    token_id_fields: dict = field(default_factory=lambda: dict(TOKEN_ID_FIELDS))
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.metrics_url = self.metrics_url or server_root(self.base_url) + "/metrics"
+        self._http = httpx.Client(timeout=httpx.Timeout(self.timeout, connect=10.0),
+                                  limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+                                  headers={"Authorization": f"Bearer {self.api_key}"})
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self.api_key, "***") if self.api_key else text
+
+    # ---------------------------------------------------------------- startup checks
+    def connect(self, wanted_model: Optional[str]) -> str:
+        """Check the server answers, the key works and it serves the model; returns the model id."""
+        url = self.base_url + "/models"
+        try:
+            response = self._http.get(url, timeout=15)
+        except httpx.HTTPError as error:
+            raise UserError(f"endpoint {self.name}: cannot reach {url} ({type(error).__name__}); is the server running?") from None
+        if response.status_code in (401, 403):
+            raise UserError(f"endpoint {self.name} refused the API key ({response.status_code}): put the right key in ${self.key_env} or name another variable with --api-key-env")
+        if response.status_code != 200:
+            raise UserError(f"endpoint {self.name}: GET {url} answered {response.status_code}; is {self.base_url} an OpenAI-compatible /v1 base?")
+        try:
+            models = [m["id"] for m in response.json().get("data", [])]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(f"endpoint {self.name}: {url} did not answer OpenAI's model list") from None
+        if wanted_model:
+            if models and wanted_model not in models:
+                raise UserError(f"endpoint {self.name} has no model {wanted_model!r} (it serves {', '.join(models)}); fix --endpoint-model")
+            self.model = wanted_model
+        elif len(models) == 1:
+            self.model = models[0]
+        else:
+            raise UserError(f"endpoint {self.name} serves {len(models)} models ({', '.join(models) or 'none'}); pick one with --endpoint-model")
+        self.info = self._server_info()
+        return self.model
+
+    def _server_info(self) -> dict:
+        """What the engine says about itself: version, speculative configuration (best effort)."""
+        root, info = server_root(self.base_url), {"model": self.model}
+        for path in ("/version", "/get_server_info", "/health", "/info"):
+            try:
+                response = self._http.get(root + path, timeout=5)
+                body = response.json() if response.status_code == 200 else None
+            except (httpx.HTTPError, ValueError):
+                continue
+            if not isinstance(body, dict):
+                continue
+            if path == "/version" and "version" in body:  # vLLM, our serve
+                info["version"] = body["version"]
+                info.setdefault("engine", body.get("engine", "vllm"))
+                info.update({k: body[k] for k in ("decoder", "speculative_config") if k in body})
+            elif path == "/get_server_info":  # SGLang
+                info["engine"] = "sglang"
+                info["version"] = body.get("version")
+                spec = {k: v for k, v in body.items() if k.startswith("speculative_") and v is not None}
+                if spec:
+                    info["speculative_config"] = spec
+            elif path == "/info" and "version" in body:  # TGI
+                info.setdefault("engine", "tgi")
+                info.setdefault("version", body.get("version"))
+                if body.get("speculate"):
+                    info["speculative_config"] = {"speculate": body["speculate"]}
+            elif path == "/health" and "decoder" in body:  # our serve
+                info.setdefault("decoder", body["decoder"])
+        info["counters"] = VLLM_COUNTERS["drafts"] in (self.scrape() or {})
+        return info
+
+    def scrape(self) -> Optional[dict]:
+        """The server's Prometheus counters, or None when it has no /metrics."""
+        try:
+            response = self._http.get(self.metrics_url, timeout=10)
+        except httpx.HTTPError:
+            return None
+        return parse_prometheus(response.text) if response.status_code == 200 else None
+
+    # ---------------------------------------------------------------- requests
+    def chat(self, messages: list[dict], max_tokens: int, temperature: float, top_p: float, seed: Optional[int],
+             count_tokens=None, measure_counters: bool = False) -> Turn:
+        """One streamed completion with retries; RequestFailed once they run out, UserError for a fatal 4xx."""
+        attempt = 0
+        while True:
+            try:
+                before = self.scrape() if measure_counters else None
+                turn = self._stream(messages, max_tokens, temperature, top_p, seed, count_tokens)
+                if measure_counters:
+                    turn.counters = counter_delta(before, self.scrape())
+                return turn
+            except RequestFailed as error:
+                if attempt >= self.retry.max_retries:
+                    raise RequestFailed(f"{error} (after {attempt + 1} tries)") from None
+                time.sleep(self.retry.delay(attempt, error.retry_after))
+                attempt += 1
+
+    def _body(self, messages, max_tokens, temperature, top_p, seed) -> dict:
+        body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature,
+                "top_p": top_p, "stream": True, "stream_options": {"include_usage": True}}
+        if seed is not None:
+            body["seed"] = seed
+        body.update(self.token_id_fields)
+        return body
+
+    def _stream(self, messages, max_tokens, temperature, top_p, seed, count_tokens) -> Turn:
+        body = self._body(messages, max_tokens, temperature, top_p, seed)
+        start = time.perf_counter()
+        text, chunk_times, token_ids, logprob_ids = [], [], [], []
+        usage, finish, verify, done, saw_ids = None, None, None, False, False
+        try:
+            with self._http.stream("POST", self.base_url + "/chat/completions", json=body) as response:
+                if response.status_code != 200:
+                    response.read()
+                    self._refuse(response, body)
+                    return self._stream(messages, max_tokens, temperature, top_p, seed, count_tokens)  # without token-id fields
+                for line in response.iter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        done = True
+                        break
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        raise RequestFailed(f"endpoint {self.name}: the server failed mid-stream: {self._scrub(str(chunk['error'].get('message', chunk['error'])))[:200]}")
+                    now = time.perf_counter()
+                    usage = chunk.get("usage") or usage
+                    verify = _verify_steps(chunk) or verify
+                    for choice in chunk.get("choices") or []:
+                        delta = choice.get("delta") or {}
+                        if delta.get("content"):
+                            text.append(delta["content"])
+                            chunk_times.append(now)
+                        if choice.get("token_ids") is not None:
+                            saw_ids = True
+                            token_ids.extend(choice["token_ids"])
+                        for entry in ((choice.get("logprobs") or {}).get("content") or []):
+                            match = re.fullmatch(r"token_id:(\d+)", str(entry.get("token", "")))
+                            logprob_ids.append(int(match.group(1)) if match else None)
+                        finish = choice.get("finish_reason") or finish
+        except httpx.TimeoutException:
+            raise RequestFailed(f"endpoint {self.name}: timed out after {self.timeout:.0f} s") from None
+        except httpx.HTTPError as error:
+            raise RequestFailed(f"endpoint {self.name}: connection lost ({type(error).__name__}: {self._scrub(str(error))[:150]})") from None
+        except json.JSONDecodeError:
+            raise RequestFailed(f"endpoint {self.name}: the stream held a line that is not JSON") from None
+        wall = time.perf_counter() - start
+        if not done and finish is None:
+            raise RequestFailed(f"endpoint {self.name}: the server closed the stream before the answer ended")
+        if saw_ids and "logprobs" in self.token_id_fields:
+            self.token_id_fields = {"return_token_ids": True}  # ids come without logprobs: stop asking for those
+        answer = "".join(text)
+        ids = token_ids if saw_ids else (logprob_ids if logprob_ids and None not in logprob_ids else None)
+        if usage and usage.get("completion_tokens") is not None:
+            tokens, source = int(usage["completion_tokens"]), "usage"
+            verify = verify or usage.get("decoding_steps")
+        elif ids is not None:
+            tokens, source = len(ids), "token_ids"
+        else:
+            tokens, source = count_tokens(answer) if count_tokens else len(answer.split()), "tokenizer"
+        ttft = (chunk_times[0] - start) if chunk_times else wall
+        itl = [round(b - a, 6) for a, b in zip(chunk_times, chunk_times[1:])]
+        return Turn(answer.strip(), tokens, source, round(ttft, 6), round(wall, 6), itl, finish, ids,
+                    int(verify) if verify else None)
+
+    def _refuse(self, response: httpx.Response, body: dict) -> None:
+        """A non-200 answer: retryable → RequestFailed; token-id fields refused → drop them (the
+        caller asks again); anything else → one-line UserError."""
+        status = response.status_code
+        message = self._scrub(_error_message(response))
+        if status in (408, 429) or status >= 500:
+            retry_after = response.headers.get("retry-after")
+            raise RequestFailed(f"endpoint {self.name} answered {status}: {message[:200]}",
+                                float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else None)
+        if status in (401, 403):
+            raise UserError(f"endpoint {self.name} refused the API key ({status}): put the right key in ${self.key_env}")
+        if status == 404 and "model" in message.lower():
+            raise UserError(f"endpoint {self.name} has no model {self.model!r} ({message[:150]}); fix --endpoint-model")
+        if status in (400, 422) and self.token_id_fields:
+            self.token_id_fields = {}  # e.g. TGI rejects unknown fields: ask plainly, compare text
+            return
+        raise UserError(f"endpoint {self.name} refused the request ({status}): {message[:200]}")
+
+    def close(self) -> None:
+        self._http.close()
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+        error = body.get("error", body) if isinstance(body, dict) else body
+        return str(error.get("message", error) if isinstance(error, dict) else error)
+    except ValueError:
+        return response.text[:300]
+
+
+def _verify_steps(chunk: dict) -> Optional[int]:
+    """SGLang's per-request verify count, wherever this version puts meta_info."""
+    for holder in (chunk, *(chunk.get("choices") or [])):
+        meta = holder.get("meta_info") if isinstance(holder, dict) else None
+        if isinstance(meta, dict) and meta.get("spec_verify_ct"):
+            return int(meta["spec_verify_ct"])
+    return None
+
+
+# ------------------------------------------------------------------------------ the run
+@dataclass
+class EndpointRun:
+    endpoints: dict[str, str]  # name → base url
+    reference: Optional[str] = None
+    model: Optional[str] = None  # --endpoint-model
+    api_key_env: str = "OPENAI_API_KEY"
+    metrics_url: Optional[str] = None
+    concurrency: list[int] = field(default_factory=list)
+    timeout: float = 300.0
+    max_retries: int = 4
+
+
+def answer_file_id(endpoint: Endpoint) -> str:
+    """'HuggingFaceTB/SmolLM2-135M-Instruct' + 'spec' → 'SmolLM2-135M-Instruct-spec'."""
+    from medusa_bench.models import model_name
+
+    return f"{model_name(endpoint.model or 'model')}-{endpoint.name}"
+
+
+class TokenCounter:
+    """Counts text with the model's tokenizer, loaded only when a server gives no usage."""
+
+    def __init__(self, model: str) -> None:
+        self.model, self.tokenizer = model, None
+
+    def __call__(self, text: str) -> int:
+        if self.tokenizer is None:
+            from transformers import AutoTokenizer
+
+            from medusa_bench.models import resolve_source
+
+            self.tokenizer = AutoTokenizer.from_pretrained(resolve_source(self.model)[0])
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def answer_with_endpoint(endpoint: Endpoint, question: Question, config, count_tokens) -> dict:
+    """Both turns of one question against one endpoint; turn 2 carries its own turn-1 answer."""
+    sampling = config.sampling_for(question)
+    turns: list[Turn] = []
+    for turn in range(len(question.turns)):
+        messages = conversation(question.turns[: turn + 1], [t.text for t in turns])
+        turns.append(endpoint.chat(messages, config.max_new_tokens, sampling.temperature, sampling.top_p, sampling.seed,
+                                   count_tokens, measure_counters=True))
+    counters = [t.counters for t in turns]
+    steps = [t.verify_steps if t.verify_steps is not None else (c["drafts"] if c and c["drafts"] else None)
+             for t, c in zip(turns, counters)]
+    return {
+        "index": 0, "turns": [t.text for t in turns], "new_tokens": [t.completion_tokens for t in turns],
+        "wall_time": [t.wall_time for t in turns], "decoding_steps": steps, "accept_lengths": None,
+        "token_ids": [t.token_ids for t in turns], "temperature": sampling.temperature,
+        "ttft": [t.ttft for t in turns], "itl": [t.itl for t in turns], "finish_reason": [t.finish_reason for t in turns],
+        "new_tokens_from": [t.tokens_from for t in turns], "spec_counters": counters,
+        "tau_counters": [c["tau"] if c else None for c in counters],
+    }
+
+
+def exact_match(choice: dict, reference: Optional[dict]) -> tuple[Optional[list[bool]], Optional[str]]:
+    """Per turn, token ids where both answers have them, else text; None when sampled or no reference."""
+    if reference is None or choice["temperature"] != 0:
+        return None, None
+    ref = reference["choices"][0]
+    both_ids = all(ids is not None for ids in choice["token_ids"] + (ref.get("token_ids") or [None]))
+    if both_ids:
+        return [i < len(ref["token_ids"]) and ids == ref["token_ids"][i] for i, ids in enumerate(choice["token_ids"])], "token_ids"
+    return [i < len(ref["turns"]) and text == ref["turns"][i] for i, text in enumerate(choice["turns"])], "text"
+
+
+def run_endpoint_benchmark(config, run: EndpointRun, console: Optional[Console] = None) -> Path:
+    """Run (or resume) a benchmark against serving endpoints; returns the run folder."""
+    from medusa_bench.bench.loop import run_progress
+
+    console = console or Console(stderr=True)
+    if run.reference and run.reference not in run.endpoints:
+        raise UserError(f"--reference {run.reference!r} is not an --endpoint name ({', '.join(run.endpoints)})")
+    question_file, questions = load_questions(config.bench, config.questions, config.limit, config.question_ids, config.categories)
+    endpoints = {}
+    for name, url in run.endpoints.items():
+        key = resolve_api_key(url, run.api_key_env)
+        endpoints[name] = Endpoint(name, url, key, run.api_key_env, metrics_url=run.metrics_url, timeout=run.timeout,
+                                   retry=RetryPolicy(max_retries=run.max_retries, base=0.5, cap=10.0))
+    for endpoint in endpoints.values():
+        endpoint.connect(run.model)
+    names = sorted(endpoints, key=lambda n: n != run.reference)  # the reference answers first within a question
+    settings = {"bench": config.bench, "question_file": str(question_file), "max_new_tokens": config.max_new_tokens,
+                "temperature": config.temperature, "top_p": config.top_p, "seed": config.seed,
+                "endpoints": dict(run.endpoints), "reference": run.reference, "model": endpoints[names[0]].model,
+                "device": "endpoint"}
+    run_dir = files.ensure_writable_dir(config.out or Path("results") / f"endpoints-{config.bench}")
+    lock = files.lock_run_dir(run_dir)  # noqa: F841 — one writer per run folder
+    previous = _check_settings(run_dir, settings)
+    files.ensure_writable_dir(run_dir / files.ANSWER_DIR)
+    ids = {name: answer_file_id(endpoint) for name, endpoint in endpoints.items()}
+    files.write_json(run_dir / files.RUN_FILE, {
+        "tool": "medusa-bench", "version": __version__, "created": (previous or {}).get("created", files.now_iso()),
+        "updated": files.now_iso(), "git_hash": files.git_hash(), "settings": settings, "decoders": names,
+        "models": ids, "versions": files.package_versions(),
+        "device": {"type": "endpoint", "name": ", ".join(f"{n}={u}" for n, u in run.endpoints.items())},
+        "endpoints": {name: {"url": e.base_url, "metrics_url": e.metrics_url, **e.info} for name, e in endpoints.items()},
+        "reference": run.reference, "concurrency": run.concurrency,
+    })
+    paths = {name: files.answer_path(run_dir, ids[name]) for name in names}
+    for path in paths.values():
+        files.repair_jsonl(path)
+    done = {name: {str(r["question_id"]): r for r in files.read_jsonl(path)} for name, path in paths.items()}
+    count_tokens = TokenCounter(config.model)
+    todo = [(q, n) for q in questions for n in names if str(q.question_id) not in done[n]]
+    failed = 0
+    if todo:
+        for name in dict.fromkeys(n for _, n in todo):  # untimed: lazy start-up (CUDA graphs, caches) off the clock
+            for _ in range(config.warmup):
+                try:  # one try: a failing server shows up in the timed requests, with retries
+                    endpoints[name]._stream(conversation(questions[0].turns[:1], []), min(config.max_new_tokens, 32),
+                                            0.0, 1.0, None, None)
+                except RequestFailed as error:
+                    console.print(f"warm-up of {name} failed ({error}); going on", highlight=False, soft_wrap=True)
+        with run_progress(console) as progress:
+            task = progress.add_task("starting", total=len(todo))
+            for question in questions:
+                qid = str(question.question_id)
+                for name in names:
+                    if qid in done[name]:
+                        continue
+                    progress.update(task, description=f"q {qid} · {name}")
+                    try:
+                        choice = answer_with_endpoint(endpoints[name], question, config, count_tokens)
+                    except RequestFailed as error:
+                        failed += 1
+                        console.print(f"question {qid} on {name} failed: {error}; recorded in {FAILED_FILE}, going on", highlight=False, soft_wrap=True)
+                        files.append_jsonl(run_dir / FAILED_FILE, {"question_id": question.question_id, "decoder": name,
+                                                                   "error": str(error), "tstamp": time.time()})
+                        progress.advance(task)
+                        continue
+                    reference = done.get(run.reference, {}).get(qid) if run.reference and name != run.reference else None
+                    choice["exact_match"], choice["exact_match_by"] = exact_match(choice, reference)
+                    record = {"question_id": question.question_id, "answer_id": shortuuid.uuid(), "model_id": ids[name],
+                              "decoder": name, "baseline": run.reference or name, "category": question.category,
+                              "tstamp": time.time(), "endpoint": endpoints[name].base_url, "choices": [choice]}
+                    files.append_jsonl(paths[name], record)
+                    done[name][qid] = record
+                    progress.advance(task)
+    else:
+        console.print(f"nothing to do: all {len(questions)} questions × {len(names)} endpoints are in {run_dir}", soft_wrap=True)
+    if failed:
+        console.print(f"{failed} answers failed (see {run_dir / FAILED_FILE}); re-run the same command to retry them", soft_wrap=True)
+    if run.concurrency:
+        sweep(run_dir, endpoints, names, questions, done, config, run.concurrency, count_tokens, console)
+    for endpoint in endpoints.values():
+        endpoint.close()
+    return run_dir
+
+
+def _check_settings(run_dir: Path, settings: dict) -> Optional[dict]:
+    if not (run_dir / files.RUN_FILE).exists():
+        return None
+    previous = files.load_run(run_dir)
+    before = previous.get("settings", {})
+    changed = [f"{key} was {before.get(key)!r}, now {settings.get(key)!r}" for key in ENDPOINT_SETTING_KEYS
+               if key in before and before.get(key) != settings.get(key)]
+    if changed:
+        raise UserError(f"{run_dir} holds a run with other settings ({'; '.join(changed)}); use another --out, or the same settings to resume it")
+    return previous
+
+
+# ------------------------------------------------------------------------------ concurrency sweep
+def percentiles(values: list[float]) -> dict:
+    import numpy as np
+
+    if not values:
+        return {"p50": None, "p90": None, "p99": None}
+    p50, p90, p99 = np.percentile(np.asarray(values, dtype=float), [50, 90, 99])
+    return {"p50": round(float(p50), 6), "p90": round(float(p90), 6), "p99": round(float(p99), 6)}
+
+
+def sweep_requests(questions: list[Question], answers: dict, config) -> list[tuple[list[dict], object]]:
+    """Every turn of every question as (messages, sampling); turn 2 carries the endpoint's own turn-1 answer."""
+    requests = []
+    for question in questions:
+        record = answers.get(str(question.question_id))
+        given = record["choices"][0]["turns"] if record else []
+        for turn in range(len(question.turns)):
+            if turn > len(given):
+                break
+            requests.append((conversation(question.turns[: turn + 1], given[:turn]), config.sampling_for(question)))
+    return requests
+
+
+def sweep_level(endpoint: Endpoint, requests: list, level: int, config, count_tokens) -> dict:
+    """All requests with `level` in flight (a bounded pool); server-side throughput and latency percentiles."""
+    before = endpoint.scrape()
+    start = time.perf_counter()
+    turns, errors = [], []
+
+    def one(item):
+        messages, sampling = item
+        return endpoint.chat(messages, config.max_new_tokens, sampling.temperature, sampling.top_p, sampling.seed, count_tokens)
+
+    with cf.ThreadPoolExecutor(max_workers=level, thread_name_prefix=f"sweep-{endpoint.name}") as pool:
+        for future in cf.as_completed([pool.submit(one, item) for item in requests]):
+            try:
+                turns.append(future.result())
+            except RequestFailed as error:
+                errors.append(str(error))
+    elapsed = time.perf_counter() - start
+    counters = counter_delta(before, endpoint.scrape())
+    tokens = sum(t.completion_tokens for t in turns)
+    verify = [t.verify_steps for t in turns]
+    if counters and counters["tau"] is not None:
+        tau, tau_from = counters["tau"], "metrics"
+    elif turns and all(v for v in verify):
+        tau, tau_from = round(tokens / sum(verify), 6), "per-request"
+    else:
+        tau, tau_from = None, None
+    return {
+        "endpoint": endpoint.name, "model": endpoint.model, "concurrency": level, "requests": len(requests),
+        "completed": len(turns), "failed": len(errors), "errors": errors[:3], "duration_s": round(elapsed, 6),
+        "output_tokens": tokens, "output_tokens_per_s": round(tokens / elapsed, 4) if elapsed > 0 else None,
+        "request_tokens_per_s": percentiles([t.completion_tokens / t.wall_time for t in turns if t.wall_time > 0]),
+        "ttft_s": percentiles([t.ttft for t in turns]), "itl_s": percentiles([gap for t in turns for gap in t.itl]),
+        "tau": tau, "tau_from": tau_from, "spec_counters": counters, "tstamp": time.time(),
+    }
+
+
+def sweep(run_dir: Path, endpoints: dict, names: list[str], questions: list[Question], answers: dict, config,
+          levels: list[int], count_tokens, console: Console) -> list[dict]:
+    """Each level, each endpoint in turn; appends to sweep.jsonl and skips endpoint × level pairs already there."""
+    path = run_dir / SWEEP_FILE
+    files.repair_jsonl(path)
+    rows = files.read_jsonl(path)
+    have = {(r["endpoint"], r["concurrency"]) for r in rows if not r.get("failed")}
+    for level in levels:
+        for name in names:
+            if (name, level) in have:
+                continue
+            requests = sweep_requests(questions, answers[name], config)
+            console.print(f"sweep: {name} at concurrency {level} ({len(requests)} requests)", highlight=False, soft_wrap=True)
+            row = sweep_level(endpoints[name], requests, level, config, count_tokens)
+            files.append_jsonl(path, row)
+            rows.append(row)
+            if row["failed"]:
+                console.print(f"sweep: {row['failed']} of {row['requests']} requests to {name} failed at concurrency {level}: {row['errors'][0]}", highlight=False, soft_wrap=True)
+    return rows
+

@@ -1,0 +1,231 @@
+"""`medusa-bench run --endpoint`: two real `medusa-bench serve` processes on 127.0.0.1 (the
+baseline as reference, Medusa as candidate), driven through the CLI; then `report` and `judge`
+on the run. The error tests use an unused port, a wrong key and model, and a small HTTP server
+that misbehaves the way real ones do (cuts the stream, sends no usage).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+
+from medusa_bench.bench.endpoints import parse_prometheus
+from test_judge import DATA
+from test_serve import KEY, free_port, start_server, stop_server
+
+# Shipped Medusa heads with a small tree: real acceptance, quick on a CPU.
+TREE = "[[0],[1],[0,0],[0,0,0]]"
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    logs = tmp_path_factory.mktemp("servers")
+    ports = free_port(), free_port()
+    ref = start_server(ports[0], "--api-key", KEY, "--max-waiting", "16", "--max-batch", "4", log=logs / "ref.log")
+    try:
+        spec = start_server(ports[1], "--decoder", "medusa", "--tree", TREE, "--api-key", KEY, "--max-waiting", "16",
+                            log=logs / "spec.log")
+    except BaseException:
+        stop_server(ref)
+        raise
+    yield {"ref": f"http://127.0.0.1:{ports[0]}/v1", "spec": f"http://127.0.0.1:{ports[1]}/v1", "logs": logs}
+    stop_server(spec)
+    stop_server(ref)
+
+
+def env(**extra) -> dict:
+    import os
+
+    return dict(os.environ, MEDUSA_BENCH_DATA=str(DATA), EP_KEY=KEY, **extra)
+
+
+def medusa_bench(*args: str, timeout: int = 600, **extra_env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "medusa_bench.cli", *args], capture_output=True, text=True,
+                          env=env(**extra_env), timeout=timeout)
+
+
+def run_args(servers, out: Path, *extra: str) -> list[str]:
+    return ["run", "--endpoint", f"ref={servers['ref']}", "--endpoint", f"spec={servers['spec']}", "--reference", "ref",
+            "--bench", "mt_bench", "--limit", "2", "--max-new-tokens", str(MAX_NEW), "--api-key-env", "EP_KEY",
+            "--out", str(out), *extra]
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_two_serves_answers_tau_sweep_report_judge(servers, tmp_path):
+    out = tmp_path / "run"
+    done = medusa_bench(*run_args(servers, out, "--concurrency", "1,4"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    ref = lines(out / "model_answer" / "smollm2-135m-baseline-ref.jsonl")
+    spec = lines(out / "model_answer" / "smollm2-135m-medusa-spec.jsonl")
+    assert [r["question_id"] for r in ref] == [r["question_id"] for r in spec] == [81, 82]
+
+    for record in spec:
+        choice = record["choices"][0]
+        assert record["baseline"] == "ref" and len(choice["turns"]) == 2 and all(choice["turns"])
+        # lossless at temperature 0: the same token ids as the reference, turn by turn
+        assert choice["exact_match"] == [True, True] and choice["exact_match_by"] == "token_ids"
+        assert all(len(ids) == n for ids, n in zip(choice["token_ids"], choice["new_tokens"]))
+        assert choice["new_tokens_from"] == ["usage", "usage"]
+        assert all(0 < t <= w for t, w in zip(choice["ttft"], choice["wall_time"]))
+        # τ from the server's Prometheus counters = τ of the answer's own accounting (usage.decoding_steps)
+        for tokens, steps, tau in zip(choice["new_tokens"], choice["decoding_steps"], choice["tau_counters"]):
+            assert steps < tokens and tau == pytest.approx(tokens / steps, abs=1e-5)
+    for record in ref:
+        choice = record["choices"][0]
+        assert choice["decoding_steps"] == choice["new_tokens"] and choice["tau_counters"] == [None, None]  # no drafts, no counters
+    answers_tau = sum(sum(r["choices"][0]["new_tokens"]) for r in spec) / sum(sum(r["choices"][0]["decoding_steps"]) for r in spec)
+
+    sweep = lines(out / "sweep.jsonl")
+    assert {(r["endpoint"], r["concurrency"]) for r in sweep} == {("ref", 1), ("spec", 1), ("ref", 4), ("spec", 4)}
+    for row in sweep:
+        assert row["failed"] == 0 and row["completed"] == row["requests"] == 4 and row["output_tokens_per_s"] > 0
+        assert row["ttft_s"]["p50"] <= row["ttft_s"]["p99"] and row["itl_s"]["p50"] is not None
+        if row["endpoint"] == "spec":  # the same greedy requests again: the counters give the answers' τ
+            assert row["tau_from"] == "metrics" and row["tau"] == pytest.approx(answers_tau, abs=1e-5)
+        else:
+            assert row["tau"] == 1.0 and row["tau_from"] == "per-request"
+
+    # the baseline serve batched the requests that waited together at concurrency 4
+    ref_metrics = parse_prometheus(httpx.get(servers["ref"].removesuffix("/v1") + "/metrics").text)
+    assert ref_metrics["medusa_bench:batched_requests_total"] >= 2 and ref_metrics["medusa_bench:request_failure_total"] == 0
+
+    run = json.loads((out / "run.json").read_text())
+    assert run["endpoints"]["spec"]["speculative_config"]["tree"]["num_nodes"] == 5  # root + 4 drafts
+    assert run["endpoints"]["spec"]["counters"] is True and run["endpoints"]["ref"]["counters"] is False
+    for path in [p for p in out.rglob("*") if p.is_file()]:
+        assert KEY not in path.read_text(errors="ignore"), f"the API key was written to {path}"
+    assert KEY not in done.stdout + done.stderr
+
+    again = medusa_bench(*run_args(servers, out, "--concurrency", "1,4"))  # resume: nothing left to do
+    assert again.returncode == 0 and "nothing to do" in again.stderr and "sweep:" not in again.stderr
+    assert len(lines(out / "sweep.jsonl")) == 4
+
+    report = medusa_bench("report", str(out))
+    assert report.returncode == 0, report.stderr[-2000:]
+    html = (out / "report.html").read_text()
+    assert 'id="sweep"' in html and "Speedup against concurrency" in html
+    table = medusa_bench("report", str(out), "--format", "table")
+    assert "spec · 4" in table.stdout and "100.0%" in table.stdout  # the sweep's columns; exact match
+
+    judge = medusa_bench("judge", str(out), "--judge-base-url", servers["ref"], "--judge-model", "smollm2-135m-baseline",
+                         "--api-key-env", "EP_KEY", "--max-tokens", "8", "--parallel", "2")
+    assert judge.returncode == 0, judge.stderr[-2000:]
+    assert len(lines(out / "model_judgment" / "smollm2-135m-baseline_single.jsonl")) >= 4
+
+
+def test_endpoint_errors_are_one_line(servers, tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    cases = [
+        (["run", "--endpoint", f"gone={dead}"], f"endpoint gone: cannot reach {dead}/models"),
+        (["run", "--endpoint", f"spec={servers['spec']}", "--api-key-env", "WRONG_KEY"], "endpoint spec refused the API key (401)"),
+        (["run", "--endpoint", f"spec={servers['spec']}", "--api-key-env", "EP_KEY", "--endpoint-model", "llama-70b"],
+         "endpoint spec has no model 'llama-70b' (it serves smollm2-135m-medusa)"),
+        (["run", "--endpoint", f"spec={servers['spec']}", "--api-key-env", "EP_KEY", "--reference", "ref"], "--reference 'ref' is not an --endpoint name"),
+        (["run", "--endpoint", "spec"], "write it as NAME=URL"),
+        (["run", "--endpoint", f"spec={servers['spec']}", "--concurrency", "0,4"], "--concurrency levels must be >= 1"),
+    ]
+    for args, message in cases:
+        done = medusa_bench(*args, "--bench", "quick", "--limit", "1", "--out", str(tmp_path / "x"), timeout=120, WRONG_KEY="sk-wrong")
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+# ------------------------------------------------------------------------------ servers that misbehave
+class Misbehaving(BaseHTTPRequestHandler):
+    """An OpenAI-style server that cuts its stream after one chunk ("cut") or streams a whole
+    answer without usage or token ids ("no-usage"), as some engines do."""
+
+    mode = "cut"
+    requests: list = []
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, status: int, body: bytes, kind: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.path == "/v1/models":
+            self._send(200, json.dumps({"object": "list", "data": [{"id": "tiny", "object": "model"}]}).encode())
+        else:
+            self._send(404, b'{"error": {"message": "no route"}}')
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).requests.append(body)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        chunk = lambda delta, finish=None: ("data: " + json.dumps({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}) + "\n\n").encode()  # noqa: E731
+        self.wfile.write(chunk({"role": "assistant", "content": "Hello"}))
+        self.wfile.flush()
+        if self.mode == "cut":
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)  # the server goes away mid-answer
+            return
+        self.wfile.write(chunk({"content": " there, neighbour."}))
+        self.wfile.write(chunk({}, "stop"))
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+
+
+@pytest.fixture
+def misbehaving():
+    handler = type("Handler", (Misbehaving,), {"requests": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield handler, f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_stream_cut_is_retried_then_recorded_as_failed(misbehaving, tmp_path):
+    handler, url = misbehaving
+    out = tmp_path / "run"
+    start = time.time()
+    done = medusa_bench("run", "--endpoint", f"bad={url}", "--bench", "quick", "--limit", "2", "--max-new-tokens", "40",
+                        "--max-retries", "1", "--out", str(out), timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "closed the stream before the answer ended (after 2 tries)" in done.stderr
+    failed = lines(out / "failed.jsonl")
+    assert [(f["question_id"], f["decoder"]) for f in failed] == [(1001, "bad"), (1002, "bad")]  # the run went past the first
+    answers = out / "model_answer" / "tiny-bad.jsonl"
+    assert not answers.exists() or not lines(answers)  # no answer written for a failed request: never a silent zero
+    timed = [r for r in handler.requests if r["max_tokens"] == 40]
+    assert len(timed) == 4 and time.time() - start < 110  # two questions × (one try + one retry)
+
+
+def test_missing_usage_is_counted_with_the_tokenizer(misbehaving, tmp_path):
+    handler, url = misbehaving
+    handler.mode = "no-usage"
+    out = tmp_path / "run"
+    done = medusa_bench("run", "--endpoint", f"plain={url}", "--bench", "quick", "--limit", "1", "--max-new-tokens", "16",
+                        "--out", str(out), timeout=300)
+    assert done.returncode == 0, done.stderr
+    choice = lines(out / "model_answer" / "tiny-plain.jsonl")[0]["choices"][0]
+    assert choice["turns"] == ["Hello there, neighbour."] * 2 and choice["new_tokens_from"] == ["tokenizer"] * 2
+    from transformers import AutoTokenizer
+
+    from medusa_bench.models import resolve_source
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_source("smollm2-135m")[0])
+    assert choice["new_tokens"] == [len(tokenizer("Hello there, neighbour.", add_special_tokens=False)["input_ids"])] * 2
+    assert choice["decoding_steps"] == [None, None] and choice["tau_counters"] == [None, None]  # no counters: τ n/a, not a guess
+    assert choice["token_ids"] == [None, None] and handler.requests[0]["stream_options"] == {"include_usage": True}
