@@ -162,7 +162,7 @@ def load_model(spec: str = "smollm2-135m", device: str = "auto", dtype: str = "a
         if "trust_remote_code" in str(error):
             raise UserError(f"model {spec!r} needs its own code from the hub; re-run with --trust-remote-code if you trust it") from None
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise UserError(f"cannot load model {spec!r}: {first}") from None
+        raise UserError(f"cannot load model {spec!r}: {first}") from error  # MEDUSA_BENCH_DEBUG=1 shows transformers' traceback
     model.to(torch_device).eval()
     model.requires_grad_(False)
     return LoadedModel(

@@ -1,7 +1,7 @@
 """Every decoder on tiny random models of many architectures, past their sliding windows.
 
 Each model is built here from its config class (no downloads): hidden 32, 2 layers, 64 tokens,
-a 16-token window where the architecture has one. Its greedy output is loopy (large init), so
+a 16-token window where the architecture has one (Llama4: 8-token attention chunks). Its greedy output is loopy (large init), so
 prompt lookup and heads trained for a few steps on the model's own outputs get drafts accepted
 and deep tree paths are verified, not only roots. Two checks:
 
@@ -56,6 +56,9 @@ def _config(name: str):
         "gpt_neox": lambda: tf.GPTNeoXConfig(vocab_size=V, hidden_size=H, intermediate_size=2 * H, num_hidden_layers=2,
                                              num_attention_heads=4, max_position_embeddings=256, **plain),
         "falcon": lambda: tf.FalconConfig(vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_heads=4, **plain),
+        "llama4": lambda: tf.Llama4TextConfig(**common, head_dim=8, intermediate_size_mlp=2 * H, num_local_experts=2,
+                                              attention_chunk_size=W // 2, no_rope_layers=[1, 0],
+                                              layer_types=["chunked_attention", "full_attention"]),
     }[name]()
 
 
@@ -68,8 +71,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma2", "gemma3", "gpt2", "gpt_neox", "falcon"]
-WINDOWED = {"mistral", "qwen2", "phi3", "gemma2", "gemma3"}
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma2", "gemma3", "gpt2", "gpt_neox", "falcon", "llama4"]
+WINDOWED = {"mistral", "qwen2", "phi3", "gemma2", "gemma3", "llama4"}  # llama4: chunked attention (8-token chunks)
 
 
 def tiny_model(name: str, seed: int = 0) -> LoadedModel:

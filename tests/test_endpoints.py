@@ -229,3 +229,80 @@ def test_missing_usage_is_counted_with_the_tokenizer(misbehaving, tmp_path):
     assert choice["new_tokens"] == [len(tokenizer("Hello there, neighbour.", add_special_tokens=False)["input_ids"])] * 2
     assert choice["decoding_steps"] == [None, None] and choice["tau_counters"] == [None, None]  # no counters: τ n/a, not a guess
     assert choice["token_ids"] == [None, None] and handler.requests[0]["stream_options"] == {"include_usage": True}
+
+
+# ------------------------------------------------------------------------------ heads per request
+def test_heads_per_request(tmp_path):
+    """`serve --heads NAME=PATH`: a request picks heads by `model` or LoRAX's `adapter_id`; counters per heads."""
+    import torch
+
+    from medusa_bench.heads.medusa import MedusaHeads, save_heads
+
+    torch.manual_seed(0)
+    heads = MedusaHeads(num_heads=3, hidden_size=576, vocab_size=None)
+    with torch.no_grad():
+        heads.res_weight.normal_(0, 0.05)
+    save_heads(heads, tmp_path / "rand", format="v2", base_model_name_or_path="smollm2-135m")
+    port = free_port()
+    server = start_server(port, "--decoder", "medusa", "--tree", TREE, "--heads", f"rand={tmp_path / 'rand'}", log=tmp_path / "server.log")
+    root = f"http://127.0.0.1:{port}"
+    try:
+        models = [m["id"] for m in httpx.get(root + "/v1/models").json()["data"]]
+        assert models == ["smollm2-135m-medusa", "smollm2-135m-medusa:rand"]
+        ask = {"messages": [{"role": "user", "content": "Count from one to ten in words."}], "max_tokens": 12, "temperature": 0}
+
+        def counters() -> dict:
+            return {heads: parse_prometheus("\n".join(line for line in httpx.get(root + "/metrics").text.splitlines()
+                                                      if f'heads="{heads}"' in line))
+                    for heads in ("default", "rand")}
+
+        before = counters()
+        by_model = httpx.post(root + "/v1/chat/completions", json={**ask, "model": "smollm2-135m-medusa:rand"}, timeout=300).json()
+        by_adapter = httpx.post(root + "/v1/chat/completions", json={**ask, "adapter_id": "rand"}, timeout=300).json()
+        after = counters()
+        steps = by_model["usage"]["decoding_steps"] + by_adapter["usage"]["decoding_steps"]
+        assert after["rand"]["vllm:spec_decode_num_drafts_total"] - before["rand"].get("vllm:spec_decode_num_drafts_total", 0) == steps
+        assert after["default"] == before["default"]  # the default heads drafted nothing
+        default = httpx.post(root + "/v1/chat/completions", json=ask, timeout=300).json()
+        texts = {r["choices"][0]["message"]["content"] for r in (by_model, by_adapter, default)}
+        assert len(texts) == 1  # greedy: every heads gives the base model's own answer
+        assert counters()["default"]["medusa_bench:decode_steps_total"] == default["usage"]["decoding_steps"]
+        missing = httpx.post(root + "/v1/chat/completions", json={**ask, "adapter_id": "nope"})
+        assert missing.status_code == 404 and missing.json()["error"]["message"] == "no heads 'nope' on this server; it has default, rand"
+
+        # the endpoint decoder against one heads: τ from the (per-heads) counters = its own accounting
+        out = tmp_path / "run"
+        done = medusa_bench("run", "--endpoint", f"rand={root}/v1", "--endpoint-model", "smollm2-135m-medusa:rand",
+                            "--bench", "quick", "--limit", "1", "--max-new-tokens", "8", "--out", str(out), timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        choice = lines(out / "model_answer" / "smollm2-135m-medusa-rand-rand.jsonl")[0]["choices"][0]
+        for tokens, steps, tau in zip(choice["new_tokens"], choice["decoding_steps"], choice["tau_counters"]):
+            assert tau == pytest.approx(tokens / steps, abs=1e-5)
+    finally:
+        stop_server(server)
+
+
+# ------------------------------------------------------------------------------ serve's batches
+def test_batched_plain_decoding_matches_one_at_a_time():
+    """serve/batch.py: left-padded prompts of different lengths, each with its own limit, decode
+    to the tokens the baseline gives each alone (fp32), and a stop request leaves the batch early."""
+    from medusa_bench.bench.prompts import build_prompt
+    from medusa_bench.decoders.base import DecoderOptions, Sampling, build_decoder
+    from medusa_bench.models import load_model
+    from medusa_bench.serve.batch import generate_batch
+
+    loaded = load_model("smollm2-135m", "cpu", "float32")
+    baseline = build_decoder("baseline", loaded, DecoderOptions())
+    questions = ["Name three colours.", "Write a haiku about the sea and the wind at night, please.", "What is 2+2?"]
+    prompts = [build_prompt(loaded, [{"role": "user", "content": q}]) for q in questions]
+    assert len({len(p) for p in prompts}) == 3  # padding is exercised
+    limits = [10, 4, 16]
+    alone = [baseline.generate(p, n, Sampling()) for p, n in zip(prompts, limits)]
+    seen = []
+    stop_after_three = lambda ids: seen.extend(ids) or len(seen) >= 3  # noqa: E731
+    batch = generate_batch(loaded, prompts, limits, [Sampling()] * 3, [None, None, stop_after_three], [None, 2, None])
+    assert batch[0].token_ids == alone[0].token_ids and batch[0].finish_reason == alone[0].finish_reason
+    assert batch[1].token_ids == alone[1].token_ids and len(batch[1].token_ids) == 4 and batch[1].finish_reason == "length"
+    assert batch[2].token_ids == alone[2].token_ids[:3] and batch[2].finish_reason == "stop"
+    assert len(batch[1].logprobs) == 4 and len(batch[1].logprobs[0][1]) == 2
+    assert all(g.steps == len(g.token_ids) == sum(g.accept_lengths) for g in batch)

@@ -88,7 +88,7 @@ def time_dtypes(models: dict[str, torch.nn.Module], device: torch.device, runs: 
 
 
 def choose_dtype(loaded) -> dict:
-    """Settle `--dtype auto` for a model loaded by load_model(dtype='auto'); converts it in place.
+    """Settle `--dtype auto` for a model loaded in float32 (CPU) or load_model's auto (CUDA); converts it in place.
 
     Returns run.json's record: {"chosen", "ms_per_forward", "native_bf16", "reason"}.
     """
@@ -109,7 +109,7 @@ def choose_dtype(loaded) -> dict:
         loaded.model, loaded.dtype = bf16, torch.bfloat16
     del bf16
     faster, slower = (ms["bfloat16"], ms["float32"]) if chosen == "bfloat16" else (ms["float32"], ms["bfloat16"])
-    shared = f"; the CPU was shared while timing (cpu_share {usage['cpu_share']}): pass --dtype on a busy machine" if usage["contended"] else ""
+    shared = f"; the CPU was shared while timing (cpu_share {usage['cpu_share']}): measure on a quiet machine or pass --dtype" if usage["contended"] else ""
     return {"chosen": chosen, "ms_per_forward": ms, "native_bf16": True,
             "reason": f"{chosen}: {faster} vs {slower} ms per 1-token step at {CONTEXT} cached tokens (CPU has {flag}){shared}"}
 
