@@ -21,8 +21,8 @@ import torch
 from transformers import DynamicCache
 
 from medusa_bench.decoders.base import DecoderOptions, Sampling, build_decoder
-from medusa_bench.decoders.medusa import default_heads
 from medusa_bench.decoders.spec import crop_cache, forward, sync
+from medusa_bench.heads.common import default_heads
 from medusa_bench.heads.medusa import MedusaHeads, save_heads
 from medusa_bench.models import load_model
 from medusa_bench.trees.presets import get_preset

@@ -43,6 +43,10 @@ class LoadedModel:
     context_length: int = 2048
     source: str = ""  # where the weights came from (folder, file)
     attn_implementation: str = ""  # the attention kernel that ran: sdpa, or eager where the model refuses sdpa
+    # Models loaded on behalf of this one (decoders/medusa.py: a Medusa-2 backbone and its heads, keyed
+    # ("medusa2", folder)), so decoders built on it share one load, freed with it. Not copied by
+    # dataclasses.replace: a copy may hold another model.
+    companions: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def hidden_size(self) -> int:

@@ -114,7 +114,7 @@ def test_medusa_true_ranks_match_a_slow_reference(smollm, heads_dir):
         """Rank among the drafted candidates, one position and head at a time; top_k = not drafted."""
         out = torch.full((len(positions), 3), -1)
         for i, t in enumerate(positions.tolist()):
-            logits = heads.draft_logits(hidden[t], num_heads=3)  # [3, V]
+            logits = heads.draft_logits(hidden[t], head=slice(3))  # [3, V]
             for d in range(3):
                 target = t + 2 + d
                 if target < len(ids):
@@ -255,7 +255,7 @@ def test_tree_command_uses_the_heads_own_calibration(smollm, heads_dir, tmp_path
 
 def test_shipped_tables_need_no_data_folder(smollm, tmp_path, monkeypatch):
     """Heads that ship their calibration.json: `--tree auto` only profiles, on the package's own text."""
-    from medusa_bench.decoders.medusa import default_heads
+    from medusa_bench.heads.common import default_heads
 
     monkeypatch.setenv("MEDUSA_BENCH_DATA", str(tmp_path / "empty"))
     monkeypatch.setenv("MEDUSA_BENCH_CACHE", str(tmp_path / "cache"))

@@ -267,7 +267,7 @@ def test_prefix_layer_follows_the_accepted_path(smollm, references):
 
 
 def test_default_heads_ship_and_decode_losslessly(smollm, references):
-    from medusa_bench.decoders.medusa import default_heads
+    from medusa_bench.heads.common import default_heads
 
     if default_heads(smollm, "hydra") is None:
         pytest.skip("no default Hydra heads in medusa_bench/data/heads")

@@ -151,9 +151,9 @@ def test_draft_vocabulary_restriction_is_lossless_and_exact(smollm, random_heads
 
     heads = load_heads(folder, base_model=smollm.model)
     hidden = torch.randn(smollm.hidden_size)
-    full = heads.draft_logits(hidden, num_heads=3)  # [3, V]
+    full = heads.draft_logits(hidden, head=slice(3))  # [3, V]
     allowed = torch.tensor(order[:64])
     heads.restrict_draft_vocab(allowed)
-    assert torch.equal(heads.draft_topk(hidden, 4, num_heads=3), allowed[full[:, allowed].topk(4, dim=-1).indices])
+    assert torch.equal(heads.draft_topk(hidden, 4, head=slice(3)), allowed[full[:, allowed].topk(4, dim=-1).indices])
     with pytest.raises(UserError, match="draft_vocab.json"):
         build_decoder("medusa", smollm, DecoderOptions(tree="chain-1", medusa_heads=str(random_heads), draft_vocab=100))

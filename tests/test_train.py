@@ -8,8 +8,8 @@ import torch
 
 from medusa_bench.bench.prompts import build_prompt
 from medusa_bench.decoders.base import DecoderOptions, build_decoder
-from medusa_bench.decoders.medusa import default_heads
 from medusa_bench.errors import UserError
+from medusa_bench.heads.common import default_heads
 from medusa_bench.heads.medusa import load_heads
 from medusa_bench.results import files
 from medusa_bench.train.data import head_targets, last_hidden, load_sequences, tokenize

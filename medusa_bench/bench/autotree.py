@@ -209,24 +209,12 @@ def cache_info(loaded, heads_path, kind: str, settings: AutoTreeSettings, depth:
     measured = {k: v for k, v in asdict(settings).items() if k not in ("refresh", "cache_dir", "min_speedup", "calibration")}
     measured["sizes"] = list(measured["sizes"])
     return {
-        "kind": kind, "model": loaded.spec, "model_source": str(loaded.source), "heads": heads_id(heads_path),
+        "kind": kind, "model": loaded.spec, "model_source": str(loaded.source), "heads": proposer.heads.fingerprint(),
         "device": cal.device_name(loaded), "dtype": str(loaded.dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(), "code": code_version(proposer), "depth": depth,
-        "draft_vocab": getattr(getattr(proposer, "heads", None), "draft_vocab_size", None),  # restricted drafting
+        "draft_vocab": proposer.heads.draft_vocab_size,  # restricted drafting
         "calibration": {"file": str(source), "sha256": _file_hash(source)}, "settings": measured,
     }
-
-
-def heads_id(path) -> str:
-    """sha256 of the heads' weights (the path alone would miss retrained heads)."""
-    from medusa_bench.heads.medusa import heads_fingerprint
-
-    try:
-        return heads_fingerprint(path)
-    except (UserError, OSError):  # another layout (e.g. Hydra): hash its weight files
-        folder = Path(path)
-        files = sorted(f for f in folder.iterdir() if f.suffix in (".pt", ".bin", ".safetensors")) if folder.is_dir() else []
-        return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest() if files else str(path)
 
 
 def code_version(proposer=None) -> str:

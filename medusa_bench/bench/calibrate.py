@@ -7,10 +7,10 @@
   draft is right when it equals tokens[t + 1 + d]. We count the rank sequences, so the
   table is the joint, path-conditional one (`kind: conditional`): exact for Medusa's heads
   (whose depths are correlated: easy text is easy for every head) and what Hydra needs.
-- **Profile.** The run loop's own verify step (`SpeculativeDecoder._step`: drafting, the tree
-  forward, acceptance, cache update) on a prefilled cache of a typical context length, for
-  each tree size; sizes interleaved round by round so machine drift hits all alike;
-  warm-up, device sync, median.
+- **Profile.** The run loop's own verify step (`SpeculativeDecoder.step`: root, drafting, the
+  tree forward, acceptance, cache update) on a state prefilled with a typical context length,
+  for each tree size, `rewind` back to the prefill after each; sizes interleaved round by round
+  so machine drift hits all alike; warm-up, device sync, median.
 
 The proposer contract for calibration: a proposer may define
     true_ranks(hidden [S, H], tokens [S], positions [T], depth) -> LongTensor [T, depth]
@@ -31,11 +31,9 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
-from transformers import DynamicCache
 
 from medusa_bench.bench.prompts import build_prompt
-from medusa_bench.decoders.base import Sampling
-from medusa_bench.decoders.spec import Proposer, SpeculativeDecoder, crop_cache, forward, sync
+from medusa_bench.decoders.spec import Draft, Proposer, SpeculativeDecoder, body_and_layers, sync
 from medusa_bench.errors import UserError
 from medusa_bench.trees.search import Calibration, Latency
 from medusa_bench.trees.tree import Tree
@@ -130,8 +128,8 @@ def greedy_sequences(loaded, prompts: Sequence[str], max_new_tokens: int) -> lis
 def last_hidden(loaded, ids: list[int]) -> torch.Tensor:
     """Post-norm last hidden states [S, H] of one sequence, one forward, no logits."""
     tokens = torch.tensor([ids], device=loaded.device)  # [1, S]
-    out = loaded.model(input_ids=tokens, output_hidden_states=True, use_cache=False, logits_to_keep=1)
-    return out.hidden_states[-1][0]  # [S, H]
+    body, _ = body_and_layers(loaded.model)  # the decoder body: its output is the final normed state
+    return body(input_ids=tokens, use_cache=False)[0][0]  # [S, H]
 
 
 @torch.no_grad()
@@ -150,7 +148,7 @@ def medusa_true_ranks(heads, hidden: torch.Tensor, tokens: torch.Tensor, positio
     ranks = []
     for start in range(0, positions.shape[0], RANK_CHUNK):
         rows = slice(start, start + RANK_CHUNK)
-        drafted = heads.draft_topk(hidden[positions[rows]], top_k, num_heads=depth).transpose(0, 1)  # [t, depth, k]
+        drafted = heads.draft_topk(hidden[positions[rows]], top_k, head=slice(depth)).transpose(0, 1)  # [t, depth, k]
         hit = drafted == targets[rows].unsqueeze(-1)  # [t, depth, k]
         ranks.append(torch.where(hit.any(-1), hit.int().argmax(-1), top_k))  # [t, depth]
     return torch.cat(ranks).masked_fill(~valid, -1)
@@ -253,26 +251,20 @@ def context_ids(loaded, prompts: Sequence[str], length: int) -> list[int]:
     return ids[:length]
 
 
-@torch.inference_mode()
 def time_steps(loaded, decoders: dict[int, SpeculativeDecoder], context: list[int], repeats: int, warmup: int) -> dict[int, list[float]]:
-    """Seconds of `decoder._step` per size, on the same prefilled cache (cropped back after each step)."""
+    """Seconds of `decoder.step` per size, each decoder on its own prefilled state, rewound after each step."""
     device = loaded.device
-    cache = DynamicCache()
-    prompt = torch.tensor([context], device=device)  # [1, L]
-    positions = torch.arange(len(context), device=device)[None]  # [1, L]
-    logits, hidden = forward(loaded.model, prompt, cache, positions, None, want_hidden=True, last_only=True)
-    root, hidden = int(logits[-1].argmax()), hidden[-1]  # the next token and the state that chose it
-    for decoder in decoders.values():
-        decoder.proposer.reset(context)
+    states = {n: decoder.prefill(context) for n, decoder in decoders.items()}
+    marks = {n: state.checkpoint() for n, state in states.items()}
     times: dict[int, list[float]] = {n: [] for n in decoders}
     for round_ in range(warmup + repeats):
         for n, decoder in decoders.items():
             sync(device)
             start = time.perf_counter()
-            decoder._step(root, hidden, context, [], cache, Sampling(), None)
+            decoder.step(states[n])
             sync(device)
             elapsed = time.perf_counter() - start
-            crop_cache(cache, len(context))  # drop what the step appended
+            decoder.rewind(states[n], marks[n])  # drop what the step appended, proposer included
             if round_ >= warmup:
                 times[n].append(elapsed)
     return times
@@ -307,3 +299,39 @@ def device_name(loaded) -> str:
 def _quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# ------------------------------------------------------------------------------ step-shape profile (prompt lookup)
+class ShapeProposer(Proposer):
+    """Drafts one fixed shape of placeholder tokens: what a verify step of that shape costs."""
+
+    def __init__(self, tree: Tree, device: torch.device):
+        self.tree = tree
+        self.buffers = tree.buffers(device)
+        self.draft_size = tree.num_nodes - 1
+        self.tokens = torch.zeros(tree.num_nodes, dtype=torch.long, device=device)  # [n]
+
+    def propose(self, root, hidden, context):
+        return Draft(self.tokens.clone(), self.buffers)  # the loop writes the root into it
+
+
+def branched(n: int, branches: int = 2) -> Tree:
+    """`branches` chains of near-equal length under the root, n nodes in all (prompt lookup's trees)."""
+    lengths = [(n - 1) // branches + (b < (n - 1) % branches) for b in range(branches)]
+    return Tree([(b,) + (0,) * (d - 1) for b, length in enumerate(lengths) for d in range(1, length + 1)])
+
+
+def shape_profile(loaded, context: list[int], sizes: Sequence[int], repeats: int = 5, warmup: int = 2) -> dict:
+    """Median seconds of a verify step per size, for chains and for two-branch trees (pld-profile.json).
+
+    {"device", "dtype", "threads", "context_len", "repeats", "warmup", "chain": {n: s}, "tree": {n: s}}
+    """
+    chains = {n: Tree.chain(n - 1) for n in sizes}
+    trees = {n: branched(n) for n in sizes if n >= 3}
+    make = lambda tree: ShapeProposer(tree, loaded.device)  # noqa: E731
+    chain = profile(loaded, make, chains, context, repeats, warmup)
+    tree = profile(loaded, make, trees, context, repeats, warmup)
+    return {"device": device_name(loaded), "dtype": str(loaded.dtype).replace("torch.", ""),
+            "threads": torch.get_num_threads(), "context_len": len(context), "repeats": repeats, "warmup": warmup,
+            "chain": {str(n): t for n, t in sorted(chain.step_time.items())},
+            "tree": {str(n): t for n, t in sorted(tree.step_time.items())}}

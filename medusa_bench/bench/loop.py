@@ -145,8 +145,7 @@ def content_hashes(config: RunConfig, questions: list[Question]) -> dict:
     import json
     from types import SimpleNamespace
 
-    from medusa_bench.decoders.medusa import default_heads
-    from medusa_bench.heads.io import weights_hash
+    from medusa_bench.heads.common import default_heads, weights_hash
     from medusa_bench.models import model_name
 
     questions_hash = {str(q.question_id): hashlib.sha256(json.dumps(dataclasses.asdict(q), sort_keys=True, ensure_ascii=False).encode()).hexdigest()

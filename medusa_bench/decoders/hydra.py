@@ -20,9 +20,9 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from medusa_bench.decoders.base import DecoderOptions, register
-from medusa_bench.decoders.medusa import acceptance_of, apply_draft_vocab, default_heads, resolve_tree
-from medusa_bench.decoders.spec import Draft, Proposer, SpeculativeDecoder, crop_cache
-from medusa_bench.errors import UserError
+from medusa_bench.decoders.drafting import HeadsProposer, find_heads, heads_decoder
+from medusa_bench.decoders.spec import Draft, crop_cache
+from medusa_bench.heads.common import apply_draft_vocab
 from medusa_bench.trees.tree import Tree, TreeBuffers
 
 
@@ -74,25 +74,19 @@ def draft_tree(heads, plan: list[Level], state: Tensor, root: int, num_nodes: in
     tokens[0] = root
     x = heads.root_inputs(state[None], tokens[:1])  # [1, W]: the root's path
     for level in plan:
-        top = heads.draft_topk(level.head, x[level.expand], level.top_k)  # [m, k]
+        top = heads.draft_topk(x[level.expand], level.top_k, head=level.head)  # [m, k]
         children = top[level.parent_row, level.rank]  # [c]
         tokens[level.nodes] = children
         x = heads.extend(x[level.parent], children)  # [c, W + H]: each child's path
     return tokens
 
 
-class HydraProposer(Proposer):
+class HydraProposer(HeadsProposer):
     """Hydra heads → the tree's tokens, drafted level by level."""
 
-    needs_hidden = True
-
     def __init__(self, heads, tree: Tree, device: torch.device):
-        tree.check_fits(num_heads=heads.num_heads)
-        self.heads = heads
-        self.tree = tree
-        self.buffers = tree.buffers(device)
+        super().__init__(heads, tree, device)
         self.plan = level_plan(self.buffers)
-        self.draft_size = tree.num_nodes - 1
         self.prefix = PrefixTracker(heads) if heads.prefix is not None else None
 
     def reset(self, prompt_ids: list[int]) -> None:
@@ -107,6 +101,10 @@ class HydraProposer(Proposer):
     def observe(self, rows: Tensor) -> None:
         if self.prefix is not None:
             self.prefix.observe(rows)
+
+    def rewind(self, length: int) -> None:
+        if self.prefix is not None:
+            self.prefix.rewind(length)
 
     def true_ranks(self, hidden: Tensor, tokens: Tensor, positions: Tensor, depth: int) -> Tensor:
         """Calibration (bench/calibrate.py): rank of each true token given that the path above was accepted.
@@ -134,21 +132,30 @@ class PrefixTracker:
     def observe(self, rows: Tensor) -> None:
         self.pending.append(rows)
 
+    def rewind(self, length: int) -> None:
+        """Back to a context of `length` tokens: keep the rows of the first length - 1; the newest
+        token's row comes with the next `advance` (its `hidden`), so it is fed again from there."""
+        keep = length - 1
+        if self.length > keep:
+            crop_cache(self.cache, keep)
+            self.length, self.pending = keep, []
+        elif self.pending:
+            self.pending = [torch.cat(self.pending)[: keep - self.length]]
+
     def advance(self, context: list[int], hidden: Tensor) -> Tensor:
         """Feed the rows observed since the last call; the layer's output at the newest one [H].
 
-        `hidden` [H] is the newest row itself. When the observed rows do not extend the fed ones
-        to the context (the profiler repeats one step on a fixed context and crops the base
-        cache back), the layer's cache is cut back too and only that row is fed: the cost of a
-        step, not its states.
+        `hidden` [H] is the newest row itself: normally the last observed row, after a `rewind`
+        the one row still to feed.
         """
-        observed = sum(rows.shape[0] for rows in self.pending)
-        if self.pending and self.length + observed == len(context):
-            new = torch.cat(self.pending)  # [q, H]
-        else:
-            crop_cache(self.cache, len(context) - 1)
-            self.length = len(context) - 1
-            new = hidden[None]
+        rows = self.pending
+        observed = sum(r.shape[0] for r in rows)
+        if self.length + observed == len(context) - 1:  # rewound: the newest row is `hidden`
+            rows = rows + [hidden[None]]
+        elif self.length + observed != len(context):
+            raise RuntimeError(f"Hydra++ prefix layer out of step: {self.length} rows fed + {observed} observed, "
+                               f"context {len(context)} (a cache changed without Proposer.rewind?)")
+        new = torch.cat(rows) if len(rows) > 1 else rows[0]  # [q, H]
         self.pending = []
         positions = torch.arange(self.length, self.length + new.shape[0], device=new.device)[None]  # [1, q]
         states = self.heads.prefix_states(new[None].to(self.heads.dtype), self.cache, positions)  # [1, q, H]
@@ -160,17 +167,7 @@ class PrefixTracker:
 def build_hydra(loaded, options: DecoderOptions):
     from medusa_bench.heads.hydra import load_hydra_heads
 
-    path = options.hydra_heads or default_heads(loaded, "hydra")
-    if path is None:
-        raise UserError(f"the hydra decoder needs heads: pass --hydra-heads PATH (no default heads ship for {loaded.name}); "
-                        "train some with `medusa-bench train hydra`")
+    path = find_heads(options.hydra_heads, loaded, "hydra", "--hydra-heads")
     heads = load_hydra_heads(path, base_model=loaded.model)
     apply_draft_vocab(heads, path, options.draft_vocab)
-
-    def make_proposer(tree: Tree) -> HydraProposer:
-        return HydraProposer(heads, tree, loaded.device)
-
-    tree, auto = resolve_tree(options, heads.num_heads, loaded, make_proposer, path, kind="hydra")
-    decoder = SpeculativeDecoder("hydra", loaded, make_proposer(tree), acceptance_of(options))
-    decoder.autotree = auto  # the run folder keeps the optimiser's tables
-    return decoder
+    return heads_decoder("hydra", loaded, heads, path, lambda t: HydraProposer(heads, t, loaded.device), options)

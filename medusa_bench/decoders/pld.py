@@ -18,7 +18,6 @@ drafts every candidate instead, as transformers' prompt lookup does.
 
 from __future__ import annotations
 
-import time
 from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Optional
@@ -170,53 +169,57 @@ class AcceptanceStats:
 
 
 class StepCosts:
-    """Cost of a verify step of k tokens relative to a one-token step, measured as we go.
+    """Cost of a verify step of k tokens relative to a one-token step, from a profile measured once.
 
-    The proposer times the interval between consecutive `propose` calls (one whole step,
-    loop overhead included) and keys it by the previous step's shape. Until a size has a few
-    samples, a prior curve (design.md's CPU timings) scaled to the sizes already measured.
+    The profile (`bench/calibrate.shape_profile`, pld-profile.json in the run folder) holds the
+    median step time per size for chains and for two-branch trees at a fixed context, so the
+    draft policy, and with it τ, does not depend on how busy the machine was while decoding.
+    Sizes between the profiled ones interpolate; beyond them, or with no profile, a prior curve
+    (design.md's CPU timings) scaled to the profiled sizes.
     """
 
     PRIOR = [(1, 1.0), (2, 1.4), (3, 1.5), (4, 1.58), (8, 1.94), (16, 2.15), (32, 2.64), (64, 3.97), (128, 7.0)]
 
-    def __init__(self, alpha: float = 0.1, min_samples: int = 3):
-        self.alpha, self.min_samples = alpha, min_samples
-        self.seconds: dict[tuple[int, bool], list[float]] = {}  # (k, chain) -> [ema, samples]
+    def __init__(self, profile: Optional[dict] = None):
+        self.profile = profile
+        self.seconds: dict[bool, list[tuple[int, float]]] = {True: [], False: []}  # chain? -> [(k, seconds)] sorted
+        for kind, chain in (("chain", True), ("tree", False)):
+            self.seconds[chain] = sorted((int(k), float(t)) for k, t in ((profile or {}).get(kind) or {}).items())
+        self.one = dict(self.seconds[True]).get(1)
+        self._relative: dict[tuple[int, bool], float] = {}  # the policy asks the same few sizes every step
 
     @classmethod
     def prior(cls, k: int, chain: bool = True) -> float:
-        sizes = [s for s, _ in cls.PRIOR]
-        i = min(max(bisect_left(sizes, k), 1), len(sizes) - 1)
-        (k0, c0), (k1, c1) = cls.PRIOR[i - 1], cls.PRIOR[i]
-        cost = c0 + (c1 - c0) * (k - k0) / (k1 - k0)
-        return cost if chain or k == 1 else cost * 1.05  # a tree mask costs a little more than causal
-
-    def record(self, k: int, chain: bool, seconds: float) -> None:
-        key = (k, chain or k == 1)
-        entry = self.seconds.get(key)
-        if entry is None:
-            self.seconds[key] = [seconds, 1]
-            return
-        seconds = min(max(seconds, entry[0] / 3), entry[0] * 3)  # a hiccup of the shared machine
-        entry[1] += 1
-        entry[0] += max(self.alpha, 1 / entry[1]) * (seconds - entry[0])  # a plain mean until 1/alpha samples
-
-    def _measured(self, key) -> Optional[float]:
-        entry = self.seconds.get(key)
-        return entry[0] if entry is not None and entry[1] >= self.min_samples else None
+        return _interpolate(cls.PRIOR, k) if chain or k == 1 else _interpolate(cls.PRIOR, k) * 1.05  # a tree mask costs a little more
 
     def relative(self, k: int, chain: bool = True) -> float:
         chain = chain or k == 1
-        one = self._measured((1, True))
-        if k == 1 or one is None:
-            return 1.0 if k == 1 else self.prior(k, chain)
-        here = self._measured((k, chain))
-        if here is not None:
-            return here / one
-        ratios = [s / one / self.prior(*key) for key, (s, n) in self.seconds.items()
-                  if key[0] > 1 and n >= self.min_samples]
+        key = (k, chain)
+        if key not in self._relative:
+            self._relative[key] = self._compute(k, chain)
+        return self._relative[key]
+
+    def _compute(self, k: int, chain: bool) -> float:
+        if k == 1:
+            return 1.0
+        measured = self.seconds[chain] if self.seconds[chain] else self.seconds[True]
+        if self.one is None or not measured:
+            return self.prior(k, chain)
+        if measured[0][0] <= k <= measured[-1][0]:
+            return _interpolate(measured, k) / self.one * (1.0 if self.seconds[chain] else 1.05)
+        ratios = [t / self.one / self.prior(n, chain) for n, t in measured if n > 1]
         scale = sorted(ratios)[len(ratios) // 2] if ratios else 1.0
         return self.prior(k, chain) * min(max(scale, 0.5), 3.0)
+
+
+def _interpolate(points: list[tuple[int, float]], k: int) -> float:
+    """Piecewise-linear through sorted (size, value) points; the end segments extend beyond them."""
+    if len(points) == 1:
+        return points[0][1]
+    sizes = [n for n, _ in points]
+    i = min(max(bisect_left(sizes, k), 1), len(sizes) - 1)
+    (k0, c0), (k1, c1) = points[i - 1], points[i]
+    return c0 + (c1 - c0) * (k - k0) / (k1 - k0)
 
 
 def choose_nodes(candidates: Candidates, stats: AcceptanceStats, costs: StepCosts,
@@ -257,8 +260,8 @@ class PromptLookupProposer(Proposer):
         self.max_ngram, self.max_tokens, self.branches = max_ngram, max_tokens, branches
         self.adaptive, self.device = adaptive, device
         self.draft_size = max_tokens * branches
-        self.stats = AcceptanceStats()  # kept across generations: the machine and model stay the same
-        self.costs = StepCosts()
+        self.stats = AcceptanceStats()  # kept across generations: outcomes depend on tokens only
+        self.costs = StepCosts()  # the prior until `use_profile`
         self._chains: dict[int, TreeBuffers] = {}
         self.reset([])
 
@@ -266,16 +269,15 @@ class PromptLookupProposer(Proposer):
         self.index = NgramIndex(self.max_ngram, prompt_ids)
         self.pending = None  # (root position, drafted tokens, parents, keys) awaiting its outcome
         self.accepted = 0
-        self.last_step: Optional[tuple[float, int, bool]] = None  # (start time, nodes, chain)
+
+    def use_profile(self, profile: dict) -> None:
+        """Step costs from a measured profile (pld-profile.json) instead of the prior."""
+        self.costs = StepCosts(profile)
 
     def update(self, accepted: int) -> None:
         self.accepted = accepted
 
     def propose(self, root: int, hidden: Optional[torch.Tensor], context: list[int]) -> Optional[Draft]:
-        now = time.perf_counter()
-        if self.last_step is not None:
-            started, nodes, chain = self.last_step
-            self.costs.record(nodes, chain, now - started)
         if len(context) + 1 < len(self.index.tokens):  # a context we did not see grow: start over
             self.index = NgramIndex(self.max_ngram, context)
         self.index.extend(context[len(self.index.tokens):] + [root])
@@ -285,11 +287,8 @@ class PromptLookupProposer(Proposer):
         everything = list(range(1, len(candidates.tokens)))
         chosen = choose_nodes(candidates, self.stats, self.costs) if self.adaptive else everything
         if not chosen:
-            self.last_step = (now, 1, True)
             return None
-        draft = self._draft(root, candidates, chosen)
-        self.last_step = (now, draft.buffers.num_nodes, draft.buffers.max_depth == draft.buffers.num_nodes - 1)
-        return draft
+        return self._draft(root, candidates, chosen)
 
     def _draft(self, root: int, candidates: Candidates, chosen: list[int]) -> Draft:
         renumber = {0: 0, **{node: i for i, node in enumerate(chosen, start=1)}}

@@ -14,8 +14,9 @@ step is one plain forward of one token). A step:
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from transformers import DynamicCache
@@ -27,16 +28,27 @@ from medusa_bench.trees.tree import TreeBuffers
 
 @dataclass
 class Draft:
-    """A candidate tree: tokens[0] is the root, buffers describe the tree's shape."""
+    """A candidate tree: tokens[0] is the root, buffers describe the tree's shape.
+
+    `probs` [n, V] (row 0 unused): the distribution each node's token was sampled from, for a
+    drafter that samples (siblings drawn independently); sampled acceptance then uses the
+    standard rule min(1, p/q) with residual max(0, p - q). None: point-mass drafts (heads' top-k,
+    prompt lookup), accepted with probability p(x) and x removed from the residual on a rejection.
+    """
 
     tokens: torch.Tensor  # [n] long
     buffers: TreeBuffers
+    probs: Optional[torch.Tensor] = None  # [n, V] float, or None
 
 
 class Proposer:
     """Drafts candidate trees. Override `propose`; `update` gets feedback after each step."""
 
-    needs_hidden = False  # does `propose` need the base model's last hidden state?
+    needs_hidden = False  # does `propose` need the base model's final (normed) hidden state?
+    # Base hidden states it needs instead, indexed as transformers' `hidden_states` (0 the embeddings,
+    # i the output of decoder layer i, -1 the final normed state): `propose` and `observe` then get
+    # those rows concatenated, [k * H] per token. Empty: the final state when `needs_hidden`, else none.
+    feature_layers: tuple[int, ...] = ()
     draft_size = 0  # most nodes drafted beyond the root
 
     def reset(self, prompt_ids: list[int]) -> None:
@@ -52,6 +64,10 @@ class Proposer:
     def observe(self, rows: torch.Tensor) -> None:
         """The base hidden states [q, H] of the tokens just kept in the cache, in context order:
         the prompt's after prefill, the accepted path's after a step (only if `needs_hidden`)."""
+
+    def rewind(self, length: int) -> None:
+        """The context is back to its first `length` tokens (`SpeculativeDecoder.rewind`): forget
+        what was observed past them. The next `propose` gets the hidden state of token length - 1."""
 
 
 @dataclass(frozen=True)
@@ -114,23 +130,79 @@ def tree_mask(buffers: TreeBuffers, prefix: int, dtype: torch.dtype, layout: Opt
 
 
 # ------------------------------------------------------------------------------ model calls
+Hidden = Union[bool, tuple]  # False: none; True: the final normed state; or transformers' hidden_states indices
+
+
 def forward(model, input_ids: torch.Tensor, cache, position_ids: torch.Tensor, mask: Optional[torch.Tensor],
-            want_hidden: bool, last_only: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """One base forward appending to `cache`. Returns logits [q, V] ([1, V] with last_only) and hidden [q, H] (post-norm)."""
-    out = model(
-        input_ids=input_ids,  # [1, q]
-        position_ids=position_ids,  # [1, q]
-        attention_mask=mask,  # None (causal), [1, 1, q, past + q] additive, or {layer type: such a mask}
-        past_key_values=cache,
-        use_cache=True,
-        output_hidden_states=want_hidden,
-        logits_to_keep=1 if last_only else 0,
-    )
+            want_hidden: Hidden, last_only: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One base forward appending to `cache`. Returns logits [q, V] ([1, V] with last_only) and hidden
+    states: [q, H] post-norm for `want_hidden=True`, [q, k * H] for k layer indices, else None.
+
+    Hidden states come from forward hooks on the layers asked for, never `output_hidden_states`,
+    which keeps every layer's [q, H] output (SmolLM2: 31 of them) to hand back one.
+    """
+    layers = (-1,) if want_hidden is True else tuple(want_hidden or ())
+    captured: list = [None] * len(layers)
+    handles = [_hook(model, index, captured, slot) for slot, index in enumerate(layers)]
+    try:
+        out = model(
+            input_ids=input_ids,  # [1, q]
+            position_ids=position_ids,  # [1, q]
+            attention_mask=mask,  # None (causal), [1, 1, q, past + q] additive, or {layer type: such a mask}
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1 if last_only else 0,
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
     logits = out.logits[0]  # [q or 1, V]
-    hidden = None
-    if want_hidden:
-        hidden = out.hidden_states[-1][0]  # [q, H] (every row, even with last_only): already after the final norm
-    return logits, hidden
+    if not layers:
+        return logits, None
+    rows = [c[0] for c in captured]  # each [q, H] (every row, even with last_only)
+    return logits, rows[0] if len(rows) == 1 else torch.cat(rows, dim=-1)
+
+
+_BODIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def body_and_layers(model) -> tuple[torch.nn.Module, torch.nn.ModuleList]:
+    """The decoder body (whose output is the final normed hidden state) and its decoder layers.
+
+    `get_decoder()`/`base_model` miss some (Llama4ForCausalLM answers itself), so: the module
+    holding the ModuleList of `num_hidden_layers` layers (LlamaModel.layers, GPT2Model.h, …).
+    """
+    if model not in _BODIES:
+        config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+        count = getattr(config, "num_hidden_layers", None)
+        for module in model.modules():
+            layers = next((c for c in module.children() if isinstance(c, torch.nn.ModuleList) and len(c) == count), None)
+            if layers is not None:
+                _BODIES[model] = (module, layers)
+                break
+        else:
+            raise UserError(f"cannot find the decoder layers of {type(model).__name__} to read its hidden states")
+    return _BODIES[model]
+
+
+def _hook(model, index: int, captured: list, slot: int):
+    """A forward hook storing hidden_states[index] ([1, q, H]) into captured[slot]."""
+    body, layers = body_and_layers(model)
+    index = index + len(layers) + 1 if index < 0 else index
+    if not 0 <= index <= len(layers):
+        raise UserError(f"hidden state {index} asked for, but the model has {len(layers)} layers (0 … {len(layers)})")
+
+    def output(module, args, out):
+        captured[slot] = out[0] if isinstance(out, (tuple, list)) or hasattr(out, "to_tuple") else out
+
+    def embeddings(module, args, kwargs):
+        captured[slot] = args[0] if args else kwargs["hidden_states"]
+
+    if index == len(layers):  # the body's output: after the final norm, as transformers' hidden_states[-1]
+        return body.register_forward_hook(output)
+    if index == 0:  # the first layer's input: the (scaled) embeddings
+        return layers[0].register_forward_pre_hook(embeddings, with_kwargs=True)
+    return layers[index - 1].register_forward_hook(output)
 
 
 def cache_length(cache) -> int:
@@ -223,13 +295,17 @@ def accept_typical(tokens: torch.Tensor, logits: torch.Tensor, buffers: TreeBuff
 
 
 def accept_sampled(tokens: torch.Tensor, logits: torch.Tensor, buffers: TreeBuffers, sampling: Sampling,
-                   generator: Optional[torch.Generator]) -> tuple[list[int], Optional[torch.Tensor]]:
-    """Lossless speculative sampling for point-mass drafts (SpecInfer-style, one walk down the tree).
+                   generator: Optional[torch.Generator], probs: Optional[torch.Tensor] = None
+                   ) -> tuple[list[int], Optional[torch.Tensor]]:
+    """Lossless speculative sampling, one walk down the tree (SpecInfer's multi-draft rule).
 
-    At each node the children are tried in rank order: child x is accepted with probability r(x)
-    under the residual distribution r (initially the warped p); a rejected x is removed from r
-    and r renormalised. Returns the accepted path and, when the walk stopped on rejections, the
-    residual to sample the next root from (None: sample from the last node's own p).
+    At each node the children are tried in order against the residual r (initially the warped
+    p): child x, drawn from q, is accepted with probability min(1, r(x) / q(x)); on a rejection
+    r becomes max(0, r - q), renormalised. Point-mass drafts (`probs` None) have q = one-hot x:
+    accept with probability r(x), then remove x from r. Each emitted token is thus distributed
+    as p, whatever q (for siblings drawn independently from their q). Returns the accepted path
+    and, when the walk stopped on rejections, the residual to sample the next root from (None:
+    sample from the last node's own p).
     """
     children: dict[int, list[int]] = {}
     for node, parent in enumerate(buffers.parents.tolist()):
@@ -241,11 +317,20 @@ def accept_sampled(tokens: torch.Tensor, logits: torch.Tensor, buffers: TreeBuff
         moved = False
         for child in children[node]:
             token = int(tokens[child])
-            if torch.rand((), generator=generator, device=residual.device) < residual[token]:
-                path.append(child)
-                node, moved = child, True
-                break
-            residual[token] = 0.0
+            u = torch.rand((), generator=generator, device=residual.device)
+            if probs is None:
+                if u < residual[token]:
+                    path.append(child)
+                    node, moved = child, True
+                    break
+                residual[token] = 0.0
+            else:
+                q = probs[child].to(residual.device, torch.float32)  # [V]
+                if u * q[token] < residual[token]:  # u < r/q without dividing (q(x) = 0: accept iff r(x) > 0)
+                    path.append(child)
+                    node, moved = child, True
+                    break
+                residual = (residual - q).clamp_(min=0.0)
             total = residual.sum()
             if total <= 0:
                 break
@@ -256,8 +341,53 @@ def accept_sampled(tokens: torch.Tensor, logits: torch.Tensor, buffers: TreeBuff
 
 
 # ------------------------------------------------------------------------------ the loop
+@dataclass
+class DecodeState:
+    """One generation between steps (`SpeculativeDecoder.prefill` makes it, `step` advances it)."""
+
+    cache: DynamicCache  # prompt + tokens, full layers
+    prompt_ids: list[int]
+    tokens: list[int]  # emitted so far (every step's tokens, uncut)
+    logits: torch.Tensor  # [V] raw logits for the next root
+    hidden: Optional[torch.Tensor]  # [H] (or [k * H], see Proposer.feature_layers) the state that predicted it
+    residual: Optional[torch.Tensor]  # [V] sampling: draw the next root from this (a rejection ended the walk)
+    sampling: Sampling
+    generator: Optional[torch.Generator]
+
+    @property
+    def length(self) -> int:
+        """Tokens in the context (and the cache): prompt + emitted."""
+        return len(self.prompt_ids) + len(self.tokens)
+
+    def checkpoint(self) -> "Checkpoint":
+        return Checkpoint(self.length, self.logits, self.hidden, self.residual)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a state stood; `SpeculativeDecoder.rewind(state, checkpoint)` puts it back there."""
+
+    length: int
+    logits: torch.Tensor  # [V]
+    hidden: Optional[torch.Tensor]
+    residual: Optional[torch.Tensor]
+
+
+@dataclass
+class StepResult:
+    tokens: list[int]  # emitted, root first (not cut at EOS or a limit: the caller cuts)
+    path: list[int]  # accepted node indices, root (0) first; [0] for a plain step
+    rows: Optional[torch.Tensor] = None  # [a, V] the logits that chose each accepted draft (asked for: logprobs)
+    drafted: int = 0  # draft nodes verified (the root not counted); 0 for a plain step
+
+
 class SpeculativeDecoder:
-    """Greedy, typical or sampled decoding with any proposer, sharing one verify step."""
+    """Greedy, typical or sampled decoding with any proposer, sharing one verify step.
+
+    The step API: `state = prefill(prompt_ids, sampling)`, then `step(state)` as often as wanted
+    (each emits the root plus the accepted drafts), `rewind(state, checkpoint)` to go back.
+    `generate` is the loop over them that `run` and `serve` time.
+    """
 
     def __init__(self, name: str, loaded, proposer: Proposer, acceptance: Acceptance = Acceptance(), lossless: bool = True):
         self.name = name
@@ -269,51 +399,36 @@ class SpeculativeDecoder:
         self.lossless = lossless and acceptance.rule == "greedy"
         self.draft_size = proposer.draft_size
         # an empty tree (the optimiser's answer where speculation does not pay) is the baseline's exact work
-        self.want_hidden = proposer.needs_hidden and proposer.draft_size > 0
+        drafting = proposer.draft_size > 0
+        self.hidden_layers: tuple = (tuple(proposer.feature_layers) or ((-1,) if proposer.needs_hidden else ())) if drafting else ()
+        self.want_hidden = bool(self.hidden_layers)
         self.baseline_name = "baseline"  # the decoder whose tokens a lossless run must reproduce
         self.eos = set(loaded.eos_token_ids)
         # sliding-window / chunked layers: the tree mask must apply their limits (None: the plain mask path)
         self.layout = attention_layout(self.model.config) if self.draft_size > 0 else None
-        self.drafts_verified = self.draft_tokens_verified = 0  # running counts over every generate() call
+        self.drafts_verified = self.draft_tokens_verified = 0  # running counts over every step
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
                  on_step: Optional[StepCallback] = None, logprobs: Optional[int] = None) -> Generation:
-        device, model = self.device, self.model
-        generator = None
-        if not sampling.greedy:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
-        want_hidden = self.want_hidden
-        self.proposer.reset(prompt_ids)
+        """prefill + steps until EOS, the limit or `on_step` says stop; wall time device-synchronised."""
         drafts_before, draft_tokens_before = self.drafts_verified, self.draft_tokens_verified
-
-        sync(device)
+        sync(self.device)
         start = time.perf_counter()
-        cache = DynamicCache()  # no config: full layers for every layer type (see full_layers)
-        prompt = torch.tensor([prompt_ids], device=device)  # [1, P]
-        positions = torch.arange(len(prompt_ids), device=device)[None]  # [1, P]
-        logits, hidden = forward(model, prompt, cache, positions, None, want_hidden, last_only=True)
-        next_logits = logits[-1]  # [V]
-        next_hidden = None
-        if want_hidden:
-            self.proposer.observe(hidden)  # [P, H]
-            next_hidden = hidden[-1]  # [H]
-        residual = None
-
+        state = self.prefill(prompt_ids, sampling)
         out: list[int] = []
         accept_lengths: list[int] = []
         token_logprobs: list = [] if logprobs is not None else None
         finish = "length"
         while len(out) < max_new_tokens:
-            root = (int(torch.multinomial(residual, 1, generator=generator)) if residual is not None
-                    else choose_token(next_logits, sampling, generator))
-            emitted, rows = [root], [next_logits]
+            root, rows = self.next_root(state), [state.logits]
             done = root in self.eos or len(out) + 1 >= max_new_tokens
+            emitted = [root]
             if not done:  # the forward is needed only if the turn goes on after the root
-                emitted, draft_rows, next_logits, next_hidden, residual = self._step(
-                    root, next_hidden, prompt_ids, out, cache, sampling, generator)
-                rows = rows + draft_rows() if token_logprobs is not None else rows
+                result = self.step(state, root, rows=token_logprobs is not None)
+                emitted = result.tokens
+                if token_logprobs is not None:
+                    rows.extend(result.rows)
             emitted, finish = self._cut(emitted, max_new_tokens - len(out))
             out.extend(emitted)
             accept_lengths.append(len(emitted))
@@ -323,26 +438,57 @@ class SpeculativeDecoder:
                 finish = "stop"
             if finish == "stop" or done:
                 break
-        sync(device)
+        sync(self.device)
         wall = time.perf_counter() - start
         if len(out) >= max_new_tokens and finish != "stop":
             finish = "length"
         return Generation(out, len(accept_lengths), accept_lengths, wall, finish, token_logprobs,
                           self.drafts_verified - drafts_before, self.draft_tokens_verified - draft_tokens_before)
 
-    def _step(self, root, hidden, prompt_ids, out, cache, sampling, generator):
-        """One verify step. Returns emitted tokens (root first), a callable giving the logit rows
-        that chose the drafts (needed only for logprobs), and the next state."""
-        draft = self.proposer.propose(root, hidden, prompt_ids + out) if self.proposer.draft_size else None
-        prefix = cache_length(cache)
+    @torch.inference_mode()
+    def prefill(self, prompt_ids: list[int], sampling: Sampling = Sampling()) -> DecodeState:
+        """The prompt through the base model (the proposer reset and shown its hidden states)."""
+        generator = None
+        if not sampling.greedy:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+        self.proposer.reset(prompt_ids)
+        cache = DynamicCache()  # no config: full layers for every layer type (see full_layers)
+        prompt = torch.tensor([prompt_ids], device=self.device)  # [1, P]
+        positions = torch.arange(len(prompt_ids), device=self.device)[None]  # [1, P]
+        logits, hidden = forward(self.model, prompt, cache, positions, None, self.hidden_layers, last_only=True)
+        if hidden is not None:
+            self.proposer.observe(hidden)  # [P, H]
+            hidden = hidden[-1]  # [H]
+        return DecodeState(cache, prompt_ids, [], logits[-1], hidden, None, sampling, generator)
+
+    def next_root(self, state: DecodeState) -> int:
+        """The base model's own next token (a draw from the residual after a rejection)."""
+        if state.residual is not None:
+            return int(torch.multinomial(state.residual, 1, generator=state.generator))
+        return choose_token(state.logits, state.sampling, state.generator)
+
+    @torch.inference_mode()
+    def step(self, state: DecodeState, root: Optional[int] = None, rows: bool = False) -> StepResult:
+        """One verify step: the root (`next_root` unless given) + the proposer's draft in one forward.
+
+        Appends the emitted tokens to `state` and sets its next logits, hidden state and residual.
+        `rows`: also return the logit rows that chose the accepted drafts (for logprobs).
+        """
+        if root is None:
+            root = self.next_root(state)
+        draft = self.proposer.propose(root, state.hidden, state.prompt_ids + state.tokens) if self.draft_size else None
+        prefix = cache_length(state.cache)
         if draft is None:  # a plain one-token step: the baseline's whole cost
             tokens = torch.tensor([root], device=self.device)
             positions = torch.tensor([[prefix]], device=self.device)
-            logits, hidden = forward(self.model, tokens[None], cache, positions, None, self.want_hidden)
+            logits, hidden = forward(self.model, tokens[None], state.cache, positions, None, self.hidden_layers)
             self.proposer.update(0)
             if hidden is not None:
                 self.proposer.observe(hidden)  # [1, H]
-            return [root], lambda: [], logits[0], (hidden[0] if hidden is not None else None), None
+            state.tokens.append(root)
+            state.logits, state.hidden, state.residual = logits[0], (hidden[0] if hidden is not None else None), None
+            return StepResult([root], [0], logits[:0] if rows else None)
         buffers = draft.buffers
         self.drafts_verified += 1
         self.draft_tokens_verified += buffers.num_nodes - 1
@@ -351,25 +497,36 @@ class SpeculativeDecoder:
         positions = (prefix + buffers.depths)[None]  # [1, n]
         # a chain needs no mask: the model's own (windowed) causal mask is the tree's
         mask = None if buffers.max_depth == buffers.num_nodes - 1 else tree_mask(buffers, prefix, self.model.dtype, self.layout)
-        logits, hidden = forward(self.model, tokens[None], cache, positions, mask, self.want_hidden)
+        logits, hidden = forward(self.model, tokens[None], state.cache, positions, mask, self.hidden_layers)
 
         residual = None
         if self.acceptance.rule == "typical":
-            path = accept_typical(tokens, logits, buffers, sampling, self.acceptance)
-        elif sampling.greedy:
+            path = accept_typical(tokens, logits, buffers, state.sampling, self.acceptance)
+        elif state.sampling.greedy:
             path = accept_greedy(tokens, logits, buffers)
         else:
-            path, residual = accept_sampled(tokens, logits, buffers, sampling, generator)
+            path, residual = accept_sampled(tokens, logits, buffers, state.sampling, state.generator, draft.probs)
         keep = torch.tensor(path, device=self.device)
-        keep_in_cache(cache, prefix, keep, contiguous=path == list(range(len(path))))
+        keep_in_cache(state.cache, prefix, keep, contiguous=path == list(range(len(path))))
         self.proposer.update(len(path) - 1)
         if hidden is not None:
             self.proposer.observe(hidden[keep])  # [a + 1, H]: the accepted path's rows
         emitted = tokens[keep].tolist()
         last = path[-1]
-        parents = buffers.parents.tolist()
-        draft_rows = lambda: [logits[parents[node]] for node in path[1:]]  # noqa: E731  (what chose each draft; only for logprobs)
-        return emitted, draft_rows, logits[last], (hidden[last] if hidden is not None else None), residual
+        state.tokens.extend(emitted)
+        state.logits, state.hidden, state.residual = logits[last], (hidden[last] if hidden is not None else None), residual
+        chose = logits[buffers.parents[keep[1:]]] if rows else None  # [a, V]: each draft's parent's row
+        return StepResult(emitted, path, chose, buffers.num_nodes - 1)
+
+    def rewind(self, state: DecodeState, checkpoint: Checkpoint) -> None:
+        """Put `state` back where `checkpoint` was taken: cache cropped, tokens cut, the proposer told.
+
+        The random generator runs on (a rewound sampled state does not replay its draws).
+        """
+        crop_cache(state.cache, checkpoint.length)
+        del state.tokens[checkpoint.length - len(state.prompt_ids):]
+        state.logits, state.hidden, state.residual = checkpoint.logits, checkpoint.hidden, checkpoint.residual
+        self.proposer.rewind(checkpoint.length)
 
     def _cut(self, emitted: list[int], room: int) -> tuple[list[int], str]:
         """Cut a step's tokens at EOS (inclusive) and at the token limit: never count past them."""

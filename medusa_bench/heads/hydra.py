@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from medusa_bench import __version__
 from medusa_bench.errors import UserError
 from medusa_bench.heads import io
+from medusa_bench.heads.common import DraftHeads, locate
 
 ARCHS = ("mlp", "prefix-mlp")
 HEAD_FILES = ("hydra_lm_head.pt", "hydra_lm_head.safetensors")  # preference order
@@ -66,7 +67,7 @@ class ResBlock(nn.Module):
         return skip + F.silu(self.linear(x))
 
 
-class HydraHeads(nn.Module):
+class HydraHeads(DraftHeads):
     """K Hydra heads (module names follow the published keys: ``hydra_mlp``, ``hydra_lm_head``).
 
     - ``hydra_mlp[k]``: a Sequential of L ResBlocks, the first over [h, k + 1 token embeddings]
@@ -77,8 +78,11 @@ class HydraHeads(nn.Module):
 
     The base model's token embeddings and lm_head (the logits of shared heads; the teacher in
     training) are references (``attach_base``), never parameters of the heads, so saving
-    writes head weights only.
+    writes head weights only. The drafting contract (``draft_topk``, draft vocabulary, fitting,
+    fingerprint) is `DraftHeads`'.
     """
+
+    kind = "Hydra heads"
 
     def __init__(self, num_heads: int, hidden_size: int, vocab_size: int | None = None, num_layers: int = 1,
                  arch: str = "mlp", grounded: bool = True, base_config=None, *, dtype=None, device=None):
@@ -106,10 +110,6 @@ class HydraHeads(nn.Module):
             self.prefix = prefix_layer(base_config).to(**{k: v for k, v in like.items() if v is not None})
         self._embed: Tensor | None = None  # base input embeddings [V, H]; never registered
         self._lm_head: Tensor | None = None  # base lm_head weight [V, H]; never registered
-        self._draft_vocab: Tensor | None = None  # [V'] token ids drafting is restricted to (None: all)
-        self._draft_proj: list | None = None  # per head (weight [V', H], bias [V'] or None)
-        self.base_model_name_or_path: str | None = None
-        self.source: str | None = None
 
     @classmethod
     def for_model(cls, model: nn.Module, num_heads: int = 4, num_layers: int = 1, arch: str = "mlp",
@@ -121,7 +121,7 @@ class HydraHeads(nn.Module):
         random, which needs far more data than a CPU budget gives). Own projections start as
         copies of the base lm_head (Hydra's init), with zero bias.
         """
-        weight = io.output_weight(model, "Hydra heads")  # [V, H]
+        weight = io.output_weight(model, cls.kind)  # [V, H]
         vocab = None if shared_lm_head else weight.shape[0]
         H = weight.shape[1]
         heads = cls(num_heads, H, vocab, num_layers, arch, True, io.text_config(model), dtype=weight.dtype, device=weight.device)
@@ -146,7 +146,7 @@ class HydraHeads(nn.Module):
         if embed.shape[1] != self.hidden_size:
             raise UserError(f"the base embeddings have shape {tuple(embed.shape)} but the heads need [vocab, {self.hidden_size}]")
         self.__dict__["_embed"] = embed  # bypass nn.Module.__setattr__: must not become a parameter
-        self.__dict__["_lm_head"] = io.output_weight(model, "Hydra heads")  # the logits of shared heads; the teacher in training
+        self.__dict__["_lm_head"] = io.output_weight(model, self.kind)  # the logits of shared heads; the teacher in training
 
     # ------------------------------------------------------------------ shapes
 
@@ -199,35 +199,27 @@ class HydraHeads(nn.Module):
         return F.linear(y, self.base_lm_head)
 
     @torch.no_grad()
-    def draft_topk(self, k: int, x: Tensor, top_k: int) -> Tensor:
-        """The drafting hot path: head k on its inputs x [N, W] -> the top_k token ids [N, top_k], best first."""
+    def draft_topk(self, x: Tensor, top_k: int, head: int) -> Tensor:
+        """The drafting hot path: head `head` on its inputs x [N, W] -> the top_k token ids [N, top_k], best first.
+
+        Each head reads the path above it, so heads draft one at a time: `head` is an int.
+        """
         if self._draft_vocab is None:
-            return self.head_logits(k, x).topk(top_k, dim=-1).indices
-        weight, bias = self._draft_proj[k]  # [V', H], [V'] or None
-        logits = F.linear(self.hydra_mlp[k](x), weight, bias)  # [N, V']
+            return self.head_logits(head, x).topk(top_k, dim=-1).indices
+        weight, bias = self._draft_proj[head]  # [V', H], [V'] or None
+        logits = F.linear(self.hydra_mlp[head](x), weight, bias)  # [N, V']
         return self._draft_vocab[logits.topk(top_k, dim=-1).indices]
 
-    def restrict_draft_vocab(self, token_ids: Tensor | None) -> None:
-        """Draft only among `token_ids` [V'] (say, the training data's most frequent tokens, as FR-Spec does).
+    def _vocab_weight(self) -> Tensor:
+        """A vocab projection weight [V, H]: head 0's own, or the shared base lm_head."""
+        return self.hydra_lm_head[0].weight if self.hydra_lm_head is not None else self.base_lm_head
 
-        Each depth of a Hydra tree reads the vocab projection once; a smaller one makes drafting
-        cheaper. Verification is unchanged, so decoding stays lossless. None: the whole vocabulary.
-        Call it after the heads are on their final device and dtype.
-        """
-        if token_ids is None:
-            self._draft_vocab = self._draft_proj = None
-            return
-        ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.base_lm_head.device)  # [V']
-        vocab = self.vocab_size
-        if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab:
-            raise UserError(f"draft vocabulary ids must lie in [0, {vocab}); got {ids.numel()} ids")
+    def _restricted_projection(self, ids: Tensor) -> list:
+        """Per head (weight [V', H], bias [V'] or None): the projection rows of the draft vocabulary ids."""
         if self.hydra_lm_head is None:
-            shared = (self.base_lm_head.detach().index_select(0, ids).contiguous(), None)
-            self._draft_proj = [shared] * self.num_heads
-        else:
-            self._draft_proj = [(lin.weight.detach().index_select(0, ids).contiguous(), lin.bias.detach()[ids])
-                                for lin in self.hydra_lm_head]
-        self._draft_vocab = ids
+            return [(self.base_lm_head.detach().index_select(0, ids).contiguous(), None)] * self.num_heads
+        return [(lin.weight.detach().index_select(0, ids).contiguous(), lin.bias.detach()[ids])
+                for lin in self.hydra_lm_head]
 
     def extend(self, x: Tensor, ids: Tensor) -> Tensor:
         """Path inputs one level deeper: x [N, W] + tokens [N] -> [N, W + H] (unchanged if ungrounded)."""
@@ -385,7 +377,7 @@ def load_hydra_heads(path: str | Path, base_model: nn.Module | None = None) -> H
                       f"{heads.num_heads}; using {heads.num_heads}", stacklevel=2)
     heads.base_model_name_or_path = config.get("base_model_name_or_path")
     if base_model is not None:
-        fit_to_base(heads, base_model)
+        heads.fit_to_base(base_model)
     return heads.eval()  # the prefix layer of a GPT2-like base has dropout: off for drafting
 
 
@@ -438,35 +430,6 @@ def _set_buffer(module: nn.Module, name: str, value: Tensor) -> None:
     owner_name, _, leaf = name.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
     owner._buffers[leaf] = value
-
-
-def fit_to_base(heads: HydraHeads, base_model: nn.Module) -> HydraHeads:
-    """Check the heads fit ``base_model``, attach its embeddings (and lm_head), follow its dtype/device."""
-    check_fits(heads, base_model)
-    heads.attach_base(base_model)
-    weight = io.output_weight(base_model, "Hydra heads")
-    return heads.to(device=weight.device, dtype=weight.dtype)
-
-
-def check_fits(heads: HydraHeads, base_model: nn.Module) -> None:
-    """UserError unless the heads' hidden size (and own vocabulary) match ``base_model``'s."""
-    base_vocab, base_hidden = io.output_weight(base_model, "Hydra heads").shape
-    problems = []
-    if heads.hidden_size != base_hidden:
-        problems.append(f"hidden size {heads.hidden_size} vs the base model's {base_hidden}")
-    if not heads.shares_lm_head and heads.vocab_size != base_vocab:
-        problems.append(f"vocabulary {heads.vocab_size} vs the base model's {base_vocab}")
-    if problems:
-        raise UserError(
-            f"Hydra heads {heads.source or ''} do not fit the base model {io.model_name_of(base_model) or ''}: "
-            f"{'; '.join(problems)} (the heads were made for {heads.base_model_name_or_path or 'an unnamed model'}); "
-            "pass heads trained for this model"
-        )
-
-
-def heads_fingerprint(path: str | Path) -> str:
-    """sha256 (hex) of the head file, for run.json."""
-    return io.sha256_file(_locate(path)[1])
 
 
 # ====================================================================== saving
@@ -554,11 +517,7 @@ def _parse_layout(tensors: dict[str, Tensor], arch: str, source: str) -> tuple[i
 
 def _locate(path: str | Path) -> tuple[Path, Path]:
     """(folder, head file). A Hub id is downloaded first (config and head file only)."""
-    local = Path(path).expanduser()
-    if local.is_file():
-        return local.parent, local
-    folder = local if local.is_dir() else io.resolve_folder(path, ["config.json", "hydra_lm_head.*"])
-    head_file = next((folder / n for n in HEAD_FILES if (folder / n).is_file()), None)
+    folder, head_file = locate(path, HEAD_FILES, ["config.json", "hydra_lm_head.*"])
     if head_file is None:
         raise UserError(f"{folder} has no Hydra heads: looked for {', '.join(HEAD_FILES)}; "
                         "pass a Hydra heads folder, or train some with `medusa-bench train hydra`")

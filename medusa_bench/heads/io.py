@@ -1,4 +1,4 @@
-"""Checkpoint file helpers shared by the head formats (Medusa now, Hydra later).
+"""Checkpoint file helpers shared by the head formats (Medusa and Hydra).
 
 Everything here reads *tensors only*: safetensors, or `torch.load(weights_only=True)`.
 Downloaded checkpoints are untrusted; unpickling arbitrary objects from them would run code.
@@ -99,22 +99,6 @@ def sha256_tensors(tensors: dict[str, torch.Tensor]) -> str:
         t = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
-
-
-def weights_hash(path: Path) -> str | None:
-    """Hex sha256 over a heads folder's weight and config files (names and bytes), or over one
-    file; None when `path` is not local (a Hub id). Resume compares it to catch retrained heads."""
-    path = Path(path).expanduser()
-    if path.is_file():
-        found = [path]
-    elif path.is_dir():
-        found = sorted(f for f in path.iterdir() if f.is_file() and f.suffix in (".safetensors", ".pt", ".bin", ".json"))
-    else:
-        return None
-    digest = hashlib.sha256()
-    for file in found:
-        digest.update(f"{file.name}\n{sha256_file(file)}\n".encode())
     return digest.hexdigest()
 
 

@@ -29,9 +29,9 @@ from torch import Tensor, nn
 from medusa_bench import __version__
 from medusa_bench.errors import UserError
 from medusa_bench.heads import io
+from medusa_bench.heads.common import DraftHeads, locate
 
 FORMATS = ("medusa1", "v2", "medusa2")
-DRAFT_VOCAB_FILE = "draft_vocab.json"  # optional, beside the heads: {"token_ids": [most frequent first, ...]}
 HEAD_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")  # preference order
 MEDUSA2_PREFIX = "medusa_head."
 
@@ -39,7 +39,7 @@ _RES_KEY = re.compile(r"^(\d+)\.(\d+)\.linear\.(weight|bias)$")
 _PROJ_KEY = re.compile(r"^(\d+)\.(\d+)\.weight$")
 
 
-class MedusaHeads(nn.Module):
+class MedusaHeads(DraftHeads):
     """K Medusa heads: each is L ResBlocks ``x + SiLU(W x + b)`` then a vocab projection.
 
     The weights are *stored* stacked over heads, so drafting and training run all heads as
@@ -53,8 +53,11 @@ class MedusaHeads(nn.Module):
       base model's tensor (see ``attach_lm_head``), not a parameter of the heads, so saving
       the heads writes only head weights.
 
-    Pass ``vocab_size=None`` for heads that share the base ``lm_head``.
+    Pass ``vocab_size=None`` for heads that share the base ``lm_head``. The drafting contract
+    (``draft_topk``, draft vocabulary, fitting, fingerprint) is `DraftHeads`'.
     """
+
+    kind = "Medusa heads"
 
     def __init__(
         self,
@@ -77,12 +80,7 @@ class MedusaHeads(nn.Module):
         else:
             self.proj_weight = nn.Parameter(torch.empty(num_heads, vocab_size, hidden_size, **like))
         self._lm_head: Tensor | None = None  # base lm_head weight [V, H] when shared; never registered
-        self._draft_vocab: Tensor | None = None  # [V'] token ids drafting is restricted to (None: all)
-        self._draft_proj: Tensor | None = None  # the projection rows of those ids: [V', H] or [K, V', H]
-        # Provenance, filled by the loaders; written to run.json and used in error messages.
-        self.base_model_name_or_path: str | None = None
-        self.source: str | None = None
-        self.format: str | None = None
+        self.format: str | None = None  # filled by the loaders: one of FORMATS
         self.reset_parameters()
 
     # ------------------------------------------------------------------ construction
@@ -125,6 +123,11 @@ class MedusaHeads(nn.Module):
                 f"the base lm_head has shape {tuple(weight.shape)} but the heads need [vocab, {self.hidden_size}]"
             )
         self.__dict__["_lm_head"] = weight  # bypass nn.Module.__setattr__: must not become a parameter
+
+    def attach_base(self, model: nn.Module) -> None:
+        """What the heads use of the base model: its lm_head, when they share it."""
+        if self.shares_lm_head:
+            self.attach_lm_head(io.output_weight(model, self.kind))
 
     # ------------------------------------------------------------------ shapes
 
@@ -170,80 +173,84 @@ class MedusaHeads(nn.Module):
     def forward(self, hidden: Tensor) -> Tensor:
         """hidden [..., H] -> logits [K, ..., V] (training and evaluation)."""
         lead = hidden.shape[:-1]
-        logits = self._logits(hidden.reshape(-1, self.hidden_size), self.num_heads)  # [K, N, V]
+        logits = self._logits(hidden.reshape(-1, self.hidden_size), slice(0, self.num_heads))  # [K, N, V]
         return logits.view(self.num_heads, *lead, logits.shape[-1])
 
     @torch.no_grad()
-    def draft_logits(self, hidden: Tensor, num_heads: int | None = None) -> Tensor:
-        """hidden [H] or [B, H] -> logits [n, V] or [n, B, V] of the first n (default all) heads."""
-        n = self._heads_wanted(num_heads)
-        logits = self._logits(hidden.reshape(-1, self.hidden_size), n)  # [n, B, V]
-        return logits.squeeze(1) if hidden.dim() == 1 else logits
+    def draft_logits(self, hidden: Tensor, head: int | slice | None = None) -> Tensor:
+        """hidden [H] or [B, H] -> logits [n, V] or [n, B, V] of the heads `head` picks (default all).
+
+        An int `head` picks that head alone: no head dimension ([V] or [B, V]).
+        """
+        heads, one = self._select(head)
+        logits = self._logits(hidden.reshape(-1, self.hidden_size), heads)  # [n, B, V]
+        logits = logits.squeeze(1) if hidden.dim() == 1 else logits
+        return logits[0] if one else logits
 
     @torch.no_grad()
-    def draft_topk(self, hidden: Tensor, k: int, num_heads: int | None = None) -> Tensor:
+    def draft_topk(self, hidden: Tensor, top_k: int, head: int | slice | None = None) -> Tensor:
         """The drafting hot path, once per decoding step on the accepted node's hidden row.
 
-        hidden [H] or [B, H] -> token ids LongTensor [n, k] or [n, B, k], best first, on the
-        hidden's device. A tree of depth d needs only ``num_heads=d``, which skips the rest.
+        hidden [H] or [B, H] -> token ids LongTensor [n, top_k] or [n, B, top_k], best first, on
+        the hidden's device, for the heads `head` picks (default all; an int: that head alone, no
+        head dimension). A tree of depth d needs only ``head=slice(d)``, which skips the rest.
         """
         if self._draft_vocab is None:
-            return self.draft_logits(hidden, num_heads).topk(k, dim=-1).indices
-        n = self._heads_wanted(num_heads)
-        y = self._trunk(hidden.reshape(-1, self.hidden_size), n)  # [n, B, H]
-        logits = self._project(y, n, self._draft_proj)  # [n, B, V']
-        ids = self._draft_vocab[logits.topk(k, dim=-1).indices]  # [n, B, k] in the full vocabulary
-        return ids.squeeze(1) if hidden.dim() == 1 else ids
+            return self.draft_logits(hidden, head).topk(top_k, dim=-1).indices
+        heads, one = self._select(head)
+        y = self._trunk(hidden.reshape(-1, self.hidden_size), heads)  # [n, B, H]
+        logits = self._project(y, heads, self._draft_proj)  # [n, B, V']
+        ids = self._draft_vocab[logits.topk(top_k, dim=-1).indices]  # [n, B, k] in the full vocabulary
+        ids = ids.squeeze(1) if hidden.dim() == 1 else ids
+        return ids[0] if one else ids
 
-    def restrict_draft_vocab(self, token_ids: Tensor | None) -> None:
-        """Draft only among `token_ids` [V'] (say, the most frequent tokens of the training data).
+    def _vocab_weight(self) -> Tensor:
+        """The vocab projection: own [K, V, H], or the shared base lm_head [V, H]."""
+        return self.proj_weight if self.proj_weight is not None else self.lm_head_weight
 
-        The vocab projection dominates drafting cost (4 heads x 49152 x 576 on SmolLM2 read as
-        much memory as a fifth of the model); restricting it to frequent tokens, as FR-Spec
-        does, cuts that cost with little loss of acceptance. Verification is unchanged, so
-        decoding stays lossless. None restores the full vocabulary.
-        """
-        if token_ids is None:
-            self._draft_vocab = self._draft_proj = None
-            return
-        full = self.proj_weight if self.proj_weight is not None else self.lm_head_weight
-        ids = torch.as_tensor(token_ids, dtype=torch.long, device=full.device)  # [V']
-        if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= full.shape[-2]:
-            raise UserError(f"draft vocabulary ids must lie in [0, {full.shape[-2]}); got {ids.numel()} ids")
-        self._draft_vocab = ids
-        self._draft_proj = full.detach().index_select(-2, ids).contiguous()  # [V', H] or [K, V', H]
+    def _restricted_projection(self, ids: Tensor) -> Tensor:
+        """The projection rows of the draft vocabulary ids: [V', H] or [K, V', H]."""
+        return self._vocab_weight().detach().index_select(-2, ids).contiguous()
 
-    @property
-    def draft_vocab_size(self) -> int | None:
-        return None if self._draft_vocab is None else self._draft_vocab.numel()
+    def _logits(self, x: Tensor, heads: slice) -> Tensor:
+        """x [N, H] -> logits [n, N, V] of the n heads in `heads`, every head in one batched matmul."""
+        return self._project(self._trunk(x, heads), heads, self._vocab_weight())
 
-    def _logits(self, x: Tensor, n: int) -> Tensor:
-        """x [N, H] -> logits [n, N, V] of the first n heads, every head in one batched matmul."""
-        projection = self.proj_weight if self.proj_weight is not None else self.lm_head_weight
-        return self._project(self._trunk(x, n), n, projection)
-
-    def _trunk(self, x: Tensor, n: int) -> Tensor:
-        """x [N, H] -> [n, N, H] after each of the first n heads' ResBlocks."""
-        y = x.to(self.res_weight.dtype).unsqueeze(0).expand(n, -1, -1)  # [n, N, H]
+    def _trunk(self, x: Tensor, heads: slice) -> Tensor:
+        """x [N, H] -> [n, N, H] after the ResBlocks of the n heads in `heads`."""
+        y = x.to(self.res_weight.dtype).unsqueeze(0).expand(heads.stop - heads.start, -1, -1)  # [n, N, H]
         for layer in range(self.num_layers):
-            w = self.res_weight[layer, :n]  # [n, H, H], contiguous
-            b = self.res_bias[layer, :n].unsqueeze(1)  # [n, 1, H]
+            w = self.res_weight[layer, heads]  # [n, H, H], contiguous
+            b = self.res_bias[layer, heads].unsqueeze(1)  # [n, 1, H]
             y = y + F.silu(torch.baddbmm(b, y, w.mT))  # [n, N, H]
         return y
 
     @staticmethod
-    def _project(y: Tensor, n: int, weight: Tensor) -> Tensor:
+    def _project(y: Tensor, heads: slice, weight: Tensor) -> Tensor:
         """[n, N, H] -> [n, N, V]: own projections [K, V, H] as one bmm, a shared [V, H] as one matmul."""
         if weight.dim() == 3:
-            return torch.bmm(y, weight[:n].mT)  # [n, N, H] @ [n, H, V]
+            return torch.bmm(y, weight[heads].mT)  # [n, N, H] @ [n, H, V]
         return F.linear(y.to(weight.dtype), weight)  # [n, N, V]
 
-    def _heads_wanted(self, num_heads: int | None) -> int:
-        if num_heads is None:
-            return self.num_heads
-        if not 1 <= num_heads <= self.num_heads:
-            raise ValueError(f"asked for {num_heads} heads; these Medusa heads have {self.num_heads}")
-        return num_heads
+    def _select(self, head: int | slice | None) -> tuple[slice, bool]:
+        """The heads `head` picks as a slice of consecutive heads, and whether it picked one by index."""
+        K = self.num_heads
+        if head is None:
+            return slice(0, K), False
+        if isinstance(head, slice):
+            start, stop, step = head.indices(K)
+            if step == 1 and start < stop and (head.stop is None or head.stop <= K):
+                return slice(start, stop), False
+        elif 0 <= head < K:
+            return slice(head, head + 1), True
+        raise ValueError(f"asked for heads {head}; these Medusa heads have {K}")
+
+    def fingerprint(self) -> str:
+        """As DraftHeads.fingerprint; a Medusa-2 folder's heads live in its model weights: only those tensors
+        are hashed, so fingerprinting never reads a whole 13 GB model."""
+        if self.format == "medusa2" and self.source is not None:
+            return io.sha256_tensors(io.load_model_tensors(Path(self.source), MEDUSA2_PREFIX))
+        return super().fingerprint()
 
     # ------------------------------------------------------------------ published key layout
 
@@ -302,7 +309,7 @@ def load_heads(path: str | Path, base_model: nn.Module | None = None) -> MedusaH
     else:
         heads = load_medusa2_heads(folder)
     if base_model is not None:
-        fit_to_base(heads, base_model)
+        heads.fit_to_base(base_model)
     return heads
 
 
@@ -337,49 +344,6 @@ def load_medusa2_heads(folder: str | Path) -> MedusaHeads:
     # The backbone of a Medusa-2 folder is the folder itself.
     heads.base_model_name_or_path = config.get("base_model_name_or_path") or str(folder)
     return heads
-
-
-def fit_to_base(heads: MedusaHeads, base_model: nn.Module) -> MedusaHeads:
-    """Check the heads fit ``base_model``, attach its lm_head if shared, follow its dtype/device."""
-    check_fits(heads, base_model)
-    weight = io.output_weight(base_model, "Medusa heads")  # [V, H]
-    if heads.shares_lm_head:
-        heads.attach_lm_head(weight)
-    return heads.to(device=weight.device, dtype=weight.dtype)
-
-
-def check_fits(heads: MedusaHeads, base_model: nn.Module) -> None:
-    """UserError unless the heads' hidden size (and own vocabulary) match ``base_model``'s."""
-    weight = io.output_weight(base_model, "Medusa heads")  # [V, H]
-    base_vocab, lm_hidden = weight.shape
-    text_config = io.text_config(base_model) if getattr(base_model, "config", None) is not None else None
-    base_hidden = getattr(text_config, "hidden_size", None) or lm_hidden
-    problems = []
-    if heads.hidden_size != base_hidden:
-        problems.append(f"hidden size {heads.hidden_size} vs the base model's {base_hidden}")
-    if not heads.shares_lm_head and heads.vocab_size != base_vocab:
-        problems.append(f"vocabulary {heads.vocab_size} vs the base model's {base_vocab}")
-    if problems:
-        raise UserError(
-            f"Medusa heads {heads.source or ''} do not fit the base model {io.model_name_of(base_model) or ''}: "
-            f"{'; '.join(problems)} (the heads were made for "
-            f"{heads.base_model_name_or_path or 'an unnamed model'}); pass heads trained for this model"
-        )
-
-
-def heads_fingerprint(path: str | Path) -> str:
-    """sha256 (hex) of the heads' weights, for run.json.
-
-    Head files are hashed byte for byte; for a Medusa-2 folder only the head tensors are hashed,
-    so fingerprinting never reads a whole 13 GB model.
-    """
-    folder, head_file = _locate(path)
-    if head_file is not None:
-        return io.sha256_file(head_file)
-    tensors = io.load_model_tensors(folder, MEDUSA2_PREFIX)
-    if not tensors:
-        raise _missing_files_error(folder)
-    return io.sha256_tensors(tensors)
 
 
 # ====================================================================== saving
@@ -428,7 +392,7 @@ def save_medusa2(folder: str | Path, base_model: nn.Module, tokenizer, heads: Me
     ``AutoModelForCausalLM.from_pretrained(folder)`` loads the backbone (transformers reports the
     extra keys as unexpected and ignores them); ``load_heads(folder)`` reads the heads.
     """
-    check_fits(heads, base_model)
+    heads.check_fits(base_model)
     folder = Path(folder)
     state = dict(base_model.state_dict())
     # Clones: views into the stacked storage would look like shared tensors to save_pretrained.
@@ -519,22 +483,12 @@ def _load_head_file(path: Path, config: dict) -> MedusaHeads:
 
 def _locate(path: str | Path) -> tuple[Path, Path | None]:
     """(folder, head file, or None for a Medusa-2 folder). A Hub id is downloaded first."""
-    local = Path(path).expanduser()
-    if local.is_file():
-        return local.parent, local
-    folder = local
-    if not local.is_dir():
-        folder = io.resolve_folder(path, ["config.json", "medusa_lm_head.*"])
-        if _head_file_in(folder) is None:  # Medusa-2 on the Hub: the heads live in the model weights
-            folder = io.resolve_folder(path, ["*.json", "*.safetensors", "pytorch_model*.bin"])
-    head_file = _head_file_in(folder)
+    folder, head_file = locate(path, HEAD_FILES, ["config.json", "medusa_lm_head.*"])
+    if head_file is None and not Path(path).expanduser().is_dir():  # Medusa-2 on the Hub: the heads live in the model weights
+        folder = io.resolve_folder(path, ["*.json", "*.safetensors", "pytorch_model*.bin"])
     if head_file is None and not io.model_weight_files(folder):
         raise _missing_files_error(folder)
     return folder, head_file
-
-
-def _head_file_in(folder: Path) -> Path | None:
-    return next((folder / n for n in HEAD_FILES if (folder / n).is_file()), None)
 
 
 def _missing_files_error(folder: Path) -> UserError:
@@ -543,8 +497,6 @@ def _missing_files_error(folder: Path) -> UserError:
         f"{folder} has no Medusa heads: looked for {looked} "
         "(Medusa-1/v2 head files, or a Medusa-2 model with medusa_head.* tensors)"
     )
-
-
 
 
 def _declares_v2(config: dict) -> bool:
@@ -563,19 +515,3 @@ def _head_config(heads: MedusaHeads, fmt: str, base_model_name_or_path: str | No
     if fmt == "v2":
         config["version"] = "2"  # TGI/LoRAX key; no "architectures" (TGI would take it for an MLP speculator)
     return {k: v for k, v in config.items() if v is not None}
-
-
-
-
-
-
-def read_draft_vocab(folder: str | Path | None) -> list[int] | None:
-    """Token ids ordered most frequent first, from the heads folder's draft_vocab.json, if any."""
-    if folder is None or not Path(folder).is_dir() or not (Path(folder) / DRAFT_VOCAB_FILE).is_file():
-        return None
-    path = Path(folder) / DRAFT_VOCAB_FILE
-    data = io.read_json(path)
-    ids = data.get("token_ids") if isinstance(data, dict) else None
-    if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
-        raise UserError(f"{path} is not a valid draft vocabulary (expected {{\"token_ids\": [int, ...]}}); delete it or retrain")
-    return ids

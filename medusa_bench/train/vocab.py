@@ -12,7 +12,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from medusa_bench.heads.medusa import DRAFT_VOCAB_FILE
+from medusa_bench.heads.common import DRAFT_VOCAB_FILE
 
 
 def count_answer_tokens(data_path: Path, tokenizer) -> Counter:
