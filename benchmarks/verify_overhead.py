@@ -1,7 +1,7 @@
 """What a speculative step costs beyond the forward it cannot avoid, per tree size.
 
 For tree sizes 1 … 64 nodes: our whole decoding step (drafting + verify forward + acceptance +
-KV-cache compaction, `SpeculativeDecoder._step`, the code `run` uses) against a bare base-model
+KV-cache compaction, `SpeculativeDecoder.step`, the code `run` uses) against a bare base-model
 forward of the same number of tokens over the same cache, interleaved, median of repeats.
 Also drafting alone against a one-token forward. Targets on CPU: step/forward <= 1.15 for every
 size; drafting <= 10% of a one-token forward.
@@ -18,9 +18,8 @@ import time
 from dataclasses import replace
 
 import torch
-from transformers import DynamicCache
 
-from medusa_bench.decoders.base import DecoderOptions, Sampling, build_decoder
+from medusa_bench.decoders.base import DecoderOptions, build_decoder
 from medusa_bench.decoders.spec import crop_cache, forward, sync
 from medusa_bench.heads.common import default_heads
 from medusa_bench.heads.medusa import MedusaHeads, save_heads
@@ -75,35 +74,33 @@ def main() -> None:
     print(f"{'nodes':>5} {'forward ms':>11} {'step ms':>9} {'step/forward':>13} {'draft ms':>9}")
     one_token_forward = None
     with torch.inference_mode():
-        cache = DynamicCache()
-        positions = torch.arange(args.context, device=device)[None]
-        logits, hidden = forward(loaded.model, prompt, cache, positions, None, True, last_only=True)
-        root, last_hidden = int(logits[-1].argmax()), hidden[-1]
+        context = prompt[0].tolist()
         for n in SIZES:
             tree = tree_of(n)
             decoder = build_decoder("medusa" if n > 1 else "baseline", loaded,
                                     replace(options, tree=str(tree.to_list()) if n > 1 else "empty"))
-            decoder.proposer.reset(prompt[0].tolist())
+            state = decoder.prefill(context)  # each decoder's own prefilled state; `rewind` returns to it
+            mark, cache = state.checkpoint(), state.cache
+            root, last_hidden = int(state.logits.argmax()), state.hidden
             ids = torch.randint(100, 20000, (1, n), device=device)
             bare_positions = (args.context + torch.arange(n, device=device))[None]
-            context = prompt[0].tolist()
 
             def bare():
                 forward(loaded.model, ids, cache, bare_positions, None, False)
 
             def step():
-                decoder._step(root, last_hidden, context, [], cache, Sampling(), None)
+                decoder.step(state, root)
 
             def draft():
                 decoder.proposer.propose(root, last_hidden, context)
 
             for _ in range(3):  # warm-up
                 bare(); crop_cache(cache, args.context)
-                step(); crop_cache(cache, args.context)
+                step(); decoder.rewind(state, mark)
             bare_t, step_t, draft_t = [], [], []
             for _ in range(args.repeats):
                 bare_t.append(timed(bare, device)); crop_cache(cache, args.context)
-                step_t.append(timed(step, device)); crop_cache(cache, args.context)
+                step_t.append(timed(step, device)); decoder.rewind(state, mark)
                 if n > 1:
                     draft_t.append(timed(draft, device))
             b, s = statistics.median(bare_t), statistics.median(step_t)

@@ -1,5 +1,7 @@
 """Prompt lookup decoding: the match search, the draft policy, option checks, and losslessness."""
 
+import json
+
 import pytest
 
 from medusa_bench.bench.prompts import build_prompt
@@ -88,15 +90,40 @@ def test_policy_drafts_only_what_pays():
     assert 0 < len(short) < 6 and short == list(range(1, len(short) + 1))
 
 
-def test_step_costs_follow_measurements():
-    costs = StepCosts()
+def test_step_costs_follow_the_profile():
+    costs = StepCosts()  # no profile: the prior
     assert costs.relative(1) == 1.0 and costs.relative(4) == pytest.approx(1.58)
     assert 1.4 < costs.relative(3) < 1.58 < costs.relative(5)
-    for _ in range(3):
-        costs.record(1, True, 0.010)
-        costs.record(4, True, 0.030)
+    costs = StepCosts({"chain": {"1": 0.010, "4": 0.030}})
     assert costs.relative(4) == pytest.approx(3.0)
-    assert costs.relative(8) == pytest.approx(StepCosts.prior(8) * 3.0 / 1.58)  # the prior, scaled
+    assert costs.relative(2) == pytest.approx(1 + 2 / 3)  # between profiled sizes: interpolated
+    assert costs.relative(8) == pytest.approx(StepCosts.prior(8) * 3.0 / 1.58)  # beyond them: the prior, scaled
+    assert costs.relative(4, chain=False) == pytest.approx(3.0 * 1.05)  # no trees profiled: chains + the mask
+    costs = StepCosts({"chain": {"1": 0.010, "4": 0.030}, "tree": {"3": 0.033, "4": 0.036}})
+    assert costs.relative(4, chain=False) == pytest.approx(3.6) and costs.relative(4) == pytest.approx(3.0)
+
+
+def test_the_profile_is_measured_once_and_kept_in_the_run_folder(smollm, references, tmp_path):
+    from medusa_bench.bench.autotree import store_in_run
+
+    first = build_decoder("pld", smollm)
+    profile = first.step_profile
+    assert set(profile["chain"]) >= {"1", "4", "16"} and set(profile["tree"]) >= {"3", "16"}
+    assert all(t > 0 for t in profile["chain"].values()) and profile["context_len"] > 100
+    store_in_run(tmp_path, {"pld": first}, None)
+    assert json.loads((tmp_path / "pld-profile.json").read_text()) == profile
+    # a resume decides with the run's own profile, not a fresh measurement
+    recorded = {**profile, "chain": {"1": 0.010, "16": 0.020}, "tree": {}}  # cheap drafts: PLD drafts a lot
+    (tmp_path / "pld-profile.json").write_text(json.dumps(recorded))
+    second = build_decoder("pld", smollm)
+    store_in_run(tmp_path, {"pld": second}, {"trees": {}})
+    assert second.step_profile == recorded and second.proposer.costs.relative(16) == pytest.approx(2.0)
+    # the same profile, the same tokens: the same choices (τ), however busy the machine is
+    third = build_decoder("pld", smollm)
+    third.proposer.use_profile(recorded)
+    lengths = [second.generate(ids, 32).accept_lengths for ids, _ in references]
+    assert lengths == [third.generate(ids, 32).accept_lengths for ids, _ in references]
+    assert max(max(row) for row in lengths) > 1
 
 
 def test_proposer_returns_none_without_a_match_and_learns_from_outcomes():

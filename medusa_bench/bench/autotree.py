@@ -288,7 +288,10 @@ def tree_records(decoders: dict) -> dict:
 
 
 def store_in_run(run_dir: Path, decoders: dict, previous: Optional[dict]) -> None:
-    """Copy the optimiser's files into the run folder (names from `tree_records`); refuse to resume with another tree."""
+    """Copy the optimiser's files into the run folder (names from `tree_records`); refuse to resume with another tree.
+
+    Prompt lookup's step-time profile goes there too (`profile_files`); a resume reads it back.
+    """
     before = (previous or {}).get("trees") or {}
     for name, record in tree_records(decoders).items():
         old = before.get(name, {}).get("hash")
@@ -297,6 +300,25 @@ def store_in_run(run_dir: Path, decoders: dict, previous: Optional[dict]) -> Non
                             "the optimiser re-measured?); use another --out, or pass that run's tree.json as --tree to resume")
         if record["auto"]:
             decoders[name].autotree.write({file: Path(run_dir) / path for file, path in record["files"].items()})
+    for name, file in profile_files(decoders).items():
+        path = Path(run_dir) / file
+        decoder = decoders[name]
+        if path.is_file():  # a resume decides as the run did: its own profile, not a fresh measurement
+            decoder.step_profile = _read(path)
+            decoder.proposer.use_profile(decoder.step_profile)
+        else:
+            _write(path, decoder.step_profile)
+
+
+def profile_files(decoders: dict) -> dict[str, str]:
+    """Prompt lookup's step-time profiles in the run folder: pld-profile.json for the first, then
+    pld-profile-<decoder>.json (decoders with a `step_profile`, see decoders/pld.py)."""
+    files = {}
+    for name, decoder in decoders.items():
+        if getattr(decoder, "step_profile", None) is not None:
+            suffix = "" if not files else "-" + "".join(c if c.isalnum() else "-" for c in name)
+            files[name] = f"pld-profile{suffix}.json"
+    return files
 
 
 # ------------------------------------------------------------------------------ output

@@ -8,6 +8,7 @@ settings is refused instead of mixing results.
 
 from __future__ import annotations
 
+import gc
 import shortuuid
 import time
 import zlib
@@ -293,7 +294,10 @@ def run_benchmark(config: RunConfig, console: Optional[Console] = None, loaded=N
     if not todo and not reference_todo and not config.remeasure_flagged:
         console.print(f"nothing to do: all {len(questions)} questions × {len(names)} decoders are in {run_dir}")
     elif todo or reference_todo:
+        if reference_todo:
+            reference.load()  # before timing: no model load (and its garbage) between timed answers
         warm_up({n: decoders[n] for n in {name for _, name in todo}}, loaded, questions, config)
+        gc.collect()  # the loads' garbage now, not in a timed turn (and no finalizer there to swallow a Ctrl-C)
         with run_progress(console) as progress:
             task = progress.add_task("starting", total=len(todo) + len(reference_todo))
             for index, question in enumerate(questions):
@@ -395,7 +399,7 @@ class PrecisionReference:
         self.done = {str(r["question_id"]): r for r in files.read_jsonl(self.path)}
         self.run_model, self.config, self.decoder = loaded, config, None
 
-    def _decoder(self) -> Decoder:
+    def load(self) -> Decoder:
         """A second, float32 copy of the model, loaded only when a question needs it."""
         from medusa_bench.models import load_model
 
@@ -407,7 +411,7 @@ class PrecisionReference:
         return self.decoder
 
     def answer(self, question: Question, references: dict, on_step=None) -> dict:
-        decoder = self._decoder()
+        decoder = self.load()
         qid = str(question.question_id)
         choice = answer_question(decoder, decoder.loaded, question, self.config, on_step=on_step)
         choice["exact_match"] = exact_match(choice, decoder, references.get("baseline", {}).get(qid), self.DECODER)

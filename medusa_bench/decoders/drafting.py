@@ -12,7 +12,7 @@ import torch
 from medusa_bench.decoders.base import DecoderOptions
 from medusa_bench.decoders.spec import Acceptance, Proposer, SpeculativeDecoder
 from medusa_bench.errors import UserError
-from medusa_bench.heads.common import default_heads
+from medusa_bench.heads.common import apply_draft_vocab, default_heads
 from medusa_bench.trees.tree import Tree
 
 
@@ -38,30 +38,25 @@ def find_heads(given, loaded, kind: str, option: str, what: str = "heads") -> Pa
     return path
 
 
-def acceptance_of(options: DecoderOptions) -> Acceptance:
-    return Acceptance(options.acceptance, options.posterior_threshold, options.posterior_alpha)
+def heads_decoder(name: str, loaded, heads, path, proposer_class, options: DecoderOptions,
+                  draft_vocab: int = 0) -> SpeculativeDecoder:
+    """The decoder `name`: `proposer_class` drafting with `heads` (read from `path`) on `loaded`.
 
-
-def resolve_tree(options: DecoderOptions, num_heads: int, loaded=None, make_proposer=None, heads_path=None,
-                 kind: str = "medusa"):
-    """(tree, the optimiser's AutoTree or None). `auto` measures these heads on this model and device.
-
-    `make_proposer(tree)` builds the decoder's proposer for any tree (calibration and profiling
-    use it). The optimiser lives in the bench layer; importing it here, lazily, is the one hook.
+    `draft_vocab` restricts drafting to the heads' most frequent tokens (`apply_draft_vocab`;
+    0: the whole vocabulary). The tree is `options.tree`, or measured for these heads (`auto`).
     """
-    if options.tree != "auto":
-        return Tree.parse(options.tree, num_heads=num_heads), None
-    if loaded is None or make_proposer is None:
-        raise UserError(f"--tree auto is not available for {kind}; pass a preset such as chain-2 or mc_sim_7b_63")
-    from medusa_bench.bench.autotree import auto_tree
+    apply_draft_vocab(heads, path, draft_vocab)
 
-    auto = auto_tree(loaded, make_proposer, heads_path, num_heads, kind, options.extra.get("autotree"))
-    return auto.tree, auto
+    def make_proposer(tree: Tree) -> Proposer:
+        return proposer_class(heads, tree, loaded.device)
 
+    auto = None  # `auto`: the optimiser's tree, measured for these heads on this model and device
+    if options.tree == "auto":
+        from medusa_bench.bench.autotree import auto_tree  # it lives in the bench layer: this lazy import is the one hook
 
-def heads_decoder(name: str, loaded, heads, path, make_proposer, options: DecoderOptions) -> SpeculativeDecoder:
-    """The decoder `name` drafting with `heads` (read from `path`) on `loaded`, its tree resolved."""
-    tree, auto = resolve_tree(options, heads.num_heads, loaded, make_proposer, path, kind=name)
-    decoder = SpeculativeDecoder(name, loaded, make_proposer(tree), acceptance_of(options))
+        auto = auto_tree(loaded, make_proposer, path, heads.num_heads, name, options.extra.get("autotree"))
+    tree = auto.tree if auto is not None else Tree.parse(options.tree, num_heads=heads.num_heads)
+    acceptance = Acceptance(options.acceptance, options.posterior_threshold, options.posterior_alpha)
+    decoder = SpeculativeDecoder(name, loaded, make_proposer(tree), acceptance)
     decoder.autotree = auto  # the run folder keeps the optimiser's tables (bench/autotree.store_in_run)
     return decoder

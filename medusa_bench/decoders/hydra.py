@@ -22,7 +22,6 @@ from transformers import DynamicCache
 from medusa_bench.decoders.base import DecoderOptions, register
 from medusa_bench.decoders.drafting import HeadsProposer, find_heads, heads_decoder
 from medusa_bench.decoders.spec import Draft, crop_cache
-from medusa_bench.heads.common import apply_draft_vocab
 from medusa_bench.trees.tree import Tree, TreeBuffers
 
 
@@ -168,6 +167,5 @@ def build_hydra(loaded, options: DecoderOptions):
     from medusa_bench.heads.hydra import load_hydra_heads
 
     path = find_heads(options.hydra_heads, loaded, "hydra", "--hydra-heads")
-    heads = load_hydra_heads(path, base_model=loaded.model)
-    apply_draft_vocab(heads, path, options.draft_vocab)
-    return heads_decoder("hydra", loaded, heads, path, lambda t: HydraProposer(heads, t, loaded.device), options)
+    return heads_decoder("hydra", loaded, load_hydra_heads(path, base_model=loaded.model), path, HydraProposer, options,
+                         draft_vocab=options.draft_vocab)

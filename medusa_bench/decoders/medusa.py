@@ -20,7 +20,6 @@ import torch
 from medusa_bench.decoders.base import DecoderOptions, register
 from medusa_bench.decoders.drafting import HeadsProposer, find_heads, heads_decoder
 from medusa_bench.decoders.spec import Draft, Proposer, SpeculativeDecoder
-from medusa_bench.heads.common import apply_draft_vocab
 from medusa_bench.trees.tree import Tree
 
 
@@ -46,9 +45,8 @@ def build_medusa(loaded, options: DecoderOptions):
     from medusa_bench.heads.medusa import load_heads
 
     path = find_heads(options.medusa_heads, loaded, "medusa", "--medusa-heads")
-    heads = load_heads(path, base_model=loaded.model)
-    apply_draft_vocab(heads, path, options.draft_vocab)
-    return heads_decoder("medusa", loaded, heads, path, lambda t: MedusaProposer(heads, t, loaded.device), options)
+    return heads_decoder("medusa", loaded, load_heads(path, base_model=loaded.model), path, MedusaProposer, options,
+                         draft_vocab=options.draft_vocab)
 
 
 def medusa2_folder(loaded, options: DecoderOptions):
@@ -99,7 +97,8 @@ def _read_medusa2(loaded, path):
 def build_medusa2(loaded, options: DecoderOptions):
     path = medusa2_folder(loaded, options)
     backbone, heads = load_medusa2(loaded, path)
-    decoder = heads_decoder("medusa2", backbone, heads, path, lambda t: MedusaProposer(heads, t, backbone.device), options)
+    # No draft_vocab: medusa2 drafts over the whole vocabulary, as it always has (--draft-vocab is medusa's and hydra's).
+    decoder = heads_decoder("medusa2", backbone, heads, path, MedusaProposer, options)
     decoder.baseline_name = "medusa2-baseline"
     return decoder
 

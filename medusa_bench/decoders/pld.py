@@ -10,9 +10,11 @@ On a CPU a longer forward is not free (design.md: 1 token 33 ms, 4 tokens 52 ms,
 so drafting blindly is slower than plain decoding. Each step therefore drafts only the nodes
 that pay for themselves: a node's chance of acceptance comes from the acceptance measured on
 earlier drafts of similar strength (how long the match is), the cost of a step of k tokens from
-the measured time between steps, and the draft is the set of nodes that maximises expected
-tokens per second, possibly none (a plain one-token step, the baseline's cost). What it learns
-(acceptance, step times) is kept across generations. `DecoderOptions(extra={"pld_adaptive": False})`
+a step-time profile measured once when the decoder is built (`bench/calibrate.shape_profile`,
+kept in the run folder as pld-profile.json, so a run's choices depend on tokens and that file
+only, never on how busy the machine was mid-answer), and the draft is the set of nodes that
+maximises expected tokens per second, possibly none (a plain one-token step, the baseline's
+cost). The acceptance statistics are kept across generations. `DecoderOptions(extra={"pld_adaptive": False})`
 drafts every candidate instead, as transformers' prompt lookup does.
 """
 
@@ -202,12 +204,13 @@ class StepCosts:
     def _compute(self, k: int, chain: bool) -> float:
         if k == 1:
             return 1.0
-        measured = self.seconds[chain] if self.seconds[chain] else self.seconds[True]
+        kind = chain if self.seconds[chain] else True  # no trees profiled: chains, plus the mask's share
+        measured, factor = self.seconds[kind], (1.0 if kind == chain else 1.05)
         if self.one is None or not measured:
             return self.prior(k, chain)
         if measured[0][0] <= k <= measured[-1][0]:
-            return _interpolate(measured, k) / self.one * (1.0 if self.seconds[chain] else 1.05)
-        ratios = [t / self.one / self.prior(n, chain) for n, t in measured if n > 1]
+            return _interpolate(measured, k) / self.one * factor
+        ratios = [t / self.one / self.prior(n, kind) for n, t in measured if n > 1]
         scale = sorted(ratios)[len(ratios) // 2] if ratios else 1.0
         return self.prior(k, chain) * min(max(scale, 0.5), 3.0)
 
@@ -277,6 +280,11 @@ class PromptLookupProposer(Proposer):
     def update(self, accepted: int) -> None:
         self.accepted = accepted
 
+    def rewind(self, length: int) -> None:
+        """Back to the context's first `length` tokens: re-index them, drop the unscored draft."""
+        self.index = NgramIndex(self.max_ngram, self.index.tokens[:length])
+        self.pending, self.accepted = None, 0
+
     def propose(self, root: int, hidden: Optional[torch.Tensor], context: list[int]) -> Optional[Draft]:
         if len(context) + 1 < len(self.index.tokens):  # a context we did not see grow: start over
             self.index = NgramIndex(self.max_ngram, context)
@@ -336,10 +344,43 @@ def check_options(options: DecoderOptions) -> None:
             raise UserError(f"{flag} must be an integer from {low} to {high}, got {value!r}")
 
 
+PROFILE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16)  # nodes incl. the root; larger drafts scale the prior
+PROFILE_CONTEXT = 300  # cached tokens, as `--tree auto` profiles
+_PROFILES: dict = {}  # measured once per process and model: every pld decoder of a run shares one
+
+
+def step_profile(loaded) -> dict:
+    """The step-time profile the draft policy uses (pld-profile.json), measured on first use."""
+    key = (id(loaded.model), str(loaded.device), str(loaded.dtype), torch.get_num_threads())
+    if key not in _PROFILES:
+        from medusa_bench.bench import calibrate as cal  # the bench layer measures (as for --tree auto)
+
+        _PROFILES[key] = cal.shape_profile(loaded, profile_context(loaded), PROFILE_SIZES)
+    return _PROFILES[key]
+
+
+def profile_context(loaded) -> list[int]:
+    """Real text (the tree optimiser's profiling prompts) where there is a tokenizer, else fixed ids."""
+    length = min(PROFILE_CONTEXT, getattr(loaded, "context_length", PROFILE_CONTEXT + 64) - max(PROFILE_SIZES))
+    if getattr(loaded, "tokenizer", None) is None:
+        vocab = loaded.model.config.get_text_config().vocab_size
+        return [(i * 7919) % (vocab - 1) + 1 for i in range(length)]
+    from medusa_bench.bench import calibrate as cal
+    from medusa_bench.bench.autotree import profiling_prompt_file
+
+    return cal.context_ids(loaded, cal.read_prompts(profiling_prompt_file()), length)
+
+
 @register("pld")
 def build_pld(loaded, options: DecoderOptions):
     check_options(options)
+    adaptive = options.extra.get("pld_adaptive", True)
     proposer = PromptLookupProposer(options.pld_max_ngram, options.pld_tokens, options.pld_branches,
-                                    adaptive=options.extra.get("pld_adaptive", True), device=loaded.device)
+                                    adaptive=adaptive, device=loaded.device)
     acceptance = Acceptance(options.acceptance, options.posterior_threshold, options.posterior_alpha)
-    return SpeculativeDecoder("pld", loaded, proposer, acceptance)
+    decoder = SpeculativeDecoder("pld", loaded, proposer, acceptance)
+    decoder.step_profile = None  # the run folder keeps it (bench/autotree.store_in_run: pld-profile.json)
+    if adaptive:
+        decoder.step_profile = step_profile(loaded)
+        proposer.use_profile(decoder.step_profile)
+    return decoder

@@ -9,6 +9,9 @@ step is one plain forward of one token). A step:
 2. the acceptance rule picks the longest accepted root→leaf path,
 3. the KV cache keeps only that path (a gather within the tree's slots, then a crop),
 4. the next root comes from the logits of the last accepted node: no extra forward.
+
+The public API is `SpeculativeDecoder.prefill(prompt_ids) -> DecodeState`, `step(state) ->
+StepResult` and `rewind(state, checkpoint)`; `generate` is the timed loop over them.
 """
 
 from __future__ import annotations

@@ -36,9 +36,9 @@ DEFAULT_DRAFT_VOCAB = 4096
 class DraftHeads(nn.Module):
     """The part of the contract both kinds implement once, here.
 
-    A subclass provides the shapes (``num_heads``, ``hidden_size``, ``vocab_size``,
-    ``shares_lm_head``), ``attach_base(model)``, ``draft_topk`` and the two draft-vocabulary
-    hooks ``_vocab_weight()`` and ``_restricted_projection(ids)``.
+    A subclass provides ``num_heads``, ``hidden_size``, ``shares_lm_head``, ``attach_base(model)``
+    (which sets ``_lm_head``), ``draft_topk`` and the two draft-vocabulary hooks
+    ``_vocab_weight()`` (a projection weight [..., V, H]) and ``_restricted_projection(ids)``.
     """
 
     kind = "draft heads"  # for messages: "Medusa heads", "Hydra heads"
@@ -47,9 +47,17 @@ class DraftHeads(nn.Module):
         super().__init__()
         self._draft_vocab: Tensor | None = None  # [V'] token ids drafting is restricted to (None: all)
         self._draft_proj = None  # the projection onto those ids, in the subclass's layout
+        self._lm_head: Tensor | None = None  # the base lm_head weight [V, H] once attached; never registered
         # Provenance, filled by the loaders; written to run.json and used in error messages.
         self.base_model_name_or_path: str | None = None
         self.source: str | None = None  # the head file (or Medusa-2 folder) the weights came from
+
+    @property
+    def vocab_size(self) -> int | None:
+        """V; for heads sharing the base lm_head known only once it is attached."""
+        if not self.shares_lm_head:
+            return self._vocab_weight().shape[-2]
+        return None if self._lm_head is None else self._lm_head.shape[0]
 
     # ------------------------------------------------------------------ fitting
 

@@ -109,7 +109,6 @@ class HydraHeads(DraftHeads):
                 raise UserError("prefix-mlp Hydra heads need the base model's config to build their prefix layer")
             self.prefix = prefix_layer(base_config).to(**{k: v for k, v in like.items() if v is not None})
         self._embed: Tensor | None = None  # base input embeddings [V, H]; never registered
-        self._lm_head: Tensor | None = None  # base lm_head weight [V, H]; never registered
 
     @classmethod
     def for_model(cls, model: nn.Module, num_heads: int = 4, num_layers: int = 1, arch: str = "mlp",
@@ -165,12 +164,6 @@ class HydraHeads(DraftHeads):
     @property
     def shares_lm_head(self) -> bool:
         return self.hydra_lm_head is None
-
-    @property
-    def vocab_size(self) -> int | None:
-        if self.hydra_lm_head is not None:
-            return self.hydra_lm_head[0].out_features
-        return None if self._lm_head is None else self._lm_head.shape[0]
 
     def extra_repr(self) -> str:
         vocab = "shared lm_head" if self.shares_lm_head else f"vocab={self.vocab_size}"

@@ -79,7 +79,6 @@ class MedusaHeads(DraftHeads):
             self.register_parameter("proj_weight", None)
         else:
             self.proj_weight = nn.Parameter(torch.empty(num_heads, vocab_size, hidden_size, **like))
-        self._lm_head: Tensor | None = None  # base lm_head weight [V, H] when shared; never registered
         self.format: str | None = None  # filled by the loaders: one of FORMATS
         self.reset_parameters()
 
@@ -146,13 +145,6 @@ class MedusaHeads(DraftHeads):
     @property
     def shares_lm_head(self) -> bool:
         return self.proj_weight is None
-
-    @property
-    def vocab_size(self) -> int | None:
-        """V; for shared heads known only once the base lm_head is attached."""
-        if self.proj_weight is not None:
-            return self.proj_weight.shape[1]
-        return None if self._lm_head is None else self._lm_head.shape[0]
 
     @property
     def lm_head_weight(self) -> Tensor:

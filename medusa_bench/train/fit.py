@@ -321,12 +321,10 @@ def write_heads(heads: MedusaHeads, loaded, out: Path, held: Positions, config: 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stored = heads.to(DTYPES[config.save_dtype])
-    if heads.shares_lm_head:
-        stored.attach_lm_head(loaded.model.get_output_embeddings().weight)
+    stored.attach_base(loaded.model)
     # The metrics of what is written: the stored weights, computed in the base model's dtype.
     check = copy.deepcopy(stored).to(loaded.dtype)
-    if check.shares_lm_head:
-        check.attach_lm_head(loaded.model.get_output_embeddings().weight)
+    check.attach_base(loaded.model)
     metrics = evaluate(check, held, config.top_k)
     best = summary(metrics)
     save_heads(stored, out, format="v2" if stored.shares_lm_head else "medusa1", base_model_name_or_path=loaded.spec)
