@@ -377,8 +377,21 @@ def train_hydra(
 
 
 # ---------------------------------------------------------------------------------------- main
+def quiet_libraries() -> None:
+    """Deprecation notices from inside torch/transformers say nothing the user can act on;
+    MEDUSA_BENCH_DEBUG=1 shows them (and tracebacks)."""
+    if os.environ.get("MEDUSA_BENCH_DEBUG"):
+        return
+    import warnings
+
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
 def main() -> None:
     """Entry point: UserError → one line on stderr, exit 2 (traceback with MEDUSA_BENCH_DEBUG=1)."""
+    quiet_libraries()
     try:
         app()
     except UserError as error:

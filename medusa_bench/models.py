@@ -8,6 +8,8 @@ wheel's `__init__` imports llama_cpp, which this tool does not use.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
 import re
@@ -196,6 +198,20 @@ def load_weights(auto_class, source: str, dtype: torch.dtype, trust_remote_code:
 def refuses_kernel(error: ValueError) -> bool:
     text = str(error).lower()  # e.g. "Gemma2ForCausalLM does not support an attention implementation through ...sdpa..."
     return "does not support" in text and "attention" in text
+
+
+def cache_kwargs(model, cache) -> dict:
+    """The KV cache as the keyword this transformers version's `forward` takes.
+
+    transformers 5.2x renamed `past_key_values` to `cache` and warns on every call with the old
+    name (removed in 5.40); the declared floor (4.56) only knows the old one.
+    """
+    return {_cache_keyword(type(model)): cache}
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(model_class) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def eos_ids(model, tokenizer) -> list[int]:

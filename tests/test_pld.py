@@ -108,7 +108,7 @@ def test_the_profile_is_measured_once_and_kept_in_the_run_folder(smollm, referen
 
     first = build_decoder("pld", smollm)
     profile = first.step_profile
-    assert set(profile["chain"]) >= {"1", "4", "16"} and set(profile["tree"]) >= {"3", "16"}
+    assert set(profile["chain"]) >= {"1", "4", "16"} and set(profile["tree"]) >= {"4", "16"}
     assert all(t > 0 for t in profile["chain"].values()) and profile["context_len"] > 100
     store_in_run(tmp_path, {"pld": first}, None)
     assert json.loads((tmp_path / "pld-profile.json").read_text()) == profile

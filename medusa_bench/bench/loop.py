@@ -179,13 +179,24 @@ def check_same_contents(previous: Optional[dict], hashes: dict, question_file: P
     return {kind: {**(before.get(kind) or {}), **hashes[kind]} for kind in ("questions", "heads")}
 
 
+def cpu_model() -> Optional[str]:
+    """The CPU's model name as lscpu shows it ('AMD EPYC …'): figures are only comparable within one CPU."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip() or None
+    except OSError:
+        pass
+    return None
+
+
 def device_info(loaded) -> dict:
     import platform
 
     import torch
 
     info = {"type": loaded.device.type, "dtype": str(loaded.dtype).replace("torch.", ""),
-            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "cpu": cpu_model() or platform.processor() or platform.machine(),
             "attn_implementation": getattr(loaded, "attn_implementation", "") or None}
     if loaded.device.type == "cuda":
         info["name"] = torch.cuda.get_device_name(loaded.device)

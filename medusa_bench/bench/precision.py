@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from medusa_bench.bench.contention import cpu_meter
+from medusa_bench.models import cache_kwargs
 from medusa_bench.results import files
 
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -59,7 +60,7 @@ class StepTimer:
         vocab = model.get_output_embeddings().weight.shape[0]
         ids = (torch.arange(context + 1, device=device) * 7919 % (vocab - 100) + 100)[None]  # [1, context + 1], no special ids
         self.cache = DynamicCache()
-        model(input_ids=ids[:, :context], past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=ids[:, :context], **cache_kwargs(model, self.cache), use_cache=True, logits_to_keep=1)
         self.step_ids, self.position = ids[:, context:], torch.tensor([[context]], device=device)  # [1, 1] each
 
     @torch.inference_mode()
@@ -68,7 +69,7 @@ class StepTimer:
 
         sync(self.device)
         start = time.perf_counter()
-        self.model(input_ids=self.step_ids, position_ids=self.position, past_key_values=self.cache, use_cache=True)
+        self.model(input_ids=self.step_ids, position_ids=self.position, **cache_kwargs(self.model, self.cache), use_cache=True)
         sync(self.device)
         seconds = time.perf_counter() - start
         crop_cache(self.cache, self.context)  # back to `context` cached tokens for the next run

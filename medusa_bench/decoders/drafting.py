@@ -34,7 +34,7 @@ def find_heads(given, loaded, kind: str, option: str, what: str = "heads") -> Pa
     path = given or default_heads(loaded, kind)
     if path is None:
         raise UserError(f"the {kind} decoder needs {what}: pass {option} PATH (none ship for {loaded.name}); "
-                        f"train some with `medusa-bench train {kind}`")
+                        f"`medusa-bench train {kind}` makes them")
     return path
 
 

@@ -20,6 +20,7 @@ drafts every candidate instead, as transformers' prompt lookup does.
 
 from __future__ import annotations
 
+import weakref
 from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Optional
@@ -344,19 +345,20 @@ def check_options(options: DecoderOptions) -> None:
             raise UserError(f"{flag} must be an integer from {low} to {high}, got {value!r}")
 
 
-PROFILE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16)  # nodes incl. the root; larger drafts scale the prior
+PROFILE_SIZES = (1, 2, 4, 8, 16)  # nodes incl. the root; between: interpolated, larger: the prior scaled
 PROFILE_CONTEXT = 300  # cached tokens, as `--tree auto` profiles
-_PROFILES: dict = {}  # measured once per process and model: every pld decoder of a run shares one
+_PROFILES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {(device, dtype, threads): profile}
 
 
 def step_profile(loaded) -> dict:
     """The step-time profile the draft policy uses (pld-profile.json), measured on first use."""
-    key = (id(loaded.model), str(loaded.device), str(loaded.dtype), torch.get_num_threads())
-    if key not in _PROFILES:
+    measured = _PROFILES.setdefault(loaded.model, {})  # once per process and model: a run's pld decoders share it
+    key = (str(loaded.device), str(loaded.dtype), torch.get_num_threads())
+    if key not in measured:
         from medusa_bench.bench import calibrate as cal  # the bench layer measures (as for --tree auto)
 
-        _PROFILES[key] = cal.shape_profile(loaded, profile_context(loaded), PROFILE_SIZES)
-    return _PROFILES[key]
+        measured[key] = cal.shape_profile(loaded, profile_context(loaded), PROFILE_SIZES)
+    return measured[key]
 
 
 def profile_context(loaded) -> list[int]:

@@ -43,6 +43,7 @@ from medusa_bench import __version__
 from medusa_bench.errors import UserError
 from medusa_bench.heads import io
 from medusa_bench.heads.common import DraftHeads, locate
+from medusa_bench.models import cache_kwargs
 
 ARCHS = ("mlp", "prefix-mlp")
 HEAD_FILES = ("hydra_lm_head.pt", "hydra_lm_head.safetensors")  # preference order
@@ -226,7 +227,7 @@ class HydraHeads(DraftHeads):
         """hidden [B, T, H] -> the heads' input states [B, T, H]: the prefix layer's output, or hidden itself."""
         if self.prefix is None:
             return hidden
-        out = self.prefix(inputs_embeds=hidden, past_key_values=cache, position_ids=position_ids,
+        out = self.prefix(inputs_embeds=hidden, **cache_kwargs(self.prefix, cache), position_ids=position_ids,
                           use_cache=cache is not None)
         return out.last_hidden_state
 

@@ -18,6 +18,7 @@ from transformers import DynamicCache
 
 from medusa_bench.decoders.base import Generation, Sampling
 from medusa_bench.decoders.spec import _logprobs, choose_token, sync
+from medusa_bench.models import cache_kwargs
 
 
 @torch.inference_mode()
@@ -47,7 +48,7 @@ def generate_batch(loaded, prompts: list[list[int]], max_new_tokens: list[int], 
     sync(device)
     start = time.perf_counter()
     cache = DynamicCache()
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_kwargs(model, cache),
                    use_cache=True, logits_to_keep=1).logits[:, -1]  # [n, V]
     positions = positions[:, -1:]
     out: list[list[int]] = [[] for _ in range(n)]
@@ -83,6 +84,6 @@ def generate_batch(loaded, prompts: list[list[int]], max_new_tokens: list[int], 
         mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
         positions = positions + 1
         tokens = torch.tensor(next_tokens, device=device)[:, None]
-        logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions, **cache_kwargs(model, cache),
                        use_cache=True).logits[:, -1]
     return [Generation(out[i], len(out[i]), [1] * len(out[i]), wall[i], finish[i], token_logprobs[i]) for i in range(n)]
