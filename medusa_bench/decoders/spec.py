@@ -26,6 +26,7 @@ from transformers import DynamicCache
 
 from medusa_bench.decoders.base import Generation, Sampling, StepCallback
 from medusa_bench.errors import UserError
+from medusa_bench.models import cache_kwargs
 from medusa_bench.trees.tree import TreeBuffers
 
 
@@ -152,7 +153,7 @@ def forward(model, input_ids: torch.Tensor, cache, position_ids: torch.Tensor, m
             input_ids=input_ids,  # [1, q]
             position_ids=position_ids,  # [1, q]
             attention_mask=mask,  # None (causal), [1, 1, q, past + q] additive, or {layer type: such a mask}
-            past_key_values=cache,
+            **cache_kwargs(model, cache),
             use_cache=True,
             logits_to_keep=1 if last_only else 0,
         )
