@@ -34,6 +34,7 @@ import shortuuid
 from rich.console import Console
 
 from medusa_bench import __version__
+from medusa_bench.bench.loop import check_same_settings
 from medusa_bench.bench.prompts import conversation
 from medusa_bench.bench.questions import Question, load_questions
 from medusa_bench.errors import UserError
@@ -458,7 +459,7 @@ def run_endpoint_benchmark(config, run: EndpointRun, console: Optional[Console] 
                 "device": "endpoint"}
     run_dir = files.ensure_writable_dir(config.out or Path("results") / f"endpoints-{config.bench}")
     lock = files.lock_run_dir(run_dir)  # noqa: F841 — one writer per run folder
-    previous = _check_settings(run_dir, settings)
+    previous = check_same_settings(run_dir, settings, ENDPOINT_SETTING_KEYS)
     files.ensure_writable_dir(run_dir / files.ANSWER_DIR)
     ids = {name: answer_file_id(endpoint) for name, endpoint in endpoints.items()}
     files.write_json(run_dir / files.RUN_FILE, {
@@ -518,18 +519,6 @@ def run_endpoint_benchmark(config, run: EndpointRun, console: Optional[Console] 
     for endpoint in endpoints.values():
         endpoint.close()
     return run_dir
-
-
-def _check_settings(run_dir: Path, settings: dict) -> Optional[dict]:
-    if not (run_dir / files.RUN_FILE).exists():
-        return None
-    previous = files.load_run(run_dir)
-    before = previous.get("settings", {})
-    changed = [f"{key} was {before.get(key)!r}, now {settings.get(key)!r}" for key in ENDPOINT_SETTING_KEYS
-               if key in before and before.get(key) != settings.get(key)]
-    if changed:
-        raise UserError(f"{run_dir} holds a run with other settings ({'; '.join(changed)}); use another --out, or the same settings to resume it")
-    return previous
 
 
 # ------------------------------------------------------------------------------ concurrency sweep

@@ -116,13 +116,13 @@ def settings_of(config: RunConfig, question_file: Path, device, dtype) -> dict:
     }
 
 
-def check_same_settings(run_dir: Path, settings: dict) -> Optional[dict]:
-    """The existing run.json, or a UserError naming every setting that differs."""
+def check_same_settings(run_dir: Path, settings: dict, keys: tuple = SETTING_KEYS) -> Optional[dict]:
+    """The existing run.json, or a UserError naming every setting in `keys` that differs."""
     if not (run_dir / files.RUN_FILE).exists():
         return None
     previous = files.load_run(run_dir)
     before = previous.get("settings", {})
-    changed = [f"{key} was {before.get(key)!r}, now {settings.get(key)!r}" for key in SETTING_KEYS
+    changed = [f"{key} was {before.get(key)!r}, now {settings.get(key)!r}" for key in keys
                if key in before and before.get(key) != settings.get(key)]
     if changed:
         raise UserError(f"{run_dir} holds a run with other settings ({'; '.join(changed)}); "
