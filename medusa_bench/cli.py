@@ -32,6 +32,11 @@ def _not_built(what: str) -> None:
     raise UserError(f"`medusa-bench {what}` is not built yet")
 
 
+# Engine options, the same for every command that decodes (engine.py).
+_CACHE = typer.Option("auto", "--cache", help="KV cache: auto (static where the model allows it) | static | dynamic.")
+_COMPILE = typer.Option("auto", "--compile", help="Captured steps: auto (CUDA graphs on CUDA, eager on CPU) | on | off. The baseline and every decoder share it.")
+
+
 # ---------------------------------------------------------------------------------------- run
 @app.command()
 def run(
@@ -65,6 +70,8 @@ def run(
     control: bool = typer.Option(False, "--control", help="Add the A/A control: the baseline's work timed again as decoder 'control' (the noise floor)."),
     precision_reference: str = typer.Option("auto", "--precision-reference", help="float32 | none: decode the baseline again in fp32 (untimed) to show what the precision changes; auto: float32 unless the run is fp32."),
     remeasure_flagged: bool = typer.Option(False, "--remeasure-flagged", help="Re-time the questions with a turn measured while the CPU was shared; answers are kept."),
+    cache: str = _CACHE,
+    compile: str = _COMPILE,
     endpoint: Optional[List[str]] = typer.Option(None, "--endpoint", help="NAME=URL of an OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp, `serve`), e.g. ref=http://127.0.0.1:8000/v1; repeatable. Each is a decoder of the run."),
     endpoint_model: Optional[str] = typer.Option(None, "--endpoint-model", help="Model id to ask the endpoints for (default: each server's only model in /v1/models)."),
     reference: Optional[str] = typer.Option(None, "--reference", help="The endpoint with speculation off: the baseline for speedup and exact match."),
@@ -89,6 +96,7 @@ def run(
         posterior_alpha=posterior_alpha, pld_max_ngram=pld_max_ngram, pld_tokens=pld_tokens,
         pld_branches=pld_branches, draft_vocab=draft_vocab, trust_remote_code=trust_remote_code,
         control=control, precision_reference=precision_reference, remeasure_flagged=remeasure_flagged,
+        cache=cache, compile=compile,
     )
     if endpoint:
         from medusa_bench.bench.endpoints import EndpointRun, parse_concurrency, parse_endpoints, run_endpoint_benchmark
@@ -188,6 +196,8 @@ def serve(
     max_batch: int = typer.Option(8, "--max-batch", help="Plain decoders (baseline): requests decoded together in one batch. Drafting decoders run one at a time."),
     heads: Optional[List[str]] = typer.Option(None, "--heads", help="NAME=PATH: more heads for --decoder medusa/hydra on the same base model (repeatable); a request picks one with model '<model>:NAME' or LoRAX's adapter_id."),
     served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="Model id clients use (default <model>-<decoder>)."),
+    cache: str = _CACHE,
+    compile: str = _COMPILE,
 ) -> None:
     """Serve a decoder behind an OpenAI-compatible HTTP API (chat completions, streaming, /metrics)."""
     from medusa_bench.decoders.base import DecoderOptions
@@ -200,7 +210,7 @@ def serve(
     serve_forever(
         model=model, decoder=decoder, options=options, host=host, port=port, api_key=api_key,
         max_waiting=max_waiting, max_batch=max_batch, heads=heads, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-        served_model_name=served_model_name, log=lambda line: console.print(line, highlight=False, soft_wrap=True),
+        cache=cache, compile=compile, served_model_name=served_model_name, log=lambda line: console.print(line, highlight=False, soft_wrap=True),
     )
 
 
@@ -335,10 +345,13 @@ def tree_command(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | float16 | bfloat16"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
+    cache: str = _CACHE,
+    compile: str = _COMPILE,
 ) -> None:
     """Find the fastest candidate tree for these heads on this model and device (what `run --tree auto` uses)."""
     from medusa_bench.bench.autotree import AutoTreeSettings, save_tree_files, summary_table, tree_for_decoder
     from medusa_bench.decoders.base import DecoderOptions
+    from medusa_bench.engine import check_options, use_engine
     from medusa_bench.models import load_model
 
     settings = AutoTreeSettings(max_nodes=max_nodes, max_depth=max_depth, top_k=top_k, prompts=prompts, tokens=tokens,
@@ -346,7 +359,9 @@ def tree_command(
                                 repeats=repeats, min_speedup=min_speedup, refresh=refresh)
     options = DecoderOptions(tree="auto", medusa_heads=medusa_heads, medusa2_model=medusa2_model, hydra_heads=hydra_heads,
                              draft_vocab=draft_vocab, extra={"autotree": settings})
+    check_options(cache, compile)
     loaded = load_model(model, device, dtype, trust_remote_code)
+    use_engine(loaded, cache, compile)  # step times are this engine's
     auto = tree_for_decoder(decoder, loaded, options)
     Console().print(summary_table(auto))
     for path in save_tree_files(auto, out).values():

@@ -30,7 +30,6 @@ from typing import Optional
 from urllib.parse import urlparse
 
 import httpx
-import shortuuid
 from rich.console import Console
 
 from medusa_bench import __version__
@@ -504,7 +503,7 @@ def run_endpoint_benchmark(config, run: EndpointRun, console: Optional[Console] 
                         continue
                     reference = done.get(run.reference, {}).get(qid) if run.reference and name != run.reference else None
                     choice["exact_match"], choice["exact_match_by"] = exact_match(choice, reference)
-                    record = {"question_id": question.question_id, "answer_id": shortuuid.uuid(), "model_id": ids[name],
+                    record = {"question_id": question.question_id, "answer_id": files.answer_id(), "model_id": ids[name],
                               "decoder": name, "baseline": run.reference or name, "category": question.category,
                               "tstamp": time.time(), "endpoint": endpoints[name].base_url, "choices": [choice]}
                     files.append_jsonl(paths[name], record)

@@ -9,7 +9,6 @@ settings is refused instead of mixing results.
 from __future__ import annotations
 
 import gc
-import shortuuid
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -26,13 +25,16 @@ from medusa_bench.bench.contention import TIMING_FIELDS, count_flagged, cpu_mete
 from medusa_bench.bench.prompts import build_prompt, conversation
 from medusa_bench.bench.questions import CATEGORY_TEMPERATURE, Question, load_questions
 from medusa_bench.decoders.base import Decoder, DecoderOptions, Sampling, build_decoder, decoder_names, split_spec
+from medusa_bench.engine import check_options as check_engine_options
+from medusa_bench.engine import engine_of, use_engine
 from medusa_bench.errors import UserError
 from medusa_bench.results import files
 
 # Settings that change the numbers: a run folder keeps them fixed for its whole life.
 SETTING_KEYS = ("model", "bench", "question_file", "max_new_tokens", "temperature", "top_p", "seed",
                 "device", "dtype", "tree", "acceptance", "posterior_threshold", "posterior_alpha",
-                "medusa_heads", "medusa2_model", "hydra_heads", "pld_max_ngram", "pld_tokens", "pld_branches", "draft_vocab", "precision_reference")
+                "medusa_heads", "medusa2_model", "hydra_heads", "pld_max_ngram", "pld_tokens", "pld_branches", "draft_vocab", "precision_reference",
+                "cache", "compile")
 
 
 @dataclass
@@ -56,6 +58,8 @@ class RunConfig:
     trust_remote_code: bool = False
     precision_reference: Optional[str] = None  # float32 | none; None: float32 unless the run is float32
     remeasure_flagged: bool = False  # re-time the questions with a contended turn, keeping their answers
+    cache: str = "auto"  # KV cache: auto | static | dynamic (engine.py)
+    compile: str = "auto"  # captured steps: auto (CUDA graphs on CUDA, eager on CPU) | on | off
 
     @classmethod
     def from_cli(cls, *, decoders: str, question_ids, categories, temperature: str, tree, medusa_heads,
@@ -71,6 +75,7 @@ class RunConfig:
         if len(set(names)) != len(names):
             raise UserError(f"--decoders lists a decoder twice: {decoders}")
         precision.check_reference_option(rest.get("precision_reference"))
+        check_engine_options(rest.get("cache", "auto"), rest.get("compile", "auto"))
         if temperature != "category":
             try:
                 temperature = float(temperature)
@@ -112,7 +117,7 @@ def settings_of(config: RunConfig, question_file: Path, device, dtype) -> dict:
         "posterior_alpha": opts.posterior_alpha, "medusa_heads": opts.medusa_heads,
         "medusa2_model": opts.medusa2_model, "hydra_heads": opts.hydra_heads,
         "pld_max_ngram": opts.pld_max_ngram, "pld_tokens": opts.pld_tokens, "pld_branches": opts.pld_branches,
-        "draft_vocab": opts.draft_vocab,
+        "draft_vocab": opts.draft_vocab, "cache": config.cache, "compile": config.compile,
     }
 
 
@@ -197,7 +202,8 @@ def device_info(loaded) -> dict:
 
     info = {"type": loaded.device.type, "dtype": str(loaded.dtype).replace("torch.", ""),
             "threads": torch.get_num_threads(), "cpu": cpu_model() or platform.processor() or platform.machine(),
-            "attn_implementation": getattr(loaded, "attn_implementation", "") or None}
+            "attn_implementation": getattr(loaded, "attn_implementation", "") or None,
+            "engine": engine_of(loaded).describe()}
     if loaded.device.type == "cuda":
         info["name"] = torch.cuda.get_device_name(loaded.device)
     else:
@@ -284,6 +290,7 @@ def run_benchmark(config: RunConfig, console: Optional[Console] = None, loaded=N
     previous = check_same_settings(run_dir, settings)  # refuse before the slow model load
     hashes = check_same_contents(previous, content_hashes(config, questions), question_file)
     loaded = loaded or load_model(config.model, config.device, dtype_name, config.trust_remote_code)
+    use_engine(loaded, config.cache, config.compile)  # before any decoder: they all share it
     decoders = {name: build_decoder(name, loaded, config.options) for name in names}
     # Within a question, reference decoders go first (but control and baseline swap every other
     # question: question_order); an answer whose reference has not answered yet waits for it.
@@ -361,7 +368,7 @@ def question_order(names: list[str], index: int) -> list[str]:
 
 def answer_record(question: Question, name: str, decoder: Decoder, loaded, choice: dict) -> dict:
     return {
-        "question_id": question.question_id, "answer_id": shortuuid.uuid(), "model_id": model_id(loaded, name),
+        "question_id": question.question_id, "answer_id": files.answer_id(), "model_id": model_id(loaded, name),
         "decoder": name, "baseline": decoder.baseline_name, "category": question.category, "tstamp": time.time(), "choices": [choice],
     }
 

@@ -25,6 +25,7 @@ import torch
 from transformers import DynamicCache
 
 from medusa_bench.decoders.base import Generation, Sampling, StepCallback
+from medusa_bench.engine import SlotCache, engine_of
 from medusa_bench.errors import UserError
 from medusa_bench.models import cache_kwargs
 from medusa_bench.trees.tree import TreeBuffers
@@ -139,8 +140,23 @@ Hidden = Union[bool, tuple]  # False: none; True: the final normed state; or tra
 
 def forward(model, input_ids: torch.Tensor, cache, position_ids: torch.Tensor, mask: Optional[torch.Tensor],
             want_hidden: Hidden, last_only: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """One base forward appending to `cache`. Returns logits [q, V] ([1, V] with last_only) and hidden
-    states: [q, H] post-norm for `want_hidden=True`, [q, k * H] for k layer indices, else None.
+    """One base forward appending to `cache` (a DynamicCache or the engine's SlotCache). Returns
+    logits [q, V] ([1, V] with last_only) and hidden states: [q, H] post-norm for
+    `want_hidden=True`, [q, k * H] for k layer indices, else None.
+    """
+    if not isinstance(cache, SlotCache):
+        return model_call(model, input_ids, cache, position_ids, mask, want_hidden, last_only)
+    q = input_ids.shape[1]
+    cache.reserve(cache.length + q)
+    cache.start = cache.length
+    out = model_call(model, input_ids, cache, position_ids, mask, want_hidden, last_only)
+    cache.length = cache.start + q
+    return out
+
+
+def model_call(model, input_ids: torch.Tensor, cache, position_ids: torch.Tensor, mask, want_hidden: Hidden,
+               last_only: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The model's forward as `forward` describes it, with no cache bookkeeping (a captured step records this).
 
     Hidden states come from forward hooks on the layers asked for, never `output_hidden_states`,
     which keeps every layer's [q, H] output (SmolLM2: 31 of them) to hand back one.
@@ -210,7 +226,7 @@ def _hook(model, index: int, captured: list, slot: int):
 
 
 def cache_length(cache) -> int:
-    return cache.get_seq_length()
+    return cache.length if isinstance(cache, SlotCache) else cache.get_seq_length()
 
 
 def full_layers(cache) -> None:
@@ -226,6 +242,8 @@ def full_layers(cache) -> None:
 
 def crop_cache(cache, length: int) -> None:
     """Drop every slot past `length` (transformers' own `crop` changed meaning across versions)."""
+    if isinstance(cache, SlotCache):
+        return cache.crop(length)
     full_layers(cache)
     for layer in cache.layers:
         if getattr(layer, "keys", None) is not None:
@@ -235,6 +253,8 @@ def crop_cache(cache, length: int) -> None:
 
 def keep_in_cache(cache, start: int, keep: torch.Tensor, contiguous: bool) -> None:
     """Keep slots start+keep (sorted, keep[0] == 0) as start…start+m-1 and drop the rest."""
+    if isinstance(cache, SlotCache):
+        return cache.keep(start, keep, contiguous)
     new_length = start + keep.numel()
     full_layers(cache)
     for layer in cache.layers:
@@ -349,7 +369,7 @@ def accept_sampled(tokens: torch.Tensor, logits: torch.Tensor, buffers: TreeBuff
 class DecodeState:
     """One generation between steps (`SpeculativeDecoder.prefill` makes it, `step` advances it)."""
 
-    cache: DynamicCache  # prompt + tokens, full layers
+    cache: Union[SlotCache, DynamicCache]  # prompt + tokens, full layers (the engine's kind)
     prompt_ids: list[int]
     tokens: list[int]  # emitted so far (every step's tokens, uncut)
     logits: torch.Tensor  # [V] raw logits for the next root
@@ -398,6 +418,7 @@ class SpeculativeDecoder:
         self.loaded = loaded
         self.model = loaded.model
         self.device = loaded.device
+        self.engine = engine_of(loaded)  # cache kind and capture mode, shared by every decoder on `loaded`
         self.proposer = proposer
         self.acceptance = acceptance
         self.lossless = lossless and acceptance.rule == "greedy"
@@ -419,7 +440,7 @@ class SpeculativeDecoder:
         drafts_before, draft_tokens_before = self.drafts_verified, self.draft_tokens_verified
         sync(self.device)
         start = time.perf_counter()
-        state = self.prefill(prompt_ids, sampling)
+        state = self.prefill(prompt_ids, sampling, max_new_tokens)
         out: list[int] = []
         accept_lengths: list[int] = []
         token_logprobs: list = [] if logprobs is not None else None
@@ -450,21 +471,26 @@ class SpeculativeDecoder:
                           self.drafts_verified - drafts_before, self.draft_tokens_verified - draft_tokens_before)
 
     @torch.inference_mode()
-    def prefill(self, prompt_ids: list[int], sampling: Sampling = Sampling()) -> DecodeState:
-        """The prompt through the base model (the proposer reset and shown its hidden states)."""
+    def prefill(self, prompt_ids: list[int], sampling: Sampling = Sampling(), max_new_tokens: Optional[int] = None) -> DecodeState:
+        """The prompt through the base model (the proposer reset and shown its hidden states).
+
+        `max_new_tokens` sizes a static cache (it grows, copying, if a state outlives the guess).
+        """
         generator = None
         if not sampling.greedy:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
         self.proposer.reset(prompt_ids)
-        cache = DynamicCache()  # no config: full layers for every layer type (see full_layers)
+        cache = self.engine.new_cache(len(prompt_ids) + (max_new_tokens or 512) + self.draft_size + 1)
         prompt = torch.tensor([prompt_ids], device=self.device)  # [1, P]
         positions = torch.arange(len(prompt_ids), device=self.device)[None]  # [1, P]
-        logits, hidden = forward(self.model, prompt, cache, positions, None, self.hidden_layers, last_only=True)
+        logits, hidden = self.engine.forward(prompt, cache, positions, None, self.hidden_layers, last_only=True)
         if hidden is not None:
             self.proposer.observe(hidden)  # [P, H]
             hidden = hidden[-1]  # [H]
-        return DecodeState(cache, prompt_ids, [], logits[-1], hidden, None, sampling, generator)
+        state = DecodeState(cache, prompt_ids, [], logits[-1], hidden, None, sampling, generator)
+        self.engine.claim(cache, state)
+        return state
 
     def next_root(self, state: DecodeState) -> int:
         """The base model's own next token (a draw from the residual after a rejection)."""
@@ -486,7 +512,7 @@ class SpeculativeDecoder:
         if draft is None:  # a plain one-token step: the baseline's whole cost
             tokens = torch.tensor([root], device=self.device)
             positions = torch.tensor([[prefix]], device=self.device)
-            logits, hidden = forward(self.model, tokens[None], state.cache, positions, None, self.hidden_layers)
+            logits, hidden = self.engine.forward(tokens[None], state.cache, positions, None, self.hidden_layers)
             self.proposer.update(0)
             if hidden is not None:
                 self.proposer.observe(hidden)  # [1, H]
@@ -501,7 +527,7 @@ class SpeculativeDecoder:
         positions = (prefix + buffers.depths)[None]  # [1, n]
         # a chain needs no mask: the model's own (windowed) causal mask is the tree's
         mask = None if buffers.max_depth == buffers.num_nodes - 1 else tree_mask(buffers, prefix, self.model.dtype, self.layout)
-        logits, hidden = forward(self.model, tokens[None], state.cache, positions, mask, self.hidden_layers)
+        logits, hidden = self.engine.forward(tokens[None], state.cache, positions, mask, self.hidden_layers)
 
         residual = None
         if self.acceptance.rule == "typical":

@@ -12,6 +12,7 @@ import datetime as _dt
 import json
 import os
 import subprocess
+import uuid
 import weakref
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -21,6 +22,18 @@ from medusa_bench.errors import UserError
 RUN_FILE = "run.json"
 ANSWER_DIR = "model_answer"
 JUDGMENT_DIR = "model_judgment"
+
+
+_BASE57 = "23456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+
+
+def answer_id() -> str:
+    """A FastChat-style answer id (shortuuid's alphabet and 22 characters), without the dependency."""
+    number, letters = uuid.uuid4().int, []
+    for _ in range(22):
+        number, digit = divmod(number, 57)
+        letters.append(_BASE57[digit])
+    return "".join(letters)
 
 
 def now_iso() -> str:

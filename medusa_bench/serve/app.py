@@ -409,6 +409,8 @@ def serve(
     device: str = "auto",
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    cache: str = "auto",
+    compile: str = "auto",
     served_model_name: Optional[str] = None,
     log=print,
 ) -> None:
@@ -417,6 +419,7 @@ def serve(
 
     from medusa_bench.bench.prompts import build_prompt
     from medusa_bench.decoders.base import DecoderOptions, build_decoder
+    from medusa_bench.engine import check_options, use_engine
     from medusa_bench.models import load_model
 
     if not 0 <= port <= 65535:
@@ -425,9 +428,11 @@ def serve(
         raise UserError(f"--max-waiting must be >= 0, got {max_waiting}")
     if max_batch < 1:
         raise UserError(f"--max-batch must be >= 1, got {max_batch}")
+    check_options(cache, compile)
     _check_bindable(host, port)  # fail before spending time on the model
     _heads_options(decoder, options or DecoderOptions(), heads)
     loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    use_engine(loaded, cache, compile)
     built = build_decoder(decoder, loaded, options or DecoderOptions())
     built.generate(build_prompt(loaded, [{"role": "user", "content": "Hi"}]), 2)  # warm-up
     extra = {name: build_decoder(decoder, loaded, options) for name, options in _heads_options(decoder, options or DecoderOptions(), heads)}

@@ -1,0 +1,326 @@
+"""How a base forward runs under the verify loop: which KV cache, and whether steps are captured.
+
+Two choices, made once per loaded model (`use_engine`) so that the baseline and every
+speculative decoder of a run share them (a speedup then compares methods, not engines):
+
+- **cache** `static` (default where the model allows it): `SlotCache`, a transformers `Cache`
+  whose layers are buffers allocated once per generation for prompt + max_new_tokens + the
+  largest tree (the gpt-fast idea). A forward writes its keys/values at slots length…length+q-1;
+  keeping a step's accepted path is an in-place gather of at most depth+1 slots; nothing is
+  concatenated or reallocated per step. `dynamic`: transformers' DynamicCache, whose every step
+  concatenates onto each layer's keys (cost grows with the context). Models with sliding-window
+  or chunked layers use `dynamic` (their tree masks are per layer type, see decoders/spec.py).
+- **compile** `on` (CUDA): each distinct step shape (q tokens, hidden layers asked for) is
+  captured once as a CUDA graph over a static cache that spans the whole buffer, with the mask,
+  positions and slots written into static inputs, and replayed; the prefill stays eager. `off`:
+  eager. `auto`: captured on CUDA, eager on CPU (torch.compile is not used on CPU yet: see
+  README, "Engine").
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from medusa_bench.errors import UserError
+
+CACHE_KINDS = ("auto", "static", "dynamic")
+COMPILE_MODES = ("auto", "on", "off")
+MAX_CAPTURED_TOKENS = 256  # longer forwards (prefills) stay eager: one graph per prompt length would not pay
+
+
+# ------------------------------------------------------------------------------ the static cache
+class SlotLayer(CacheLayerMixin):
+    """One layer's keys and values: [1, kv_heads, capacity, head_dim] buffers, allocated at the first write."""
+
+    is_compileable = True
+    is_sliding = False
+
+    def __init__(self, cache: "SlotCache"):
+        super().__init__()
+        self.cache = cache
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.allocate(key_states, value_states, self.cache.capacity)
+        self.is_initialized = True
+
+    def allocate(self, key_states, value_states, capacity: int) -> None:
+        batch, heads = key_states.shape[:2]
+        # empty, not zeros: eager forwards read only written slots; a captured one masks the rest,
+        # and a masked slot must hold finite numbers (0 × NaN would poison the sum), hence zeros there
+        make = torch.zeros if self.cache.zeroed else torch.empty
+        self.keys = make((batch, heads, capacity, key_states.shape[-1]), dtype=key_states.dtype, device=key_states.device)
+        self.values = make((batch, heads, capacity, value_states.shape[-1]), dtype=value_states.dtype, device=value_states.device)
+
+    def grow(self, capacity: int) -> None:
+        keys, values = self.keys, self.values
+        self.allocate(keys, values, capacity)
+        self.keys[:, :, : keys.shape[2]] = keys
+        self.values[:, :, : values.shape[2]] = values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        cache = self.cache
+        if cache.whole:  # captured: static shapes; slots and mask are the graph's inputs
+            self.keys.index_copy_(2, cache.slots, key_states)
+            self.values.index_copy_(2, cache.slots, value_states)
+            return self.keys, self.values
+        end = cache.start + key_states.shape[-2]
+        self.keys[:, :, cache.start:end] = key_states  # [1, kv_heads, q, head_dim]
+        self.values[:, :, cache.start:end] = value_states
+        return self.keys[:, :, :end], self.values[:, :, :end]  # views: what a DynamicCache would hold
+
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        # transformers 4.5x passes cache_position [q], 5.x the query length
+        q = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
+        return (self.cache.capacity if self.cache.whole else self.cache.start + q), 0
+
+    def get_seq_length(self) -> int:
+        return self.cache.start
+
+    def get_max_length(self) -> int:
+        return self.cache.capacity
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise RuntimeError("SlotCache is cut back with crop_cache / keep_in_cache (decoders/spec.py)")
+
+
+class SlotCache(Cache):
+    """A position-indexed KV cache that never reallocates: `length` slots hold the context.
+
+    `forward` (decoders/spec.py) sets `start = length` before a model call and advances `length`
+    after it; `keep` and `crop` rewrite `length` (and gather the kept slots), as `crop_cache` and
+    `keep_in_cache` do to a DynamicCache.
+    """
+
+    def __init__(self, num_layers: int, capacity: int, zeroed: bool = False):
+        self.capacity = capacity
+        self.zeroed = zeroed  # buffers start as zeros (a captured step reads every slot)
+        self.length = 0  # valid slots: the context
+        self.start = 0  # first slot of the forward in progress
+        self.whole = False  # attention reads every slot (captured steps); else slots 0 … start+q-1
+        self.slots: Optional[torch.Tensor] = None  # [q] long: where a captured forward writes
+        self.graphs: Optional[dict] = None  # captured mode: recorded steps over this cache, by shape
+        self.owner = lambda: None  # weakref to the DecodeState using this cache (Engine.claim)
+        super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.start
+
+    def keep(self, start: int, keep: torch.Tensor, contiguous: bool) -> None:
+        """Keep slots start+keep (sorted, keep[0] == 0) as start … start+m-1."""
+        if not contiguous:
+            index = keep + start  # [m]
+            end = start + keep.numel()
+            for layer in self.layers:
+                if layer.is_initialized:
+                    layer.keys[:, :, start:end] = layer.keys.index_select(2, index)
+                    layer.values[:, :, start:end] = layer.values.index_select(2, index)
+        self.length = start + keep.numel()
+
+    def crop(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+    def reserve(self, need: int) -> None:
+        """Room for `need` slots: reallocate (doubling) and copy when short; addresses then change."""
+        if need <= self.capacity:
+            return
+        self.capacity = max(need, 2 * self.capacity)
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.grow(self.capacity)
+
+
+def text_config(config):
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def static_refusal(model) -> Optional[str]:
+    """Why this model cannot use SlotCache (None: it can)."""
+    from medusa_bench.decoders.spec import attention_layout
+
+    try:
+        layout = attention_layout(model.config)
+    except UserError as error:
+        return str(error)
+    if layout is not None:
+        return "sliding-window or chunked attention layers: their tree masks need a cache that keeps per-layer-type views"
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "encoder-decoder model"
+    return None
+
+
+# ------------------------------------------------------------------------------ captured steps
+class CapturedStep:
+    """One step shape (q tokens, hidden layers, last_only) recorded as a CUDA graph over `cache`."""
+
+    def __init__(self, model, cache: SlotCache, input_ids, positions, mask, hidden_layers, last_only, pool):
+        from medusa_bench.decoders.spec import model_call
+
+        device, q = input_ids.device, input_ids.shape[1]
+        self.q = q
+        self.ids = input_ids.clone()  # [1, q]
+        self.positions = positions.clone()  # [1, q]
+        self.offsets = torch.arange(q, device=device)  # [q]
+        self.slots = torch.zeros(q, dtype=torch.long, device=device)  # [q]
+        self.mask = torch.zeros(1, 1, q, cache.capacity, dtype=model.dtype, device=device)  # additive
+        self.low = torch.finfo(model.dtype).min
+        self.causal = torch.full((q, q), self.low, dtype=model.dtype, device=device).triu_(1)  # [q, q]
+        self.fill(cache, input_ids, positions, mask)
+
+        def call():
+            cache.whole, cache.slots = True, self.slots
+            try:
+                return model_call(model, self.ids, cache, self.positions, self.mask, hidden_layers, last_only)
+            finally:
+                cache.whole, cache.slots = False, None
+
+        self.call, self.graph = call, None
+        if device.type != "cuda":  # no graphs: each run calls again with the same static shapes (tests use this on CPU)
+            return
+        # warm-up on a side stream (cuBLAS workspaces, lazy inits), then record; both rewrite the
+        # same slots with the same inputs, so the cache ends as one forward would leave it
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                call()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits, self.hidden = call()
+
+    def fill(self, cache: SlotCache, input_ids, positions, mask) -> None:
+        start, q = cache.length, self.q
+        self.ids.copy_(input_ids)
+        self.positions.copy_(positions)
+        torch.add(self.offsets, start, out=self.slots)
+        self.mask.fill_(self.low)
+        if mask is None:  # causal over the prefix and within the q new tokens
+            self.mask[..., :start] = 0
+            self.mask[0, 0, :, start:start + q] = self.causal
+        else:  # [1, 1, q, start + q]
+            self.mask[..., : start + q] = mask
+
+    def run(self, cache: SlotCache, input_ids, positions, mask):
+        self.fill(cache, input_ids, positions, mask)
+        if self.graph is None:
+            self.logits, self.hidden = self.call()
+        else:
+            self.graph.replay()
+        cache.length += self.q
+        # copies: the next replay overwrites the graph's outputs, but callers keep rows (next logits)
+        return self.logits.clone(), (self.hidden.clone() if self.hidden is not None else None)
+
+
+# ------------------------------------------------------------------------------ the engine
+@dataclass
+class Engine:
+    """The cache kind and capture mode of one loaded model (see the module docstring)."""
+
+    model: torch.nn.Module
+    device: torch.device
+    cache: str = "static"  # static | dynamic (resolved)
+    compile: str = "off"  # off | cuda-graphs (resolved)
+    reason: str = ""  # why, when the resolved choice differs from what was asked
+
+    def __post_init__(self):
+        self.num_layers = text_config(self.model.config).num_hidden_layers
+        self.caches: list[SlotCache] = []  # captured mode: caches kept with their graphs, reused when free
+        self.pool = None  # CUDA graph memory pool shared by every recorded step
+
+    def describe(self) -> dict:
+        return {"cache": self.cache, "compile": self.compile, **({"reason": self.reason} if self.reason else {})}
+
+    def new_cache(self, need: int):
+        """A cache for one generation holding `need` tokens (it grows, copying, if more come)."""
+        if self.cache == "dynamic":
+            return DynamicCache()  # no config: full layers for every layer type (spec.full_layers)
+        if self.compile != "cuda-graphs":
+            return SlotCache(self.num_layers, need)
+        # Captured steps hold a cache's addresses, so caches are kept and reused: a free one (its
+        # state is gone) that is large enough, else a new one rounded up (a few sizes, few recordings).
+        self.caches = [c for c in self.caches if c.owner() is not None or c.capacity >= need]
+        cache = next((c for c in self.caches if c.owner() is None), None)
+        if cache is None:
+            cache = SlotCache(self.num_layers, -(-need // 256) * 256, zeroed=True)
+            cache.graphs = {}
+            self.caches.append(cache)
+        cache.length = cache.start = 0
+        return cache
+
+    def claim(self, cache, state) -> None:
+        """`state` uses `cache` until it is garbage (captured mode hands the cache out again after that)."""
+        if isinstance(cache, SlotCache):
+            cache.owner = weakref.ref(state)
+
+    def forward(self, input_ids, cache, positions, mask, hidden_layers, last_only: bool = False):
+        """spec.forward, replayed from a recorded graph where this cache has them and the shape allows."""
+        from medusa_bench.decoders.spec import forward
+
+        q = input_ids.shape[1]
+        graphs = getattr(cache, "graphs", None)
+        if graphs is not None and cache.length + q > cache.capacity:
+            graphs.clear()  # the eager forward below grows the buffers: recorded addresses go stale
+        if (graphs is None or q > MAX_CAPTURED_TOKENS or isinstance(mask, dict)
+                or cache.length == 0 or cache.length + q > cache.capacity):  # prefill, or growing: eager
+            return forward(self.model, input_ids, cache, positions, mask, hidden_layers, last_only)
+        key = (q, tuple(hidden_layers or ()), last_only)
+        step = graphs.get(key)
+        if step is None:
+            if self.pool is None and self.device.type == "cuda":
+                self.pool = torch.cuda.graph_pool_handle()
+            step = graphs[key] = CapturedStep(self.model, cache, input_ids, positions, mask, hidden_layers, last_only, self.pool)
+        return step.run(cache, input_ids, positions, mask)
+
+
+def check_options(cache: str, compile: str) -> None:
+    """One line for a bad --cache / --compile, before anything slow happens."""
+    if cache not in CACHE_KINDS:
+        raise UserError(f"unknown --cache {cache!r}; valid values are: {', '.join(CACHE_KINDS)}")
+    if compile not in COMPILE_MODES:
+        raise UserError(f"unknown --compile {compile!r}; valid values are: {', '.join(COMPILE_MODES)}")
+
+
+def resolve(model, device: torch.device, cache: str = "auto", compile: str = "auto") -> Engine:
+    """The engine asked for, or the nearest one this model and device allow (with the reason)."""
+    check_options(cache, compile)
+    reasons = []
+    refusal = static_refusal(model) if cache != "dynamic" else None
+    if cache == "static" and refusal:
+        raise UserError(f"--cache static is not possible for this model ({refusal}); use --cache auto or dynamic")
+    kind = "dynamic" if cache == "dynamic" or refusal else "static"
+    if refusal:
+        reasons.append(f"dynamic cache: {refusal}")
+    mode = "off"
+    if compile in ("on", "auto") and device.type == "cuda":
+        if kind == "static":
+            mode = "cuda-graphs"
+        elif compile == "on":
+            raise UserError("--compile on needs the static cache, which this model cannot use; use --compile off")
+        else:
+            reasons.append("eager: captured steps need the static cache")
+    elif compile == "on":
+        raise UserError("--compile on needs a CUDA GPU (torch.compile on CPU is not supported yet); use --compile off or auto")
+    elif compile == "auto" and device.type != "cuda":
+        reasons.append("eager on CPU")
+    return Engine(model, device, kind, mode, "; ".join(reasons))
+
+
+def use_engine(loaded, cache: str = "auto", compile: str = "auto") -> Engine:
+    """Set the engine every decoder built on `loaded` from now on uses."""
+    loaded.engine = resolve(loaded.model, loaded.device, cache, compile)
+    return loaded.engine
+
+
+def engine_of(loaded) -> Engine:
+    """The loaded model's engine: static cache where possible, eager unless `use_engine` said otherwise."""
+    if getattr(loaded, "engine", None) is None:
+        loaded.engine = resolve(loaded.model, loaded.device, "auto", "off")
+    return loaded.engine
