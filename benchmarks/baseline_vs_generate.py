@@ -22,15 +22,18 @@ from medusa_bench.decoders.spec import sync
 from medusa_bench.models import load_model
 
 
-def hf_generate(loaded, ids: list[int], max_new_tokens: int) -> tuple[list[int], float]:
-    """transformers' greedy generate(), cut at EOS like ours, timed the same way."""
+def hf_generate(loaded, ids: list[int], max_new_tokens: int, **generate_kwargs) -> tuple[list[int], float]:
+    """transformers' greedy generate(), cut at EOS like ours, timed the same way.
+
+    `generate_kwargs` go to generate() as they are (benchmarks/gpu_check.py: `cache_implementation="static"`
+    for the compiled path, `disable_compile=True` for the eager one)."""
     model = loaded.model
     sync(loaded.device)
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(torch.tensor([ids], device=loaded.device), attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=loaded.device),
                              max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=loaded.eos_token_ids,
-                             pad_token_id=loaded.eos_token_ids[0], top_p=None, top_k=None, temperature=None)
+                             pad_token_id=loaded.eos_token_ids[0], top_p=None, top_k=None, temperature=None, **generate_kwargs)
     sync(loaded.device)
     wall = time.perf_counter() - start
     tokens = out[0, len(ids):].tolist()

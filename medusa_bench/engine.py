@@ -103,7 +103,7 @@ class SlotCache(Cache):
         self.capacity = capacity
         self.zeroed = zeroed  # buffers start as zeros (a captured step reads every slot)
         self.length = 0  # valid slots: the context
-        self.start = 0  # first slot of the forward in progress
+        self.start = 0  # first slot of the forward in progress (= length between forwards)
         self.whole = False  # attention reads every slot (captured steps); else slots 0 … start+q-1
         self.slots: Optional[torch.Tensor] = None  # [q] long: where a captured forward writes
         self.graphs: Optional[dict] = None  # captured mode: recorded steps over this cache, by shape
@@ -122,10 +122,10 @@ class SlotCache(Cache):
                 if layer.is_initialized:
                     layer.keys[:, :, start:end] = layer.keys.index_select(2, index)
                     layer.values[:, :, start:end] = layer.values.index_select(2, index)
-        self.length = start + keep.numel()
+        self.length = self.start = start + keep.numel()
 
     def crop(self, length: int) -> None:
-        self.length = min(self.length, length)
+        self.length = self.start = min(self.length, length)
 
     def reserve(self, need: int) -> None:
         """Room for `need` slots: reallocate (doubling) and copy when short; addresses then change."""
@@ -214,7 +214,7 @@ class CapturedStep:
             self.logits, self.hidden = self.call()
         else:
             self.graph.replay()
-        cache.length += self.q
+        cache.length = cache.start = cache.length + self.q
         # copies: the next replay overwrites the graph's outputs, but callers keep rows (next logits)
         return self.logits.clone(), (self.hidden.clone() if self.hidden is not None else None)
 

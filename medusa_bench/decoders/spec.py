@@ -150,7 +150,7 @@ def forward(model, input_ids: torch.Tensor, cache, position_ids: torch.Tensor, m
     cache.reserve(cache.length + q)
     cache.start = cache.length
     out = model_call(model, input_ids, cache, position_ids, mask, want_hidden, last_only)
-    cache.length = cache.start + q
+    cache.length = cache.start = cache.start + q
     return out
 
 
