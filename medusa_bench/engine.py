@@ -158,26 +158,37 @@ def static_refusal(model) -> Optional[str]:
 
 # ------------------------------------------------------------------------------ captured steps
 class CapturedStep:
-    """One step shape (q tokens, hidden layers, last_only) recorded as a CUDA graph over `cache`."""
+    """One step shape (q tokens, hidden layers, last_only) recorded as a CUDA graph over `cache`.
+
+    Inputs per replay: the tokens, the first slot (`start`, a 0-d tensor) and, for a tree, its
+    depths and its [q, q] block of the mask. Positions, write slots and the whole [q, capacity]
+    mask are computed inside the graph from them, so a plain step launches two copies and the
+    replay (on the H200's host each launch costs tens of µs: see docs/results/gpu-nvidia-h200.md).
+    """
 
     def __init__(self, model, cache: SlotCache, input_ids, positions, mask, hidden_layers, last_only, pool):
         from medusa_bench.decoders.spec import model_call
 
-        device, q = input_ids.device, input_ids.shape[1]
-        self.q = q
+        device, q, dtype = input_ids.device, input_ids.shape[1], model.dtype
+        self.q, self.low = q, torch.finfo(dtype).min
         self.ids = input_ids.clone()  # [1, q]
-        self.positions = positions.clone()  # [1, q]
+        self.start = torch.zeros((), dtype=torch.long, device=device)  # first slot of this step
         self.offsets = torch.arange(q, device=device)  # [q]
-        self.slots = torch.zeros(q, dtype=torch.long, device=device)  # [q]
-        self.mask = torch.zeros(1, 1, q, cache.capacity, dtype=model.dtype, device=device)  # additive
-        self.low = torch.finfo(model.dtype).min
-        self.causal = torch.full((q, q), self.low, dtype=model.dtype, device=device).triu_(1)  # [q, q]
+        self.depths = self.offsets.clone()  # [q] position - start (a chain: 0 … q-1)
+        self.causal = torch.full((q, q), self.low, dtype=dtype, device=device).triu_(1)  # [q, q] additive
+        self.block = self.causal.clone()  # [q, q] the mask among the new tokens
+        self.columns = torch.arange(cache.capacity, device=device)  # [capacity]
+        self.tree = False  # the block and depths hold a tree's (else the causal chain's)
         self.fill(cache, input_ids, positions, mask)
 
         def call():
-            cache.whole, cache.slots = True, self.slots
+            relative = self.columns - self.start  # [capacity]: slot - start
+            block = self.block.index_select(1, relative.clamp(0, q - 1))  # [q, capacity]
+            mask = torch.where(relative < 0, 0.0, torch.where(relative < q, block, self.low))  # prefix | step | unused
+            cache.whole, cache.slots = True, self.start + self.offsets  # [q] write slots
             try:
-                return model_call(model, self.ids, cache, self.positions, self.mask, hidden_layers, last_only)
+                return model_call(model, self.ids, cache, (self.start + self.depths)[None], mask[None, None].to(dtype),
+                                  hidden_layers, last_only)
             finally:
                 cache.whole, cache.slots = False, None
 
@@ -197,16 +208,17 @@ class CapturedStep:
             self.logits, self.hidden = call()
 
     def fill(self, cache: SlotCache, input_ids, positions, mask) -> None:
-        start, q = cache.length, self.q
+        start = cache.length
         self.ids.copy_(input_ids)
-        self.positions.copy_(positions)
-        torch.add(self.offsets, start, out=self.slots)
-        self.mask.fill_(self.low)
-        if mask is None:  # causal over the prefix and within the q new tokens
-            self.mask[..., :start] = 0
-            self.mask[0, 0, :, start:start + q] = self.causal
-        else:  # [1, 1, q, start + q]
-            self.mask[..., : start + q] = mask
+        self.start.fill_(start)
+        if mask is not None:  # a tree: [1, 1, q, start + q] additive; its last q columns are the block
+            self.block.copy_(mask[0, 0, :, start:])
+            torch.sub(positions[0], start, out=self.depths)
+            self.tree = True
+        elif self.tree:  # back to a chain
+            self.block.copy_(self.causal)
+            self.depths.copy_(self.offsets)
+            self.tree = False
 
     def run(self, cache: SlotCache, input_ids, positions, mask):
         self.fill(cache, input_ids, positions, mask)
@@ -238,18 +250,27 @@ class Engine:
     def describe(self) -> dict:
         return {"cache": self.cache, "compile": self.compile, **({"reason": self.reason} if self.reason else {})}
 
-    def new_cache(self, need: int):
-        """A cache for one generation holding `need` tokens (it grows, copying, if more come)."""
+    def new_cache(self, tokens: int, draft: int = 0):
+        """A cache for one generation: `tokens` (prompt + new tokens) plus a step of `draft` drafts.
+
+        It grows, copying, if more come. Captured steps attend over the whole buffer, so its size
+        shapes the rounding of attention sums: it depends on `tokens` alone (rounded up to 256,
+        plus 256 slots for any tree up to that size), never on the decoder, so that the baseline
+        and a tree decoder answering the same prompt use the same buffer size.
+        """
         if self.cache == "dynamic":
             return DynamicCache()  # no config: full layers for every layer type (spec.full_layers)
         if self.compile != "cuda-graphs":
-            return SlotCache(self.num_layers, need)
-        # Captured steps hold a cache's addresses, so caches are kept and reused: a free one (its
-        # state is gone) that is large enough, else a new one rounded up (a few sizes, few recordings).
-        self.caches = [c for c in self.caches if c.owner() is not None or c.capacity >= need]
-        cache = next((c for c in self.caches if c.owner() is None), None)
+            return SlotCache(self.num_layers, tokens + draft + 1)
+        # Captured steps hold a cache's addresses, so caches are kept (with their recorded steps)
+        # and handed out again once the state using them is gone.
+        capacity = -(-tokens // 256) * 256 + max(256, -(-(draft + 1) // 256) * 256)
+        cache = next((c for c in self.caches if c.owner() is None and c.capacity == capacity), None)
         if cache is None:
-            cache = SlotCache(self.num_layers, -(-need // 256) * 256, zeroed=True)
+            free = [c for c in self.caches if c.owner() is None]
+            if len(free) >= 4:  # keep a few sizes, not every one ever asked for
+                self.caches.remove(free[0])
+            cache = SlotCache(self.num_layers, capacity, zeroed=True)
             cache.graphs = {}
             self.caches.append(cache)
         cache.length = cache.start = 0

@@ -481,7 +481,7 @@ class SpeculativeDecoder:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
         self.proposer.reset(prompt_ids)
-        cache = self.engine.new_cache(len(prompt_ids) + (max_new_tokens or 512) + self.draft_size + 1)
+        cache = self.engine.new_cache(len(prompt_ids) + (max_new_tokens or 512), self.draft_size)
         prompt = torch.tensor([prompt_ids], device=self.device)  # [1, P]
         positions = torch.arange(len(prompt_ids), device=self.device)[None]  # [1, P]
         logits, hidden = self.engine.forward(prompt, cache, positions, None, self.hidden_layers, last_only=True)
