@@ -150,6 +150,9 @@ class Check:
     def item(self, name: str, cost_s: float, fn) -> dict | None:
         """Run `fn(record)` unless the budget forbids; record ok / failed / skipped; rewrite the files."""
         record = {"status": "running", "started_s": round(self.elapsed(), 1), "cost_estimate_s": round(cost_s, 1)}
+        only = [o.strip() for o in (self.args.only or "").split(",") if o.strip()]
+        if only and not any(name.startswith(o) for o in only):
+            return None  # not asked for (--only): left out of the files
         if self.elapsed() + cost_s > self.args.budget_s:
             record.update(status="skipped: time budget", note=f"{self.elapsed():.0f} s elapsed + ~{cost_s:.0f} s > {self.args.budget_s} s")
             self.items[name] = record
@@ -847,6 +850,8 @@ def main() -> None:
     parser.add_argument("--compile", default=None, choices=("on", "auto", "off"),
                         help="RunConfig.compile of the captured runs (default: on with CUDA, off on CPU)")
     parser.add_argument("--budget-s", type=float, default=450.0)
+    parser.add_argument("--only", default=None, help="comma-separated item names (or prefixes) to run, e.g. "
+                        "smollm/float32/decoders,generate/bfloat16 (a short re-check)")
     parser.add_argument("--tiny-7b", action="store_true", help="2 layers, hidden 256 instead of Llama-2-7B's shape (CPU testing)")
     parser.add_argument("--repeats-7b", type=int, default=None, help="timed repeats per size (default 20 on CUDA, 5 on CPU)")
     args = parser.parse_args()

@@ -17,7 +17,8 @@ import pandas as pd
 
 from medusa_bench.results.plots import Plot
 from medusa_bench.results.tables import (
-    BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, TABLE_TITLES, ReportTables, RunData, display_frame, format_value, primary_judge,
+    BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, TABLE_TITLES, ReportTables, RunData, display_frame, engine_words, format_value,
+    primary_judge,
 )
 
 TEXT_COLUMNS = {"run", "decoder", "category", "judge", "setting", "answer file", "vs noise", "dtype"}
@@ -140,7 +141,7 @@ def runs_line(runs: list[RunData]) -> str:
     for run in runs:
         device = run.info.get("device") or {}
         details = [run.settings.get("model"), device.get("name") or device.get("type") or run.settings.get("device"),
-                   device.get("dtype") or run.settings.get("dtype")]
+                   device.get("dtype") or run.settings.get("dtype"), engine_words(device.get("engine"))]
         extra = ", ".join(esc(d) for d in details if d)
         parts.append(f"<b>{esc(run.label)}</b>" + (f" ({extra})" if extra else ""))
     return "; ".join(parts)

@@ -798,6 +798,14 @@ def _notes(runs: list[RunData], speed: pd.DataFrame) -> list[str]:
     return notes
 
 
+def engine_words(engine) -> str:
+    """run.json's device.engine in words: 'static KV cache, CUDA graphs' (empty for runs before engines)."""
+    if not isinstance(engine, dict):
+        return ""
+    mode = {"cuda-graphs": "CUDA graphs", "off": "eager"}.get(engine.get("compile"), str(engine.get("compile")))
+    return f"{engine.get('cache')} KV cache, {mode}"
+
+
 def _banner(runs: list[RunData], speed: pd.DataFrame) -> list[str]:
     """Top-of-report lines: each run's A/A noise floor, and how many turns were timed on a shared CPU."""
     lines = []
@@ -813,6 +821,9 @@ def _banner(runs: list[RunData], speed: pd.DataFrame) -> list[str]:
         elif len(contenders):
             lines.append(f"{prefix}no A/A control in this run: a speedup counts only where its 95% CI excludes 1.00× "
                          f"(add `{CONTROL}` to --decoders to measure the noise floor)")
+        engine = engine_words((run.info.get("device") or {}).get("engine"))
+        if engine:
+            lines.append(f"{prefix}engine: {engine}, the same for the baseline and every decoder")
         flagged = sum(_turn_flags(record, "contended") for model_id in run.model_ids() for record in run.answers[model_id])
         known = sum(_turn_flags(record, "contended", count_all=True) for model_id in run.model_ids() for record in run.answers[model_id])
         if flagged:
