@@ -36,32 +36,43 @@ MAX_CAPTURED_TOKENS = 256  # longer forwards (prefills) stay eager: one graph pe
 
 # ------------------------------------------------------------------------------ the static cache
 class SlotLayer(CacheLayerMixin):
-    """One layer's keys and values: [1, kv_heads, capacity, head_dim] buffers, allocated at the first write."""
+    """One layer's keys and values: [1, kv_heads, capacity, head_dim] buffers, allocated at the first write.
+
+    Where every layer has one shape they are views into one `SlotCache.storage` tensor, so that
+    keeping a step's accepted path is one gather for all layers, not two per layer (on the H200's
+    host each launch costs tens of µs: 30 layers × 4 launches were a whole forward's time).
+    """
 
     is_compileable = True
     is_sliding = False
 
-    def __init__(self, cache: "SlotCache"):
+    def __init__(self, cache: "SlotCache", index: int):
         super().__init__()
-        self.cache = cache
+        self.cache, self.index = cache, index
+        self.shared = False  # keys/values are views into cache.storage
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.allocate(key_states, value_states, self.cache.capacity)
+        cache = self.cache
+        shape = (*key_states.shape[:2], cache.capacity, key_states.shape[-1])  # [batch, kv_heads, capacity, head_dim]
+        if cache.storage is None and cache.uniform and key_states.shape == value_states.shape:
+            cache.storage = cache.make((len(cache.layers), 2, *shape), key_states)
+        storage = cache.storage
+        self.shared = storage is not None and storage.shape[2:] == shape and storage.dtype == key_states.dtype
+        if self.shared:
+            self.keys, self.values = storage[self.index, 0], storage[self.index, 1]
+        else:  # a layer of another shape: its own buffers, and per-layer gathers from now on
+            cache.uniform = False
+            self.keys = cache.make(shape, key_states)
+            self.values = cache.make((*shape[:-1], value_states.shape[-1]), value_states)
         self.is_initialized = True
 
-    def allocate(self, key_states, value_states, capacity: int) -> None:
-        batch, heads = key_states.shape[:2]
-        # empty, not zeros: eager forwards read only written slots; a captured one masks the rest,
-        # and a masked slot must hold finite numbers (0 × NaN would poison the sum), hence zeros there
-        make = torch.zeros if self.cache.zeroed else torch.empty
-        self.keys = make((batch, heads, capacity, key_states.shape[-1]), dtype=key_states.dtype, device=key_states.device)
-        self.values = make((batch, heads, capacity, value_states.shape[-1]), dtype=value_states.dtype, device=value_states.device)
-
     def grow(self, capacity: int) -> None:
-        keys, values = self.keys, self.values
-        self.allocate(keys, values, capacity)
-        self.keys[:, :, : keys.shape[2]] = keys
-        self.values[:, :, : values.shape[2]] = values
+        """Own buffers only (shared storage grows in SlotCache.reserve)."""
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = self.cache.make((*old.shape[:2], capacity, old.shape[-1]), old)
+            new[:, :, : old.shape[2]] = old
+            setattr(self, name, new)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -108,7 +119,14 @@ class SlotCache(Cache):
         self.slots: Optional[torch.Tensor] = None  # [q] long: where a captured forward writes
         self.graphs: Optional[dict] = None  # captured mode: recorded steps over this cache, by shape
         self.owner = lambda: None  # weakref to the DecodeState using this cache (Engine.claim)
-        super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
+        self.storage: Optional[torch.Tensor] = None  # [layers, 2, batch, kv_heads, capacity, head_dim]
+        self.uniform = True  # every layer's buffers are views into `storage`
+        super().__init__(layers=[SlotLayer(self, i) for i in range(num_layers)])
+
+    def make(self, shape, like: torch.Tensor) -> torch.Tensor:
+        # empty, not zeros: eager forwards read only written slots; a captured one masks the rest,
+        # and a masked slot must hold finite numbers (0 × NaN would poison the sum), hence zeros there
+        return (torch.zeros if self.zeroed else torch.empty)(shape, dtype=like.dtype, device=like.device)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.start
@@ -118,10 +136,13 @@ class SlotCache(Cache):
         if not contiguous:
             index = keep + start  # [m]
             end = start + keep.numel()
-            for layer in self.layers:
-                if layer.is_initialized:
-                    layer.keys[:, :, start:end] = layer.keys.index_select(2, index)
-                    layer.values[:, :, start:end] = layer.values.index_select(2, index)
+            if self.uniform and self.storage is not None:  # every layer at once: [layers, 2, batch, heads, m, dim]
+                self.storage[:, :, :, :, start:end] = self.storage.index_select(4, index)
+            else:
+                for layer in self.layers:
+                    if layer.is_initialized:
+                        layer.keys[:, :, start:end] = layer.keys.index_select(2, index)
+                        layer.values[:, :, start:end] = layer.values.index_select(2, index)
         self.length = self.start = start + keep.numel()
 
     def crop(self, length: int) -> None:
@@ -131,9 +152,16 @@ class SlotCache(Cache):
         """Room for `need` slots: reallocate (doubling) and copy when short; addresses then change."""
         if need <= self.capacity:
             return
-        self.capacity = max(need, 2 * self.capacity)
+        old, self.capacity = self.capacity, max(need, 2 * self.capacity)
+        if self.storage is not None:
+            storage, self.storage = self.storage, self.make((*self.storage.shape[:4], self.capacity, self.storage.shape[-1]), self.storage)
+            self.storage[:, :, :, :, :old] = storage
         for layer in self.layers:
-            if layer.is_initialized:
+            if not layer.is_initialized:
+                continue
+            if layer.shared:
+                layer.keys, layer.values = self.storage[layer.index, 0], self.storage[layer.index, 1]
+            else:
                 layer.grow(self.capacity)
 
 
