@@ -347,7 +347,7 @@ class Check:
     def seven_b(self, record: dict) -> None:
         from verify_overhead import tree_of
 
-        from medusa_bench.decoders.spec import Proposer, SpeculativeDecoder, crop_cache, forward, sync
+        from medusa_bench.decoders.spec import Proposer, SpeculativeDecoder, crop_cache, sync
         from medusa_bench.decoders.medusa import MedusaProposer
         from medusa_bench.heads.medusa import MedusaHeads
 
@@ -396,8 +396,8 @@ class Check:
                         ids = torch.randint(100, 20000, (1, n), device=loaded.device)
                         positions = (CONTEXT_7B + torch.arange(n, device=loaded.device))[None]
 
-                        def bare():
-                            forward(loaded.model, ids, cache, positions, None, False)
+                        def bare():  # on the step's engine: eager, or replayed when captured
+                            dec.engine.forward(ids, cache, positions, None, ())
 
                         def step():
                             dec.step(state, root)
@@ -793,7 +793,7 @@ def render_md(data: dict) -> str:
         lines += ["## Llama-2-7B shape, random weights: our step vs a bare forward" + (" (TINY: --tiny-7b)" if shape.get("hidden_size") != 4096 else ""), "",
                   f"{shape.get('num_hidden_layers', '?')} layers, hidden {shape.get('hidden_size', '?')}, {item.get('dtype', '?')}, "
                   f"{item.get('context', '?')} cached tokens, median of {item.get('repeats', '?')}; step = `SpeculativeDecoder.step` with 4 random "
-                  "Medusa heads on a fixed tree of n nodes (mc_sim_7b_63 prefix), forward = the model alone over n tokens (eager).", ""]
+                  "Medusa heads on a fixed tree of n nodes (mc_sim_7b_63 prefix), forward = the model alone over n tokens on the same engine (eager, or replayed when captured; the first H200 check, before this, timed it eager in both).", ""]
         problem = status_line(item)
         if problem:
             lines += [f"_{problem}_", ""]

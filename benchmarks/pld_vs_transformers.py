@@ -19,7 +19,7 @@ import copy
 import json
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -121,7 +121,7 @@ def main() -> None:
     options = DecoderOptions(pld_max_ngram=args.pld_max_ngram, pld_tokens=args.pld_tokens, pld_branches=args.pld_branches)
     decoders = {"baseline": build_decoder("baseline", loaded), "pld": build_decoder("pld", loaded, options)}
     if args.also_fixed:
-        decoders["pld-fixed"] = build_decoder("pld", loaded, replace(options, extra={"pld_adaptive": False}))
+        decoders["pld-fixed"] = build_decoder("pld", loaded, options.replace(extra={"pld_adaptive": False}))
 
     shapes = StepShapes(decoders["pld"].proposer)
 

@@ -73,7 +73,7 @@ def main() -> None:
         save_heads(heads, folder, format="v2")
     options = DecoderOptions(medusa_heads=str(folder), draft_vocab=args.draft_vocab)
     context = torch.randint(100, 20000, (args.context,)).tolist()
-    probe = build_decoder("medusa", base, replace(options, tree="chain-1")).proposer.heads
+    probe = build_decoder("medusa", base, options.replace(tree="chain-1")).proposer.heads
     drafted = probe.draft_vocab_size or base.vocab_size
     print(f"{args.model} on {device.type}/{str(base.dtype).replace('torch.', '')}, context {args.context}, "
           f"{probe.num_heads} heads from {folder}, drafting among {drafted} tokens, median of {args.repeats}")
@@ -101,7 +101,7 @@ def measure(loaded, options, context: list[int], repeats: int) -> dict:
         for n in SIZES:
             tree = tree_of(n)
             decoder = build_decoder("medusa" if n > 1 else "baseline", loaded,
-                                    replace(options, tree=str(tree.to_list()) if n > 1 else "empty"))
+                                    options.replace(tree=str(tree.to_list()) if n > 1 else "empty"))
             state = decoder.prefill(context, max_new_tokens=8)  # each decoder's own prefilled state; `rewind` returns to it
             mark, cache = state.checkpoint(), state.cache
             root, last_hidden = int(state.logits.argmax()), state.hidden

@@ -6,6 +6,8 @@ can fix are `UserError`s and print as one line (MEDUSA_BENCH_DEBUG=1 shows the t
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -32,6 +34,36 @@ def _not_built(what: str) -> None:
     raise UserError(f"`medusa-bench {what}` is not built yet")
 
 
+class DecoderCommand:
+    """A typer command whose flags also hold every declared decoder option (decoders/options.py):
+    they reach the function as **decoder_options. The flags are computed when typer builds the
+    command, which imports the decoder modules; `main` skips that for commands that decode nothing."""
+
+    wanted = True  # main() sets False for commands other than COMMANDS (their start stays fast)
+
+    def __init__(self, fn, command: str):
+        functools.update_wrapper(self, fn)
+        self.fn, self.command = fn, command
+
+    def __call__(self, **kwargs):
+        return self.fn(**kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        from medusa_bench.decoders.options import declared
+
+        signature = inspect.signature(self.fn, eval_str=True)
+        params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        if DecoderCommand.wanted:
+            params += [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, annotation=o.annotation,
+                                         default=typer.Option(o.default, o.flag, help=o.help)) for o in declared(self.command)]
+        return signature.replace(parameters=params)
+
+
+def decoder_options(command: str):
+    return lambda fn: DecoderCommand(fn, command)
+
+
 # Engine options, the same for every command that decodes (engine.py).
 _CACHE = typer.Option("auto", "--cache", help="KV cache: auto (static where the model allows it) | static | dynamic.")
 _COMPILE = typer.Option("auto", "--compile", help="Captured steps: auto (CUDA graphs on CUDA, eager on CPU) | on | off. The baseline and every decoder share it.")
@@ -39,6 +71,7 @@ _COMPILE = typer.Option("auto", "--compile", help="Captured steps: auto (CUDA gr
 
 # ---------------------------------------------------------------------------------------- run
 @app.command()
+@decoder_options("run")
 def run(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Hub id, local folder, .gguf file or 'smollm2-135m'."),
     decoders: str = typer.Option("baseline", "--decoders", "-d", help="Comma-separated decoder names."),
@@ -55,17 +88,6 @@ def run(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default results/<model>-<bench>)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     dtype: str = typer.Option("auto", "--dtype", help="auto (CPU: bf16 if it is native and measures faster, else fp32; CUDA: bf16, else fp16) | float32 | float16 | bfloat16"),
-    tree: str = typer.Option("mc_sim_7b_63", "--tree", help="Preset name, JSON file, inline list, or 'auto'."),
-    medusa_heads: Optional[str] = typer.Option(None, "--medusa-heads", help="Medusa-1 / v2 heads folder."),
-    medusa2_model: Optional[str] = typer.Option(None, "--medusa2-model", help="A Medusa-2 model folder."),
-    hydra_heads: Optional[str] = typer.Option(None, "--hydra-heads", help="Hydra heads folder."),
-    acceptance: str = typer.Option("greedy", "--acceptance", help="greedy | typical"),
-    posterior_threshold: float = typer.Option(0.09, "--posterior-threshold", help="Typical acceptance epsilon."),
-    posterior_alpha: float = typer.Option(0.3, "--posterior-alpha", help="Typical acceptance delta."),
-    draft_vocab: int = typer.Option(-1, "--draft-vocab", help="Heads draft among the N most frequent tokens (-1: the heads' default, 0: all)."),
-    pld_max_ngram: int = typer.Option(3, "--pld-max-ngram", help="Prompt lookup: longest n-gram to match."),
-    pld_tokens: int = typer.Option(10, "--pld-tokens", help="Prompt lookup: most tokens drafted per branch."),
-    pld_branches: int = typer.Option(1, "--pld-branches", help="Prompt lookup: distinct continuations drafted as a tree."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
     control: bool = typer.Option(False, "--control", help="Add the A/A control: the baseline's work timed again as decoder 'control' (the noise floor)."),
     precision_reference: str = typer.Option("auto", "--precision-reference", help="float32 | none: decode the baseline again in fp32 (untimed) to show what the precision changes; auto: float32 unless the run is fp32."),
@@ -80,6 +102,7 @@ def run(
     concurrency: Optional[str] = typer.Option(None, "--concurrency", help="Endpoints: a sweep of requests in flight, e.g. 1,4,16 (appended to sweep.jsonl)."),
     request_timeout: float = typer.Option(300.0, "--request-timeout", help="Endpoints: seconds per request before it is retried."),
     max_retries: int = typer.Option(4, "--max-retries", help="Endpoints: retries of a failed request (backoff) before it is recorded as failed."),
+    **decoder_options,
 ) -> None:
     """Run decoders over a bench's questions; appends answers and resumes where it stopped.
 
@@ -91,10 +114,7 @@ def run(
         model=model, decoders=decoders, bench=bench, questions=questions, limit=limit,
         question_ids=question_ids, categories=categories, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, seed=seed, warmup=warmup, out=out, device=device,
-        dtype=dtype, tree=tree, medusa_heads=medusa_heads, medusa2_model=medusa2_model,
-        hydra_heads=hydra_heads, acceptance=acceptance, posterior_threshold=posterior_threshold,
-        posterior_alpha=posterior_alpha, pld_max_ngram=pld_max_ngram, pld_tokens=pld_tokens,
-        pld_branches=pld_branches, draft_vocab=draft_vocab, trust_remote_code=trust_remote_code,
+        dtype=dtype, decoder_options=decoder_options, trust_remote_code=trust_remote_code,
         control=control, precision_reference=precision_reference, remeasure_flagged=remeasure_flagged,
         cache=cache, compile=compile,
     )
@@ -176,16 +196,10 @@ def report(
 
 # -------------------------------------------------------------------------------------- serve
 @app.command()
+@decoder_options("serve")
 def serve(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Hub id, local folder, .gguf file or 'smollm2-135m'."),
     decoder: str = typer.Option("baseline", "--decoder", "-d", help="baseline | medusa | medusa2 | hydra | …"),
-    tree: str = typer.Option("mc_sim_7b_63", "--tree", help="Preset name, JSON file or inline list."),
-    medusa_heads: Optional[str] = typer.Option(None, "--medusa-heads", help="Medusa-1 / v2 heads folder."),
-    medusa2_model: Optional[str] = typer.Option(None, "--medusa2-model", help="A Medusa-2 model folder."),
-    hydra_heads: Optional[str] = typer.Option(None, "--hydra-heads", help="Hydra heads folder."),
-    acceptance: str = typer.Option("greedy", "--acceptance", help="greedy | typical"),
-    posterior_threshold: float = typer.Option(0.09, "--posterior-threshold", help="Typical acceptance epsilon."),
-    posterior_alpha: float = typer.Option(0.3, "--posterior-alpha", help="Typical acceptance delta."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | float16 | bfloat16"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
@@ -198,15 +212,13 @@ def serve(
     served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="Model id clients use (default <model>-<decoder>)."),
     cache: str = _CACHE,
     compile: str = _COMPILE,
+    **decoder_options,
 ) -> None:
     """Serve a decoder behind an OpenAI-compatible HTTP API (chat completions, streaming, /metrics)."""
     from medusa_bench.decoders.base import DecoderOptions
     from medusa_bench.serve.app import serve as serve_forever
 
-    options = DecoderOptions(
-        tree=tree, medusa_heads=medusa_heads, medusa2_model=medusa2_model, hydra_heads=hydra_heads,
-        acceptance=acceptance, posterior_threshold=posterior_threshold, posterior_alpha=posterior_alpha,
-    )
+    options = DecoderOptions(**decoder_options)
     serve_forever(
         model=model, decoder=decoder, options=options, host=host, port=port, api_key=api_key,
         max_waiting=max_waiting, max_batch=max_batch, heads=heads, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
@@ -324,13 +336,10 @@ def train_medusa2(
 
 # --------------------------------------------------------------------------------------- tree
 @app.command("tree")
+@decoder_options("tree")
 def tree_command(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Hub id, local folder, .gguf file or 'smollm2-135m'."),
     decoder: str = typer.Option("medusa", "--decoder", "-d", help="Whose heads: medusa | medusa2 | hydra."),
-    medusa_heads: Optional[str] = typer.Option(None, "--medusa-heads", help="Medusa-1 / v2 heads folder (default: the shipped heads)."),
-    medusa2_model: Optional[str] = typer.Option(None, "--medusa2-model", help="A Medusa-2 model folder."),
-    hydra_heads: Optional[str] = typer.Option(None, "--hydra-heads", help="Hydra heads folder."),
-    draft_vocab: int = typer.Option(-1, "--draft-vocab", help="As in `run`: heads draft among the N most frequent tokens (-1: the heads' default, 0: all)."),
     max_nodes: int = typer.Option(64, "--max-nodes", help="Largest tree, root included."),
     max_depth: Optional[int] = typer.Option(None, "--max-depth", help="Deepest path (default: every head)."),
     top_k: int = typer.Option(10, "--top-k", help="Candidates per head that calibration ranks."),
@@ -347,6 +356,7 @@ def tree_command(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
     cache: str = _CACHE,
     compile: str = _COMPILE,
+    **decoder_options,
 ) -> None:
     """Find the fastest candidate tree for these heads on this model and device (what `run --tree auto` uses)."""
     from medusa_bench.bench.autotree import AutoTreeSettings, save_tree_files, summary_table, tree_for_decoder
@@ -357,8 +367,7 @@ def tree_command(
     settings = AutoTreeSettings(max_nodes=max_nodes, max_depth=max_depth, top_k=top_k, prompts=prompts, tokens=tokens,
                                 calibration=str(calibration) if calibration else None, context_len=context_len,
                                 repeats=repeats, min_speedup=min_speedup, refresh=refresh)
-    options = DecoderOptions(tree="auto", medusa_heads=medusa_heads, medusa2_model=medusa2_model, hydra_heads=hydra_heads,
-                             draft_vocab=draft_vocab, extra={"autotree": settings})
+    options = DecoderOptions(**{**decoder_options, "tree": "auto"}, extra={"autotree": settings})
     check_options(cache, compile)
     loaded = load_model(model, device, dtype, trust_remote_code)
     use_engine(loaded, cache, compile)  # step times are this engine's
@@ -407,6 +416,9 @@ def quiet_libraries() -> None:
 def main() -> None:
     """Entry point: UserError → one line on stderr, exit 2 (traceback with MEDUSA_BENCH_DEBUG=1)."""
     quiet_libraries()
+    from medusa_bench.decoders.options import COMMANDS
+
+    DecoderCommand.wanted = any(arg in COMMANDS for arg in sys.argv[1:2])
     try:
         app()
     except UserError as error:

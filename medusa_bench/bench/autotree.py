@@ -88,12 +88,11 @@ class AutoTree:
 
 def tree_for_decoder(spec: str, loaded, options) -> AutoTree:
     """`medusa-bench tree`: build the decoder with `--tree auto` (the very path `run` takes) and return its search."""
-    from dataclasses import replace
 
     from medusa_bench.decoders.base import build_decoder
 
-    decoder = build_decoder(spec, loaded, replace(options, tree="auto"))
-    auto = getattr(decoder, "autotree", None)
+    decoder = build_decoder(spec, loaded, options.replace(tree="auto"))
+    auto = decoder.autotree
     if auto is None:
         raise UserError(f"decoder {spec!r} drafts no tree from heads; search trees for medusa, medusa2 or hydra")
     return auto
@@ -264,7 +263,7 @@ def _file_hash(path: Path) -> str:
 
 # ------------------------------------------------------------------------------ run folders
 def tree_of(decoder) -> Optional[Tree]:
-    return getattr(getattr(decoder, "proposer", None), "tree", None)
+    return decoder.proposer.tree
 
 
 def tree_records(decoders: dict) -> dict:
@@ -278,7 +277,7 @@ def tree_records(decoders: dict) -> dict:
         tree = tree_of(decoder)
         if not isinstance(tree, Tree):
             continue
-        auto = getattr(decoder, "autotree", None) is not None
+        auto = decoder.autotree is not None
         records[name] = {"name": tree.name, "hash": tree.hash, "num_nodes": tree.num_nodes, "depth": tree.depth, "auto": auto}
         if auto:
             suffix = "" if autos == 0 else "-" + "".join(c if c.isalnum() else "-" for c in name)
@@ -315,7 +314,7 @@ def profile_files(decoders: dict) -> dict[str, str]:
     pld-profile-<decoder>.json (decoders with a `step_profile`, see decoders/pld.py)."""
     files = {}
     for name, decoder in decoders.items():
-        if getattr(decoder, "step_profile", None) is not None:
+        if decoder.step_profile is not None:
             suffix = "" if not files else "-" + "".join(c if c.isalnum() else "-" for c in name)
             files[name] = f"pld-profile{suffix}.json"
     return files

@@ -12,13 +12,13 @@
   for each tree size, `rewind` back to the prefill after each; sizes interleaved round by round
   so machine drift hits all alike; warm-up, device sync, median.
 
-The proposer contract for calibration: a proposer may define
-    true_ranks(hidden [S, H], tokens [S], positions [T], depth) -> LongTensor [T, depth]
+The proposer contract for calibration (`spec.Proposer.true_ranks`, which refuses by default):
+    true_ranks(hidden [S, H], tokens [S], positions [T], depth, top_k) -> LongTensor [T, depth]
 the rank of tokens[t + 1 + d] among its depth-d candidates at position t, given that the
 root and the drafts above it are the true tokens (teacher forcing: the path above was
-accepted), or -1 where t + 1 + d is past the sequence; any rank >= top_k is a miss. Medusa
-heads need no such method: `medusa_true_ranks` serves any proposer with a `MedusaHeads` as
-`.heads`, ranking by the heads' own `draft_topk`, the very call that drafts.
+accepted), or -1 where t + 1 + d is past the sequence; any rank >= top_k is a miss. Medusa's
+proposer answers with `MedusaHeads.true_ranks`, ranking by the heads' own `draft_topk`, the
+very call that drafts; Hydra's with `HydraHeads.true_ranks`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from medusa_bench.trees.tree import Tree
 
 DEFAULT_PROMPTS = ("self_instruct", "user_oriented_instructions.jsonl")  # self-distillation prompts
 PROFILE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-RANK_CHUNK = 64  # positions per head call: [depth, 64, V] logits at a time
 
 MakeProposer = Callable[[Tree], Proposer]
 
@@ -132,40 +131,15 @@ def last_hidden(loaded, ids: list[int]) -> torch.Tensor:
     return body(input_ids=tokens, use_cache=False)[0][0]  # [S, H]
 
 
-@torch.no_grad()
 def medusa_true_ranks(heads, hidden: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, depth: int,
                       top_k: int) -> torch.Tensor:
-    """Where each true future token sits in each Medusa head's drafted top-k: [T, depth].
-
-    Ranked by `draft_topk` itself, the decoder's drafting call (so a restricted draft
-    vocabulary counts as it drafts); top_k where the token is not drafted, -1 past the end.
-    """
-    size = tokens.shape[0]
-    offsets = torch.arange(2, depth + 2, device=tokens.device)  # head d (1-based) predicts t + 1 + d
-    target_pos = positions[:, None] + offsets[None]  # [T, depth]
-    valid = target_pos < size
-    targets = tokens[target_pos.clamp(max=size - 1)]  # [T, depth]
-    ranks = []
-    for start in range(0, positions.shape[0], RANK_CHUNK):
-        rows = slice(start, start + RANK_CHUNK)
-        drafted = heads.draft_topk(hidden[positions[rows]], top_k, head=slice(depth)).transpose(0, 1)  # [t, depth, k]
-        hit = drafted == targets[rows].unsqueeze(-1)  # [t, depth, k]
-        ranks.append(torch.where(hit.any(-1), hit.int().argmax(-1), top_k))  # [t, depth]
-    return torch.cat(ranks).masked_fill(~valid, -1)
+    """Medusa heads' ranks (heads/medusa.MedusaHeads.true_ranks)."""
+    return heads.true_ranks(hidden, tokens, positions, depth, top_k)
 
 
 def true_ranks(proposer, hidden, tokens, positions, depth: int, top_k: int) -> torch.Tensor:
-    """The proposer's own `true_ranks`, else Medusa heads' (see the module docstring)."""
-    method = getattr(proposer, "true_ranks", None)
-    if method is not None:
-        return method(hidden, tokens, positions, depth)
-    from medusa_bench.heads.medusa import MedusaHeads
-
-    heads = getattr(proposer, "heads", None)
-    if isinstance(heads, MedusaHeads):
-        return medusa_true_ranks(heads, hidden, tokens, positions, depth, top_k)
-    raise UserError(f"{type(proposer).__name__} cannot be calibrated: it needs a method "
-                    "true_ranks(hidden, tokens, positions, depth); pass a fixed --tree instead of auto")
+    """The proposer's `true_ranks` (spec.Proposer declares it; see the module docstring)."""
+    return proposer.true_ranks(hidden, tokens, positions, depth, top_k)
 
 
 def rank_table(loaded, proposer, sequences: list[tuple[list[int], int]], depth: int, top_k: int) -> torch.Tensor:

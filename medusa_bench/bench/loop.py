@@ -25,16 +25,20 @@ from medusa_bench.bench.contention import TIMING_FIELDS, count_flagged, cpu_mete
 from medusa_bench.bench.prompts import build_prompt, conversation
 from medusa_bench.bench.questions import CATEGORY_TEMPERATURE, Question, load_questions
 from medusa_bench.decoders.base import Decoder, DecoderOptions, Sampling, build_decoder, decoder_names, split_spec
+from medusa_bench.decoders.options import declared
 from medusa_bench.engine import check_options as check_engine_options
 from medusa_bench.engine import engine_of, use_engine
 from medusa_bench.errors import UserError
 from medusa_bench.results import files
 
-# Settings that change the numbers: a run folder keeps them fixed for its whole life.
-SETTING_KEYS = ("model", "bench", "question_file", "max_new_tokens", "temperature", "top_p", "seed",
-                "device", "dtype", "tree", "acceptance", "posterior_threshold", "posterior_alpha",
-                "medusa_heads", "medusa2_model", "hydra_heads", "pld_max_ngram", "pld_tokens", "pld_branches", "draft_vocab", "precision_reference",
-                "cache", "compile")
+# Settings that change the numbers: a run folder keeps them fixed for its whole life. The
+# decoders' own options (decoders/options.py) join them: `setting_keys()`.
+RUN_SETTING_KEYS = ("model", "bench", "question_file", "max_new_tokens", "temperature", "top_p", "seed",
+                    "device", "dtype", "precision_reference", "cache", "compile")
+
+
+def setting_keys() -> tuple:
+    return RUN_SETTING_KEYS + tuple(option.name for option in declared())
 
 
 @dataclass
@@ -62,10 +66,10 @@ class RunConfig:
     compile: str = "auto"  # captured steps: auto (CUDA graphs on CUDA, eager on CPU) | on | off
 
     @classmethod
-    def from_cli(cls, *, decoders: str, question_ids, categories, temperature: str, tree, medusa_heads,
-                 medusa2_model, hydra_heads, acceptance, posterior_threshold, posterior_alpha,
-                 pld_max_ngram=3, pld_tokens=10, pld_branches=1, draft_vocab=-1, control=False, **rest) -> "RunConfig":
-        """Parse the CLI's strings; every bad value is a one-line UserError."""
+    def from_cli(cls, *, decoders: str, question_ids, categories, temperature: str, decoder_options: dict,
+                 control=False, **rest) -> "RunConfig":
+        """Parse the CLI's strings; every bad value is a one-line UserError. `decoder_options`: the
+        declared decoder options' values (decoders/options.py), as the flags gave them."""
         names = [d.strip() for d in decoders.split(",") if d.strip()]
         if not names:
             raise UserError("--decoders is empty; valid names are: " + ", ".join(decoder_names()))
@@ -87,11 +91,7 @@ class RunConfig:
             raise UserError(f"--max-new-tokens must be >= 1, got {rest['max_new_tokens']}")
         if rest["warmup"] < 0:
             raise UserError(f"--warmup must be >= 0, got {rest['warmup']}")
-        options = DecoderOptions(tree=tree, medusa_heads=medusa_heads, medusa2_model=medusa2_model,
-                                 hydra_heads=hydra_heads, acceptance=acceptance,
-                                 posterior_threshold=posterior_threshold, posterior_alpha=posterior_alpha,
-                                 pld_max_ngram=pld_max_ngram, pld_tokens=pld_tokens, pld_branches=pld_branches,
-                                 draft_vocab=draft_vocab)
+        options = DecoderOptions(**decoder_options)
         split = lambda text: [x.strip() for x in text.split(",") if x.strip()] if text else None  # noqa: E731
         return cls(decoders=names, question_ids=split(question_ids), categories=split(categories),
                    temperature=temperature, options=options, **rest)
@@ -108,25 +108,21 @@ def default_out(config: RunConfig, model_name: str) -> Path:
 
 
 def settings_of(config: RunConfig, question_file: Path, device, dtype) -> dict:
-    opts = config.options
     return {
         "model": config.model, "bench": config.bench, "question_file": str(question_file),
         "max_new_tokens": config.max_new_tokens, "temperature": config.temperature, "top_p": config.top_p,
         "seed": config.seed, "device": device.type, "dtype": str(dtype).replace("torch.", ""),
-        "tree": opts.tree, "acceptance": opts.acceptance, "posterior_threshold": opts.posterior_threshold,
-        "posterior_alpha": opts.posterior_alpha, "medusa_heads": opts.medusa_heads,
-        "medusa2_model": opts.medusa2_model, "hydra_heads": opts.hydra_heads,
-        "pld_max_ngram": opts.pld_max_ngram, "pld_tokens": opts.pld_tokens, "pld_branches": opts.pld_branches,
-        "draft_vocab": opts.draft_vocab, "cache": config.cache, "compile": config.compile,
+        "cache": config.cache, "compile": config.compile, **config.options.as_dict(),
     }
 
 
-def check_same_settings(run_dir: Path, settings: dict, keys: tuple = SETTING_KEYS) -> Optional[dict]:
+def check_same_settings(run_dir: Path, settings: dict, keys: Optional[tuple] = None) -> Optional[dict]:
     """The existing run.json, or a UserError naming every setting in `keys` that differs."""
     if not (run_dir / files.RUN_FILE).exists():
         return None
     previous = files.load_run(run_dir)
     before = previous.get("settings", {})
+    keys = keys if keys is not None else setting_keys()
     changed = [f"{key} was {before.get(key)!r}, now {settings.get(key)!r}" for key in keys
                if key in before and before.get(key) != settings.get(key)]
     if changed:

@@ -7,12 +7,11 @@ a different proposer: the baseline proposes nothing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
+from medusa_bench.decoders.options import DecoderOptions  # noqa: F401 (re-exported: callers import it from here)
 from medusa_bench.errors import UserError, unknown_name
-
-ACCEPTANCE_RULES = ("greedy", "typical")
 
 
 @dataclass(frozen=True)
@@ -60,32 +59,6 @@ class Decoder(Protocol):
                  on_step: Optional[StepCallback] = None, logprobs: Optional[int] = None) -> Generation: ...
 
 
-@dataclass(frozen=True)
-class DecoderOptions:
-    """Everything a decoder may need beyond the model; each decoder reads its own part."""
-
-    tree: str = "mc_sim_7b_63"
-    medusa_heads: Optional[str] = None
-    medusa2_model: Optional[str] = None
-    hydra_heads: Optional[str] = None
-    acceptance: str = "greedy"
-    posterior_threshold: float = 0.09  # typical acceptance epsilon
-    posterior_alpha: float = 0.3  # typical acceptance delta
-    pld_max_ngram: int = 3
-    pld_tokens: int = 10
-    pld_branches: int = 1
-    draft_vocab: int = -1  # heads draft among the N most frequent tokens; -1: the heads' own default, 0: all
-    extra: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        if self.acceptance not in ACCEPTANCE_RULES:
-            raise unknown_name("acceptance rule", self.acceptance, ACCEPTANCE_RULES)
-        if not 0 <= self.posterior_threshold <= 1:
-            raise UserError(f"--posterior-threshold must be in [0, 1], got {self.posterior_threshold}")
-        if not self.posterior_alpha >= 0:
-            raise UserError(f"--posterior-alpha must be >= 0, got {self.posterior_alpha}")
-
-
 # name -> factory(loaded_model, options) -> Decoder. Factories import lazily so that
 # `medusa-bench --help` stays fast and a missing optional part only fails when used.
 DecoderFactory = Callable[["LoadedModel", DecoderOptions], Decoder]  # noqa: F821
@@ -101,7 +74,7 @@ def register(name: str):
 
 
 def decoder_names() -> list[str]:
-    _load_builtin()
+    load_decoders()
     return sorted(_REGISTRY)
 
 
@@ -111,31 +84,44 @@ def split_spec(spec: str) -> tuple[str, Optional[str]]:
     return name.strip(), (tree.strip() or None)
 
 
-def build_decoder(spec: str, loaded, options: DecoderOptions = DecoderOptions()) -> Decoder:
+def build_decoder(spec: str, loaded, options: Optional[DecoderOptions] = None) -> Decoder:
     """The registry: 'unknown decoder 'x'; valid names are …' for a typo.
 
     `spec` is a decoder name, optionally with its own tree after a colon (`medusa:chain-2`),
     which overrides `options.tree` for that decoder only; the decoder is then named `spec`.
     """
-    _load_builtin()
+    load_decoders()
     name, tree = split_spec(spec)
     if name not in _REGISTRY:
         raise unknown_name("decoder", name, _REGISTRY)
+    options = options if options is not None else DecoderOptions()
     if tree is not None:
-        options = replace(options, tree=tree)
+        options = options.replace(tree=tree)
     decoder = _REGISTRY[name](loaded, options)
     if tree is not None:
         decoder.name = f"{name}:{tree}"
     return decoder
 
 
-def _load_builtin() -> None:
-    """Importing the decoder modules registers them."""
-    import importlib
+ENTRY_POINTS = "medusa_bench.decoders"  # another package adds decoders here: name = "module"
+_LOADED = False
 
-    for module in ("baseline", "control", "medusa", "hydra", "pld"):
-        try:
-            importlib.import_module(f"medusa_bench.decoders.{module}")
-        except ModuleNotFoundError as error:
-            if error.name != f"medusa_bench.decoders.{module}":
-                raise
+
+def load_decoders() -> None:
+    """Import every module of this package and every entry point in ENTRY_POINTS: importing a
+    decoder module registers its decoders (`register`) and declares its options (options.declare)."""
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True  # before importing: a module that asks for the registry while loading sees it partial, not a loop
+    import importlib
+    import pkgutil
+    from importlib.metadata import entry_points
+
+    import medusa_bench.decoders as package
+
+    for module in pkgutil.iter_modules(package.__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"{package.__name__}.{module.name}")
+    for entry in entry_points(group=ENTRY_POINTS):
+        entry.load()

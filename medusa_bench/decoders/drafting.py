@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from medusa_bench.decoders.base import DecoderOptions
+from medusa_bench.decoders.options import Option, declare, within
 from medusa_bench.decoders.spec import Acceptance, Proposer, SpeculativeDecoder
 from medusa_bench.errors import UserError
 from medusa_bench.heads.common import apply_draft_vocab, default_heads
@@ -29,6 +30,10 @@ class HeadsProposer(Proposer):
         self.draft_size = tree.num_nodes - 1
 
 
+declare(Option("draft_vocab", -1, "Heads draft among the N most frequent tokens (-1: the heads' default, 0: all).",
+               check=within(-1, integer=True)))
+
+
 def find_heads(given, loaded, kind: str, option: str, what: str = "heads") -> Path | str:
     """The heads a decoder drafts with: `given` (its option's value), else the ones shipped for the model."""
     path = given or default_heads(loaded, kind)
@@ -39,7 +44,7 @@ def find_heads(given, loaded, kind: str, option: str, what: str = "heads") -> Pa
 
 
 def heads_decoder(name: str, loaded, heads, path, proposer_class, options: DecoderOptions,
-                  draft_vocab: int = 0) -> SpeculativeDecoder:
+                  draft_vocab: int = 0, baseline_name: str = "baseline") -> SpeculativeDecoder:
     """The decoder `name`: `proposer_class` drafting with `heads` (read from `path`) on `loaded`.
 
     `draft_vocab` restricts drafting to the heads' most frequent tokens (`apply_draft_vocab`;
@@ -57,6 +62,5 @@ def heads_decoder(name: str, loaded, heads, path, proposer_class, options: Decod
         auto = auto_tree(loaded, make_proposer, path, heads.num_heads, name, options.extra.get("autotree"))
     tree = auto.tree if auto is not None else Tree.parse(options.tree, num_heads=heads.num_heads)
     acceptance = Acceptance(options.acceptance, options.posterior_threshold, options.posterior_alpha)
-    decoder = SpeculativeDecoder(name, loaded, make_proposer(tree), acceptance)
-    decoder.autotree = auto  # the run folder keeps the optimiser's tables (bench/autotree.store_in_run)
-    return decoder
+    # the run folder keeps the optimiser's tables (bench/autotree.store_in_run)
+    return SpeculativeDecoder(name, loaded, make_proposer(tree), acceptance, baseline_name=baseline_name, autotree=auto)

@@ -21,6 +21,7 @@ from transformers import DynamicCache
 
 from medusa_bench.decoders.base import DecoderOptions, register
 from medusa_bench.decoders.drafting import HeadsProposer, find_heads, heads_decoder
+from medusa_bench.decoders.options import Option, declare
 from medusa_bench.decoders.spec import Draft, crop_cache
 from medusa_bench.trees.tree import Tree, TreeBuffers
 
@@ -105,7 +106,7 @@ class HydraProposer(HeadsProposer):
         if self.prefix is not None:
             self.prefix.rewind(length)
 
-    def true_ranks(self, hidden: Tensor, tokens: Tensor, positions: Tensor, depth: int) -> Tensor:
+    def true_ranks(self, hidden: Tensor, tokens: Tensor, positions: Tensor, depth: int, top_k: int = 0) -> Tensor:
         """Calibration (bench/calibrate.py): rank of each true token given that the path above was accepted.
 
         hidden [S, H]: the base model's last hidden states over one sequence; tokens [S]: its
@@ -160,6 +161,9 @@ class PrefixTracker:
         states = self.heads.prefix_states(new[None].to(self.heads.dtype), self.cache, positions)  # [1, q, H]
         self.length += new.shape[0]
         return states[0, -1]
+
+
+declare(Option("hydra_heads", None, "Hydra heads folder (default: the heads shipped for the model)."))
 
 
 @register("hydra")

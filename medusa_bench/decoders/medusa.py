@@ -19,6 +19,7 @@ import torch
 
 from medusa_bench.decoders.base import DecoderOptions, register
 from medusa_bench.decoders.drafting import HeadsProposer, find_heads, heads_decoder
+from medusa_bench.decoders.options import Option, declare
 from medusa_bench.decoders.spec import Draft, Proposer, SpeculativeDecoder
 from medusa_bench.trees.tree import Tree
 
@@ -38,6 +39,15 @@ class MedusaProposer(HeadsProposer):
         tokens[0] = root
         tokens[1:] = topk.reshape(-1)[self.draft_index]
         return Draft(tokens, self.buffers)
+
+    def true_ranks(self, hidden, tokens, positions, depth: int, top_k: int):
+        return self.heads.true_ranks(hidden, tokens, positions, depth, top_k)
+
+
+declare(
+    Option("medusa_heads", None, "Medusa-1 / v2 heads folder or hub id (default: the heads shipped for the model)."),
+    Option("medusa2_model", None, "A Medusa-2 model folder (backbone + heads)."),
+)
 
 
 @register("medusa")
@@ -98,15 +108,12 @@ def build_medusa2(loaded, options: DecoderOptions):
     path = medusa2_folder(loaded, options)
     backbone, heads = load_medusa2(loaded, path)
     # No draft_vocab: medusa2 drafts over the whole vocabulary, as it always has (--draft-vocab is medusa's and hydra's).
-    decoder = heads_decoder("medusa2", backbone, heads, path, MedusaProposer, options)
-    decoder.baseline_name = "medusa2-baseline"
-    return decoder
+    return heads_decoder("medusa2", backbone, heads, path, MedusaProposer, options, baseline_name="medusa2-baseline")
 
 
 @register("medusa2-baseline")
 def build_medusa2_baseline(loaded, options: DecoderOptions):
     """Plain decoding on the Medusa-2 backbone: the lossless reference and speed baseline of medusa2."""
     backbone, _ = load_medusa2(loaded, medusa2_folder(loaded, options))
-    decoder = SpeculativeDecoder("medusa2-baseline", backbone, Proposer())
-    decoder.baseline_name = "medusa2-baseline"  # a reference itself: another model than `baseline`
-    return decoder
+    # a reference itself: another model than `baseline`
+    return SpeculativeDecoder("medusa2-baseline", backbone, Proposer(), baseline_name="medusa2-baseline")

@@ -28,8 +28,8 @@ from typing import Optional
 import torch
 
 from medusa_bench.decoders.base import DecoderOptions, register
+from medusa_bench.decoders.options import Option, declare, within
 from medusa_bench.decoders.spec import Acceptance, Draft, Proposer, SpeculativeDecoder
-from medusa_bench.errors import UserError
 from medusa_bench.trees.tree import TreeBuffers
 
 LIMITS = {"pld_max_ngram": (1, 16), "pld_tokens": (1, 64), "pld_branches": (1, 16)}
@@ -337,12 +337,12 @@ class PromptLookupProposer(Proposer):
 
 
 # ------------------------------------------------------------------------------ the decoder
-def check_options(options: DecoderOptions) -> None:
-    for name, (low, high) in LIMITS.items():
-        value = getattr(options, name)
-        if not isinstance(value, int) or not low <= value <= high:
-            flag = "--" + name.replace("_", "-")
-            raise UserError(f"{flag} must be an integer from {low} to {high}, got {value!r}")
+declare(
+    Option("pld_max_ngram", 3, "Prompt lookup: longest n-gram to match.", check=within(*LIMITS["pld_max_ngram"], integer=True)),
+    Option("pld_tokens", 10, "Prompt lookup: most tokens drafted per branch.", check=within(*LIMITS["pld_tokens"], integer=True)),
+    Option("pld_branches", 1, "Prompt lookup: distinct continuations drafted as a tree.",
+           check=within(*LIMITS["pld_branches"], integer=True)),
+)
 
 
 PROFILE_SIZES = (1, 2, 4, 8, 16)  # nodes incl. the root; between: interpolated, larger: the prior scaled
@@ -375,7 +375,6 @@ def profile_context(loaded) -> list[int]:
 
 @register("pld")
 def build_pld(loaded, options: DecoderOptions):
-    check_options(options)
     adaptive = options.extra.get("pld_adaptive", True)
     proposer = PromptLookupProposer(options.pld_max_ngram, options.pld_tokens, options.pld_branches,
                                     adaptive=adaptive, device=loaded.device)

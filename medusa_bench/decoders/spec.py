@@ -55,6 +55,8 @@ class Proposer:
     # those rows concatenated, [k * H] per token. Empty: the final state when `needs_hidden`, else none.
     feature_layers: tuple[int, ...] = ()
     draft_size = 0  # most nodes drafted beyond the root
+    tree = None  # its fixed Tree, if it drafts one (run.json "trees", the tree optimiser)
+    heads = None  # its draft heads (heads/common.DraftHeads), if any: fingerprint, draft vocabulary, calibration
 
     def reset(self, prompt_ids: list[int]) -> None:
         """Called once per generation, before the first step."""
@@ -73,6 +75,14 @@ class Proposer:
     def rewind(self, length: int) -> None:
         """The context is back to its first `length` tokens (`SpeculativeDecoder.rewind`): forget
         what was observed past them. The next `propose` gets the hidden state of token length - 1."""
+
+    def true_ranks(self, hidden: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, depth: int,
+                   top_k: int) -> torch.Tensor:
+        """For `--tree auto` (bench/calibrate.py): hidden [S, H] and tokens [S] of one sequence,
+        positions [T] -> [T, depth], the rank of each true future token among the proposer's
+        candidates at that depth (0 = top-1, top_k = not drafted, -1 past the end)."""
+        raise UserError(f"{type(self).__name__} cannot be calibrated: it needs a method "
+                        "true_ranks(hidden, tokens, positions, depth, top_k); pass a fixed --tree instead of auto")
 
 
 @dataclass(frozen=True)
@@ -413,7 +423,11 @@ class SpeculativeDecoder:
     `generate` is the loop over them that `run` and `serve` time.
     """
 
-    def __init__(self, name: str, loaded, proposer: Proposer, acceptance: Acceptance = Acceptance(), lossless: bool = True):
+    autotree = None  # the optimiser's search when the tree is `auto` (bench/autotree.AutoTree): the run folder keeps it
+    step_profile = None  # a step-time profile the proposer decides by (decoders/pld.py): the run folder keeps it
+
+    def __init__(self, name: str, loaded, proposer: Proposer, acceptance: Acceptance = Acceptance(), lossless: bool = True,
+                 baseline_name: str = "baseline", autotree=None):
         self.name = name
         self.loaded = loaded
         self.model = loaded.model
@@ -427,7 +441,8 @@ class SpeculativeDecoder:
         drafting = proposer.draft_size > 0
         self.hidden_layers: tuple = (tuple(proposer.feature_layers) or ((-1,) if proposer.needs_hidden else ())) if drafting else ()
         self.want_hidden = bool(self.hidden_layers)
-        self.baseline_name = "baseline"  # the decoder whose tokens a lossless run must reproduce
+        self.baseline_name = baseline_name  # the decoder whose tokens a lossless run must reproduce
+        self.autotree = autotree
         self.eos = set(loaded.eos_token_ids)
         # sliding-window / chunked layers: the tree mask must apply their limits (None: the plain mask path)
         self.layout = attention_layout(self.model.config) if self.draft_size > 0 else None

@@ -180,6 +180,27 @@ class MedusaHeads(DraftHeads):
         return logits[0] if one else logits
 
     @torch.no_grad()
+    @torch.no_grad()
+    def true_ranks(self, hidden: Tensor, tokens: Tensor, positions: Tensor, depth: int, top_k: int, chunk: int = 64) -> Tensor:
+        """Where each true future token sits in each head's drafted top-k: [T, depth] (for `--tree auto`).
+
+        hidden [S, H] and tokens [S] of one sequence, positions [T]: head d (1-based) at t predicts
+        tokens[t + 1 + d]. Ranked by `draft_topk` itself, the decoder's drafting call (so a restricted
+        draft vocabulary counts as it drafts); top_k where the token is not drafted, -1 past the end.
+        """
+        size = tokens.shape[0]
+        offsets = torch.arange(2, depth + 2, device=tokens.device)  # head d (1-based) predicts t + 1 + d
+        target_pos = positions[:, None] + offsets[None]  # [T, depth]
+        valid = target_pos < size
+        targets = tokens[target_pos.clamp(max=size - 1)]  # [T, depth]
+        ranks = []
+        for start in range(0, positions.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            drafted = self.draft_topk(hidden[positions[rows]], top_k, head=slice(depth)).transpose(0, 1)  # [t, depth, k]
+            hit = drafted == targets[rows].unsqueeze(-1)  # [t, depth, k]
+            ranks.append(torch.where(hit.any(-1), hit.int().argmax(-1), top_k))  # [t, depth]
+        return torch.cat(ranks).masked_fill(~valid, -1)
+
     def draft_topk(self, hidden: Tensor, top_k: int, head: int | slice | None = None) -> Tensor:
         """The drafting hot path, once per decoding step on the accepted node's hidden row.
 

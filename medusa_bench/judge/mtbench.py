@@ -91,14 +91,19 @@ def _reference_kwargs(template: str, reference: list[str] | None, turn: int) -> 
     return kwargs
 
 
+def _template(kind: str, prompts: dict[str, dict], question: dict, turn: int, reference: list[str] | None):
+    """(prompt name, its judge_prompts.jsonl record, the reference answers' format arguments)."""
+    name = prompt_name(kind, question.get("category", ""), turn, reference is not None)
+    record = prompts[name]
+    return name, record, _reference_kwargs(record["prompt_template"], reference, turn)
+
+
 def single_prompt(
     prompts: dict[str, dict], question: dict, answer_turns: list[str], turn: int, reference: list[str] | None = None
 ) -> JudgePrompt:
     """The single-answer grading prompt for `turn` (1 or 2) of one answer."""
-    name = prompt_name("single", question.get("category", ""), turn, reference is not None)
-    record = prompts[name]
+    name, record, kwargs = _template("single", prompts, question, turn, reference)
     template = record["prompt_template"]
-    kwargs = _reference_kwargs(template, reference, turn)
     if turn == 2:
         user = template.format(
             question_1=question["turns"][0], question_2=question["turns"][1],
@@ -114,10 +119,8 @@ def pair_prompt(
     reference: list[str] | None = None,
 ) -> JudgePrompt:
     """The pairwise prompt for `turn` with assistant A = `turns_a`, assistant B = `turns_b`."""
-    name = prompt_name("pair", question.get("category", ""), turn, reference is not None)
-    record = prompts[name]
+    name, record, kwargs = _template("pair", prompts, question, turn, reference)
     template = record["prompt_template"]
-    kwargs = _reference_kwargs(template, reference, turn)
     if turn == 2:
         user = template.format(
             question_1=question["turns"][0], question_2=question["turns"][1],

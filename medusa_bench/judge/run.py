@@ -480,23 +480,28 @@ def summarize_single(records, answers, question_map, selected):
     ).drop_duplicates(["model", "turn", "question_id"], keep="last")
     judged["valid"] = judged["score"] != mtbench.UNPARSED
     rows = []
+    for key, exp_c, got_c in _cells(expected, judged):
+        valid = got_c[got_c["valid"]]
+        rows.append({
+            **key, "score": float(valid["score"].mean()) if len(valid) else float("nan"),
+            "valid": int(len(valid)), "judged": int(len(got_c)), "unparsed": int((~got_c["valid"]).sum()),
+            "reused": int(got_c["reused"].sum()), "expected": int(len(exp_c)),
+            "coverage": len(valid) / len(exp_c) if len(exp_c) else float("nan"),
+        })
+    return pd.DataFrame(rows)
+
+
+def _cells(expected, got):
+    """({decoder, model, turn, category}, expected rows, got rows) per decoder × turn (0: both) × category ("all": every one)."""
     for (model, decoder), group in expected.groupby(["model", "decoder"], sort=False):
-        mine = judged[judged["model"] == model]
+        mine = got[got["model"] == model]
         for turn in sorted(group["turn"].unique().tolist()) + [0]:
             exp_t = group if turn == 0 else group[group["turn"] == turn]
             got_t = mine if turn == 0 else mine[mine["turn"] == turn]
             for category in sorted(exp_t["category"].unique().tolist()) + ["all"]:
                 exp_c = exp_t if category == "all" else exp_t[exp_t["category"] == category]
                 got_c = got_t if category == "all" else got_t[got_t["category"] == category]
-                valid = got_c[got_c["valid"]]
-                rows.append({
-                    "decoder": decoder, "model": model, "turn": turn, "category": category,
-                    "score": float(valid["score"].mean()) if len(valid) else float("nan"),
-                    "valid": int(len(valid)), "judged": int(len(got_c)), "unparsed": int((~got_c["valid"]).sum()),
-                    "reused": int(got_c["reused"].sum()), "expected": int(len(exp_c)),
-                    "coverage": len(valid) / len(exp_c) if len(exp_c) else float("nan"),
-                })
-    return pd.DataFrame(rows)
+                yield {"decoder": decoder, "model": model, "turn": turn, "category": category}, exp_c, got_c
 
 
 def summarize_pairwise(records, answers, question_map, selected, baseline_id):
@@ -524,23 +529,15 @@ def summarize_pairwise(records, answers, question_map, selected, baseline_id):
     games = pd.DataFrame(games, columns=["model", "turn", "question_id", "outcome", "category"]).drop_duplicates(
         ["model", "turn", "question_id"], keep="last")
     rows = []
-    for (model, decoder), group in expected.groupby(["model", "decoder"], sort=False):
-        mine = games[games["model"] == model]
-        for turn in sorted(group["turn"].unique().tolist()) + [0]:
-            exp_t = group if turn == 0 else group[group["turn"] == turn]
-            got_t = mine if turn == 0 else mine[mine["turn"] == turn]
-            for category in sorted(exp_t["category"].unique().tolist()) + ["all"]:
-                exp_c = exp_t if category == "all" else exp_t[exp_t["category"] == category]
-                got_c = got_t if category == "all" else got_t[got_t["category"] == category]
-                counts = got_c["outcome"].value_counts()
-                win, loss, tie = (int(counts.get(k, 0)) for k in ("win", "loss", "tie"))
-                valid = win + loss + tie
-                rows.append({
-                    "decoder": decoder, "model": model, "turn": turn, "category": category,
-                    "win": win, "loss": loss, "tie": tie, "error": int(counts.get("error", 0)),
-                    "win_rate_adjusted": (win + 0.5 * tie) / valid if valid else float("nan"),
-                    "expected": int(len(exp_c)), "coverage": valid / len(exp_c) if len(exp_c) else float("nan"),
-                })
+    for key, exp_c, got_c in _cells(expected, games):
+        counts = got_c["outcome"].value_counts()
+        win, loss, tie = (int(counts.get(k, 0)) for k in ("win", "loss", "tie"))
+        valid = win + loss + tie
+        rows.append({
+            **key, "win": win, "loss": loss, "tie": tie, "error": int(counts.get("error", 0)),
+            "win_rate_adjusted": (win + 0.5 * tie) / valid if valid else float("nan"),
+            "expected": int(len(exp_c)), "coverage": valid / len(exp_c) if len(exp_c) else float("nan"),
+        })
     return pd.DataFrame(rows)
 
 

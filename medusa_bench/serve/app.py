@@ -360,8 +360,6 @@ HEADS_OPTION = {"medusa": "medusa_heads", "hydra": "hydra_heads"}  # the Decoder
 
 def _heads_options(decoder: str, options, specs: Optional[list[str]]) -> list[tuple[str, object]]:
     """`--heads NAME=PATH` → [(NAME, options loading PATH)]; checked before the model loads."""
-    import dataclasses
-
     if not specs:
         return []
     kind = decoder.split(":", 1)[0]
@@ -376,7 +374,7 @@ def _heads_options(decoder: str, options, specs: Optional[list[str]]) -> list[tu
         if name in seen:
             raise UserError(f"--heads {spec!r}: the name {name!r} is taken; give each heads its own name")
         seen.add(name)
-        out.append((name, dataclasses.replace(options, **{HEADS_OPTION[kind]: path})))
+        out.append((name, options.replace(**{HEADS_OPTION[kind]: path})))
     return out
 
 

@@ -1,0 +1,107 @@
+"""The drafting contract: a decoder added in one new module (here another package, found through
+the `medusa_bench.decoders` entry point) needs no edit anywhere else.
+
+The toy drafts the root repeated `--toy-depth` times as a chain. With nothing but its module it
+must appear with its option in `run`, `serve` and `tree --help`, decode losslessly, resume, and
+be refused when its option changes on resume.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TOY = '''
+import torch
+
+from medusa_bench.decoders.base import register
+from medusa_bench.decoders.options import Option, declare, within
+from medusa_bench.decoders.spec import Draft, Proposer, SpeculativeDecoder
+from medusa_bench.trees.tree import Tree
+
+declare(Option("toy_depth", 2, "Toy drafter: copies of the last token drafted as a chain.", check=within(1, 8, integer=True)))
+
+
+class RepeatLast(Proposer):
+    def __init__(self, depth, device):
+        self.buffers = Tree.chain(depth).buffers(device)
+        self.draft_size = depth
+        self.device = device
+
+    def propose(self, root, hidden, context):
+        return Draft(torch.full((self.draft_size + 1,), root, dtype=torch.long, device=self.device), self.buffers)
+
+
+@register("toy")
+def build_toy(loaded, options):
+    return SpeculativeDecoder("toy", loaded, RepeatLast(options.toy_depth, loaded.device))
+'''
+
+
+@pytest.fixture(scope="module")
+def toy_path(tmp_path_factory) -> Path:
+    """A tiny installed-looking package: toy_drafter + a dist-info naming it as a decoder entry point."""
+    root = tmp_path_factory.mktemp("toy")
+    (root / "toy_drafter").mkdir()
+    (root / "toy_drafter" / "__init__.py").write_text(TOY)
+    info = root / "toy_drafter-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-drafter\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[medusa_bench.decoders]\ntoy = toy_drafter\n")
+    return root
+
+
+def cli(toy_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(toy_path), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    result = subprocess.run([sys.executable, "-m", "medusa_bench.cli", *args], capture_output=True, text=True, env=env,
+                            timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+@pytest.mark.parametrize("command", ["run", "serve", "tree"])
+def test_a_new_decoders_option_appears_in_every_command(toy_path, command):
+    out = cli(toy_path, command, "--help").stdout
+    assert "--toy-depth" in out
+
+
+def test_a_new_decoder_runs_losslessly_resumes_and_refuses_a_changed_option(toy_path, tmp_path):
+    run = ("run", "--decoders", "baseline,toy", "--bench", "quick", "--limit", "2", "--max-new-tokens", "12",
+           "--device", "cpu", "--dtype", "float32", "--out", str(tmp_path), "--toy-depth", "3")
+    cli(toy_path, *run)
+    settings = json.loads((tmp_path / "run.json").read_text())["settings"]
+    assert settings["toy_depth"] == 3
+    answers = {}
+    for file in (tmp_path / "model_answer").glob("*.jsonl"):
+        answers[file.stem] = {r["question_id"]: r["choices"][0]["token_ids"] for r in map(json.loads, file.read_text().splitlines())}
+    assert set(answers) == {"smollm2-135m-baseline", "smollm2-135m-toy"}
+    assert answers["smollm2-135m-toy"] == answers["smollm2-135m-baseline"]  # lossless
+
+    again = cli(toy_path, *run)
+    assert "nothing to do" in again.stderr + again.stdout
+    changed = cli(toy_path, *run[:-1], "2", check=False)
+    assert changed.returncode == 2 and "toy_depth was 3, now 2" in changed.stderr
+
+    bad = cli(toy_path, *run[:-1], "0", check=False)
+    assert bad.returncode == 2 and "--toy-depth must be an integer from 1 to 8, got 0" in bad.stderr
+
+
+def test_options_are_declared_once_and_checked(smollm):
+    from medusa_bench.decoders.options import DecoderOptions, declared
+    from medusa_bench.errors import UserError
+
+    names = [o.name for o in declared()]
+    assert len(names) == len(set(names))
+    assert {"tree", "acceptance", "medusa_heads", "hydra_heads", "draft_vocab", "pld_tokens"} <= set(names)
+    options = DecoderOptions(pld_tokens=5)
+    assert options.pld_tokens == 5 and options.replace(tree="chain-2").tree == "chain-2" and options.tree == "mc_sim_7b_63"
+    with pytest.raises(TypeError, match="unknown decoder option"):
+        DecoderOptions(pld_token=5)
+    with pytest.raises(UserError, match="unknown acceptance rule 'x'"):
+        DecoderOptions(acceptance="x")
+    with pytest.raises(AttributeError, match="frozen"):
+        options.tree = "x"
