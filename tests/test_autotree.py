@@ -162,7 +162,7 @@ def test_bad_settings_and_calibration_files_are_clear(smollm, heads_dir, tmp_pat
 
 
 def test_resuming_with_another_tree_is_refused(tmp_path):
-    decoder = SimpleNamespace(proposer=SimpleNamespace(tree=Tree.chain(2)), autotree=None)
+    decoder = SimpleNamespace(proposer=SimpleNamespace(tree=Tree.chain(2)), autotree=None, step_profile=None)  # what SpeculativeDecoder declares
     previous = {"trees": {"medusa:auto": {"hash": "0123456789ab"}}}
     with pytest.raises(UserError, match="another tree for medusa:auto"):
         store_in_run(tmp_path, {"medusa:auto": decoder}, previous)

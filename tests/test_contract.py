@@ -18,26 +18,35 @@ TOY = '''
 import torch
 
 from medusa_bench.decoders.base import register
+from medusa_bench.decoders.drafting import tree_for
 from medusa_bench.decoders.options import Option, declare, within
 from medusa_bench.decoders.spec import Draft, Proposer, SpeculativeDecoder
-from medusa_bench.trees.tree import Tree
 
-declare(Option("toy_depth", 2, "Toy drafter: copies of the last token drafted as a chain.", check=within(1, 8, integer=True)))
+declare(Option("toy_depth", 2, "Toy drafter: depth of the chain of root copies it drafts.", check=within(1, 8, integer=True)))
 
 
-class RepeatLast(Proposer):
-    def __init__(self, depth, device):
-        self.buffers = Tree.chain(depth).buffers(device)
-        self.draft_size = depth
-        self.device = device
+class RepeatRoot(Proposer):
+    """Drafts the root again at every node of its tree."""
+
+    def __init__(self, tree, device):
+        self.tree, self.buffers, self.draft_size, self.device = tree, tree.buffers(device), tree.num_nodes - 1, device
 
     def propose(self, root, hidden, context):
-        return Draft(torch.full((self.draft_size + 1,), root, dtype=torch.long, device=self.device), self.buffers)
+        return Draft(torch.full((self.tree.num_nodes,), root, dtype=torch.long, device=self.device), self.buffers)
+
+    def true_ranks(self, hidden, tokens, positions, depth, top_k):
+        size = tokens.shape[0]
+        target = positions[:, None] + torch.arange(2, depth + 2, device=tokens.device)[None]  # [T, depth]
+        root = tokens[(positions + 1).clamp(max=size - 1)]  # [T]
+        hit = tokens[target.clamp(max=size - 1)] == root[:, None]
+        return torch.where(hit, 0, top_k).masked_fill(target >= size, -1)
 
 
 @register("toy")
 def build_toy(loaded, options):
-    return SpeculativeDecoder("toy", loaded, RepeatLast(options.toy_depth, loaded.device))
+    wanted = options if options.tree == "auto" else options.replace(tree=f"chain-{options.toy_depth}")
+    tree, auto = tree_for(wanted, loaded, lambda t: RepeatRoot(t, loaded.device), options.toy_depth, "toy")
+    return SpeculativeDecoder("toy", loaded, RepeatRoot(tree, loaded.device), autotree=auto)
 '''
 
 
@@ -88,6 +97,15 @@ def test_a_new_decoder_runs_losslessly_resumes_and_refuses_a_changed_option(toy_
 
     bad = cli(toy_path, *run[:-1], "0", check=False)
     assert bad.returncode == 2 and "--toy-depth must be an integer from 1 to 8, got 0" in bad.stderr
+
+
+def test_a_new_decoder_is_sized_by_the_tree_optimiser(toy_path, tmp_path):
+    out = tmp_path / "tree.json"
+    cli(toy_path, "tree", "--decoder", "toy", "--toy-depth", "3", "--prompts", "2", "--tokens", "8", "--repeats", "1",
+        "--max-nodes", "4", "--refresh", "--device", "cpu", "--dtype", "float32", "--out", str(out))
+    chosen = json.loads(out.read_text())
+    assert (tmp_path / "calibration.json").is_file() and (tmp_path / "latency.json").is_file()
+    assert chosen["tree"] is not None
 
 
 def test_options_are_declared_once_and_checked(smollm):

@@ -208,10 +208,10 @@ def cache_info(loaded, heads_path, kind: str, settings: AutoTreeSettings, depth:
     measured = {k: v for k, v in asdict(settings).items() if k not in ("refresh", "cache_dir", "min_speedup", "calibration")}
     measured["sizes"] = list(measured["sizes"])
     return {
-        "kind": kind, "model": loaded.spec, "model_source": str(loaded.source), "heads": proposer.heads.fingerprint(),
+        "kind": kind, "model": loaded.spec, "model_source": str(loaded.source), "heads": proposer.fingerprint(),
         "device": cal.device_name(loaded), "dtype": str(loaded.dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(), "code": code_version(proposer), "depth": depth,
-        "draft_vocab": proposer.heads.draft_vocab_size,  # restricted drafting
+        "draft_vocab": proposer.draft_vocab_size,  # restricted drafting
         "calibration": {"file": str(source), "sha256": _file_hash(source)}, "settings": measured,
     }
 
@@ -220,7 +220,7 @@ def code_version(proposer=None) -> str:
     """Package version + a hash of the files that shape the tables (another decoder's edits don't count)."""
     root = Path(__file__).resolve().parents[1]
     files = [root / name for name in CODE_FILES]
-    for obj in (proposer, getattr(proposer, "heads", None)):
+    for obj in (proposer, proposer.heads if proposer is not None else None):
         module = sys.modules.get(type(obj).__module__) if obj is not None else None
         if getattr(module, "__file__", None):
             files.append(Path(module.__file__))

@@ -138,7 +138,10 @@ def medusa_true_ranks(heads, hidden: torch.Tensor, tokens: torch.Tensor, positio
 
 
 def true_ranks(proposer, hidden, tokens, positions, depth: int, top_k: int) -> torch.Tensor:
-    """The proposer's `true_ranks` (spec.Proposer declares it; see the module docstring)."""
+    """The proposer's `true_ranks` (spec.Proposer declares it and refuses by default; see the module docstring)."""
+    if not isinstance(proposer, Proposer):
+        raise UserError(f"{type(proposer).__name__} cannot be calibrated: it is no Proposer with a method "
+                        "true_ranks(hidden, tokens, positions, depth, top_k); pass a fixed --tree instead of auto")
     return proposer.true_ranks(hidden, tokens, positions, depth, top_k)
 
 

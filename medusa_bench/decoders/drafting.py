@@ -55,12 +55,21 @@ def heads_decoder(name: str, loaded, heads, path, proposer_class, options: Decod
     def make_proposer(tree: Tree) -> Proposer:
         return proposer_class(heads, tree, loaded.device)
 
-    auto = None  # `auto`: the optimiser's tree, measured for these heads on this model and device
-    if options.tree == "auto":
-        from medusa_bench.bench.autotree import auto_tree  # it lives in the bench layer: this lazy import is the one hook
-
-        auto = auto_tree(loaded, make_proposer, path, heads.num_heads, name, options.extra.get("autotree"))
-    tree = auto.tree if auto is not None else Tree.parse(options.tree, num_heads=heads.num_heads)
+    tree, auto = tree_for(options, loaded, make_proposer, heads.num_heads, name, path)
     acceptance = Acceptance(options.acceptance, options.posterior_threshold, options.posterior_alpha)
     # the run folder keeps the optimiser's tables (bench/autotree.store_in_run)
     return SpeculativeDecoder(name, loaded, make_proposer(tree), acceptance, baseline_name=baseline_name, autotree=auto)
+
+
+def tree_for(options: DecoderOptions, loaded, make_proposer, depth: int, kind: str, path=None):
+    """(tree, the optimiser's search or None): `options.tree`, or measured for this proposer (`auto`).
+
+    Any proposer built by `make_proposer(tree)` that answers `true_ranks` can be sized by the
+    optimiser; `path` (heads folder) supplies shipped acceptance statistics when it has them.
+    """
+    if options.tree != "auto":
+        return Tree.parse(options.tree, num_heads=depth), None
+    from medusa_bench.bench.autotree import auto_tree  # it lives in the bench layer: this lazy import is the one hook
+
+    auto = auto_tree(loaded, make_proposer, path, depth, kind, options.extra.get("autotree"))
+    return auto.tree, auto

@@ -76,6 +76,15 @@ class Proposer:
         """The context is back to its first `length` tokens (`SpeculativeDecoder.rewind`): forget
         what was observed past them. The next `propose` gets the hidden state of token length - 1."""
 
+    def fingerprint(self) -> str:
+        """What the tree optimiser's cached tables depend on besides the model: its heads', else its class."""
+        return self.heads.fingerprint() if self.heads is not None else f"{type(self).__module__}.{type(self).__qualname__}"
+
+    @property
+    def draft_vocab_size(self) -> Optional[int]:
+        """Tokens it drafts among, when restricted (heads' draft vocabulary); None: all."""
+        return self.heads.draft_vocab_size if self.heads is not None else None
+
     def true_ranks(self, hidden: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, depth: int,
                    top_k: int) -> torch.Tensor:
         """For `--tree auto` (bench/calibrate.py): hidden [S, H] and tokens [S] of one sequence,
