@@ -66,10 +66,12 @@ class RunConfig:
     compile: str = "auto"  # captured steps: auto (CUDA graphs on CUDA, eager on CPU) | on | off
 
     @classmethod
-    def from_cli(cls, *, decoders: str, question_ids, categories, temperature: str, decoder_options: dict,
+    def from_cli(cls, *, decoders: str, question_ids, categories, temperature: str, decoder_options: Optional[dict] = None,
                  control=False, **rest) -> "RunConfig":
-        """Parse the CLI's strings; every bad value is a one-line UserError. `decoder_options`: the
-        declared decoder options' values (decoders/options.py), as the flags gave them."""
+        """Parse the CLI's strings; every bad value is a one-line UserError. The declared decoder
+        options (decoders/options.py) come in `decoder_options` or as keywords of their own."""
+        declared_names = {option.name for option in declared()}
+        decoder_options = {**(decoder_options or {}), **{key: rest.pop(key) for key in list(rest) if key in declared_names}}
         names = [d.strip() for d in decoders.split(",") if d.strip()]
         if not names:
             raise UserError("--decoders is empty; valid names are: " + ", ".join(decoder_names()))
