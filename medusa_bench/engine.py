@@ -4,17 +4,17 @@ Two choices, made once per loaded model (`use_engine`) so that the baseline and 
 speculative decoder of a run share them (a speedup then compares methods, not engines):
 
 - **cache** `static` (default where the model allows it): `SlotCache`, a transformers `Cache`
-  whose layers are buffers allocated once per generation for prompt + max_new_tokens + the
-  largest tree (the gpt-fast idea). A forward writes its keys/values at slots length…length+q-1;
+  whose layers are buffers allocated once per generation for prompt + max_new_tokens + a
+  step's tree (the gpt-fast idea). A forward writes its keys/values at slots length…length+q-1;
   keeping a step's accepted path is an in-place gather of at most depth+1 slots; nothing is
   concatenated or reallocated per step. `dynamic`: transformers' DynamicCache, whose every step
   concatenates onto each layer's keys (cost grows with the context). Models with sliding-window
   or chunked layers use `dynamic` (their tree masks are per layer type, see decoders/spec.py).
 - **compile** `on` (CUDA): each distinct step shape (q tokens, hidden layers asked for) is
-  captured once as a CUDA graph over a static cache that spans the whole buffer, with the mask,
-  positions and slots written into static inputs, and replayed; the prefill stays eager. `off`:
-  eager. `auto`: captured on CUDA, eager on CPU (torch.compile is not used on CPU yet: see
-  README, "Engine").
+  captured once as a CUDA graph over a static cache whose whole buffer attention reads; its
+  inputs are the tokens, the first slot and a tree's mask block, and positions, write slots and
+  the mask are computed in the graph; the prefill stays eager. `off`: eager. `auto`: captured on
+  CUDA, eager on CPU (torch.compile is not used on CPU yet: README, "The engine").
 """
 
 from __future__ import annotations
@@ -274,6 +274,10 @@ class Engine:
         self.num_layers = text_config(self.model.config).num_hidden_layers
         self.caches: list[SlotCache] = []  # captured mode: caches kept with their graphs, reused when free
         self.pool = None  # CUDA graph memory pool shared by every recorded step
+
+    def like(self, model) -> "Engine":
+        """The same choices for another model (a Medusa-2 backbone beside the run's model)."""
+        return resolve(model, self.device, self.cache, "on" if self.compile == "cuda-graphs" else "off")
 
     def describe(self) -> dict:
         return {"cache": self.cache, "compile": self.compile, **({"reason": self.reason} if self.reason else {})}

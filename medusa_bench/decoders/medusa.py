@@ -20,6 +20,7 @@ import torch
 from medusa_bench.decoders.base import DecoderOptions, register
 from medusa_bench.decoders.drafting import HeadsProposer, find_heads, heads_decoder
 from medusa_bench.decoders.options import Option, declare
+from medusa_bench.engine import engine_of
 from medusa_bench.decoders.spec import Draft, Proposer, SpeculativeDecoder
 from medusa_bench.trees.tree import Tree
 
@@ -100,6 +101,7 @@ def _read_medusa2(loaded, path):
         backbone = load_model(str(path), device=loaded.device.type, dtype=dtype)
         heads = load_medusa2_heads(path).fit_to_base(backbone.model)
     backbone.name = loaded.name
+    backbone.engine = engine_of(loaded).like(backbone.model)  # timed on the run's engine, as every decoder
     return backbone, heads
 
 
