@@ -66,7 +66,7 @@ def decoder_options(command: str):
 
 # Engine options, the same for every command that decodes (engine.py).
 _CACHE = typer.Option("auto", "--cache", help="KV cache: auto (static where the model allows it) | static | dynamic.")
-_COMPILE = typer.Option("auto", "--compile", help="Captured steps: auto (CUDA graphs on CUDA, eager on CPU) | on | off. The baseline and every decoder share it.")
+_COMPILE = typer.Option("auto", "--compile", help="Captured steps: auto (CUDA graphs on CUDA, eager on CPU) | on (CUDA graphs; on CPU torch.compile) | off. The baseline and every decoder share it.")
 
 
 # ---------------------------------------------------------------------------------------- run

@@ -112,8 +112,9 @@ def test_engine_choices_and_refusals(smollm):
     assert resolve(smollm.model, torch.device("cpu"), "dynamic", "off").describe() == {"cache": "dynamic", "compile": "off"}
     with pytest.raises(UserError, match="valid values are: auto, static, dynamic"):
         resolve(smollm.model, torch.device("cpu"), "paged", "off")
-    with pytest.raises(UserError, match="needs a CUDA GPU"):
-        resolve(smollm.model, torch.device("cpu"), "auto", "on")
+    assert resolve(smollm.model, torch.device("cpu"), "auto", "on").describe() == {"cache": "static", "compile": "torch-compile"}
+    with pytest.raises(UserError, match="needs the static cache"):
+        resolve(smollm.model, torch.device("cpu"), "dynamic", "on")
 
 
 def test_sliding_window_models_keep_the_dynamic_cache():
@@ -126,3 +127,17 @@ def test_sliding_window_models_keep_the_dynamic_cache():
     assert engine.cache == "dynamic" and "sliding-window" in engine.reason
     with pytest.raises(UserError, match="--cache static is not possible"):
         resolve(model, torch.device("cpu"), "static", "off")
+
+
+@pytest.mark.slow
+def test_compiled_steps_on_cpu_give_eager_tokens(smollm, prompts):
+    """--compile on, on CPU: torch.compile over the captured-step shapes (about 40 s of compiling per shape here)."""
+    compiled = dataclasses.replace(smollm)
+    assert use_engine(compiled, "static", "on").compile == "torch-compile"
+    eager = dataclasses.replace(smollm)
+    use_engine(eager, "dynamic", "off")
+    for name in ("baseline", "medusa:[[0],[1],[0,0]]"):
+        expected = build_decoder(name, eager).generate(prompts["short"], 12)
+        result = build_decoder(name, compiled).generate(prompts["short"], 12)
+        assert result.token_ids == expected.token_ids, name
+        assert result.accept_lengths == expected.accept_lengths, name

@@ -802,7 +802,7 @@ def engine_words(engine) -> str:
     """run.json's device.engine in words: 'static KV cache, CUDA graphs' (empty for runs before engines)."""
     if not isinstance(engine, dict):
         return ""
-    mode = {"cuda-graphs": "CUDA graphs", "off": "eager"}.get(engine.get("compile"), str(engine.get("compile")))
+    mode = {"cuda-graphs": "CUDA graphs", "torch-compile": "torch.compile", "off": "eager"}.get(engine.get("compile"), str(engine.get("compile")))
     return f"{engine.get('cache')} KV cache, {mode}"
 
 
