@@ -29,6 +29,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from medusa_bench.errors import UserError
+from medusa_bench.models import text_config
 
 CACHE_KINDS = ("auto", "static", "dynamic")
 COMPILE_MODES = ("auto", "on", "off")
@@ -154,6 +155,8 @@ class SlotCache(Cache):
         if need <= self.capacity:
             return
         old, self.capacity = self.capacity, max(need, 2 * self.capacity)
+        if self.graphs:
+            self.graphs.clear()  # recorded steps hold the old buffers' addresses
         if self.storage is not None:
             storage, self.storage = self.storage, self.make((*self.storage.shape[:4], self.capacity, self.storage.shape[-1]), self.storage)
             self.storage[:, :, :, :, :old] = storage
@@ -166,8 +169,8 @@ class SlotCache(Cache):
                 layer.grow(self.capacity)
 
 
-def text_config(config):
-    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def static_refusal(model) -> Optional[str]:
@@ -301,7 +304,7 @@ class Engine:
             return SlotCache(self.num_layers, tokens + draft + 1)
         # Captured steps hold a cache's addresses, so caches are kept (with their recorded steps)
         # and handed out again once the state using them is gone.
-        capacity = -(-tokens // 256) * 256 + max(256, -(-(draft + 1) // 256) * 256)
+        capacity = round_up(tokens, 256) + max(256, round_up(draft + 1, 256))
         cache = next((c for c in self.caches if c.owner() is None and c.capacity == capacity), None)
         if cache is None:
             free = [c for c in self.caches if c.owner() is None]
@@ -324,8 +327,6 @@ class Engine:
 
         q = input_ids.shape[1]
         graphs = getattr(cache, "graphs", None)
-        if graphs is not None and cache.length + q > cache.capacity:
-            graphs.clear()  # the eager forward below grows the buffers: recorded addresses go stale
         if (graphs is None or q > MAX_CAPTURED_TOKENS or isinstance(mask, dict)
                 or cache.length == 0 or cache.length + q > cache.capacity):  # prefill, or growing: eager
             return forward(self.model, input_ids, cache, positions, mask, hidden_layers, last_only)

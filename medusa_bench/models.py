@@ -228,6 +228,11 @@ def eos_ids(model, tokenizer) -> list[int]:
     return ids
 
 
+def text_config(config):
+    """The decoder's config (multimodal configs nest it; plain ones are it)."""
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
 def context_length(model, tokenizer) -> int:
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(model.config, key, None)

@@ -27,7 +27,7 @@ from transformers import DynamicCache
 from medusa_bench.decoders.base import Generation, Sampling, StepCallback
 from medusa_bench.engine import SlotCache, engine_of
 from medusa_bench.errors import UserError
-from medusa_bench.models import cache_kwargs
+from medusa_bench.models import cache_kwargs, text_config
 from medusa_bench.trees.tree import TreeBuffers
 
 
@@ -129,7 +129,7 @@ class AttentionLayout:
 
 def attention_layout(config) -> Optional[AttentionLayout]:
     """The model's local-attention limits, or None when every layer sees the whole prefix (the plain path)."""
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     window = getattr(text, "sliding_window", None) or None
     chunk = getattr(text, "attention_chunk_size", None) or None
     types = getattr(text, "layer_types", None)
@@ -212,7 +212,7 @@ def body_and_layers(model) -> tuple[torch.nn.Module, torch.nn.ModuleList]:
     holding the ModuleList of `num_hidden_layers` layers (LlamaModel.layers, GPT2Model.h, …).
     """
     if model not in _BODIES:
-        config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+        config = text_config(model.config)
         count = getattr(config, "num_hidden_layers", None)
         for module in model.modules():
             layers = next((c for c in module.children() if isinstance(c, torch.nn.ModuleList) and len(c) == count), None)
