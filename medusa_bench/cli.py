@@ -400,6 +400,31 @@ def train_hydra(
     _train(fit, config, model, device, dtype, data, out)
 
 
+# -------------------------------------------------------------------------------- train eagle
+@train_app.command("eagle")
+def train_eagle(
+    data: Path = _DATA, out: Path = _OUT, model: str = _MODEL,
+    eagle3: bool = typer.Option(False, "--eagle3", help="EAGLE-3 heads: three fused feature layers, their own draft vocabulary, training-time test."),
+    ttt_steps: int = typer.Option(0, "--ttt-steps", help="Depths the draft is unrolled to per example (0: the paper's: 1 for EAGLE-1/2, 3 for EAGLE-3)."),
+    noise: Optional[float] = typer.Option(None, "--noise", help="Uniform noise width on input features (default: 0.2 for EAGLE-1/2, 0 for EAGLE-3)."),
+    draft_vocab: int = typer.Option(4096, "--draft-vocab", help="EAGLE-3: size of the heads' own vocabulary (most frequent answer tokens)."),
+    depth: int = typer.Option(5, "--depth", help="Depths held-out accuracy and calibration.json cover."),
+    epochs: int = _EPOCHS, batch_size: int = typer.Option(256, "--batch-size", help="Assistant tokens per step (whole sequences)."),
+    lr: float = typer.Option(5e-4, "--lr"), heldout: float = _HELDOUT, patience: int = _PATIENCE,
+    max_minutes: Optional[float] = _MAX_MINUTES, max_length: Optional[int] = _MAX_LENGTH, softmax: str = _SOFTMAX,
+    save_dtype: str = _SAVE_DTYPE, seed: int = _SEED, hidden_cache: Optional[str] = _HIDDEN_CACHE,
+    device: str = _DEVICE, dtype: str = _DTYPE,
+) -> None:
+    """EAGLE-1/2 (or --eagle3): a one-layer draft model over the base model's features, on a frozen base (held-out accuracy per depth; calibration.json)."""
+    from medusa_bench.train.eagle import EagleFitConfig, train_eagle as fit
+
+    config = EagleFitConfig(variant="eagle3" if eagle3 else "eagle", num_heads=depth, ttt_steps=ttt_steps, noise=noise,
+                            draft_vocab=draft_vocab, epochs=epochs, batch_size=batch_size, lr=lr, heldout=heldout,
+                            patience=patience, max_minutes=max_minutes, max_length=max_length, softmax=softmax,
+                            save_dtype=save_dtype, seed=seed, hidden_cache=hidden_cache)
+    _train(fit, config, model, device, dtype, data, out)
+
+
 # ---------------------------------------------------------------------------------------- main
 def quiet_libraries() -> None:
     """Deprecation notices from inside torch/transformers say nothing the user can act on;

@@ -124,11 +124,16 @@ def greedy_sequences(loaded, prompts: Sequence[str], max_new_tokens: int) -> lis
 
 
 @torch.inference_mode()
-def last_hidden(loaded, ids: list[int]) -> torch.Tensor:
-    """Post-norm last hidden states [S, H] of one sequence, one forward, no logits."""
+def last_hidden(loaded, ids: list[int], layers: tuple[int, ...] = ()) -> torch.Tensor:
+    """Post-norm last hidden states [S, H] of one sequence, one forward, no logits; or, for
+    `layers` (transformers' hidden_states indices, `Proposer.feature_layers`), those rows
+    concatenated [S, k * H]."""
     tokens = torch.tensor([ids], device=loaded.device)  # [1, S]
     body, _ = body_and_layers(loaded.model)  # the decoder body: its output is the final normed state
-    return body(input_ids=tokens, use_cache=False)[0][0]  # [S, H]
+    if not layers or tuple(layers) == (-1,):
+        return body(input_ids=tokens, use_cache=False)[0][0]  # [S, H]
+    states = body(input_ids=tokens, use_cache=False, output_hidden_states=True).hidden_states
+    return torch.cat([states[i][0] for i in layers], dim=-1)  # [S, k * H]
 
 
 def medusa_true_ranks(heads, hidden: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, depth: int,
@@ -151,7 +156,7 @@ def rank_table(loaded, proposer, sequences: list[tuple[list[int], int]], depth: 
     for ids, prompt_len in sequences:
         if len(ids) - prompt_len < 2:  # an answer of one token leaves nothing to draft
             continue
-        hidden = last_hidden(loaded, ids)  # [S, H]
+        hidden = last_hidden(loaded, ids, proposer.feature_layers)  # [S, H] (or [S, k * H])
         tokens = torch.tensor(ids, device=loaded.device)  # [S]
         positions = torch.arange(prompt_len - 1, len(ids) - 2, device=loaded.device)  # [T]: a depth-1 target exists
         rows.append(true_ranks(proposer, hidden, tokens, positions, depth, top_k).cpu())

@@ -215,15 +215,21 @@ def head_targets(seq: Sequence, num_heads: int) -> torch.Tensor:
 
 
 @torch.no_grad()  # not inference_mode: the result feeds autograd (head training) later
-def last_hidden(model, ids: torch.Tensor) -> torch.Tensor:
-    """ids [T] → the base model's last hidden state [T, H] (post-norm: lm_head(h) are the logits)."""
+def last_hidden(model, ids: torch.Tensor, layers: tuple[int, ...] = ()) -> torch.Tensor:
+    """ids [T] → the base model's last hidden state [T, H] (post-norm: lm_head(h) are the logits),
+    or the hidden states of `layers` (transformers' hidden_states indices) concatenated [T, k * H]."""
     inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    return inner(input_ids=ids.unsqueeze(0).to(model.device)).last_hidden_state[0]
+    if not layers:
+        return inner(input_ids=ids.unsqueeze(0).to(model.device)).last_hidden_state[0]
+    states = inner(input_ids=ids.unsqueeze(0).to(model.device), output_hidden_states=True).hidden_states
+    return torch.cat([states[i][0] for i in layers], dim=-1)
 
 
 def base_hidden_states(loaded, sequences: list[Sequence], cache_folder=None,
-                       on_sequence: Optional[Callable[[int], None]] = None) -> list[torch.Tensor]:
-    """The frozen base model's last hidden state [T, H] (fp32, CPU) of every sequence.
+                       on_sequence: Optional[Callable[[int], None]] = None,
+                       layers: tuple[int, ...] = ()) -> list[torch.Tensor]:
+    """The frozen base model's last hidden state [T, H] (fp32, CPU) of every sequence; with
+    `layers`, those layers' hidden states concatenated [T, k * H] (EAGLE-3's features).
 
     One forward per sequence, each kept on disk under a hash of its token ids in a folder per
     model (default: the user cache; pass cache_folder=False for none). So a killed run resumes,
@@ -233,10 +239,11 @@ def base_hidden_states(loaded, sequences: list[Sequence], cache_folder=None,
     folder = None if cache_folder is False else hidden_cache_folder(loaded, cache_folder)
     hidden = []
     for seq in sequences:
-        path = folder / f"{hashlib.sha256(seq.ids.numpy().tobytes()).hexdigest()[:32]}.safetensors" if folder else None
+        tag = "" if not layers else "-layers" + "_".join(map(str, layers))
+        path = folder / f"{hashlib.sha256(seq.ids.numpy().tobytes()).hexdigest()[:32]}{tag}.safetensors" if folder else None
         h = _read_cached(path, len(seq))
         if h is None:
-            h = last_hidden(loaded.model, seq.ids).float().cpu()
+            h = last_hidden(loaded.model, seq.ids, tuple(layers)).float().cpu()
             if path is not None:
                 partial = path.with_name(path.stem + ".partial.safetensors")
                 io.save_tensors(partial, {"hidden": h})

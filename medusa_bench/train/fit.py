@@ -112,8 +112,10 @@ def prepare_positions(loaded, data: Path, config: FitConfig, console: Console) -
     return train_pos, held_pos, info
 
 
-def prepare_sequences(loaded, data: Path, config: FitConfig, console: Console) -> tuple[list, list, dict]:
-    """(train, held-out) lists of (Sequence, base hidden [T, H]) pairs, split by whole sequences."""
+def prepare_sequences(loaded, data: Path, config: FitConfig, console: Console,
+                      layers: tuple[int, ...] = ()) -> tuple[list, list, dict]:
+    """(train, held-out) lists of (Sequence, base hidden [T, H]) pairs, split by whole sequences
+    (with `layers`: those hidden states concatenated, [T, k * H], data.base_hidden_states)."""
     sequences = load_sequences(loaded, data, config.max_length)
     tokens = sum(len(s) for s in sequences)
     done = {"tokens": 0}
@@ -125,7 +127,7 @@ def prepare_sequences(loaded, data: Path, config: FitConfig, console: Console) -
             status.update(f"base hidden states: {done['tokens']}/{tokens} tokens · {rate:5.0f} tok/s")
 
         cache = False if config.hidden_cache == "none" else config.hidden_cache
-        hidden = base_hidden_states(loaded, sequences, cache, tick)
+        hidden = base_hidden_states(loaded, sequences, cache, tick, layers)
     train, held = split_heldout(list(zip(sequences, hidden)), config.heldout, config.seed)
     info = {"data": str(data), "sequences": len(sequences), "train_sequences": len(train), "heldout_sequences": len(held),
             "tokens": tokens, "assistant_tokens": int(sum(int(s.mask.sum()) for s in sequences)),

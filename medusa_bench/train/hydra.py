@@ -190,11 +190,14 @@ def evaluate(heads: HydraHeads, held: list[Pair], top_k: int = 10) -> dict:
 
 
 @torch.no_grad()
-def conditional_ranks(heads: HydraHeads, held: list[Pair]) -> torch.Tensor:
+def conditional_ranks(heads, held: list[Pair], split: Optional[Callable] = None) -> torch.Tensor:
     """Rank rows [N, K] for the tree search, one per held-out position whose root is an assistant token.
 
     A depth counts only while the data follows the base model's greedy choice (the data tokens
     are then what greedy decoding would accept) and stays in the assistant's answer; -1 after.
+    Any heads with `true_ranks(features, ids, positions, depth)`, `num_heads`, `base_lm_head`
+    (Hydra's, EAGLE's); `split(hidden) -> (features, final normed state)` when the cached rows
+    hold more than the final state (EAGLE-3).
     """
     rows = []
     for seq, hidden in held:
@@ -202,8 +205,9 @@ def conditional_ranks(heads: HydraHeads, held: list[Pair]) -> torch.Tensor:
         positions = torch.arange(T - 1)[seq.mask[1:]]  # roots t + 1 inside the answer
         if positions.numel() == 0:
             continue
-        ranks = heads.true_ranks(hidden.to(heads.dtype), seq.ids, positions, K)  # [n, K]
-        greedy = F.linear(hidden.to(heads.dtype), heads.base_lm_head).argmax(-1)  # [T]
+        features, final = split(hidden) if split is not None else (hidden, hidden)
+        ranks = heads.true_ranks(features.to(heads.dtype), seq.ids, positions, K)  # [n, K]
+        greedy = F.linear(final.to(heads.dtype), heads.base_lm_head).argmax(-1)  # [T]
         follows = seq.mask.clone()  # [T]: token s is an assistant token the greedy decoder would emit
         follows[1:] &= seq.ids[1:] == greedy[:-1]
         for d in range(K + 1):  # depth d (0 = the root) needs token t + 1 + d to follow

@@ -29,14 +29,19 @@ def count_answer_tokens(data_path: Path, tokenizer) -> Counter:
     return counts
 
 
-def write_draft_vocab(data_path: Path, tokenizer, folder: Path, vocab_size: int, eos_token_ids=()) -> Path:
-    """Write `draft_vocab.json` (all ids, most frequent first) into a heads folder."""
+def ranked_tokens(data_path: Path, tokenizer, vocab_size: int, eos_token_ids=()) -> tuple[list[int], Counter]:
+    """(every token id, most frequent in the answers first, EOS first of all; the counts)."""
     counts = count_answer_tokens(data_path, tokenizer)
     for token in eos_token_ids:  # answers always end with EOS: keep it draftable
         counts[token] += 1 + max(counts.values(), default=0)
     seen = [token for token, _ in counts.most_common()]
-    rest = [token for token in range(vocab_size) if token not in counts]
+    return seen + [token for token in range(vocab_size) if token not in counts], counts
+
+
+def write_draft_vocab(data_path: Path, tokenizer, folder: Path, vocab_size: int, eos_token_ids=()) -> Path:
+    """Write `draft_vocab.json` (all ids, most frequent first) into a heads folder."""
+    ids, counts = ranked_tokens(data_path, tokenizer, vocab_size, eos_token_ids)
     path = Path(folder) / DRAFT_VOCAB_FILE
-    path.write_text(json.dumps({"source": str(data_path), "distinct_tokens_seen": len(seen),
-                                "answer_tokens": sum(counts.values()), "token_ids": seen + rest}) + "\n")
+    path.write_text(json.dumps({"source": str(data_path), "distinct_tokens_seen": len(counts),
+                                "answer_tokens": sum(counts.values()), "token_ids": ids}) + "\n")
     return path

@@ -1,0 +1,228 @@
+"""EAGLE decoders: a one-layer draft model over the base model's features, drafting the tree level by level.
+
+Each step (see heads/eagle.py for the draft model):
+
+1. *Catch up.* The draft's KV cache holds one row per context position t, (feature_t,
+   token_{t+1}). The rows still missing (the accepted path's, whose base features the verify
+   step just produced, `Proposer.observe`) plus the root's row go through the draft in one
+   forward; the root row's output drafts depth 1.
+2. *Levels.* A node's children come from the draft run on that node's row: (its parent's output,
+   its token) at position prefix + depth - 1, attending to the context rows and its ancestors'
+   rows (a tree mask over the draft's cache), one batched forward per depth.
+   - static (`--eagle-tree static`): the nodes of a fixed tree (`--tree`), like Hydra's levels;
+   - dynamic (EAGLE-2, the default): at each depth the `--eagle-top-k` best nodes by cumulative
+     draft log-probability are expanded (top-k children each); after the last depth the best
+     n - 1 nodes of all drafted become the tree. n and the depth are those of `--tree`, so with
+     `--tree auto` they are the optimiser's choice for this machine (its measured step times).
+3. *Roll back.* The tree's rows leave the draft cache (crop to the context rows): the next step
+   feeds the accepted tokens' true base features instead, as the reference does.
+
+The verify step, acceptance and KV bookkeeping of the base are the shared loop's (`spec.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+from medusa_bench.decoders.base import DecoderOptions, register
+from medusa_bench.decoders.drafting import HeadsProposer, find_heads, tree_for
+from medusa_bench.decoders.hydra import level_plan
+from medusa_bench.decoders.options import Option, declare, within
+from medusa_bench.decoders.spec import Acceptance, Draft, SpeculativeDecoder, crop_cache
+from medusa_bench.errors import UserError
+from medusa_bench.heads.common import apply_draft_vocab
+from medusa_bench.trees.tree import Tree, TreeBuffers
+
+
+class EagleProposer(HeadsProposer):
+    """EAGLE heads → a static tree's tokens, or a dynamic tree (EAGLE-2) of `nodes` nodes."""
+
+    def __init__(self, heads, tree: Tree, device: torch.device, dynamic: bool = True, top_k: int = 8):
+        super().__init__(heads, tree, device)
+        self.feature_layers = heads.feature_layers  # (-1,): the final normed state; EAGLE-3: three layers
+        self.needs_hidden = True
+        self.plan = level_plan(self.buffers)
+        self.dynamic = dynamic and tree.num_nodes > 1
+        self.top_k = max(1, min(top_k, tree.num_nodes - 1))
+        self.depth = tree.depth
+        self.reset([])
+
+    # ------------------------------------------------------------------ the draft's context rows
+
+    def reset(self, prompt_ids: list[int]) -> None:
+        self.cache = DynamicCache()
+        self.fed = 0  # context rows in the draft cache: row t = (feature_t, token_{t+1})
+        self.pending: list[Tensor] = []  # base features observed since, in context order
+
+    def observe(self, rows: Tensor) -> None:
+        self.pending.append(rows)
+
+    def rewind(self, length: int) -> None:
+        """Back to `length` context tokens: rows 0 … length - 2 stay (row length - 1 paired the old root)."""
+        keep = length - 1
+        if self.fed > keep:
+            crop_cache(self.cache, keep)
+            self.fed, self.pending = keep, []
+        elif self.pending:
+            self.pending = [torch.cat(self.pending)[: keep - self.fed]]
+
+    def catch_up(self, root: int, hidden: Tensor, context: list[int]) -> Tensor:
+        """Feed the missing context rows and the root's row; the root row's output g [H] (drafts depth 1)."""
+        rows = self.pending
+        observed = sum(r.shape[0] for r in rows)
+        if self.fed + observed == len(context) - 1:  # rewound: the newest feature is `hidden`
+            rows = rows + [hidden[None]]
+        elif self.fed + observed != len(context):
+            raise RuntimeError(f"EAGLE draft cache out of step: {self.fed} rows + {observed} observed, context "
+                               f"{len(context)} (a cache changed without Proposer.rewind?)")
+        features = torch.cat(rows) if len(rows) > 1 else rows[0]  # [q, W]
+        self.pending = []
+        q = features.shape[0]
+        device = features.device
+        tokens = torch.tensor(context[self.fed + 1:] + [root], device=device)  # [q]
+        positions = torch.arange(self.fed, self.fed + q, device=device)  # [q]
+        allowed = None
+        if q > 1:  # causal over the new rows, everything before them
+            allowed = torch.ones(q, self.fed + q, dtype=torch.bool, device=device)
+            allowed[:, self.fed:] = torch.ones(q, q, dtype=torch.bool, device=device).tril()
+        g = self.heads.step(features, tokens, positions, self.cache, allowed)  # [q, H]
+        self.fed += q
+        return g[-1]
+
+    # ------------------------------------------------------------------ drafting
+
+    @torch.no_grad()
+    def propose(self, root: int, hidden: Optional[Tensor], context: list[int]) -> Optional[Draft]:
+        g_root = self.catch_up(root, hidden, context)
+        try:
+            if self.dynamic:
+                return self.dynamic_tree(root, g_root)
+            return Draft(self.static_tree(root, g_root), self.buffers)
+        finally:
+            crop_cache(self.cache, self.fed)  # the tree's rows go: the next step feeds true features
+
+    def tree_rows(self, nodes: list[int], parents: list[int], tokens: Tensor, outputs: dict, cached: list[int],
+                  ancestors: dict, depth: int) -> Tensor:
+        """One draft forward over `nodes` (all at `depth`): rows (parent's output, own token), each
+        attending to the context rows, its cached ancestors and itself. Returns their outputs [m, H]."""
+        device = tokens.device
+        m = len(nodes)
+        features = torch.stack([outputs[parents[v]] for v in nodes])  # [m, H]
+        keys = cached + nodes
+        tree_part = torch.tensor([[k in ancestors[v] for k in keys] for v in nodes], dtype=torch.bool, device=device)
+        allowed = torch.cat([torch.ones(m, self.fed, dtype=torch.bool, device=device), tree_part], dim=1)
+        positions = torch.full((m,), self.fed - 1 + depth, device=device)
+        g = self.heads.step(features, tokens[nodes], positions, self.cache, allowed)  # [m, H]
+        cached.extend(nodes)
+        for v, row in zip(nodes, g):
+            outputs[v] = row
+        return g
+
+    def static_tree(self, root: int, g_root: Tensor) -> Tensor:
+        """The fixed tree's tokens [n]: depth d's children from the draft run on depth d - 1's rows."""
+        buffers = self.buffers
+        tokens = torch.empty(buffers.num_nodes, dtype=torch.long, device=g_root.device)  # [n]
+        tokens[0] = root
+        parents = buffers.parents.tolist()
+        ancestors = {v: {v} | set(_path(parents, v)) for v in range(buffers.num_nodes)}
+        outputs, cached = {0: g_root}, []
+        for depth, level in enumerate(self.plan, start=1):
+            expanding = buffers.levels[depth - 1][level.expand].tolist()  # parents with children
+            if depth > 1:
+                self.tree_rows(expanding, parents, tokens, outputs, cached, ancestors, depth - 1)
+            g = torch.stack([outputs[v] for v in expanding])  # [m, H]
+            top = self.heads.draft_topk(g, level.top_k)  # [m, k]
+            tokens[level.nodes] = top[level.parent_row, level.rank]
+        return tokens
+
+    def dynamic_tree(self, root: int, g_root: Tensor) -> Draft:
+        """EAGLE-2: expand the best `top_k` nodes per depth, keep the best n - 1 by cumulative log-probability."""
+        device = g_root.device
+        k, n = self.top_k, self.tree.num_nodes
+        parents, scores, depths = [-1], [0.0], [0]
+        token_list = [root]
+        ancestors = {0: {0}}
+        outputs, cached = {0: g_root}, []
+        frontier = [0]
+        for depth in range(1, self.depth + 1):
+            if depth > 1:
+                tokens = torch.tensor(token_list, device=device)
+                self.tree_rows(frontier, parents, tokens, outputs, cached, ancestors, depth - 1)
+            ids, logp = self.heads.draft_top(torch.stack([outputs[v] for v in frontier]), k)  # [m, k] each
+            cumulative = (torch.tensor([scores[v] for v in frontier], device=device)[:, None] + logp.clamp(max=0)).tolist()
+            children = []
+            for row, parent in enumerate(frontier):
+                for j, token in enumerate(ids[row].tolist()):
+                    node = len(parents)
+                    parents.append(parent)
+                    scores.append(cumulative[row][j])
+                    depths.append(depth)
+                    token_list.append(token)
+                    ancestors[node] = ancestors[parent] | {node}
+                    children.append(node)
+            frontier = sorted(children, key=lambda v: (-scores[v], v))[:k]
+        # the best n - 1 drafted nodes; a child never outscores its parent and sorts after it, so the set is a tree
+        chosen = sorted(sorted(range(1, len(parents)), key=lambda v: (-scores[v], v))[: n - 1])
+        index = {0: 0, **{v: i + 1 for i, v in enumerate(chosen)}}
+        order = [0] + chosen
+        buffers = TreeBuffers.from_parents([-1] + [index[parents[v]] for v in chosen], device=device)
+        return Draft(torch.tensor([token_list[v] for v in order], device=device), buffers)
+
+    def true_ranks(self, hidden: Tensor, tokens: Tensor, positions: Tensor, depth: int, top_k: int = 10) -> Tensor:
+        """Calibration: the draft chained along the true tokens (its own outputs as features below depth 1)."""
+        return self.heads.true_ranks(hidden, tokens, positions, depth, top_k)
+
+
+def _path(parents: list[int], node: int) -> list[int]:
+    out = []
+    while parents[node] >= 0:
+        node = parents[node]
+        out.append(node)
+    return out
+
+
+declare(
+    Option("eagle_heads", None, "EAGLE-1/2 heads folder or Hub id (default: the heads shipped for the model)."),
+    Option("eagle3_heads", None, "EAGLE-3 heads folder or Hub id (default: the heads shipped for the model)."),
+    Option("eagle_tree", "dynamic", "EAGLE trees: dynamic (EAGLE-2: the best nodes by draft probability, as many "
+           "nodes and as deep as --tree) | static (--tree itself).",
+           check=lambda v: None if v in ("dynamic", "static") else f"--eagle-tree must be dynamic or static, got {v!r}"),
+    Option("eagle_top_k", 8, "EAGLE dynamic trees: nodes expanded per depth, and children drafted per node.",
+           check=within(1, 64, integer=True)),
+    Option("eagle_depth", 5, "EAGLE: the deepest draft (the depth --tree auto calibrates and searches to).",
+           check=within(1, 16, integer=True)),
+)
+
+
+def eagle_decoder(name: str, loaded, options: DecoderOptions, path) -> SpeculativeDecoder:
+    from medusa_bench.heads.eagle import load_eagle_heads
+
+    heads = load_eagle_heads(path, base_model=loaded.model)
+    heads.depth = options.eagle_depth
+    if heads.variant == "eagle":
+        apply_draft_vocab(heads, path, options.draft_vocab)
+    elif options.draft_vocab > 0:
+        raise UserError("EAGLE-3 heads draft among their own vocabulary (d2t): leave --draft-vocab at its default")
+    dynamic = options.eagle_tree == "dynamic"
+
+    def make_proposer(tree: Tree) -> EagleProposer:
+        return EagleProposer(heads, tree, loaded.device, dynamic=False)
+
+    tree, auto = tree_for(options, loaded, make_proposer, heads.depth, name, path)
+    proposer = EagleProposer(heads, tree, loaded.device, dynamic=dynamic, top_k=options.eagle_top_k)
+    acceptance = Acceptance(options.acceptance, options.posterior_threshold, options.posterior_alpha)
+    return SpeculativeDecoder(name, loaded, proposer, acceptance, autotree=auto)
+
+
+@register("eagle")
+def build_eagle(loaded, options: DecoderOptions):
+    return eagle_decoder("eagle", loaded, options, find_heads(options.eagle_heads, loaded, "eagle", "--eagle-heads"))
+
+
+@register("eagle3")
+def build_eagle3(loaded, options: DecoderOptions):
+    return eagle_decoder("eagle3", loaded, options, find_heads(options.eagle3_heads, loaded, "eagle3", "--eagle3-heads"))
