@@ -106,7 +106,7 @@ def run(
 ) -> None:
     """Run decoders over a bench's questions; appends answers and resumes where it stopped.
 
-    Decoders: baseline, control, medusa, medusa2, hydra, pld; `medusa:chain-2` gives one decoder its own tree.
+    Decoders: baseline, control, medusa, medusa2, hydra, eagle, eagle2, eagle3, pld; `medusa:chain-2` gives one decoder its own tree.
     """
     from medusa_bench.bench.loop import RunConfig, run_benchmark
 
@@ -339,7 +339,7 @@ def train_medusa2(
 @decoder_options("tree")
 def tree_command(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Hub id, local folder, .gguf file or 'smollm2-135m'."),
-    decoder: str = typer.Option("medusa", "--decoder", "-d", help="Whose heads: medusa | medusa2 | hydra."),
+    decoder: str = typer.Option("medusa", "--decoder", "-d", help="Whose heads: medusa | medusa2 | hydra | eagle | eagle2 | eagle3."),
     max_nodes: int = typer.Option(64, "--max-nodes", help="Largest tree, root included."),
     max_depth: Optional[int] = typer.Option(None, "--max-depth", help="Deepest path (default: every head)."),
     top_k: int = typer.Option(10, "--top-k", help="Candidates per head that calibration ranks."),

@@ -3,6 +3,8 @@
 #   medusa_bench/data/heads/smollm2-135m-medusa   (Medusa-1, 4 heads through the shared lm_head)
 #   medusa_bench/data/heads/smollm2-135m-medusa2  (Medusa-2 adapter: LoRA + 4 heads)
 #   medusa_bench/data/heads/smollm2-135m-hydra    (Hydra++: 4 prefix-mlp heads, teacher loss)
+#   medusa_bench/data/heads/smollm2-135m-eagle    (EAGLE-1/2: one draft layer over the last feature; eagle, eagle2)
+#   medusa_bench/data/heads/smollm2-135m-eagle3   (EAGLE-3: three fused feature layers, 4096-token draft vocabulary)
 # Data: the base model's own greedy answers to the 427 self-instruct prompts in
 # ../shared/data/self_instruct -- never MT-Bench or Spec-Bench questions (distill refuses them).
 # Each folder's training.json / curve.csv / calibration.json record what the run measured.
@@ -33,3 +35,9 @@ time $MB train medusa2 --model smollm2-135m --data "$WORK/distill.jsonl" --heads
 
 time $MB train hydra --model smollm2-135m --data "$WORK/distill.jsonl" --arch prefix-mlp --heads 4 --loss teacher \
   --lm-head shared --epochs 5 --lr 1e-3 --max-minutes 13 --save-dtype float16 --out "$HEADS/smollm2-135m-hydra"
+
+time $MB train eagle --model smollm2-135m --data "$WORK/distill.jsonl" --ttt-steps 3 \
+  --epochs 6 --lr 1e-3 --max-minutes 12 --save-dtype float16 --out "$HEADS/smollm2-135m-eagle"
+
+time $MB train eagle --eagle3 --model smollm2-135m --data "$WORK/distill.jsonl" --ttt-steps 3 --draft-vocab 4096 \
+  --epochs 6 --lr 1e-3 --max-minutes 12 --save-dtype float16 --out "$HEADS/smollm2-135m-eagle3"

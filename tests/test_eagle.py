@@ -207,13 +207,14 @@ def random_folders(smollm, tmp_path_factory):
     return folders
 
 
-@pytest.mark.parametrize("variant", ["eagle", "eagle3"])
-@pytest.mark.parametrize("mode", ["static", "dynamic"])
-def test_greedy_eagle_is_lossless_on_many_trees(smollm, random_folders, references, variant, mode):
+@pytest.mark.parametrize("name, mode", [("eagle", "static"), ("eagle2", "dynamic"), ("eagle3", "static"), ("eagle3", "dynamic")])
+def test_greedy_eagle_is_lossless_on_many_trees(smollm, random_folders, references, name, mode):
+    variant = "eagle3" if name == "eagle3" else "eagle"
     for tree in TREES:
-        options = DecoderOptions(**{f"{variant}_heads": str(random_folders[variant])}, tree=tree, eagle_tree=mode,
+        options = DecoderOptions(**{f"{variant}_heads": str(random_folders[variant])}, tree=tree, eagle3_tree=mode,
                                  eagle_top_k=3, draft_vocab=0)
-        decoder = build_decoder(variant, smollm, options)
+        decoder = build_decoder(name, smollm, options)
+        assert decoder.proposer.dynamic == (mode == "dynamic")
         for ids, expected in references:
             result = decoder.generate(ids, 24)
             assert result.token_ids == expected, (tree, mode)
@@ -221,8 +222,8 @@ def test_greedy_eagle_is_lossless_on_many_trees(smollm, random_folders, referenc
 
 
 def test_dynamic_trees_keep_the_best_nodes(smollm, random_folders, references):
-    decoder = build_decoder("eagle", smollm, DecoderOptions(eagle_heads=str(random_folders["eagle"]), tree="tree-16",
-                                                            eagle_tree="dynamic", eagle_top_k=4))
+    decoder = build_decoder("eagle2", smollm, DecoderOptions(eagle_heads=str(random_folders["eagle"]), tree="tree-16",
+                                                             eagle_top_k=4))
     proposer = decoder.proposer
     ids, _ = references[0]
     state = decoder.prefill(ids)
@@ -333,3 +334,18 @@ def test_training_lowers_the_loss_and_writes_heads_that_decode_losslessly(smollm
     decoder = build_decoder(variant, smollm, DecoderOptions(**{f"{variant}_heads": str(tmp_path / "heads")}, tree="[[0],[1],[0,0]]"))
     for ids, expected in references:
         assert decoder.generate(ids, 16).token_ids == expected[:16]
+
+
+@pytest.mark.parametrize("name", ["eagle", "eagle2", "eagle3"])
+def test_default_heads_ship_and_decode_losslessly(smollm, references, name):
+    from medusa_bench.heads.common import default_heads
+
+    kind = "eagle3" if name == "eagle3" else "eagle"
+    if default_heads(smollm, kind) is None:
+        pytest.skip(f"no default {kind} heads in medusa_bench/data/heads")
+    decoder = build_decoder(name, smollm, DecoderOptions(tree="tree-16"))
+    assert decoder.proposer.heads.variant == kind and decoder.proposer.dynamic == (name != "eagle")
+    ids, expected = references[0]
+    result = decoder.generate(ids, 24)
+    assert result.token_ids == expected
+    assert result.steps < len(expected)  # trained heads draft something right on ordinary text

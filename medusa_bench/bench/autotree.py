@@ -94,7 +94,7 @@ def tree_for_decoder(spec: str, loaded, options) -> AutoTree:
     decoder = build_decoder(spec, loaded, options.replace(tree="auto"))
     auto = decoder.autotree
     if auto is None:
-        raise UserError(f"decoder {spec!r} drafts no tree from heads; search trees for medusa, medusa2 or hydra")
+        raise UserError(f"decoder {spec!r} drafts no tree from heads; search trees for medusa, medusa2, hydra or eagle, eagle2, eagle3")
     return auto
 
 

@@ -24,7 +24,7 @@ from medusa_bench.bench.autotree import store_in_run, tree_records
 from medusa_bench.bench.contention import TIMING_FIELDS, count_flagged, cpu_meter, is_flagged
 from medusa_bench.bench.prompts import build_prompt, conversation
 from medusa_bench.bench.questions import CATEGORY_TEMPERATURE, Question, load_questions
-from medusa_bench.decoders.base import Decoder, DecoderOptions, Sampling, build_decoder, decoder_names, split_spec
+from medusa_bench.decoders.base import Decoder, DecoderOptions, Sampling, build_decoder, decoder_names, heads_option, split_spec
 from medusa_bench.decoders.options import declared
 from medusa_bench.engine import check_options as check_engine_options
 from medusa_bench.engine import engine_of, use_engine
@@ -133,11 +133,6 @@ def check_same_settings(run_dir: Path, settings: dict, keys: Optional[tuple] = N
     return previous
 
 
-# The DecoderOptions field naming each decoder's heads, and the shipped kind loaded when it is None.
-HEADS_OPTIONS = {"medusa": ("medusa_heads", "medusa"), "medusa2": ("medusa2_model", "medusa2"),
-                 "medusa2-baseline": ("medusa2_model", "medusa2"), "hydra": ("hydra_heads", "hydra")}
-
-
 def content_hashes(config: RunConfig, questions: list[Question]) -> dict:
     """What settings (paths) cannot see: {"questions": {id: sha256}, "heads": {folder: sha256}}.
 
@@ -156,7 +151,7 @@ def content_hashes(config: RunConfig, questions: list[Question]) -> dict:
                       for q in questions}
     heads = {}
     for name in config.decoders:
-        option, kind = HEADS_OPTIONS.get(split_spec(name)[0], (None, None))
+        option, kind = heads_option(split_spec(name)[0])
         if option is None:
             continue
         folder = getattr(config.options, option) or default_heads(SimpleNamespace(name=model_name(config.model)), kind)

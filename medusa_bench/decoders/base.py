@@ -63,14 +63,25 @@ class Decoder(Protocol):
 # `medusa-bench --help` stays fast and a missing optional part only fails when used.
 DecoderFactory = Callable[["LoadedModel", DecoderOptions], Decoder]  # noqa: F821
 _REGISTRY: dict[str, DecoderFactory] = {}
+_HEADS: dict[str, tuple[str, str]] = {}  # name -> (the option naming its heads, the shipped heads' kind)
 
 
-def register(name: str):
+def register(name: str, heads: Optional[tuple[str, str]] = None):
+    """Register a decoder factory; `heads=(option, kind)` when it loads heads: the option naming their
+    folder, else the shipped `<model>-<kind>` folder (run.json hashes that folder; a resume checks it)."""
     def wrap(factory: DecoderFactory) -> DecoderFactory:
         _REGISTRY[name] = factory
+        if heads is not None:
+            _HEADS[name] = heads
         return factory
 
     return wrap
+
+
+def heads_option(name: str) -> tuple[Optional[str], Optional[str]]:
+    """(option, shipped kind) of a decoder that loads heads, else (None, None)."""
+    load_decoders()
+    return _HEADS.get(name, (None, None))
 
 
 def decoder_names() -> list[str]:

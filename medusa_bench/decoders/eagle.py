@@ -9,11 +9,12 @@ Each step (see heads/eagle.py for the draft model):
 2. *Levels.* A node's children come from the draft run on that node's row: (its parent's output,
    its token) at position prefix + depth - 1, attending to the context rows and its ancestors'
    rows (a tree mask over the draft's cache), one batched forward per depth.
-   - static (`--eagle-tree static`): the nodes of a fixed tree (`--tree`), like Hydra's levels;
-   - dynamic (EAGLE-2, the default): at each depth the `--eagle-top-k` best nodes by cumulative
-     draft log-probability are expanded (top-k children each); after the last depth the best
-     n - 1 nodes of all drafted become the tree. n and the depth are those of `--tree`, so with
-     `--tree auto` they are the optimiser's choice for this machine (its measured step times).
+   - static (`eagle`: EAGLE-1): the nodes of a fixed tree (`--tree`), like Hydra's levels;
+   - dynamic (`eagle2`, and `eagle3` by default: EAGLE-2's trees): at each depth the
+     `--eagle-top-k` best nodes by cumulative draft log-probability are expanded (top-k
+     children each); after the last depth the best n - 1 nodes of all drafted become the tree.
+     n and the depth are those of `--tree`, so with `--tree auto` they are the optimiser's
+     choice for this machine (its measured step times): a dynamic tree sized for the hardware.
 3. *Roll back.* The tree's rows leave the draft cache (crop to the context rows): the next step
    feeds the accepted tokens' true base features instead, as the reference does.
 
@@ -186,19 +187,20 @@ def _path(parents: list[int], node: int) -> list[int]:
 
 
 declare(
-    Option("eagle_heads", None, "EAGLE-1/2 heads folder or Hub id (default: the heads shipped for the model)."),
+    Option("eagle_heads", None, "EAGLE-1/2 heads folder or Hub id, for eagle and eagle2 (default: the heads shipped for the model)."),
     Option("eagle3_heads", None, "EAGLE-3 heads folder or Hub id (default: the heads shipped for the model)."),
-    Option("eagle_tree", "dynamic", "EAGLE trees: dynamic (EAGLE-2: the best nodes by draft probability, as many "
-           "nodes and as deep as --tree) | static (--tree itself).",
-           check=lambda v: None if v in ("dynamic", "static") else f"--eagle-tree must be dynamic or static, got {v!r}"),
-    Option("eagle_top_k", 8, "EAGLE dynamic trees: nodes expanded per depth, and children drafted per node.",
+    Option("eagle3_tree", "dynamic", "eagle3's trees: dynamic (as eagle2) | static (--tree itself).",
+           check=lambda v: None if v in ("dynamic", "static") else f"--eagle3-tree must be dynamic or static, got {v!r}"),
+    Option("eagle_top_k", 8, "Dynamic EAGLE trees (eagle2, eagle3): nodes expanded per depth, children drafted per node.",
            check=within(1, 64, integer=True)),
     Option("eagle_depth", 5, "EAGLE: the deepest draft (the depth --tree auto calibrates and searches to).",
            check=within(1, 16, integer=True)),
 )
 
 
-def eagle_decoder(name: str, loaded, options: DecoderOptions, path) -> SpeculativeDecoder:
+def eagle_decoder(name: str, loaded, options: DecoderOptions, path, dynamic: bool) -> SpeculativeDecoder:
+    """`name` drafting with the EAGLE heads at `path`: on `--tree` itself, or (`dynamic`) on EAGLE-2 trees
+    of as many nodes and as deep as `--tree` (with `auto`: the optimiser's choice for this machine)."""
     from medusa_bench.heads.eagle import load_eagle_heads
 
     heads = load_eagle_heads(path, base_model=loaded.model)
@@ -207,22 +209,30 @@ def eagle_decoder(name: str, loaded, options: DecoderOptions, path) -> Speculati
         apply_draft_vocab(heads, path, options.draft_vocab)
     elif options.draft_vocab > 0:
         raise UserError("EAGLE-3 heads draft among their own vocabulary (d2t): leave --draft-vocab at its default")
-    dynamic = options.eagle_tree == "dynamic"
 
     def make_proposer(tree: Tree) -> EagleProposer:
         return EagleProposer(heads, tree, loaded.device, dynamic=False)
 
-    tree, auto = tree_for(options, loaded, make_proposer, heads.depth, name, path)
+    tree, auto = tree_for(options, loaded, make_proposer, heads.depth, heads.variant, path)  # eagle and eagle2 share tables
     proposer = EagleProposer(heads, tree, loaded.device, dynamic=dynamic, top_k=options.eagle_top_k)
     acceptance = Acceptance(options.acceptance, options.posterior_threshold, options.posterior_alpha)
     return SpeculativeDecoder(name, loaded, proposer, acceptance, autotree=auto)
 
 
-@register("eagle")
+@register("eagle", heads=("eagle_heads", "eagle"))
 def build_eagle(loaded, options: DecoderOptions):
-    return eagle_decoder("eagle", loaded, options, find_heads(options.eagle_heads, loaded, "eagle", "--eagle-heads"))
+    """EAGLE-1: EAGLE-1/2 heads on the static tree `--tree`, the same tree Medusa and Hydra draft."""
+    return eagle_decoder("eagle", loaded, options, find_heads(options.eagle_heads, loaded, "eagle", "--eagle-heads"), False)
 
 
-@register("eagle3")
+@register("eagle2", heads=("eagle_heads", "eagle"))
+def build_eagle2(loaded, options: DecoderOptions):
+    """EAGLE-2: the same heads on dynamic trees."""
+    return eagle_decoder("eagle2", loaded, options, find_heads(options.eagle_heads, loaded, "eagle", "--eagle-heads"), True)
+
+
+@register("eagle3", heads=("eagle3_heads", "eagle3"))
 def build_eagle3(loaded, options: DecoderOptions):
-    return eagle_decoder("eagle3", loaded, options, find_heads(options.eagle3_heads, loaded, "eagle3", "--eagle3-heads"))
+    """EAGLE-3 heads, on dynamic trees (`--eagle3-tree static`: on `--tree` itself)."""
+    path = find_heads(options.eagle3_heads, loaded, "eagle3", "--eagle3-heads")
+    return eagle_decoder("eagle3", loaded, options, path, options.eagle3_tree == "dynamic")

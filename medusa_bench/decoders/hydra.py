@@ -166,7 +166,7 @@ class PrefixTracker:
 declare(Option("hydra_heads", None, "Hydra heads folder (default: the heads shipped for the model)."))
 
 
-@register("hydra")
+@register("hydra", heads=("hydra_heads", "hydra"))
 def build_hydra(loaded, options: DecoderOptions):
     from medusa_bench.heads.hydra import load_hydra_heads
 

@@ -51,7 +51,7 @@ declare(
 )
 
 
-@register("medusa")
+@register("medusa", heads=("medusa_heads", "medusa"))
 def build_medusa(loaded, options: DecoderOptions):
     from medusa_bench.heads.medusa import load_heads
 
@@ -105,7 +105,7 @@ def _read_medusa2(loaded, path):
     return backbone, heads
 
 
-@register("medusa2")
+@register("medusa2", heads=("medusa2_model", "medusa2"))
 def build_medusa2(loaded, options: DecoderOptions):
     path = medusa2_folder(loaded, options)
     backbone, heads = load_medusa2(loaded, path)
@@ -113,7 +113,7 @@ def build_medusa2(loaded, options: DecoderOptions):
     return heads_decoder("medusa2", backbone, heads, path, MedusaProposer, options, baseline_name="medusa2-baseline")
 
 
-@register("medusa2-baseline")
+@register("medusa2-baseline", heads=("medusa2_model", "medusa2"))
 def build_medusa2_baseline(loaded, options: DecoderOptions):
     """Plain decoding on the Medusa-2 backbone: the lossless reference and speed baseline of medusa2."""
     backbone, _ = load_medusa2(loaded, medusa2_folder(loaded, options))

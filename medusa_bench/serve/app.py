@@ -355,16 +355,15 @@ def _stream(engine: Engine, body: ChatCompletionRequest, job: Job) -> StreamingR
 
 
 # ------------------------------------------------------------------------------ entry point
-HEADS_OPTION = {"medusa": "medusa_heads", "hydra": "hydra_heads"}  # the DecoderOptions field naming each decoder's heads
-
-
 def _heads_options(decoder: str, options, specs: Optional[list[str]]) -> list[tuple[str, object]]:
     """`--heads NAME=PATH` → [(NAME, options loading PATH)]; checked before the model loads."""
     if not specs:
         return []
-    kind = decoder.split(":", 1)[0]
-    if kind not in HEADS_OPTION:
-        raise UserError(f"--heads needs --decoder medusa or hydra (heads of one kind on one base model), not {decoder!r}")
+    from medusa_bench.decoders.base import heads_option
+
+    option, _ = heads_option(decoder.split(":", 1)[0])
+    if option is None or option == "medusa2_model":  # a Medusa-2 model is a backbone too, not heads on this one
+        raise UserError(f"--heads needs a decoder with heads on this base model (medusa, hydra, eagle, eagle2, eagle3), not {decoder!r}")
     out, seen = [], {Engine.DEFAULT}
     for spec in specs:
         name, sep, path = spec.partition("=")
@@ -374,7 +373,7 @@ def _heads_options(decoder: str, options, specs: Optional[list[str]]) -> list[tu
         if name in seen:
             raise UserError(f"--heads {spec!r}: the name {name!r} is taken; give each heads its own name")
         seen.add(name)
-        out.append((name, options.replace(**{HEADS_OPTION[kind]: path})))
+        out.append((name, options.replace(**{option: path})))
     return out
 
 
