@@ -19,7 +19,8 @@ The softmax of EAGLE-1/2's token loss runs over the active vocabulary (every tar
 the data), as the other trainers' does; held-out accuracy and calibration use the drafting
 vocabulary in full. A run writes the heads (`model.safetensors` + `config.json`, the reference
 layout), `calibration.json` (held-out path-conditional statistics for `--tree auto`),
-`curve.csv`, `draft_vocab.json` and `training.json` (with held-out top-1/top-5 per depth).
+`curve.csv`, `training.json` (with held-out top-1/top-5 per depth) and, for EAGLE-1/2,
+`draft_vocab.json`.
 """
 
 from __future__ import annotations
@@ -224,7 +225,8 @@ def write(heads: EagleHeads, loaded, out: Path, held: list[Pair], config: EagleF
     ranks = conditional_ranks(check, held, lambda rows: split_rows(check, rows))
     save_calibration(statistics_of(ranks, config.top_k, meta), out / "calibration.json")
     write_curve(result.curve, out / "curve.csv")
-    write_draft_vocab(Path(result.info["data"]), loaded.tokenizer, out, loaded.vocab_size, loaded.eos_token_ids)
+    if config.variant == "eagle":  # EAGLE-3 heads carry their own draft vocabulary (d2t)
+        write_draft_vocab(Path(result.info["data"]), loaded.tokenizer, out, loaded.vocab_size, loaded.eos_token_ids)
     io.write_json(out / "training.json", {"kind": config.variant, "model": loaded.spec, "config": asdict(config),
                                           "unrolled_steps": config.steps, "noise": config.noise_width, **result.info,
                                           "heldout": best})
