@@ -215,7 +215,7 @@ def test_greedy_eagle_is_lossless_on_many_trees(smollm, random_folders, referenc
                                  eagle_top_k=3, draft_vocab=0)
         decoder = build_decoder(name, smollm, options)
         assert decoder.proposer.dynamic == (mode == "dynamic")
-        for ids, expected in references:
+        for ids, expected in references[:1] if tree == "mc_sim_7b_63" else references:  # 64 nodes: one prompt is enough
             result = decoder.generate(ids, 24)
             assert result.token_ids == expected, (tree, mode)
             assert sum(result.accept_lengths) == len(result.token_ids)
