@@ -40,12 +40,11 @@ from medusa_bench.trees.tree import Tree, TreeBuffers
 
 
 class EagleProposer(HeadsProposer):
-    """EAGLE heads → a static tree's tokens, or a dynamic tree (EAGLE-2) of `nodes` nodes."""
+    """EAGLE heads → the tokens of `tree`, or (`dynamic`) an EAGLE-2 tree as large and as deep as `tree`."""
 
     def __init__(self, heads, tree: Tree, device: torch.device, dynamic: bool = True, top_k: int = 8):
         super().__init__(heads, tree, device)
         self.feature_layers = heads.feature_layers  # (-1,): the final normed state; EAGLE-3: three layers
-        self.needs_hidden = True
         self.plan = level_plan(self.buffers)
         self.dynamic = dynamic and tree.num_nodes > 1
         self.top_k = max(1, min(top_k, tree.num_nodes - 1))
