@@ -6,6 +6,7 @@ The heads themselves share their contract in `heads/common.py`; this is the deco
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -28,6 +29,52 @@ class HeadsProposer(Proposer):
         self.tree = tree
         self.buffers = tree.buffers(device)
         self.draft_size = tree.num_nodes - 1
+
+
+class ContextRows:
+    """Base hidden rows a proposer's own layer takes in as the context grows (Hydra++'s prefix layer,
+    EAGLE's draft model), one row per context token, fed in order through the layer's KV cache.
+
+    `observe` queues what `Proposer.observe` hands over (the prompt's rows, then each accepted
+    path's); `take` returns the rows not fed yet; `rewind` follows `Proposer.rewind`.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.fed = 0  # rows the layer has taken in (its cache holds exactly these)
+        self.pending: list[torch.Tensor] = []  # rows observed since, in context order
+
+    def observe(self, rows: torch.Tensor) -> None:
+        self.pending.append(rows)
+
+    def rewind(self, length: int, crop: Callable[[int], None]) -> None:
+        """Back to a context of `length` tokens: the rows of the first length - 1 stay (`crop(n)` cuts the
+        layer's cache to n rows); the newest token's row comes with the next `take` (its `hidden`)."""
+        keep = length - 1
+        if self.fed > keep:
+            crop(keep)
+            self.fed, self.pending = keep, []
+        elif self.pending:
+            self.pending = [torch.cat(self.pending)[: keep - self.fed]]
+
+    def take(self, context_length: int, hidden: torch.Tensor, who: str) -> torch.Tensor:
+        """The rows to feed now [q, W] (context positions fed … context_length - 1), counted as fed.
+
+        `hidden` [W] is the newest row: normally the last observed one, after a rewind the one row still to feed.
+        """
+        rows = self.pending
+        observed = sum(r.shape[0] for r in rows)
+        if self.fed + observed == context_length - 1:  # rewound: the newest row is `hidden`
+            rows = rows + [hidden[None]]
+        elif self.fed + observed != context_length:
+            raise RuntimeError(f"{who} out of step: {self.fed} rows fed + {observed} observed, context "
+                               f"{context_length} (a cache changed without Proposer.rewind?)")
+        new = torch.cat(rows) if len(rows) > 1 else rows[0]  # [q, W]
+        self.pending = []
+        self.fed += new.shape[0]
+        return new
 
 
 declare(Option("draft_vocab", -1, "Heads draft among the N most frequent tokens (-1: the heads' default, 0: all).",

@@ -30,7 +30,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from medusa_bench.decoders.base import DecoderOptions, register
-from medusa_bench.decoders.drafting import HeadsProposer, find_heads, tree_for
+from medusa_bench.decoders.drafting import ContextRows, HeadsProposer, find_heads, tree_for
 from medusa_bench.decoders.hydra import level_plan
 from medusa_bench.decoders.options import Option, declare, within
 from medusa_bench.decoders.spec import Acceptance, Draft, SpeculativeDecoder, crop_cache
@@ -49,49 +49,39 @@ class EagleProposer(HeadsProposer):
         self.dynamic = dynamic and tree.num_nodes > 1
         self.top_k = max(1, min(top_k, tree.num_nodes - 1))
         self.depth = tree.depth
+        self.rows = ContextRows()
         self.reset([])
 
     # ------------------------------------------------------------------ the draft's context rows
 
     def reset(self, prompt_ids: list[int]) -> None:
-        self.cache = DynamicCache()
-        self.fed = 0  # context rows in the draft cache: row t = (feature_t, token_{t+1})
-        self.pending: list[Tensor] = []  # base features observed since, in context order
+        self.cache = DynamicCache()  # row t = (feature_t, token_{t+1}) for the context rows fed
+        self.rows.reset()
+
+    @property
+    def fed(self) -> int:
+        """Context rows in the draft cache."""
+        return self.rows.fed
 
     def observe(self, rows: Tensor) -> None:
-        self.pending.append(rows)
+        self.rows.observe(rows)
 
     def rewind(self, length: int) -> None:
         """Back to `length` context tokens: rows 0 … length - 2 stay (row length - 1 paired the old root)."""
-        keep = length - 1
-        if self.fed > keep:
-            crop_cache(self.cache, keep)
-            self.fed, self.pending = keep, []
-        elif self.pending:
-            self.pending = [torch.cat(self.pending)[: keep - self.fed]]
+        self.rows.rewind(length, lambda keep: crop_cache(self.cache, keep))
 
     def catch_up(self, root: int, hidden: Tensor, context: list[int]) -> Tensor:
         """Feed the missing context rows and the root's row; the root row's output g [H] (drafts depth 1)."""
-        rows = self.pending
-        observed = sum(r.shape[0] for r in rows)
-        if self.fed + observed == len(context) - 1:  # rewound: the newest feature is `hidden`
-            rows = rows + [hidden[None]]
-        elif self.fed + observed != len(context):
-            raise RuntimeError(f"EAGLE draft cache out of step: {self.fed} rows + {observed} observed, context "
-                               f"{len(context)} (a cache changed without Proposer.rewind?)")
-        features = torch.cat(rows) if len(rows) > 1 else rows[0]  # [q, W]
-        self.pending = []
-        q = features.shape[0]
-        device = features.device
-        tokens = torch.tensor(context[self.fed + 1:] + [root], device=device)  # [q]
-        positions = torch.arange(self.fed, self.fed + q, device=device)  # [q]
+        start = self.rows.fed
+        features = self.rows.take(len(context), hidden, "EAGLE draft cache")  # [q, W]
+        q, device = features.shape[0], features.device
+        tokens = torch.tensor(context[start + 1:] + [root], device=device)  # [q]: each row's next token
+        positions = torch.arange(start, start + q, device=device)  # [q]
         allowed = None
         if q > 1:  # causal over the new rows, everything before them
-            allowed = torch.ones(q, self.fed + q, dtype=torch.bool, device=device)
-            allowed[:, self.fed:] = torch.ones(q, q, dtype=torch.bool, device=device).tril()
-        g = self.heads.step(features, tokens, positions, self.cache, allowed)  # [q, H]
-        self.fed += q
-        return g[-1]
+            allowed = torch.ones(q, start + q, dtype=torch.bool, device=device)
+            allowed[:, start:] = torch.ones(q, q, dtype=torch.bool, device=device).tril()
+        return self.heads.step(features, tokens, positions, self.cache, allowed)[-1]
 
     # ------------------------------------------------------------------ drafting
 

@@ -20,7 +20,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from medusa_bench.decoders.base import DecoderOptions, register
-from medusa_bench.decoders.drafting import HeadsProposer, find_heads, heads_decoder
+from medusa_bench.decoders.drafting import ContextRows, HeadsProposer, find_heads, heads_decoder
 from medusa_bench.decoders.options import Option, declare
 from medusa_bench.decoders.spec import Draft, crop_cache
 from medusa_bench.trees.tree import Tree, TreeBuffers
@@ -122,44 +122,25 @@ class PrefixTracker:
 
     def __init__(self, heads):
         self.heads = heads
+        self.rows = ContextRows()
         self.reset()
 
     def reset(self) -> None:
         self.cache = DynamicCache()
-        self.length = 0  # rows fed so far = context tokens whose base hidden state the layer has seen
-        self.pending: list[Tensor] = []  # rows observed since, in context order
+        self.rows.reset()
 
     def observe(self, rows: Tensor) -> None:
-        self.pending.append(rows)
+        self.rows.observe(rows)
 
     def rewind(self, length: int) -> None:
-        """Back to a context of `length` tokens: keep the rows of the first length - 1; the newest
-        token's row comes with the next `advance` (its `hidden`), so it is fed again from there."""
-        keep = length - 1
-        if self.length > keep:
-            crop_cache(self.cache, keep)
-            self.length, self.pending = keep, []
-        elif self.pending:
-            self.pending = [torch.cat(self.pending)[: keep - self.length]]
+        self.rows.rewind(length, lambda keep: crop_cache(self.cache, keep))
 
     def advance(self, context: list[int], hidden: Tensor) -> Tensor:
-        """Feed the rows observed since the last call; the layer's output at the newest one [H].
-
-        `hidden` [H] is the newest row itself: normally the last observed row, after a `rewind`
-        the one row still to feed.
-        """
-        rows = self.pending
-        observed = sum(r.shape[0] for r in rows)
-        if self.length + observed == len(context) - 1:  # rewound: the newest row is `hidden`
-            rows = rows + [hidden[None]]
-        elif self.length + observed != len(context):
-            raise RuntimeError(f"Hydra++ prefix layer out of step: {self.length} rows fed + {observed} observed, "
-                               f"context {len(context)} (a cache changed without Proposer.rewind?)")
-        new = torch.cat(rows) if len(rows) > 1 else rows[0]  # [q, H]
-        self.pending = []
-        positions = torch.arange(self.length, self.length + new.shape[0], device=new.device)[None]  # [1, q]
+        """Feed the rows observed since the last call; the layer's output at the newest one [H]."""
+        start = self.rows.fed
+        new = self.rows.take(len(context), hidden, "Hydra++ prefix layer")  # [q, H]
+        positions = torch.arange(start, start + new.shape[0], device=new.device)[None]  # [1, q]
         states = self.heads.prefix_states(new[None].to(self.heads.dtype), self.cache, positions)  # [1, q, H]
-        self.length += new.shape[0]
         return states[0, -1]
 
 
