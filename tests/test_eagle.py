@@ -178,6 +178,12 @@ def test_mismatches_are_one_clear_line(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="has no EAGLE heads"):
         load_eagle_heads(tmp_path / "empty", base_model=tiny_llama())
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=H, n_layer=2, n_head=HEADS, vocab_size=V)).eval()
+    with pytest.raises(UserError, match="need a Llama-style decoder layer") as error:
+        new_eagle_heads(gpt2)
+    assert "\n" not in str(error.value)
 
 
 # ------------------------------------------------------------------------------ decoding on SmolLM2

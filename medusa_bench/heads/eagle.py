@@ -126,7 +126,8 @@ class EagleHeads(DraftHeads):
 
     @property
     def layer(self) -> nn.Module:
-        return self.decoder.layers[0]
+        """The draft's decoder layer (the one-layer model's layer list: `layers`, GPT-2's `h`, …)."""
+        return next(m for m in self.decoder.modules() if isinstance(m, nn.ModuleList))[0]
 
     @property
     def num_heads(self) -> int:
@@ -373,9 +374,7 @@ def new_eagle_heads(model: nn.Module, variant: str = "eagle", draft_vocab: Optio
 
 
 def _final_norm(model: nn.Module) -> Optional[nn.Module]:
-    from medusa_bench.decoders.spec import body_and_layers
-
-    body, _ = body_and_layers(model)
+    body = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
     return getattr(body, "norm", None)
 
 
