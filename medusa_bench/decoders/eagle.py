@@ -46,6 +46,8 @@ class EagleProposer(HeadsProposer):
         super().__init__(heads, tree, device)
         self.feature_layers = heads.feature_layers  # (-1,): the final normed state; EAGLE-3: three layers
         self.plan = level_plan(self.buffers)
+        # each node's ancestors and itself (the tree mask's rows), for the static tree's level masks
+        self.ancestors = {v: set(row.nonzero().flatten().tolist()) for v, row in enumerate(self.buffers.attn_mask)}
         self.dynamic = dynamic and tree.num_nodes > 1
         self.top_k = max(1, min(top_k, tree.num_nodes - 1))
         self.depth = tree.depth
@@ -118,12 +120,11 @@ class EagleProposer(HeadsProposer):
         tokens = torch.empty(buffers.num_nodes, dtype=torch.long, device=g_root.device)  # [n]
         tokens[0] = root
         parents = buffers.parents.tolist()
-        ancestors = {v: {v} | set(_path(parents, v)) for v in range(buffers.num_nodes)}
         outputs, cached = {0: g_root}, []
         for depth, level in enumerate(self.plan, start=1):
             expanding = buffers.levels[depth - 1][level.expand].tolist()  # parents with children
             if depth > 1:
-                self.tree_rows(expanding, parents, tokens, outputs, cached, ancestors, depth - 1)
+                self.tree_rows(expanding, parents, tokens, outputs, cached, self.ancestors, depth - 1)
             g = torch.stack([outputs[v] for v in expanding])  # [m, H]
             top = self.heads.draft_topk(g, level.top_k)  # [m, k]
             tokens[level.nodes] = top[level.parent_row, level.rank]
@@ -165,14 +166,6 @@ class EagleProposer(HeadsProposer):
     def true_ranks(self, hidden: Tensor, tokens: Tensor, positions: Tensor, depth: int, top_k: int = 10) -> Tensor:
         """Calibration: the draft chained along the true tokens (its own outputs as features below depth 1)."""
         return self.heads.true_ranks(hidden, tokens, positions, depth, top_k)
-
-
-def _path(parents: list[int], node: int) -> list[int]:
-    out = []
-    while parents[node] >= 0:
-        node = parents[node]
-        out.append(node)
-    return out
 
 
 declare(

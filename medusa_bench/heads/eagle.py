@@ -282,12 +282,15 @@ class EagleHeads(DraftHeads):
         features [S, W], ids [S], positions [T] -> LongTensor [T, depth]: [i, d - 1] is the rank of
         ids[t + 1 + d] at t = positions[i]; top_k where the drafting vocabulary lacks it; -1 past the end.
         """
+        if ids.shape[0] < 3:
+            return torch.full((positions.shape[0], depth), -1, dtype=torch.long, device=ids.device)
+        return self.ranks_of(self.unroll(features.to(self.dtype), ids, depth), ids, positions, top_k)
+
+    def ranks_of(self, outs: list[Tensor], ids: Tensor, positions: Tensor, top_k: int) -> Tensor:
+        """`true_ranks` from an `unroll` already made: outs (one g_d [S - 1, H] per depth) -> [T, depth]."""
         S = ids.shape[0]
-        ranks = torch.full((positions.shape[0], depth), -1, dtype=torch.long, device=ids.device)
-        if S < 3:
-            return ranks
-        outs = self.unroll(features.to(self.dtype), ids, depth)
-        column = self._column_of(ids)  # [S]: each token's draft-logit column, -1 if not draftable
+        ranks = torch.full((positions.shape[0], len(outs)), -1, dtype=torch.long, device=ids.device)
+        column = self.column_of(ids)  # [S]: each token's draft-logit column, -1 if not draftable
         for d, g in enumerate(outs, start=1):
             valid = positions + d + 1 < S
             rows = positions[valid]
@@ -298,7 +301,7 @@ class EagleHeads(DraftHeads):
             ranks[valid, d - 1] = torch.where(col >= 0, rank, torch.full_like(rank, top_k))
         return ranks
 
-    def _column_of(self, ids: Tensor) -> Tensor:
+    def column_of(self, ids: Tensor) -> Tensor:
         """ids [S] -> the draft-logit column of each token [S] (-1: not in the drafting vocabulary)."""
         draft = self.draft_ids
         if draft is None:

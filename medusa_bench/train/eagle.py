@@ -188,18 +188,19 @@ def evaluate(heads: EagleHeads, held: list[Pair], depth: int, top_k: int = 10) -
         if S < 3:
             continue
         positions = torch.arange(S - 1)[seq.mask[1:]]  # roots inside the answer
-        ranks = heads.true_ranks(features, seq.ids, positions, depth, top_k)  # [n, depth]
+        outs = heads.unroll(features, seq.ids, depth)  # one unroll for the ranks and the loss
+        ranks = heads.ranks_of(outs, seq.ids, positions, top_k)  # [n, depth]
         for d in range(depth):
             r = ranks[:, d]
             target = positions + d + 2
             r = r[(r >= 0) & seq.mask[target.clamp(max=S - 1)]]
             valid[d] += r.numel()
             rank_counts[d] += torch.bincount(r[r < top_k], minlength=top_k)[:top_k]
-        g = heads.unroll(features, seq.ids, 1)[0]  # [S - 1, H]
+        g = outs[0]  # [S - 1, H]: depth 1
         t = torch.arange(S - 2)
         t = t[seq.mask[t + 2]]
         logits = heads.logits(g[t]).float()
-        column = heads._column_of(seq.ids[t + 2])
+        column = heads.column_of(seq.ids[t + 2])
         keep = column >= 0
         if keep.any():
             loss_sum += F.cross_entropy(logits[keep], column[keep], reduction="sum").item()
