@@ -459,6 +459,7 @@ class Check:
         compile_on = args.compile or ("on" if self.device.type == "cuda" else "off")
         self.meta["captured_mode"] = compile_on
         captured = compile_on != "off" and self.meta["engine"]["run_config_compile"]
+        decoders = [d.strip() for d in args.decoders.split(",") if d.strip()]
 
         def smollm(dtype):
             if "smollm" not in sections:
@@ -470,7 +471,7 @@ class Check:
                 self.item(f"smollm/{dtype}/baseline-eager", self.load_cost(dtype) + 5 + t * self.per_token("eager"),
                           lambda r: self.smollm_run(dtype, "baseline-eager", ["baseline"], "off", r))
             self.item(f"smollm/{dtype}/decoders", self.load_cost(dtype) + 60 + t * self.per_token("captured") * 4,
-                      lambda r: self.smollm_run(dtype, "decoders", DECODERS, compile_on, r))
+                      lambda r: self.smollm_run(dtype, "decoders", decoders, compile_on, r))
 
         def generate(dtype):
             if "smollm" not in sections and "generate" not in sections:
@@ -845,6 +846,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=10)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--dtypes", default="bfloat16,float16,float32")
+    parser.add_argument("--decoders", default=",".join(DECODERS),
+                        help="the decoders item's run (first must be baseline), e.g. baseline,eagle,eagle2,eagle3")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--sections", default="smollm,7b", help="smollm (decoders + generate), 7b")
     parser.add_argument("--compile", default=None, choices=("on", "auto", "off"),

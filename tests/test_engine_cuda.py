@@ -79,3 +79,32 @@ def test_captured_steps_give_eager_tokens(drafting):
     for key, result in results.items():
         assert result.token_ids == reference.token_ids, key
         assert result.accept_lengths == reference.accept_lengths, key
+
+
+@pytest.mark.parametrize("variant, dynamic", [("eagle", False), ("eagle", True), ("eagle3", True)])
+def test_eagle_drafting_on_captured_steps_is_lossless(variant, dynamic):
+    """EAGLE reads the verify step's features (EAGLE-3: three layers) and keeps its own eager draft
+    cache: on recorded graphs its tokens must still be the plain greedy baseline's."""
+    from medusa_bench.decoders.eagle import EagleProposer
+    from medusa_bench.decoders.spec import Proposer, SpeculativeDecoder
+    from medusa_bench.heads.eagle import new_eagle_heads
+    from medusa_bench.trees.presets import get_preset
+    from medusa_bench.trees.tree import Tree
+
+    model = tiny_llama()
+    prompt = torch.randint(0, 512, (300,), generator=torch.Generator().manual_seed(1)).tolist()
+    expected = SpeculativeDecoder("b", loaded_for(model, "dynamic", "off"), Proposer()).generate(prompt, 40).token_ids
+    heads = new_eagle_heads(model, variant, torch.arange(256) if variant == "eagle3" else None).to("cuda")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    heads.requires_grad_(False).eval()
+    tree = Tree.parse(get_preset("mc_sim_7b_63")[:15])
+    for cache, compile in (("dynamic", "off"), ("static", "on")):
+        loaded = loaded_for(model, cache, compile)
+        decoder = SpeculativeDecoder("e", loaded, EagleProposer(heads, tree, loaded.device, dynamic=dynamic, top_k=3))
+        for _ in range(2):  # the second replays recorded graphs
+            result = decoder.generate(prompt, 40)
+            assert result.token_ids == expected, (cache, compile)
+            assert sum(result.accept_lengths) == len(result.token_ids)
