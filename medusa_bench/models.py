@@ -174,11 +174,27 @@ def load_model(spec: str = "smollm2-135m", device: str = "auto", dtype: str = "a
         raise UserError(f"cannot load model {spec!r}: {first}") from error  # MEDUSA_BENCH_DEBUG=1 shows transformers' traceback
     model.to(torch_device).eval()
     model.requires_grad_(False)
+    if torch_device.type == "cuda":
+        avoid_cudnn_attention()
     return LoadedModel(
         model=model, tokenizer=tokenizer, name=name, spec=spec, device=torch_device, dtype=torch_dtype,
         eos_token_ids=eos_ids(model, tokenizer), context_length=context_length(model, tokenizer), source=source,
         attn_implementation=model.config._attn_implementation,
     )
+
+
+def avoid_cudnn_attention() -> None:
+    """SDPA on CUDA without cuDNN's fused attention (flash / memory-efficient / math remain).
+
+    torch 2.11 picks cuDNN first for bf16 and fp16 on Hopper, and cuDNN builds an execution plan
+    the first time it meets each (query, key) length. Eager attention meets a new length at
+    almost every step: a prefill per prompt, and the drafters' own layers (Hydra++, EAGLE) over
+    their growing context. On the H200 bf16 drafting then took 42–108 ms a step on first passes
+    against 3–7 ms over lengths already seen, and the first decoder to prefill each prompt (the
+    baseline) paid its plan, so the empty tree measured 1.27x "faster" than the baseline
+    (docs/results/gpu-nvidia-h200-step-trace.md). Captured steps have one shape and never paid.
+    """
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 # Fastest first among the kernels that take the verify step's 4-D tree mask. Flash-attention and
