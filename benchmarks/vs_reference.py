@@ -18,7 +18,8 @@ greedy baseline and each other. `--profile` then times one generation per method
 
 What the references needed to run SmolLM2 (nothing of theirs is edited; see `reference_model_folder`
 and benchmarks/reference_worker.py): a model folder transformers 4.x reads (`rope_theta` at the top of
-config.json, a GPT-2 tokenizer with string merges and slow-tokenizer files), Medusa's 5 hard-coded
+config.json, a GPT-2 tokenizer with string merges and slow-tokenizer files, a shard index for EAGLE's
+embedding loader), Medusa's 5 hard-coded
 Medusa-1 heads cut to the 4 the file holds, and token ids read from its per-step decode.
 
     .venv/bin/python benchmarks/vs_reference.py --medusa-src ../Medusa --eagle-src ../EAGLE
@@ -84,6 +85,8 @@ def reference_model_folder(loaded, root: Path) -> Path:
     - tokenizer: tokenizers 0.14 reads BPE merges as "a b" strings only (0.20+ writes pairs), and
       transformers 4.x has no `TokenizersBackend` class: GPT2Tokenizer(Fast). EAGLE loads the slow
       tokenizer (`use_fast=False`), which reads vocab.json + merges.txt.
+    - model.safetensors.index.json: EAGLE reads the base embeddings through a shard index only (cnets1.py
+      `Model(load_emb=True)`); an index naming the one file serves it, and transformers still loads the file.
     The weights are a hard link (or copy) of ours.
     """
     source = Path(loaded.source)
@@ -97,6 +100,12 @@ def reference_model_folder(loaded, root: Path) -> Path:
         os.link(source / "model.safetensors", partial / "model.safetensors")
     except OSError:
         shutil.copy2(source / "model.safetensors", partial / "model.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(source / "model.safetensors"), framework="pt") as handle:
+        names = list(handle.keys())
+    (partial / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": (source / "model.safetensors").stat().st_size}, "weight_map": {n: "model.safetensors" for n in names}}))
     config = json.loads((source / "config.json").read_text())
     rope = config.pop("rope_parameters", None) or {}
     config["rope_theta"] = rope.get("rope_theta", config.get("rope_theta", 10000.0))
