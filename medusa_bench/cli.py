@@ -102,6 +102,10 @@ def run(
     concurrency: Optional[str] = typer.Option(None, "--concurrency", help="Endpoints: a sweep of requests in flight, e.g. 1,4,16 (appended to sweep.jsonl)."),
     request_timeout: float = typer.Option(300.0, "--request-timeout", help="Endpoints: seconds per request before it is retried."),
     max_retries: int = typer.Option(4, "--max-retries", help="Endpoints: retries of a failed request (backoff) before it is recorded as failed."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Shard the questions over N Ray workers (a local Ray instance unless --ray-address); needs pip install 'medusa-bench[ray]'. Judging is concurrent already: `judge --parallel`."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster ('auto': the one RAY_ADDRESS or `ray start` names); workers default to as many as fit."),
+    gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", help="GPUs per Ray worker (default 1 where the cluster has GPUs, else 0)."),
+    cpus_per_worker: int = typer.Option(1, "--cpus-per-worker", help="CPU cores per Ray worker (its torch threads on CPU)."),
     **decoder_options,
 ) -> None:
     """Run decoders over a bench's questions; appends answers and resumes where it stopped.
@@ -116,8 +120,11 @@ def run(
         temperature=temperature, top_p=top_p, seed=seed, warmup=warmup, out=out, device=device,
         dtype=dtype, decoder_options=decoder_options, trust_remote_code=trust_remote_code,
         control=control, precision_reference=precision_reference, remeasure_flagged=remeasure_flagged,
-        cache=cache, compile=compile,
+        cache=cache, compile=compile, workers=workers, ray_address=ray_address, gpus_per_worker=gpus_per_worker,
+        cpus_per_worker=cpus_per_worker,
     )
+    if endpoint and config.on_cluster:
+        raise UserError("--endpoint runs send requests from one process (--concurrency sets how many in flight): drop --workers/--ray-address")
     if endpoint:
         from medusa_bench.bench.endpoints import EndpointRun, parse_concurrency, parse_endpoints, run_endpoint_benchmark
 
@@ -449,7 +456,9 @@ def main() -> None:
     except UserError as error:
         if os.environ.get("MEDUSA_BENCH_DEBUG"):
             raise
-        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)  # "medusa-bench[ray]" is no markup
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("interrupted: finished answers are saved; re-run the same command to resume")

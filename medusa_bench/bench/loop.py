@@ -13,7 +13,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Iterator, Optional
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -64,6 +64,15 @@ class RunConfig:
     remeasure_flagged: bool = False  # re-time the questions with a contended turn, keeping their answers
     cache: str = "auto"  # KV cache: auto | static | dynamic (engine.py)
     compile: str = "auto"  # captured steps: auto (CUDA graphs on CUDA, eager on CPU) | on | off
+    # Scale-out on Ray (bench/distributed.py); none of these is a setting: every answer records its device.
+    workers: Optional[int] = None  # Ray workers (a local Ray instance unless ray_address is given)
+    ray_address: Optional[str] = None  # join this Ray cluster ("auto": the one the environment names)
+    gpus_per_worker: Optional[float] = None  # None: 1 where the cluster has GPUs, else 0
+    cpus_per_worker: int = 1  # CPU workers: torch threads per worker
+
+    @property
+    def on_cluster(self) -> bool:
+        return self.workers is not None or self.ray_address is not None
 
     @classmethod
     def from_cli(cls, *, decoders: str, question_ids, categories, temperature: str, decoder_options: Optional[dict] = None,
@@ -93,6 +102,7 @@ class RunConfig:
             raise UserError(f"--max-new-tokens must be >= 1, got {rest['max_new_tokens']}")
         if rest["warmup"] < 0:
             raise UserError(f"--warmup must be >= 0, got {rest['warmup']}")
+        check_cluster_options(rest)
         options = DecoderOptions(**decoder_options)
         split = lambda text: [x.strip() for x in text.split(",") if x.strip()] if text else None  # noqa: E731
         return cls(decoders=names, question_ids=split(question_ids), categories=split(categories),
@@ -105,15 +115,33 @@ class RunConfig:
         return Sampling(temperature=float(temperature), top_p=self.top_p, seed=seed)
 
 
+def check_cluster_options(options: dict) -> None:
+    """The Ray options make sense together (one line each when not)."""
+    workers, address = options.get("workers"), options.get("ray_address")
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers must be >= 1, got {workers}")
+    if options.get("cpus_per_worker", 1) < 1:
+        raise UserError(f"--cpus-per-worker must be >= 1, got {options['cpus_per_worker']}")
+    gpus = options.get("gpus_per_worker")
+    if gpus is not None and gpus < 0:
+        raise UserError(f"--gpus-per-worker must be >= 0, got {gpus}")
+    on_cluster = workers is not None or address is not None
+    if not on_cluster and (gpus is not None or options.get("cpus_per_worker", 1) != 1):
+        raise UserError("--gpus-per-worker and --cpus-per-worker size Ray workers: add --workers N or --ray-address ADDR")
+    if on_cluster and options.get("remeasure_flagged"):
+        raise UserError("--remeasure-flagged re-times in one process: drop --workers/--ray-address for it")
+
+
 def default_out(config: RunConfig, model_name: str) -> Path:
     return Path("results") / f"{model_name}-{config.bench}"
 
 
-def settings_of(config: RunConfig, question_file: Path, device, dtype) -> dict:
+def settings_of(config: RunConfig, question_file: Path, device_type: Optional[str], dtype: Optional[str]) -> dict:
+    """The run's settings (run.json); `device_type` 'cpu' | 'cuda', `dtype` 'float32' …"""
     return {
         "model": config.model, "bench": config.bench, "question_file": str(question_file),
         "max_new_tokens": config.max_new_tokens, "temperature": config.temperature, "top_p": config.top_p,
-        "seed": config.seed, "device": device.type, "dtype": str(dtype).replace("torch.", ""),
+        "seed": config.seed, "device": device_type, "dtype": dtype,
         "cache": config.cache, "compile": config.compile, **config.options.as_dict(),
     }
 
@@ -204,31 +232,65 @@ def device_info(loaded) -> dict:
     return info
 
 
-def write_run_file(run_dir: Path, config: RunConfig, settings: dict, loaded, decoders: dict, previous: Optional[dict],
+@dataclass
+class AnswerSource:
+    """What run.json says about where the answers come from: the model, its device, the decoders' trees.
+
+    In-process runs: one loaded model (`local_source`). Ray runs: the first worker's device, and
+    every worker's own record in `workers` (bench/distributed.py), with each device type's trees
+    in `device_plans`.
+    """
+
+    model_name: str
+    decoders: list[str]
+    device: dict  # device_info()
+    trees: dict  # autotree.tree_records(): each drafting decoder's tree + hash
+    dtype_auto: Optional[dict] = None  # how --dtype auto chose
+    workers: list[dict] = field(default_factory=list)
+    device_plans: dict = field(default_factory=dict)
+
+
+def local_source(loaded, decoders: dict) -> AnswerSource:
+    return AnswerSource(loaded.name, list(decoders), device_info(loaded), tree_records(decoders), loaded.dtype_auto)
+
+
+def write_run_file(run_dir: Path, config: RunConfig, settings: dict, source: AnswerSource, previous: Optional[dict],
                    hashes: Optional[dict] = None) -> dict:
-    names = list(dict.fromkeys((previous or {}).get("decoders", []) + list(decoders)))
+    previous = previous or {}
+    names = list(dict.fromkeys(previous.get("decoders", []) + source.decoders))
     run = {
         "tool": "medusa-bench", "version": __version__,
-        "created": (previous or {}).get("created", files.now_iso()), "updated": files.now_iso(),
+        "created": previous.get("created", files.now_iso()), "updated": files.now_iso(),
         "git_hash": files.git_hash(), "settings": settings, "decoders": names,
-        "models": {**(previous or {}).get("models", {}), **{name: model_id(loaded, name) for name in decoders}},
-        "questions": (previous or {}).get("questions"), "warmup": config.warmup,
-        "versions": files.package_versions(), "device": device_info(loaded),
-        "trees": {**(previous or {}).get("trees", {}), **tree_records(decoders)},  # each drafting decoder's tree + hash
-        "content_hashes": hashes or (previous or {}).get("content_hashes"),  # questions and heads, checked on resume
+        "models": {**previous.get("models", {}), **{name: model_id(source.model_name, name) for name in source.decoders}},
+        "questions": previous.get("questions"), "warmup": config.warmup,
+        "versions": files.package_versions(), "device": dict(source.device),
+        "trees": {**previous.get("trees", {}), **source.trees},  # each drafting decoder's tree + hash
+        "content_hashes": hashes or previous.get("content_hashes"),  # questions and heads, checked on resume
     }
-    dtype_auto = loaded.dtype_auto or (previous or {}).get("device", {}).get("dtype_auto")
+    dtype_auto = source.dtype_auto or previous.get("device", {}).get("dtype_auto")
     if dtype_auto:  # how --dtype auto chose (a resume keeps the first choice); absent when --dtype was explicit
         run["device"]["dtype_auto"] = dtype_auto
     if settings.get("precision_reference", "none") != "none":
-        run["precision_reference"] = {"dtype": settings["precision_reference"], "file": reference_file(loaded, settings["precision_reference"])}
+        run["precision_reference"] = {"dtype": settings["precision_reference"], "file": reference_file(source.model_name, settings["precision_reference"])}
+    # Ray runs: every worker that answered, by id (a resume adds its own), and each device type's trees.
+    new_ids = {worker["id"] for worker in source.workers}
+    workers = [w for w in previous.get("workers", []) if w.get("id") not in new_ids] + source.workers
+    if workers:
+        run["workers"] = workers
+    plans = {**previous.get("device_plans", {}), **source.device_plans}
+    if plans:
+        run["device_plans"] = plans
     files.write_json(run_dir / files.RUN_FILE, run)
     return run
 
 
 def model_id(loaded, decoder_name: str) -> str:
-    """'smollm2-135m' + 'medusa:chain-2' → 'smollm2-135m-medusa-chain-2' (a file-safe name)."""
-    return f"{loaded.name}-{decoder_name}".replace(":", "-").replace("/", "-").replace(" ", "")
+    """'smollm2-135m' + 'medusa:chain-2' → 'smollm2-135m-medusa-chain-2' (a file-safe name).
+
+    `loaded` is the loaded model or its name (a Ray driver loads none)."""
+    name = loaded if isinstance(loaded, str) else loaded.name
+    return f"{name}-{decoder_name}".replace(":", "-").replace("/", "-").replace(" ", "")
 
 
 def answer_question(decoder: Decoder, loaded, question: Question, config: RunConfig, on_step=None) -> dict:
@@ -253,6 +315,68 @@ def answer_question(decoder: Decoder, loaded, question: Question, config: RunCon
             **{key: [usage[key] for usage in usages] for key in ("cpu_share", "load_avg", "contended")}}
 
 
+def build_run_decoders(names: list[str], loaded, config: RunConfig, build=build_decoder) -> dict[str, Decoder]:
+    """Every decoder of the run on `loaded`, in the run's order; they share one engine (built first)."""
+    use_engine(loaded, config.cache, config.compile)  # before any decoder: they all share it
+    return {name: build(name, loaded, config.options) for name in names}
+
+
+def references_first(decoders: dict) -> list[str]:
+    """The decoders' names, reference decoders first: within a question an answer whose reference
+    has not answered yet waits for it (but control and baseline swap every other question:
+    question_order)."""
+    references = {decoder.baseline_name for decoder in decoders.values()}
+    return sorted(decoders, key=lambda name: name not in references)
+
+
+def answer_one_question(question: Question, index: int, decoders: dict, loaded, config: RunConfig,
+                        wanted: Optional[Iterable[str]] = None, on_step=None) -> Iterator[dict]:
+    """The unit of work: one question answered by each wanted decoder, interleaved in this
+    question's turn order (`question_order`), so every per-question speedup is timed on one
+    device. Yields each answer record as it is finished; writes nothing (the caller stores them:
+    run_benchmark in-process, the driver for Ray workers).
+
+    `decoders`: name → decoder-like (`generate`, `baseline_name`, `lossless`), references first;
+    `wanted`: the names still missing for this question (default all); `on_step(name)` returns
+    that answer's step callback.
+    """
+    wanted = set(decoders if wanted is None else wanted)
+    for name in question_order(list(decoders), index):
+        if name not in wanted:
+            continue
+        decoder = decoders[name]
+        choice = answer_question(decoder, loaded, question, config, on_step=on_step(name) if on_step else None)
+        yield answer_record(question, name, decoder, loaded, choice)
+
+
+@dataclass(frozen=True)
+class DecoderFacts:
+    """What storing an answer needs of its decoder (`store_ready`, `exact_match`): a Ray driver holds no decoders."""
+
+    name: str
+    baseline_name: str
+    lossless: bool
+
+    @classmethod
+    def of(cls, decoder) -> "DecoderFacts":
+        return cls(decoder.name, decoder.baseline_name, decoder.lossless)
+
+
+def open_answers(run_dir: Path, model, names: list[str]) -> tuple[dict, dict]:
+    """(paths, done) of this run's answer files, torn last lines repaired: done {name: {question id: record}}."""
+    paths = {name: files.answer_path(run_dir, model_id(model, name)) for name in names}
+    for path in paths.values():
+        files.repair_jsonl(path)
+    return paths, {name: {str(r["question_id"]): r for r in files.read_jsonl(path)} for name, path in paths.items()}
+
+
+def reference_answers(run_dir: Path, model, done: dict, reference_names: Iterable[str]) -> dict:
+    """{reference: {question id: record}} of the decoders others are compared with (their own
+    `done` when in this run, else read from their files); store_ready keeps it current."""
+    return {ref: done.get(ref) or {str(r["question_id"]): r for r in files.read_jsonl(files.answer_path(run_dir, model_id(model, ref)))}
+            for ref in set(reference_names)}
+
+
 def warm_up(decoders: dict[str, Decoder], loaded, questions: list[Question], config: RunConfig) -> None:
     """Untimed generations so lazy initialisation, allocator growth and caches don't hit timing."""
     prompt = build_prompt(loaded, conversation(questions[0].turns[:1], []))
@@ -262,7 +386,11 @@ def warm_up(decoders: dict[str, Decoder], loaded, questions: list[Question], con
 
 
 def run_benchmark(config: RunConfig, console: Optional[Console] = None, loaded=None) -> Path:
-    """Run (or resume) a benchmark; returns the run folder. Python API behind `medusa-bench run`."""
+    """Run (or resume) a benchmark; returns the run folder. Python API behind `medusa-bench run`.
+
+    In this process, or (`config.on_cluster`) over Ray workers, this process still the only one
+    writing the run folder (`run_on_cluster`).
+    """
     from medusa_bench.models import load_model, model_name, resolve_device, resolve_dtype
 
     console = console or Console(stderr=True)
@@ -271,57 +399,58 @@ def run_benchmark(config: RunConfig, console: Optional[Console] = None, loaded=N
     for name in names:  # fail on a typo before loading anything
         if split_spec(name)[0] not in decoder_names():
             build_decoder(name, None, config.options)
-    device = resolve_device(config.device)
+    if config.on_cluster:
+        from medusa_bench.bench.distributed import import_ray
+
+        import_ray()  # Ray missing: one line saying what to install, before anything is made
+    device = None if config.on_cluster else resolve_device(config.device)  # Ray: each worker's own
     run_dir = files.ensure_writable_dir(config.out or default_out(config, model_name(config.model)))
     lock = files.lock_run_dir(run_dir)  # noqa: F841 — held until this call returns: one writer per run folder
     dtype_name = precision.run_dtype(config.dtype, run_dir)  # a resumed --dtype auto run keeps its folder's dtype
+    if config.on_cluster:
+        return run_on_cluster(config, questions, question_file, run_dir, dtype_name, console)
     if loaded is None and dtype_name == "auto":  # measured on the loaded model: the settings need the answer
         loaded = precision.load_auto(config.model, config.device, config.trust_remote_code)
     dtype = loaded.dtype if loaded is not None else resolve_dtype(dtype_name, device)
-    settings = settings_of(config, question_file, device, dtype)
+    settings = settings_of(config, question_file, device.type, str(dtype).replace("torch.", ""))
     settings["precision_reference"] = precision.reference_dtype(config.precision_reference, settings["dtype"])
     previous = check_same_settings(run_dir, settings)  # refuse before the slow model load
     hashes = check_same_contents(previous, content_hashes(config, questions), question_file)
     loaded = loaded or load_model(config.model, config.device, dtype_name, config.trust_remote_code)
-    use_engine(loaded, config.cache, config.compile)  # before any decoder: they all share it
-    decoders = {name: build_decoder(name, loaded, config.options) for name in names}
-    # Within a question, reference decoders go first (but control and baseline swap every other
-    # question: question_order); an answer whose reference has not answered yet waits for it.
-    references_first = {d.baseline_name for d in decoders.values()}
-    names = sorted(names, key=lambda name: name not in references_first)
+    decoders = build_run_decoders(names, loaded, config)
+    names = references_first(decoders)
     files.ensure_writable_dir(run_dir / files.ANSWER_DIR)
     store_in_run(run_dir, decoders, previous)  # --tree auto: tree.json, calibration.json, latency.json
-    write_run_file(run_dir, config, settings, loaded, decoders, previous, hashes)
+    write_run_file(run_dir, config, settings, local_source(loaded, decoders), previous, hashes)
 
-    paths = {name: files.answer_path(run_dir, model_id(loaded, name)) for name in names}
-    for path in paths.values():
-        files.repair_jsonl(path)
-    done = {name: {str(r["question_id"]): r for r in files.read_jsonl(path)} for name, path in paths.items()}
-    references = {ref: done.get(ref) or {str(r["question_id"]): r for r in files.read_jsonl(files.answer_path(run_dir, model_id(loaded, ref)))}
-                  for ref in {decoder.baseline_name for decoder in decoders.values()}}
+    paths, done = open_answers(run_dir, loaded, names)
+    references = reference_answers(run_dir, loaded, done, {decoder.baseline_name for decoder in decoders.values()})
     reference = PrecisionReference(run_dir, loaded, config) if settings["precision_reference"] != "none" else None
     todo = [(question, name) for question in questions for name in names if str(question.question_id) not in done[name]]
     reference_todo = [question for question in questions if reference and str(question.question_id) not in reference.done]
     if not todo and not reference_todo and not config.remeasure_flagged:
         console.print(f"nothing to do: all {len(questions)} questions × {len(names)} decoders are in {run_dir}")
     elif todo or reference_todo:
+        float32 = Float32Baseline(loaded, config)
         if reference_todo:
-            reference.load()  # before timing: no model load (and its garbage) between timed answers
+            float32.load()  # before timing: no model load (and its garbage) between timed answers
         warm_up({n: decoders[n] for n in {name for _, name in todo}}, loaded, questions, config)
         gc.collect()  # the loads' garbage now, not in a timed turn (and no finalizer there to swallow a Ctrl-C)
+        device_label = device_info(loaded)["name"]  # per answer: the report never pools devices (Ray runs mix them)
+        in_turn_order = {name: decoders[name] for name in names}
         with run_progress(console) as progress:
             task = progress.add_task("starting", total=len(todo) + len(reference_todo))
             for index, question in enumerate(questions):
                 qid, pending = str(question.question_id), []
-                for name in question_order(names, index):
-                    if qid in done[name]:
-                        continue
-                    choice = answer_question(decoders[name], loaded, question, config, on_step=live_rate(progress, task, question, name))
-                    pending = store_ready(pending + [(answer_record(question, name, decoders[name], loaded, choice), decoders[name])],
-                                          references, names, paths)
+                wanted = [name for name in names if qid not in done[name]]
+                for record in answer_one_question(question, index, in_turn_order, loaded, config, wanted,
+                                                  on_step=lambda name: live_rate(progress, task, question, name)):  # noqa: B023 — used at once
+                    record["device"] = device_label
+                    pending = store_ready(pending + [(record, decoders[record["decoder"]])], references, names, paths)
                     progress.advance(task)
                 if reference and qid not in reference.done:  # after the timed answers: never between them
-                    reference.answer(question, references, live_rate(progress, task, question, PrecisionReference.DECODER))
+                    record = float32.record(question, live_rate(progress, task, question, Float32Baseline.DECODER))
+                    reference.store(record, references, float32.facts)
                     progress.advance(task)
     if config.remeasure_flagged:
         remeasure_flagged(questions, names, decoders, loaded, config, paths, console)
@@ -329,6 +458,115 @@ def run_benchmark(config: RunConfig, console: Optional[Console] = None, loaded=N
     if flagged:
         console.print(f"{flagged} of {total} turns were measured while the CPU was shared; rerun with --remeasure-flagged on a quiet machine")
     return run_dir
+
+
+def run_on_cluster(config: RunConfig, questions: list[Question], question_file: Path, run_dir: Path, dtype_name: str,
+                   console: Console) -> Path:
+    """`run_benchmark` over Ray workers (bench/distributed.py): they answer whole questions, this
+    process stores each answer as it arrives (`store_ready`, `files.append_jsonl`), the only writer
+    of the run folder, so resume, the refusal of changed settings and torn-line repair work as in
+    one process. What the workers decide (device type, dtype) is checked once the first has loaded.
+    """
+    from medusa_bench.bench.distributed import Job, WorkerPool
+    from medusa_bench.models import model_name
+
+    model, names = model_name(config.model), list(config.decoders)
+    decided_by_workers = ("device", "dtype", "precision_reference")
+    check_same_settings(run_dir, settings_of(config, question_file, None, None),
+                        tuple(key for key in setting_keys() if key not in decided_by_workers))  # before starting anything
+    files.ensure_writable_dir(run_dir / files.ANSWER_DIR)
+    paths, done = open_answers(run_dir, model, names)
+    if dtype_name != "auto" and not missing_work(questions, done, run_dir, model, config, dtype_name):
+        console.print(f"nothing to do: all {len(questions)} questions × {len(names)} decoders are in {run_dir}")
+        return run_dir
+    with WorkerPool(config, console) as pool:
+        first = pool.start(dtype_name)  # the run's device type and dtype: the first worker's
+        settings = settings_of(config, question_file, first["device"]["type"], first["dtype"])
+        settings["precision_reference"] = precision.reference_dtype(config.precision_reference, settings["dtype"])
+        previous = check_same_settings(run_dir, settings)
+        hashes = check_same_contents(previous, content_hashes(config, questions), question_file)
+        reference = PrecisionReference(run_dir, model, config) if settings["precision_reference"] != "none" else None
+        jobs = [Job(index, question, [name for name in names if str(question.question_id) not in done[name]],
+                    reference is not None and str(question.question_id) not in reference.done)
+                for index, question in enumerate(questions)]
+        jobs = [job for job in jobs if job.wanted or job.with_reference]
+        source = AnswerSource(model, names, first["device"], trees={}, dtype_auto=first.get("dtype_auto"))
+        write_run_file(run_dir, config, settings, source, previous, hashes)
+        stored = {(name, qid) for name in names for qid in done[name]} | {(PrecisionReference.DECODER, qid) for qid in (reference.done if reference else ())}
+        facts, references, pending = {}, {}, []
+        with run_progress(console) as progress:
+            task = progress.add_task(f"starting {pool.size} Ray workers", total=sum(len(job.wanted) + job.with_reference for job in jobs))
+            events = pool.run(jobs, (previous or {}).get("device_plans", {}), questions[0], with_reference=any(job.with_reference for job in jobs))
+            for event in events:
+                if event.kind == "ready":  # a worker built its decoders: record it (and its device type's plan)
+                    if not facts:
+                        facts = event.built["facts"]
+                        references = reference_answers(run_dir, model, done, {fact.baseline_name for fact in facts.values()})
+                    add_worker(run_dir, source, event, first["device"]["name"], previous)
+                    write_run_file(run_dir, config, settings, source, previous, hashes)
+                elif event.kind == "lost":
+                    job = f"; question {event.job.question.question_id} goes back to the queue" if event.job else ""
+                    progress.console.print(f"worker {event.worker['id']} died ({event.error}){job}", highlight=False)
+                else:
+                    for record in event.records:
+                        key = (record["decoder"], str(record["question_id"]))
+                        if key in stored:
+                            continue  # answered before (a retried question): never written twice
+                        stored.add(key)
+                        if record["decoder"] == PrecisionReference.DECODER:
+                            reference.store(record, references, facts[record["decoder"]])
+                        else:
+                            pending = store_ready(pending + [(record, facts[record["decoder"]])], references, names, paths)
+                        progress.advance(task)
+                    progress.update(task, description=f"q {event.job.question.question_id} · {event.worker['id']}")
+    flagged, total = count_flagged(r for path in paths.values() for r in files.read_jsonl(path))
+    if flagged:
+        console.print(f"{flagged} of {total} turns were measured while the CPU was shared; rerun with --remeasure-flagged "
+                      "(in one process: without --workers) on a quiet machine")
+    return run_dir
+
+
+def missing_work(questions: list[Question], done: dict, run_dir: Path, model: str, config: RunConfig, dtype_name: str) -> bool:
+    """Does any question lack an answer (or a float32 reference answer) in the run folder?"""
+    if any(str(q.question_id) not in answers for answers in done.values() for q in questions):
+        return True
+    if precision.reference_dtype(config.precision_reference, dtype_name) == "none":
+        return False
+    reference = PrecisionReference(run_dir, model, config)
+    return any(str(q.question_id) not in reference.done for q in questions)
+
+
+def add_worker(run_dir: Path, source: AnswerSource, event, primary_device: str, previous: Optional[dict]) -> None:
+    """Record a ready worker in `source` (run.json's `workers`); when it measured its device type's
+    plan, that plan (`device_plans`) and the optimiser's files: in the run folder itself for the
+    run's first device type (as in-process runs keep them), under devices/<type>/ for the others."""
+    source.workers.append(event.worker)
+    built, device = event.built, event.worker["device"]["name"]
+    if not built["measured"]:
+        return
+    folder = "" if device == primary_device else f"devices/{file_safe(device)}/"
+    for name, data in built["files"].items():
+        path = run_dir / folder / name
+        files.ensure_writable_dir(path.parent)
+        files.write_json(path, data)
+    plan = built["plan"]
+    for record in plan["trees"].values():
+        if "files" in record:
+            record["files"] = {kind: folder + name for kind, name in record["files"].items()}
+    source.device_plans[device] = plan
+    if device == primary_device:
+        before = (previous or {}).get("trees") or {}
+        for name, record in plan["trees"].items():
+            old = before.get(name, {}).get("hash")
+            if old is not None and old != record["hash"]:  # as autotree.store_in_run refuses it in one process
+                raise UserError(f"{run_dir} was run with another tree for {name} ({old}, now {record['hash']}: "
+                                "the optimiser re-measured?); use another --out, or pass that run's tree.json as --tree to resume")
+        source.trees = {name: {key: value for key, value in record.items() if key != "paths"} for name, record in plan["trees"].items()}
+
+
+def file_safe(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' → 'nvidia-h100-80gb-hbm3'."""
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split()) or "device"
 
 
 def run_progress(console: Console) -> Progress:
@@ -388,26 +626,23 @@ def store_ready(pending: list, references: dict, names: list[str], paths: dict) 
 
 
 def reference_file(loaded, dtype: str) -> str:
-    """The precision reference's answer file, relative to the run folder."""
-    return f"precision_reference/{loaded.name}-baseline-{dtype}.jsonl"
+    """The precision reference's answer file, relative to the run folder (`loaded`: the model or its name)."""
+    name = loaded if isinstance(loaded, str) else loaded.name
+    return f"precision_reference/{name}-baseline-{dtype}.jsonl"
 
 
-class PrecisionReference:
+class Float32Baseline:
     """The baseline's answers decoded again in float32 (untimed): the precision's noise floor.
 
     A bf16 verify forward over n tokens rounds differently than n one-token forwards, so bf16
     decoders part from the bf16 baseline; where the fp32 baseline parts from it too, at the
     same positions, it is the precision, not the decoder. Same questions, both turns, the fp32
-    conversation carrying its own turn-1 answer; appended and resumable like the answers.
+    conversation carrying its own turn-1 answer. Decodes only; `PrecisionReference` stores.
     """
 
     DECODER = "baseline@float32"
 
-    def __init__(self, run_dir: Path, loaded, config: RunConfig):
-        self.path = Path(run_dir) / reference_file(loaded, "float32")
-        files.ensure_writable_dir(self.path.parent)
-        files.repair_jsonl(self.path)
-        self.done = {str(r["question_id"]): r for r in files.read_jsonl(self.path)}
+    def __init__(self, loaded, config: RunConfig):
         self.run_model, self.config, self.decoder = loaded, config, None
 
     def load(self) -> Decoder:
@@ -421,16 +656,37 @@ class PrecisionReference:
             self.decoder.name = self.DECODER
         return self.decoder
 
-    def answer(self, question: Question, references: dict, on_step=None) -> dict:
+    @property
+    def facts(self) -> DecoderFacts:
+        return DecoderFacts.of(self.load())
+
+    def record(self, question: Question, on_step=None) -> dict:
+        """Both turns of `question` in float32, as an answer record (exact match filled in when stored)."""
         decoder = self.load()
-        qid = str(question.question_id)
         choice = answer_question(decoder, decoder.loaded, question, self.config, on_step=on_step)
-        choice["exact_match"] = exact_match(choice, decoder, references.get("baseline", {}).get(qid), self.DECODER)
         record = answer_record(question, self.DECODER, decoder, decoder.loaded, choice)
-        record["model_id"] = Path(self.path).stem
+        record["model_id"] = Path(reference_file(self.run_model, "float32")).stem
+        return record
+
+
+class PrecisionReference:
+    """The run folder's float32 baseline answers (`Float32Baseline`): appended and resumable like the answers."""
+
+    DECODER = Float32Baseline.DECODER
+
+    def __init__(self, run_dir: Path, loaded, config: RunConfig):
+        """`loaded`: the run's model, or its name (a Ray driver loads none)."""
+        self.path = Path(run_dir) / reference_file(loaded, "float32")
+        files.ensure_writable_dir(self.path.parent)
+        files.repair_jsonl(self.path)
+        self.done = {str(r["question_id"]): r for r in files.read_jsonl(self.path)}
+
+    def store(self, record: dict, references: dict, decoder) -> None:
+        """Append one float32 answer, its exact match against the run's baseline filled in."""
+        qid, choice = str(record["question_id"]), record["choices"][0]
+        choice["exact_match"] = exact_match(choice, decoder, references.get("baseline", {}).get(qid), self.DECODER)
         files.append_jsonl(self.path, record)
         self.done[qid] = record
-        return record
 
 
 def remeasure_flagged(questions: list[Question], names: list[str], decoders: dict, loaded, config: RunConfig,

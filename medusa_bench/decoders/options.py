@@ -96,8 +96,17 @@ class DecoderOptions:
     def __eq__(self, other) -> bool:
         return isinstance(other, DecoderOptions) and (self._values, self.extra) == (other._values, other.extra)
 
+    def __reduce__(self):
+        # Pickled through the constructor (frozen: the default slot-by-slot setattr is refused), so
+        # options travel to Ray workers (bench/distributed.py) and are checked again there.
+        return (_rebuild_options, (self.extra, self._values))
+
     def __repr__(self) -> str:
         return "DecoderOptions(" + ", ".join(f"{k}={v!r}" for k, v in self._values.items()) + ")"
+
+
+def _rebuild_options(extra: dict, values: dict) -> DecoderOptions:
+    return DecoderOptions(extra=extra, **values)
 
 
 def within(low: float, high: float = float("inf"), integer: bool = False) -> Callable[[Any], Optional[str]]:

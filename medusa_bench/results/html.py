@@ -94,7 +94,9 @@ def headline_items(report: ReportTables) -> list[str]:
     several = len(report.runs) > 1
     items = []
     for _, row in report.drafting_rows(summary).iterrows():
-        who = f"<b>{esc(row.decoder)}</b>" + (f" <span class=muted>({esc(row.run)})</span>" if several else "")
+        device = row.get("device")  # a run timed on several device types: one line per device type
+        who = (f"<b>{esc(row.decoder)}</b>" + (f" on {esc(device)}" if isinstance(device, str) else "")
+               + (f" <span class=muted>({esc(row.run)})</span>" if several else ""))
         if pd.notna(row.speedup):
             ci = "" if pd.isna(row.speedup_ci_low) else f" (95% CI {row.speedup_ci_low:.2f}–{row.speedup_ci_high:.2f})"
             speed = f"{row.speedup:.2f}× the speed of {row.reference}{ci} on {int(row.n_compared)} questions"

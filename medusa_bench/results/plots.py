@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from medusa_bench.results import drift
-from medusa_bench.results.tables import ReportTables, RunData, noise_band, predicted, tree_files
+from medusa_bench.results.tables import ReportTables, RunData, by_device, noise_band, predicted, tree_files
 
 COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C", "#CCB974", "#64B5CD"]
 
@@ -72,24 +72,27 @@ def speedup_by_category(report: ReportTables) -> bytes | None:
         return None
     groups = ["all"] + [c for c in dict.fromkeys(per_cat.category) if c != "all"] if not per_cat.empty else ["all"]
     several = data.run.nunique() > 1
-    series = list(dict.fromkeys(zip(data.run, data.decoder)))
+    devices = data.device if "device" in data.columns else pd.Series([None] * len(data), index=data.index)  # runs on several device types
+    series = list(dict.fromkeys(zip(data.run, data.decoder, devices)))
     width = 0.8 / len(series)
     fig = Figure(figsize=(max(6.0, 1.1 * len(groups) + 2), 4.2))
     ax = fig.subplots()
-    for i, (run, decoder) in enumerate(series):
-        rows = data[(data.run == run) & (data.decoder == decoder)].set_index("category")
+    for i, (run, decoder, device) in enumerate(series):
+        rows = data[(data.run == run) & (data.decoder == decoder) & ((devices == device) if isinstance(device, str) else True)].set_index("category")
         x = [g for g in range(len(groups)) if groups[g] in rows.index]
         values = [rows.loc[groups[g], "speedup"] for g in x]
         low = [_gap(v, rows.loc[groups[g], "speedup_ci_low"]) for v, g in zip(values, x)]
         high = [_gap(rows.loc[groups[g], "speedup_ci_high"], v) for v, g in zip(values, x)]
         ax.bar(np.array(x) + (i - (len(series) - 1) / 2) * width, values, width, yerr=[low, high], capsize=3,
-               color=COLORS[i % len(COLORS)], label=series_label(run, decoder, several))
+               color=COLORS[i % len(COLORS)], label=series_label(run, decoder + (f" @ {device}" if isinstance(device, str) else ""), several))
     ax.axhline(1.0, color="black", linewidth=1, linestyle="--")
     for run in report.runs:  # the A/A control's interval: bars whose whiskers reach into it are noise
-        band = noise_band(speed[speed.run == run.label])
-        if band:
-            ax.axhspan(*band, color="#999999", alpha=0.25, zorder=0,
-                       label=series_label(run.label, "A/A noise band", several) if several else "A/A noise band (control's 95% CI)")
+        for device, rows in by_device(speed[speed.run == run.label]):
+            band = noise_band(rows)
+            name = "A/A noise band" + (f" @ {device}" if device else "")
+            if band:
+                ax.axhspan(*band, color="#999999", alpha=0.25, zorder=0,
+                           label=series_label(run.label, name, several) if several or device else "A/A noise band (control's 95% CI)")
     ax.set_xticks(range(len(groups)), [text(g) for g in groups], rotation=30 if len(groups) > 5 else 0, ha="right" if len(groups) > 5 else "center")
     ax.set_ylabel("speedup over baseline (×)")
     ax.set_title("Speedup by category (dashed line: baseline; whiskers: 95% bootstrap CI)", fontsize=10)
@@ -331,7 +334,8 @@ def tau_predicted_vs_measured(report: ReportTables) -> bytes | None:
                 continue  # a fixed tree: the optimiser predicted nothing for it
             color = COLORS[k % len(COLORS)]
             k += 1
-            label = text(f"{run.label}: {row.decoder}" if several else row.decoder)
+            decoder = row.decoder + (f" @ {row.device}" if isinstance(row.get("device"), str) else "")  # runs on several device types
+            label = text(f"{run.label}: {decoder}" if several else decoder)
             if curve:
                 ax.plot(*zip(*curve), "-", color=color, alpha=0.6, label=f"{label}: predicted τ by tree size")
             if not math.isnan(tau):

@@ -41,7 +41,7 @@ def _file_target(out: Path, fmt: str) -> Path:
     return out
 
 
-KEY_COLUMNS = ("run", "decoder", "category", "judge", "in flight")  # "in flight": the sweep's concurrency level
+KEY_COLUMNS = ("run", "decoder", "device", "category", "judge", "in flight")  # "in flight": the sweep's concurrency level; "device": Ray runs on several device types
 
 # The terminal's shorter view (markdown, HTML and CSV keep every column under its full name):
 # columns a reader at 80 columns can do without, and shorter headers for the rest.

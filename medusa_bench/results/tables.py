@@ -16,6 +16,10 @@ HTML report can never disagree:
   precision table recomputes it from `token_ids` (drift.py) and adds the fp32 reference;
 - noise floor = the `control` decoder's speedup and interval: an A/A copy of the baseline, so
   any speedup whose interval overlaps it is indistinguishable from measurement noise;
+- device types are never pooled: a run whose answers were timed on several device types (Ray
+  workers on mixed GPUs, each answer's `device`) gets speed rows per device type, each speedup
+  pairing a decoder's and its reference's answers timed on that device type, each with its own
+  noise floor (`by_device`);
 - MT-Bench score = mean of graded judgments (score −1 is a failed grade: missing, counted in
   coverage = graded / answered turns), FastChat `show_result.py` style: the overall score is
   the mean over all graded turns, not the mean of the two turn means.
@@ -114,6 +118,11 @@ class RunData:
     @property
     def dtype(self) -> str:
         return str((self.info.get("device") or {}).get("dtype") or self.settings.get("dtype") or "")
+
+    @property
+    def device_name(self) -> str:
+        """run.json's device: what answers without their own `device` field were timed on."""
+        return str((self.info.get("device") or {}).get("name") or self.settings.get("device") or "")
 
 
 def unique_labels(paths: list[Path]) -> list[str]:
@@ -260,6 +269,7 @@ def question_frame(run: RunData) -> pd.DataFrame:
                     "model_id": model_id,
                     "decoder": decoder,
                     "question_id": record["question_id"],
+                    "device": str(record.get("device") or run.device_name),  # Ray runs: the worker's device type
                     "category": record.get("category") or "unknown",
                     "n_turns": len(choice.get("turns") or []),
                     "new_tokens": _total(choice.get("new_tokens")),
@@ -271,8 +281,8 @@ def question_frame(run: RunData) -> pd.DataFrame:
                     "contended_known": len(contended),
                 }
             )
-    columns = ["run", "model_id", "decoder", "question_id", "category", "n_turns", "new_tokens", "wall_time", "steps", "em_match", "em_known",
-               "contended", "contended_known"]
+    columns = ["run", "model_id", "decoder", "question_id", "device", "category", "n_turns", "new_tokens", "wall_time", "steps", "em_match",
+               "em_known", "contended", "contended_known"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -332,41 +342,74 @@ def paired_speedup(dec: pd.DataFrame, base: pd.DataFrame | None) -> dict:
 # -------------------------------------------------------------------------------- the tables
 
 
+def by_device(table: pd.DataFrame) -> list[tuple[str | None, pd.DataFrame]]:
+    """One run's rows per device type, [(None, all rows)] when it used one: speedups are compared
+    within a device type only (a question's decoders all run on one Ray worker)."""
+    if "device" not in table.columns or table.device.nunique(dropna=True) <= 1:
+        return [(None, table)]
+    return [(device, table[table.device == device]) for device in sorted(table.device.dropna().unique())]
+
+
+def same_group(table: pd.DataFrame, run: str, device: Any) -> pd.DataFrame:
+    """The rows of one run (and device type, where the table has them per device type)."""
+    rows = table[table.run == run]
+    if "device" in table.columns and isinstance(device, str):
+        rows = rows[rows.device == device]
+    return rows
+
+
+def drop_unused_device(table: pd.DataFrame) -> pd.DataFrame:
+    """The device column only where some run was timed on several device types."""
+    if "device" in table.columns and table.device.isna().all():
+        return table.drop(columns="device")
+    return table
+
+
 def speed_table(runs: list[RunData], frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Per run and decoder: throughput, speedup (+ interval, + Spec-Bench's), τ, exact match."""
+    """Per run (and device type, see `by_device`) and decoder: throughput, speedup (+ interval,
+    + Spec-Bench's), τ, exact match."""
     rows = []
     for run in runs:
-        q = frames[run.label]
-        for model_id in run.model_ids():
-            dec = q[q.model_id == model_id]
-            ref_id = run.reference_id(model_id)
-            row = {
-                "run": run.label,
-                "decoder": run.decoder_of(model_id),
-                "model_id": model_id,
-                "reference": run.reference_of(model_id),
-                "n_questions": len(dec),
-                "new_tokens": dec.new_tokens.sum(),
-                "wall_time_s": dec.wall_time.sum(),
-                "tokens_per_s": ratio(dec.new_tokens.sum(), dec.wall_time.sum()),
-            }
-            if ref_id == model_id:
-                row.update(n_compared=len(dec), speedup=1.0, speedup_ci_low=math.nan, speedup_ci_high=math.nan, speedup_specbench=1.0)
-            else:
-                row.update(paired_speedup(dec, q[q.model_id == ref_id] if ref_id else None))
-            row["tau"] = ratio(dec.new_tokens.sum(), dec.steps.sum())
-            row["exact_match"] = ratio(dec.em_match.sum(), dec.em_known.sum())
-            row["exact_match_turns"] = int(dec.em_known.sum())
-            row["contended_turns"] = int(dec.contended.sum()) if dec.contended_known.sum() else math.nan
-            rows.append(row)
-    columns = ["run", "decoder", "model_id", "reference", "n_questions", "n_compared", "new_tokens", "wall_time_s", "tokens_per_s",
+        for device, q in by_device(frames[run.label]):
+            rows += _speed_rows(run, q, device)
+    columns = ["run", "decoder", "device", "model_id", "reference", "n_questions", "n_compared", "new_tokens", "wall_time_s", "tokens_per_s",
                "speedup", "speedup_ci_low", "speedup_ci_high", "vs_noise", "speedup_specbench", "tau", "exact_match", "exact_match_turns",
                "contended_turns"]
     table = pd.DataFrame(rows, columns=columns)
-    table["vs_noise"] = [noise_verdict(row, noise_band(table[table.run == row.run])) for _, row in table.iterrows()]
+    table["vs_noise"] = [noise_verdict(row, noise_band(same_group(table, row.run, row.device))) for _, row in table.iterrows()]
     if table.contended_turns.isna().all():
         table = table.drop(columns="contended_turns")  # runs from before the contention flags: nothing to count
-    return table
+    return drop_unused_device(table)
+
+
+def _speed_rows(run: RunData, q: pd.DataFrame, device: str | None) -> list[dict]:
+    rows = []
+    for model_id in run.model_ids():
+        dec = q[q.model_id == model_id]
+        if device is not None and dec.empty:
+            continue  # this decoder answered nothing on this device type
+        ref_id = run.reference_id(model_id)
+        row = {
+            "run": run.label,
+            "decoder": run.decoder_of(model_id),
+            "device": device,
+            "model_id": model_id,
+            "reference": run.reference_of(model_id),
+            "n_questions": len(dec),
+            "new_tokens": dec.new_tokens.sum(),
+            "wall_time_s": dec.wall_time.sum(),
+            "tokens_per_s": ratio(dec.new_tokens.sum(), dec.wall_time.sum()),
+        }
+        if ref_id == model_id:
+            row.update(n_compared=len(dec), speedup=1.0, speedup_ci_low=math.nan, speedup_ci_high=math.nan, speedup_specbench=1.0)
+        else:
+            row.update(paired_speedup(dec, q[q.model_id == ref_id] if ref_id else None))
+        row["tau"] = ratio(dec.new_tokens.sum(), dec.steps.sum())
+        row["exact_match"] = ratio(dec.em_match.sum(), dec.em_known.sum())
+        row["exact_match_turns"] = int(dec.em_known.sum())
+        row["contended_turns"] = int(dec.contended.sum()) if dec.contended_known.sum() else math.nan
+        rows.append(row)
+    return rows
 
 
 def control_row(speed: pd.DataFrame) -> pd.Series | None:
@@ -542,30 +585,30 @@ def category_table(runs: list[RunData], frames: dict[str, pd.DataFrame]) -> pd.D
     """Per run, category and decoder: speedup (with interval), τ and the primary judge's score."""
     rows = []
     for run in runs:
-        q = frames[run.label]
         judge = primary_judge(run)
-        for category in sorted(q.category.unique()):
-            in_cat = q[q.category == category]
-            for model_id in run.model_ids():
-                dec = in_cat[in_cat.model_id == model_id]
-                if dec.empty:
-                    continue
-                ref_id = run.reference_id(model_id)
-                row = {"run": run.label, "category": category, "decoder": run.decoder_of(model_id), "n_questions": len(dec)}
-                if ref_id == model_id:
-                    row.update(n_compared=len(dec), speedup=1.0, speedup_ci_low=math.nan, speedup_ci_high=math.nan)
-                else:
-                    ref = in_cat[in_cat.model_id == ref_id] if ref_id else None
-                    row.update({k: v for k, v in paired_speedup(dec, ref).items() if k != "speedup_specbench"})
-                row["tau"] = ratio(dec.new_tokens.sum(), dec.steps.sum())
-                if judge:
-                    in_category = set(dec.question_id)
-                    answered = {qid: n for qid, n in _answered_turns(run, model_id).items() if qid in in_category}
-                    graded = _graded(run.judgments[judge], model_id, answered)
-                    row["score"] = graded.score.mean() if len(graded) else math.nan
-                    row["coverage"] = ratio(len(graded), sum(answered.values()))
-                rows.append(row)
-    return pd.DataFrame(rows)
+        for device, q in by_device(frames[run.label]):
+            for category in sorted(q.category.unique()):
+                in_cat = q[q.category == category]
+                for model_id in run.model_ids():
+                    dec = in_cat[in_cat.model_id == model_id]
+                    if dec.empty:
+                        continue
+                    ref_id = run.reference_id(model_id)
+                    row = {"run": run.label, "category": category, "decoder": run.decoder_of(model_id), "device": device, "n_questions": len(dec)}
+                    if ref_id == model_id:
+                        row.update(n_compared=len(dec), speedup=1.0, speedup_ci_low=math.nan, speedup_ci_high=math.nan)
+                    else:
+                        ref = in_cat[in_cat.model_id == ref_id] if ref_id else None
+                        row.update({k: v for k, v in paired_speedup(dec, ref).items() if k != "speedup_specbench"})
+                    row["tau"] = ratio(dec.new_tokens.sum(), dec.steps.sum())
+                    if judge:
+                        in_category = set(dec.question_id)
+                        answered = {qid: n for qid, n in _answered_turns(run, model_id).items() if qid in in_category}
+                        graded = _graded(run.judgments[judge], model_id, answered)
+                        row["score"] = graded.score.mean() if len(graded) else math.nan
+                        row["coverage"] = ratio(len(graded), sum(answered.values()))
+                    rows.append(row)
+    return drop_unused_device(pd.DataFrame(rows))
 
 
 def _is_sampled(run: RunData) -> bool:
@@ -684,9 +727,9 @@ def _dtype_auto_rows(auto: dict) -> dict[str, str]:
 
 def summary_table(runs: list[RunData], speed: pd.DataFrame, quality: pd.DataFrame) -> pd.DataFrame:
     """The at-a-glance table: how fast, why (τ), and whether quality held, per decoder (primary judge)."""
-    columns = ["run", "decoder", "reference", "n_questions", "n_compared", "tokens_per_s", "speedup", "speedup_ci_low", "speedup_ci_high", "vs_noise",
-               "tau", "exact_match"]
-    summary = speed[columns].copy()
+    columns = ["run", "decoder", "device", "reference", "n_questions", "n_compared", "tokens_per_s", "speedup", "speedup_ci_low", "speedup_ci_high",
+               "vs_noise", "tau", "exact_match"]
+    summary = speed[[c for c in columns if c in speed.columns]].copy()  # "device": runs timed on several device types
     if not quality.empty:
         primary = {run.label: primary_judge(run) for run in runs}
         judged = quality[[primary.get(r) == j for r, j in zip(quality.run, quality.judge)]]
@@ -782,14 +825,20 @@ def _notes(runs: list[RunData], speed: pd.DataFrame) -> list[str]:
             notes.append(f"{run.label}: no `{reference}` answers in this run, so speedup against it is n/a; add `{reference}` to --decoders.")
         if not run.judgments:
             notes.append(f"{run.label}: no judgments, so quality scores are n/a; run `medusa-bench judge` on it.")
-        rows = speed[speed.run == run.label].set_index("decoder")
-        for decoder, row in rows.iterrows():
-            if row.reference == decoder or row.reference not in rows.index:
-                continue
-            total = int(rows.loc[row.reference, "n_questions"])
-            if row.n_compared < total:
-                notes.append(f"{run.label}: {decoder} answered {row.n_questions} of {row.reference}'s {total} questions; "
-                             f"its speedup compares the {row.n_compared} questions both answered.")
+        for device, group in by_device(speed[speed.run == run.label]):
+            rows = group.set_index("decoder")
+            on = f" on {device}" if device else ""
+            for decoder, row in rows.iterrows():
+                if row.reference == decoder or row.reference not in rows.index:
+                    continue
+                total = int(rows.loc[row.reference, "n_questions"])
+                if row.n_compared < total:
+                    notes.append(f"{run.label}: {decoder} answered {row.n_questions} of {row.reference}'s {total} questions{on}; "
+                                 f"its speedup compares the {row.n_compared} questions both answered.")
+        devices = [device for device, _ in by_device(speed[speed.run == run.label]) if device]
+        if devices:
+            notes.append(f"{run.label}: timed on {len(devices)} device types ({', '.join(devices)}); speeds and speedups are shown "
+                         "per device type, each against its reference's answers on that device type, never pooled.")
         notes += _precision_notes(run, speed[speed.run == run.label])
         for judge in run.judgments:
             if len(run.judgments) > 1 and judge != primary_judge(run):
@@ -811,16 +860,17 @@ def _banner(runs: list[RunData], speed: pd.DataFrame) -> list[str]:
     lines = []
     for run in runs:
         prefix = f"{run.label}: " if len(runs) > 1 else ""
-        rows = speed[speed.run == run.label]
-        control = control_row(rows)
-        contenders = rows[[v not in ("reference", "noise floor") for v in rows.vs_noise]]
-        if control is not None and pd.notna(control.speedup):
-            band = noise_band(rows)
-            interval = f"95% CI {band[0]:.2f}–{band[1]:.2f}" if band else "no interval: fewer than two questions"
-            lines.append(f"{prefix}A/A control: {control.speedup:.2f}× ({interval}) — speedups inside this band are noise")
-        elif len(contenders):
-            lines.append(f"{prefix}no A/A control in this run: a speedup counts only where its 95% CI excludes 1.00× "
-                         f"(add `{CONTROL}` to --decoders to measure the noise floor)")
+        for device, rows in by_device(speed[speed.run == run.label]):
+            where = f"{prefix}{device}: " if device else prefix
+            control = control_row(rows)
+            contenders = rows[[v not in ("reference", "noise floor") for v in rows.vs_noise]]
+            if control is not None and pd.notna(control.speedup):
+                band = noise_band(rows)
+                interval = f"95% CI {band[0]:.2f}–{band[1]:.2f}" if band else "no interval: fewer than two questions"
+                lines.append(f"{where}A/A control: {control.speedup:.2f}× ({interval}) — speedups inside this band are noise")
+            elif len(contenders):
+                lines.append(f"{where}no A/A control in this run: a speedup counts only where its 95% CI excludes 1.00× "
+                             f"(add `{CONTROL}` to --decoders to measure the noise floor)")
         engine = engine_words((run.info.get("device") or {}).get("engine"))
         if engine:
             lines.append(f"{prefix}engine: {engine}, the same for the baseline and every decoder")
@@ -891,7 +941,7 @@ def build_tables(runs: list[RunData]) -> ReportTables:
 # ------------------------------------------------------------------------ display formatting
 
 LABELS = {
-    "run": "run", "decoder": "decoder", "model_id": "answer file", "judge": "judge", "category": "category",
+    "run": "run", "decoder": "decoder", "device": "device", "model_id": "answer file", "judge": "judge", "category": "category",
     "n_questions": "questions", "n_compared": "compared", "new_tokens": "new tokens", "wall_time_s": "wall time (s)",
     "tokens_per_s": "tokens/s", "speedup": "speedup", "speedup_ci": "95% CI", "speedup_specbench": "speedup (Spec-Bench)",
     "reference": "compared with", "tau": "τ", "tau_predicted": "τ predicted", "speedup_predicted": "speedup predicted", "exact_match": "exact match", "exact_match_turns": "turns compared",
