@@ -92,13 +92,13 @@ class MedusaSide:
                      "initialize_past_key_values": kv_cache.initialize_past_key_values}
         baseline_file = os.path.join(request["src"], "llm_judge", "gen_model_answer_baseline.py")
         self.baseline_forward = source_function(baseline_file, "medusa_forward", namespace)
-        self.phases = [(module, "generate_candidates", "draft: top-k of the heads' logits"),
-                       (module, "tree_decoding", "tree_decoding (forward + gathers)"),
-                       (module, "evaluate_posterior", "evaluate_posterior"),
-                       (module, "update_inference_inputs", "update_inference_inputs"),
+        self.phases = [(module, "generate_candidates", "draft: top-k of the heads' logits (generate_candidates)"),
+                       (module, "tree_decoding", "verify: tree_decoding (forward, heads, per-path gathers)"),
                        (model.model, "forward", "  base body"),
                        (model.lm_head, "forward", "  base lm_head")]
-        self.phases += [(head, "forward", "  Medusa heads") for head in model.medusa_head]
+        self.phases += [(head, "forward", "  Medusa heads, every node, full vocabulary") for head in model.medusa_head]
+        self.phases += [(module, "evaluate_posterior", "accept: evaluate_posterior"),
+                        (module, "update_inference_inputs", "keep: update_inference_inputs")]
 
     def draft(self, ids, limit, tree):
         """`medusa_generate` (greedy: temperature 0), stopped once it has emitted `limit` tokens."""
@@ -134,12 +134,13 @@ class EagleSide:
 
         check_loaded(model.ea_layer, load_file(os.path.join(request["heads"], "model.safetensors")))
         self.model = model.eval()
-        self.phases = [(model.ea_layer, "topK_genrate", "draft: the EAGLE tree (topK_genrate)"),
-                       (module, "tree_decoding", "tree_decoding (forward)"),
-                       (module, "evaluate_posterior", "evaluate_posterior"),
-                       (module, "update_inference_inputs", "update_inference_inputs (incl. the next draft)"),
+        self.phases = [(model.ea_layer, "topK_genrate", "draft: topK_genrate (in update_inference_inputs)"),
+                       (model.ea_layer, "forward", "  draft layer forwards"),
+                       (module, "tree_decoding", "verify: tree_decoding"),
                        (model.base_model.model, "forward", "  base body"),
-                       (model.base_model.lm_head, "forward", "  base lm_head")]
+                       (model.base_model.lm_head, "forward", "base lm_head (verify 1 + draft levels)"),
+                       (module, "evaluate_posterior", "accept: evaluate_posterior"),
+                       (module, "update_inference_inputs", "keep + next draft: update_inference_inputs")]
 
     def draft(self, ids, limit, tree):
         """`eagenerate` (greedy), which stops once it has emitted more than max_new_tokens: limit - 1."""
@@ -162,6 +163,7 @@ class Phases:
     def __init__(self, targets):
         self.time, self.calls, self.undo = defaultdict(float), defaultdict(int), []
         for owner, attr, label in targets:
+            self.time[label] += 0.0  # report in the targets' order: nested rows (indented) under their parent
             self.wrap(owner, attr, label)
 
     def wrap(self, owner, attr, label):

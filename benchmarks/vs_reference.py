@@ -55,9 +55,9 @@ from medusa_bench.errors import UserError  # noqa: E402
 # setup.py pins 4.46.2 but its requirements.txt, updated later with the code, asks >=4.53.1
 # (modeling_qwen3_kv imports transformers.masking_utils, new in 4.53): 4.53.1.
 REFERENCES = {
-    "medusa": {"repo": "https://github.com/FasterDecoding/Medusa", "commit": "e2a5d20",
+    "medusa": {"repo": "https://github.com/FasterDecoding/Medusa", "commit": "e2a5d20c048a9b0a4092e6933c34313687422518",
                "packages": ["transformers==4.34.1", "numpy<2"]},
-    "eagle": {"repo": "https://github.com/SafeAILab/EAGLE", "commit": "cb7e084",
+    "eagle": {"repo": "https://github.com/SafeAILab/EAGLE", "commit": "cb7e0841fe0c206c6ed74a197ad5e2a1f13f5a2b",
               "packages": ["transformers==4.53.1", "numpy<2"]},
 }
 WORKER = Path(__file__).resolve().parent / "reference_worker.py"
@@ -164,7 +164,7 @@ def reference_source(kind: str, given: str | None, root: Path) -> Path:
             raise UserError(f"--{kind}-src {given} is not a checkout of {REFERENCES[kind]['repo']} (no {marker})")
         return path
     spec = REFERENCES[kind]
-    target = root / "src" / f"{kind}-{spec['commit']}"
+    target = root / "src" / f"{kind}-{spec['commit'][:7]}"
     if not (target / "ready").exists():
         download = root / "src" / f"{kind}-download"
         shutil.rmtree(download, ignore_errors=True)
@@ -300,9 +300,10 @@ def ours_phases(decoder, loaded):
     from reference_worker import Phases
 
     model = loaded.model
-    targets = [(decoder, "step", "step"), (model.model, "forward", "  base body"), (model.lm_head, "forward", "  base lm_head")]
+    targets = [(decoder, "step", "step (SpeculativeDecoder.step)")]
     if getattr(decoder, "proposer", None) is not None:
-        targets.append((decoder.proposer, "propose", "draft (propose)"))
+        targets.append((decoder.proposer, "propose", "  draft: proposer.propose"))
+    targets += [(model.model, "forward", "  base body"), (model.lm_head, "forward", "  base lm_head")]
     return Phases(targets)
 
 
