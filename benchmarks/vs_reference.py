@@ -62,6 +62,8 @@ REFERENCES = {
 }
 WORKER = Path(__file__).resolve().parent / "reference_worker.py"
 EAGLE_DEFAULT = {"total_token": 60, "depth": 7, "top_k": 10}  # EaModel.from_pretrained's defaults
+# issue #22's targets, ours (default draft vocabulary) / reference tokens/s
+TARGETS = {"Medusa chain-1": 2.0, "Medusa mc_sim_7b_63": 3.0, "EAGLE-2": 3.0}
 
 
 # ====================================================================== preparation (our environment)
@@ -477,6 +479,11 @@ def report(args, records, groups, versions) -> None:
             ratio = f"{rate / ref_rate:7.2f}x" if label in ours else ""
             match = same(records, label, ref) if label in ours else ""
             print(f"{title:<44} {label:<34} {rate:7.1f} {tau:5.2f} {ratio:>8} {same(records, label, own):>10} {match:>6}")
+    for title, ours, ref, _ in groups:
+        target = next((v for k, v in TARGETS.items() if title.startswith(k)), None)
+        if target:
+            ratio = totals(records, ours[0])[0] / totals(records, ref)[0]
+            print(f"target {title}: {ours[0]} / reference {ratio:.2f}x ({'ok' if ratio >= target else 'MISSED'}, target {target:.0f}x)")
 
 
 def profile(generate, ids, limit, groups) -> None:
