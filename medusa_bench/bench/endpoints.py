@@ -4,15 +4,19 @@ An endpoint is an OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp, `medus
 Each turn is one streamed chat completion; from the stream we take the time to first token,
 the wall time, the gaps between content chunks (inter-token latency), `usage` (asked for with
 `stream_options.include_usage`; else the text is counted with the model's tokenizer and the
-answer says so), the finish reason, and token ids where the server returns them (vLLM's and our
-`token_ids` with `return_token_ids`, or `token_id:N` logprob tokens).
+answer says so; a server that streams logprobs but no usage, as llama-cpp-python, is counted by
+its logprobs entries, one per token), the finish reason, and token ids where the server returns
+them (vLLM's and our `token_ids` with `return_token_ids`, or `token_id:N` logprob tokens).
 
 Acceptance comes only from the server's own counters: vLLM's Prometheus
 `vllm:spec_decode_num_{drafts,draft_tokens,accepted_tokens}_total` read before and after each
-request (τ = 1 + accepted / drafts), SGLang's per-request `meta_info.spec_verify_ct`
-(τ = completion tokens / verify steps), our serve's `usage.decoding_steps`. A server with none
-of these gets τ = n/a. Requests that fail are retried with backoff; one that still fails is
-written to `failed.jsonl` (never a silent zero) and the run goes on; a re-run retries it.
+request (τ = 1 + accepted / drafts; names from vllm/v1/spec_decode/metrics.py), our serve's
+`usage.decoding_steps`, or `meta_info.spec_verify_ct` (τ = completion tokens / verify steps) where
+a response carries it, which SGLang's streamed chat does not. A server with none of these gets
+τ = n/a (SGLang, llama-cpp-python); for SGLang the sweep notes its own lifetime average accept
+length. A stream that ends without a finish reason was cut and counts as failed. Requests that
+fail are retried with backoff; one that still fails is written to `failed.jsonl` (never a silent
+zero) and the run goes on; a re-run retries it.
 
 `--concurrency 1,4,16` then runs every question's turns at each level with that many requests in
 flight, endpoint by endpoint, and appends one line per endpoint × level to `sweep.jsonl`.
@@ -205,19 +209,17 @@ class Endpoint:
     def _server_info(self) -> dict:
         """What the engine says about itself: version, speculative configuration (best effort)."""
         root, info = server_root(self.base_url), {"model": self.model}
-        for path in ("/version", "/get_server_info", "/health", "/info"):
-            try:
-                response = self._http.get(root + path, timeout=5)
-                body = response.json() if response.status_code == 200 else None
-            except (httpx.HTTPError, ValueError):
-                continue
-            if not isinstance(body, dict):
+        for path in ("/version", "/server_info", "/get_server_info", "/health", "/info"):
+            body = self._get_json(root + path)
+            if body is None:
                 continue
             if path == "/version" and "version" in body:  # vLLM, our serve
                 info["version"] = body["version"]
                 info.setdefault("engine", body.get("engine", "vllm"))
                 info.update({k: body[k] for k in ("decoder", "speculative_config") if k in body})
-            elif path == "/get_server_info":  # SGLang
+            elif path.endswith("server_info") and is_sglang_info(body) and info.get("engine") != "sglang":
+                # SGLang: /server_info (older versions: /get_server_info) holds its server args and version
+                # (python/sglang/srt/entrypoints/http_server.py)
                 info["engine"] = "sglang"
                 info["version"] = body.get("version")
                 spec = {k: v for k, v in body.items() if k.startswith("speculative_") and v is not None}
@@ -230,8 +232,37 @@ class Endpoint:
                     info["speculative_config"] = {"speculate": body["speculate"]}
             elif path == "/health" and "decoder" in body:  # our serve
                 info.setdefault("decoder", body["decoder"])
+        if "engine" not in info:  # FastAPI servers with none of the above name themselves here (llama-cpp-python)
+            described = (self._get_json(root + "/openapi.json") or {}).get("info") or {}
+            if described.get("title"):
+                info["engine"] = "llama-cpp-python" if "llama.cpp" in str(described["title"]) else str(described["title"])
+                info["version"] = described.get("version")
         info["counters"] = VLLM_COUNTERS["drafts"] in (self.scrape() or {})
         return info
+
+    def _get_json(self, url: str) -> Optional[dict]:
+        """GET a JSON object, or None when the path is missing or answers something else."""
+        try:
+            response = self._http.get(url, timeout=5)
+            body = response.json() if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
+        return body if isinstance(body, dict) else None
+
+    def server_accept_length(self) -> Optional[float]:
+        """SGLang's own mean accept length (`internal_states[].avg_spec_accept_length`): an average over
+        everything the server decoded since it started, so informative, not this run's τ. SGLang's
+        OpenAI-compatible stream carries no per-request counts and its /metrics has only gauges."""
+        if self.info.get("engine") != "sglang":
+            return None
+        root = server_root(self.base_url)
+        for path in ("/server_info", "/get_server_info"):
+            body = self._get_json(root + path)
+            if body and is_sglang_info(body):
+                values = [s.get("avg_spec_accept_length") for s in body.get("internal_states") or [] if isinstance(s, dict)]
+                values = [float(v) for v in values if isinstance(v, (int, float))]
+                return round(sum(values) / len(values), 6) if values else None
+        return None
 
     def scrape(self) -> Optional[dict]:
         """The server's Prometheus counters, or None when it has no /metrics."""
@@ -270,7 +301,7 @@ class Endpoint:
     def _stream(self, messages, max_tokens, temperature, top_p, seed, count_tokens) -> Turn:
         body = self._body(messages, max_tokens, temperature, top_p, seed)
         start = time.perf_counter()
-        text, chunk_times, token_ids, logprob_ids = [], [], [], []
+        text, chunk_times, token_ids, logprob_ids = [], [], [], []  # logprob_ids: one entry per generated token
         usage, finish, verify, done, saw_ids = None, None, None, False, False
         try:
             with self._http.stream("POST", self.base_url + "/chat/completions", json=body) as response:
@@ -312,6 +343,11 @@ class Endpoint:
         wall = time.perf_counter() - start
         if not done and finish is None:
             raise RequestFailed(f"endpoint {self.name}: the server closed the stream before the answer ended")
+        if finish is None:
+            # [DONE] without a finish reason: the answer was cut, e.g. llama-cpp-python's server
+            # (interrupt_requests, on by default) ends a stream this way when another request arrives.
+            raise RequestFailed(f"endpoint {self.name}: the stream ended without a finish reason (the server cut the answer; "
+                                "for llama-cpp-python start it with --interrupt_requests False)")
         if saw_ids and "logprobs" in self.token_id_fields:
             self.token_id_fields = {"return_token_ids": True}  # ids come without logprobs: stop asking for those
         answer = "".join(text)
@@ -321,6 +357,8 @@ class Endpoint:
             verify = verify or usage.get("decoding_steps")
         elif ids is not None:
             tokens, source = len(ids), "token_ids"
+        elif logprob_ids:  # one logprobs entry per generated token, even where its token is text (llama-cpp-python)
+            tokens, source = len(logprob_ids), "logprobs"
         else:
             tokens, source = count_tokens(answer) if count_tokens else len(answer.split()), "tokenizer"
         ttft = (chunk_times[0] - start) if chunk_times else wall
@@ -359,8 +397,16 @@ def _error_message(response: httpx.Response) -> str:
         return response.text[:300]
 
 
+def is_sglang_info(body: dict) -> bool:
+    """SGLang's server-info answer (its server args plus internal_states), not vLLM's dev-mode /server_info."""
+    return "internal_states" in body or "speculative_algorithm" in body
+
+
 def _verify_steps(chunk: dict) -> Optional[int]:
-    """SGLang's per-request verify count, wherever this version puts meta_info."""
+    """SGLang's per-request verify count, `meta_info.spec_verify_ct`, wherever a response carries it.
+    SGLang itself sets it in /generate answers and, asked with `return_meta_info`, in non-streamed chat
+    choices; its streamed chat chunks carry no meta_info (entrypoints/openai/serving_chat.py), so a
+    streamed SGLang answer has no per-request τ unless something in between adds it."""
     for holder in (chunk, *(chunk.get("choices") or [])):
         meta = holder.get("meta_info") if isinstance(holder, dict) else None
         if isinstance(meta, dict) and meta.get("spec_verify_ct"):
@@ -575,7 +621,8 @@ def sweep_level(endpoint: Endpoint, requests: list, level: int, config, count_to
         "output_tokens": tokens, "output_tokens_per_s": round(tokens / elapsed, 4) if elapsed > 0 else None,
         "request_tokens_per_s": percentiles([t.completion_tokens / t.wall_time for t in turns if t.wall_time > 0]),
         "ttft_s": percentiles([t.ttft for t in turns]), "itl_s": percentiles([gap for t in turns for gap in t.itl]),
-        "tau": tau, "tau_from": tau_from, "spec_counters": counters, "tstamp": time.time(),
+        "tau": tau, "tau_from": tau_from, "spec_counters": counters,
+        "server_avg_accept_length": endpoint.server_accept_length(), "tstamp": time.time(),
     }
 
 
