@@ -20,4 +20,14 @@ if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then
     echo "warning: chromium not installed (needs root: apt-get install chromium); the browser test will be skipped" >&2
   fi
 fi
+if [ "${1:-}" = "--test" ] && ! .venv/bin/python -c "import llama_cpp.server" >/dev/null 2>&1; then
+  # A third real engine for tests/test_llamacpp_endpoint.py. llama-cpp-python is an sdist only, so this
+  # compiles llama.cpp: about 6 min on 2 cores. LLAVA_BUILD=OFF skips its multimodal library (53 of
+  # 193 build steps, unused here); tests, tools and examples are off already in this embedded build.
+  echo "building llama-cpp-python[server] (a few minutes; log in .venv/llama-cpp-build.log)"
+  if ! CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+       CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "${PIP[@]}" install "llama-cpp-python[server]==0.3.36" >.venv/llama-cpp-build.log 2>&1; then
+    echo "WARNING: llama-cpp-python did not build (see .venv/llama-cpp-build.log); tests/test_llamacpp_endpoint.py will be skipped" >&2
+  fi
+fi
 .venv/bin/python -c "import medusa_bench, torch, transformers; print('medusa-bench ready: torch', torch.__version__, 'transformers', transformers.__version__)"
