@@ -13,7 +13,9 @@ themselves), and drafting verifies in batches, so greedy answers part ways after
 What holds, and is asserted: each server is deterministic, and both agree on the first token
 of a turn (it comes from the same batched prompt evaluation on both).
 
-llama-cpp-python builds from source (scripts/setup.sh --test tries); without it this file skips.
+llama-cpp-python builds from source (scripts/setup.sh --test tries); without it that test skips.
+Two small fakes below run always: a stream cut the way llama-cpp-python cuts one, and the
+server-info answers of SGLang, which no test here can start for real.
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ import sys
 import time
 from pathlib import Path
 
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import httpx
 import pytest
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (scripts/setup.sh --test builds it; see its warning)")
-
-from test_endpoints import lines, medusa_bench  # noqa: E402
-from test_serve import free_port, stop_server  # noqa: E402
+from test_endpoints import lines, medusa_bench
+from test_serve import free_port, stop_server
 
 MAX_NEW = 16
 
@@ -61,6 +64,7 @@ def start_llamacpp(port: int, *extra: str, log: Path) -> subprocess.Popen:
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (scripts/setup.sh --test builds it; see its warning)")
     logs = tmp_path_factory.mktemp("llamacpp")
     ports = free_port(), free_port()
     ref = start_llamacpp(ports[0], log=logs / "ref.log")
@@ -138,3 +142,86 @@ def test_llamacpp_plain_and_prompt_lookup(servers, tmp_path):
         again[name] = [ask(servers[name], question, 8) for _ in range(2)]
         assert again[name][0] == again[name][1], (name, again[name])
     assert again["ref"][0][0] == again["pld"][0][0]
+
+
+# ------------------------------------------------------------------------------ fakes
+class Fake(BaseHTTPRequestHandler):
+    """An OpenAI-style server that streams one answer. "interrupted": a content chunk, then [DONE]
+    with no finish reason, as llama-cpp-python does when another request arrives; "sglang": a whole
+    answer, plus SGLang's /get_server_info (server args, internal_states, version)."""
+
+    mode = "interrupted"
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path == "/v1/models":
+            self._send(200, {"object": "list", "data": [{"id": "tiny", "object": "model"}]})
+        elif self.path == "/get_server_info" and self.mode == "sglang":
+            self._send(200, {"model_path": "tiny", "speculative_algorithm": "EAGLE", "speculative_num_steps": 3,
+                             "speculative_eagle_topk": 4, "speculative_num_draft_tokens": 16, "version": "0.0.test",
+                             "internal_states": [{"avg_spec_accept_length": 2.5}, {"avg_spec_accept_length": 3.5}]})
+        else:
+            self._send(404, {"error": {"message": "no route"}})
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        chunk = lambda delta, finish=None: ("data: " + json.dumps({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}],  # noqa: E731
+                                                                   **({"usage": {"completion_tokens": 3}} if finish else {})}) + "\n\n").encode()
+        self.wfile.write(chunk({"role": "assistant", "content": "Hello"}))
+        if self.mode == "sglang":
+            self.wfile.write(chunk({"content": " there."}))
+            self.wfile.write(chunk({}, "stop"))
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+
+
+@pytest.fixture
+def fake():
+    handler = type("Handler", (Fake,), {})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield handler, f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_stream_without_finish_reason_is_a_failed_request(fake, tmp_path):
+    handler, url = fake
+    out = tmp_path / "run"
+    done = medusa_bench("run", "--endpoint", f"cut={url}", "--bench", "quick", "--limit", "1", "--max-new-tokens", "8",
+                        "--max-retries", "0", "--out", str(out), timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "the stream ended without a finish reason" in done.stderr and "--interrupt_requests False" in done.stderr
+    assert [f["question_id"] for f in lines(out / "failed.jsonl")] == [1001]  # failed, not a one-word answer
+    answers = out / "model_answer" / "tiny-cut.jsonl"
+    assert not answers.exists() or not lines(answers)
+
+
+def test_sglang_server_info(fake, tmp_path):
+    handler, url = fake
+    handler.mode = "sglang"
+    out = tmp_path / "run"
+    done = medusa_bench("run", "--endpoint", f"sgl={url}", "--bench", "quick", "--limit", "1", "--max-new-tokens", "8",
+                        "--concurrency", "1", "--out", str(out), timeout=120)
+    assert done.returncode == 0, done.stderr
+    info = json.loads((out / "run.json").read_text())["endpoints"]["sgl"]
+    assert info["engine"] == "sglang" and info["version"] == "0.0.test" and info["counters"] is False
+    assert info["speculative_config"] == {"speculative_algorithm": "EAGLE", "speculative_num_steps": 3,
+                                          "speculative_eagle_topk": 4, "speculative_num_draft_tokens": 16}
+    choice = lines(out / "model_answer" / "tiny-sgl.jsonl")[0]["choices"][0]
+    assert choice["tau_counters"] == [None, None] and choice["decoding_steps"] == [None, None]  # no per-request counts
+    row = lines(out / "sweep.jsonl")[0]
+    assert row["tau"] is None and row["server_avg_accept_length"] == 3.0  # the server's own average, beside τ
