@@ -165,7 +165,8 @@ class Event:
 
 @dataclass
 class Worker:
-    """The driver's view of one actor: loading → loaded → building → idle ⇄ busy."""
+    """The driver's view of one actor: loading → loaded → (waiting for its device type's plan →)
+    building → idle ⇄ busy."""
 
     handle: Any
     number: int
@@ -330,7 +331,8 @@ class WorkerPool:
                     del planners[worker.device]
                     if waiting[worker.device]:
                         loaded(waiting[worker.device].pop(0))  # the next of its type measures instead
-                self.replace(self.dtype)
+                if queue or any(w.stage == "busy" for w in self.workers):
+                    self.replace(self.dtype)
                 dispatch()
                 yield Event("lost", worker.info or {"id": worker.name}, job=job, error=lost)
             elif worker.stage == "loading":

@@ -388,8 +388,8 @@ def warm_up(decoders: dict[str, Decoder], loaded, questions: list[Question], con
 def run_benchmark(config: RunConfig, console: Optional[Console] = None, loaded=None) -> Path:
     """Run (or resume) a benchmark; returns the run folder. Python API behind `medusa-bench run`.
 
-    In this process, or (`config.on_cluster`) over Ray workers, this process still the only one
-    writing the run folder (`run_on_cluster`).
+    In this process, or over Ray workers (`config.on_cluster`: `run_on_cluster`); either way this
+    process is the only one writing the run folder.
     """
     from medusa_bench.models import load_model, model_name, resolve_device, resolve_dtype
 
@@ -425,7 +425,7 @@ def run_benchmark(config: RunConfig, console: Optional[Console] = None, loaded=N
 
     paths, done = open_answers(run_dir, loaded, names)
     references = reference_answers(run_dir, loaded, done, {decoder.baseline_name for decoder in decoders.values()})
-    reference = PrecisionReference(run_dir, loaded, config) if settings["precision_reference"] != "none" else None
+    reference = PrecisionReference(run_dir, loaded) if settings["precision_reference"] != "none" else None
     todo = [(question, name) for question in questions for name in names if str(question.question_id) not in done[name]]
     reference_todo = [question for question in questions if reference and str(question.question_id) not in reference.done]
     if not todo and not reference_todo and not config.remeasure_flagged:
@@ -485,7 +485,7 @@ def run_on_cluster(config: RunConfig, questions: list[Question], question_file: 
         settings["precision_reference"] = precision.reference_dtype(config.precision_reference, settings["dtype"])
         previous = check_same_settings(run_dir, settings)
         hashes = check_same_contents(previous, content_hashes(config, questions), question_file)
-        reference = PrecisionReference(run_dir, model, config) if settings["precision_reference"] != "none" else None
+        reference = PrecisionReference(run_dir, model) if settings["precision_reference"] != "none" else None
         jobs = [Job(index, question, [name for name in names if str(question.question_id) not in done[name]],
                     reference is not None and str(question.question_id) not in reference.done)
                 for index, question in enumerate(questions)]
@@ -532,7 +532,7 @@ def missing_work(questions: list[Question], done: dict, run_dir: Path, model: st
         return True
     if precision.reference_dtype(config.precision_reference, dtype_name) == "none":
         return False
-    reference = PrecisionReference(run_dir, model, config)
+    reference = PrecisionReference(run_dir, model)
     return any(str(q.question_id) not in reference.done for q in questions)
 
 
@@ -674,7 +674,7 @@ class PrecisionReference:
 
     DECODER = Float32Baseline.DECODER
 
-    def __init__(self, run_dir: Path, loaded, config: RunConfig):
+    def __init__(self, run_dir: Path, loaded):
         """`loaded`: the run's model, or its name (a Ray driver loads none)."""
         self.path = Path(run_dir) / reference_file(loaded, "float32")
         files.ensure_writable_dir(self.path.parent)
