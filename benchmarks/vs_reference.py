@@ -39,6 +39,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -185,6 +186,8 @@ def source_hash(path: Path) -> str:
     """sha256 over the reference's Python files and packaging: a changed checkout gets a new environment."""
     h = hashlib.sha256()
     for file in sorted(path.rglob("*")):
+        if any(part in ("build", ".git") or part.endswith(".egg-info") for part in file.relative_to(path).parts):
+            continue
         if file.is_file() and (file.suffix == ".py" or file.name in ("setup.py", "pyproject.toml")):
             h.update(str(file.relative_to(path)).encode())
             h.update(file.read_bytes())
@@ -203,7 +206,11 @@ def reference_venv(kind: str, source: Path, torch_spec: str, root: Path) -> Path
     shutil.rmtree(folder, ignore_errors=True)
     run([sys.executable, "-m", "venv", str(folder)], "make a virtual environment")
     run([str(python), "-m", "pip", "install", "-q", *packages], f"install {' '.join(packages)}")
-    run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(source)], f"install the {kind} reference from {source}")
+    # from a copy: pip builds a local tree in place (build/, *.egg-info), which would change the user's checkout
+    with tempfile.TemporaryDirectory() as scratch:
+        copy = Path(scratch) / source.name
+        shutil.copytree(source, copy, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info"))
+        run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(copy)], f"install the {kind} reference from {source}")
     (folder / "ready").write_text(json.dumps(packages))
     return python
 
