@@ -74,7 +74,7 @@ _COMPILE = typer.Option("auto", "--compile", help="Captured steps: auto (CUDA gr
 @decoder_options("run")
 def run(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Hub id, local folder, .gguf file or 'smollm2-135m'."),
-    decoders: str = typer.Option("baseline", "--decoders", "-d", help="Comma-separated decoder names."),
+    decoders: Optional[str] = typer.Option(None, "--decoders", "-d", help="Comma-separated decoder names (default: baseline; with --endpoint: none, the endpoints alone)."),
     bench: str = typer.Option("mt_bench", "--bench", help="mt_bench | spec_bench | quick"),
     questions: Optional[Path] = typer.Option(None, "--questions", help="A FastChat question.jsonl (overrides --bench lookup)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N questions."),
@@ -115,7 +115,7 @@ def run(
     from medusa_bench.bench.loop import RunConfig, run_benchmark
 
     config = RunConfig.from_cli(
-        model=model, decoders=decoders, bench=bench, questions=questions, limit=limit,
+        model=model, decoders=decoders or "baseline", bench=bench, questions=questions, limit=limit,
         question_ids=question_ids, categories=categories, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, seed=seed, warmup=warmup, out=out, device=device,
         dtype=dtype, decoder_options=decoder_options, trust_remote_code=trust_remote_code,
@@ -128,12 +128,13 @@ def run(
     if endpoint:
         from medusa_bench.bench.endpoints import EndpointRun, parse_concurrency, parse_endpoints, run_endpoint_benchmark
 
-        if decoders != "baseline" or control:
-            raise UserError("--endpoint runs hold endpoints only for now: drop --decoders/--control, or run them into another --out")
-        run_dir = run_endpoint_benchmark(config, EndpointRun(
-            parse_endpoints(endpoint), reference=reference, model=endpoint_model, api_key_env=api_key_env,
-            metrics_url=metrics_url, concurrency=parse_concurrency(concurrency), timeout=request_timeout,
-            max_retries=max_retries), console=console)
+        served = EndpointRun(parse_endpoints(endpoint), reference=reference, model=endpoint_model, api_key_env=api_key_env,
+                             metrics_url=metrics_url, concurrency=parse_concurrency(concurrency), timeout=request_timeout,
+                             max_retries=max_retries)
+        if decoders or control:  # in-process decoders beside the endpoints: the model loads here too
+            run_dir = run_benchmark(config, console=console, endpoints=served)
+        else:  # endpoints alone: no local model
+            run_dir = run_endpoint_benchmark(config, served, console=console)
     elif reference or concurrency:
         raise UserError("--reference and --concurrency are for --endpoint runs: add --endpoint NAME=URL")
     else:

@@ -126,6 +126,51 @@ def test_two_serves_answers_tau_sweep_report_judge(servers, tmp_path):
     assert len(lines(out / "model_judgment" / "smollm2-135m-baseline_single.jsonl")) >= 4
 
 
+def test_endpoints_beside_in_process_decoders(servers, tmp_path):
+    """One run: two endpoints and two in-process decoders take turns question by question; each is
+    compared with its own reference (medusa with the local baseline, spec with the ref endpoint),
+    never across the HTTP boundary, and the report keeps the two apart."""
+    from medusa_bench.results.report import collect
+
+    out = tmp_path / "mixed"
+    args = run_args(servers, out, "--decoders", "baseline,medusa", "--tree", TREE, "--dtype", "float32", "--concurrency", "1")
+    done = medusa_bench(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    answers = {name: lines(out / "model_answer" / f"smollm2-135m-{name}.jsonl")
+               for name in ("baseline", "medusa", "baseline-ref", "medusa-spec")}
+    assert all([r["question_id"] for r in rows] == [81, 82] for rows in answers.values())
+    for local, served in zip(answers["medusa"], answers["medusa-spec"]):
+        assert local["baseline"] == "baseline" and local["choices"][0]["exact_match"] == [True, True]
+        assert served["baseline"] == "ref" and served["choices"][0]["exact_match"] == [True, True]
+        assert served["device"] == "endpoint" and local["device"] not in ("endpoint", None)
+    # the same model, greedy, fp32 on both sides: the local baseline's tokens are the ref server's
+    for local, served in zip(answers["baseline"], answers["baseline-ref"]):
+        assert local["choices"][0]["token_ids"] == served["choices"][0]["token_ids"]
+    # interleaved: every answer to question 81 is stored before any answer to question 82
+    first = [r["tstamp"] for rows in answers.values() for r in rows if r["question_id"] == 81]
+    second = [r["tstamp"] for rows in answers.values() for r in rows if r["question_id"] == 82]
+    assert max(first) < min(second)
+
+    run = json.loads((out / "run.json").read_text())
+    assert set(run["decoders"]) == {"baseline", "medusa", "ref", "spec"} and run["reference"] == "ref"
+    assert run["models"]["spec"] == "smollm2-135m-medusa-spec" and set(run["endpoints"]) == {"ref", "spec"}
+    assert run["settings"]["endpoints"] == {"ref": servers["ref"], "spec": servers["spec"]}
+    assert {(r["endpoint"], r["concurrency"]) for r in lines(out / "sweep.jsonl")} == {("ref", 1), ("spec", 1)}
+
+    speed = collect([out]).tables["speed"].set_index("decoder")
+    assert speed.loc["medusa", "reference"] == "baseline" and speed.loc["spec", "reference"] == "ref"
+    assert speed.loc["spec", "device"] == "endpoint" and speed.loc["medusa", "device"] != "endpoint"
+    assert speed.loc["medusa", "speedup"] > 0 and speed.loc["spec", "speedup"] > 0
+
+    again = medusa_bench(*args)  # resume: nothing left, and the run refuses an endpoint that moved
+    assert again.returncode == 0 and "nothing to do" in again.stderr
+    moved = medusa_bench(*[a.replace(servers["spec"], servers["ref"]) for a in args])
+    assert moved.returncode != 0 and "other settings" in moved.stderr and len(moved.stderr.strip().splitlines()) == 1
+    clash = medusa_bench("run", "--endpoint", f"medusa={servers['spec']}", "--decoders", "baseline,medusa", "--api-key-env", "EP_KEY",
+                         "--bench", "mt_bench", "--limit", "1", "--out", str(tmp_path / "clash"))
+    assert clash.returncode != 0 and "also a decoder" in clash.stderr and len(clash.stderr.strip().splitlines()) == 1
+
+
 def test_endpoint_errors_are_one_line(servers, tmp_path):
     dead = f"http://127.0.0.1:{free_port()}/v1"
     cases = [

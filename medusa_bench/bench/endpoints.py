@@ -482,14 +482,10 @@ def exact_match(choice: dict, reference: Optional[dict]) -> tuple[Optional[list[
     return [i < len(ref["turns"]) and text == ref["turns"][i] for i, text in enumerate(choice["turns"])], "text"
 
 
-def run_endpoint_benchmark(config, run: EndpointRun, console: Optional[Console] = None) -> Path:
-    """Run (or resume) a benchmark against serving endpoints; returns the run folder."""
-    from medusa_bench.bench.loop import run_progress
-
-    console = console or Console(stderr=True)
+def open_endpoints(run: EndpointRun) -> dict[str, Endpoint]:
+    """The run's endpoints, connected (model id resolved, engine info read); one line for a bad one."""
     if run.reference and run.reference not in run.endpoints:
         raise UserError(f"--reference {run.reference!r} is not an --endpoint name ({', '.join(run.endpoints)})")
-    question_file, questions = load_questions(config.bench, config.questions, config.limit, config.question_ids, config.categories)
     endpoints = {}
     for name, url in run.endpoints.items():
         key = resolve_api_key(url, run.api_key_env)
@@ -497,6 +493,68 @@ def run_endpoint_benchmark(config, run: EndpointRun, console: Optional[Console] 
                                    retry=RetryPolicy(max_retries=run.max_retries, base=0.5, cap=10.0))
     for endpoint in endpoints.values():
         endpoint.connect(run.model)
+    return endpoints
+
+
+class EndpointDecoder:
+    """One endpoint as a decoder of a run: it answers each question over HTTP (`answer_with_endpoint`).
+
+    Beside in-process decoders (`run --endpoint … --decoders …`, loop.run_benchmark) it has what
+    the run loop asks of a decoder (`name`, `baseline_name`, `lossless`) plus `answer` and
+    `exact_match`. Its reference is the `--reference` endpoint, never an in-process decoder:
+    a server's speed and a local model's are timed on different machines, so its answers carry
+    the device "endpoint" and the report pairs them only with the reference endpoint's.
+    """
+
+    lossless = True  # exact match against the reference endpoint is measured (greedy turns)
+    DEVICE = "endpoint"
+
+    def __init__(self, endpoint: Endpoint, reference: Optional[str], count_tokens, run_dir: Path, console: Console):
+        self.endpoint, self.name = endpoint, endpoint.name
+        self.baseline_name = reference or endpoint.name  # no --reference: no speedup, no exact match
+        self.file_id = answer_file_id(endpoint)
+        self.count_tokens, self.run_dir, self.console = count_tokens, Path(run_dir), console
+        self.failed = 0  # answers that failed after their retries, this call
+
+    def warm_up(self, question: Question, config) -> None:
+        """Untimed: the server's lazy start-up (CUDA graphs, caches) off the clock; one try."""
+        try:
+            self.endpoint._stream(conversation(question.turns[:1], []), min(config.max_new_tokens, 32), 0.0, 1.0, None, None)
+        except RequestFailed as error:  # a failing server shows up in the timed requests, with retries
+            self.console.print(f"warm-up of {self.name} failed ({error}); going on", highlight=False, soft_wrap=True)
+
+    def answer(self, question: Question, config) -> Optional[dict]:
+        """The answer record of both turns, or None when the request failed after its retries
+        (then it is in failed.jsonl, never a silent zero, and the same command retries it)."""
+        try:
+            choice = answer_with_endpoint(self.endpoint, question, config, self.count_tokens)
+        except RequestFailed as error:
+            self.failed += 1
+            self.console.print(f"question {question.question_id} on {self.name} failed: {error}; recorded in {FAILED_FILE}, going on",
+                               highlight=False, soft_wrap=True)
+            files.append_jsonl(self.run_dir / FAILED_FILE, {"question_id": question.question_id, "decoder": self.name,
+                                                             "error": str(error), "tstamp": time.time()})
+            return None
+        return {"question_id": question.question_id, "answer_id": files.answer_id(), "model_id": self.file_id,
+                "decoder": self.name, "baseline": self.baseline_name, "category": question.category,
+                "tstamp": time.time(), "endpoint": self.endpoint.base_url, "device": self.DEVICE, "choices": [choice]}
+
+    def exact_match(self, choice: dict, reference: Optional[dict]) -> Optional[list[bool]]:
+        """Per turn against the reference endpoint's answer (token ids, else text); sets `exact_match_by`."""
+        if self.baseline_name == self.name:
+            reference = None
+        matches, choice["exact_match_by"] = exact_match(choice, reference)
+        return matches
+
+
+def run_endpoint_benchmark(config, run: EndpointRun, console: Optional[Console] = None) -> Path:
+    """Run (or resume) a benchmark against serving endpoints alone (no local model); returns the
+    run folder. Endpoints beside in-process decoders run in `loop.run_benchmark` (`EndpointDecoder`)."""
+    from medusa_bench.bench.loop import run_progress
+
+    console = console or Console(stderr=True)
+    question_file, questions = load_questions(config.bench, config.questions, config.limit, config.question_ids, config.categories)
+    endpoints = open_endpoints(run)
     names = sorted(endpoints, key=lambda n: n != run.reference)  # the reference answers first within a question
     settings = {"bench": config.bench, "question_file": str(question_file), "max_new_tokens": config.max_new_tokens,
                 "temperature": config.temperature, "top_p": config.top_p, "seed": config.seed,
@@ -520,16 +578,12 @@ def run_endpoint_benchmark(config, run: EndpointRun, console: Optional[Console] 
         files.repair_jsonl(path)
     done = {name: {str(r["question_id"]): r for r in files.read_jsonl(path)} for name, path in paths.items()}
     count_tokens = TokenCounter(config.model)
+    served = {name: EndpointDecoder(endpoints[name], run.reference, count_tokens, run_dir, console) for name in names}
     todo = [(q, n) for q in questions for n in names if str(q.question_id) not in done[n]]
-    failed = 0
     if todo:
-        for name in dict.fromkeys(n for _, n in todo):  # untimed: lazy start-up (CUDA graphs, caches) off the clock
+        for name in dict.fromkeys(n for _, n in todo):
             for _ in range(config.warmup):
-                try:  # one try: a failing server shows up in the timed requests, with retries
-                    endpoints[name]._stream(conversation(questions[0].turns[:1], []), min(config.max_new_tokens, 32),
-                                            0.0, 1.0, None, None)
-                except RequestFailed as error:
-                    console.print(f"warm-up of {name} failed ({error}); going on", highlight=False, soft_wrap=True)
+                served[name].warm_up(questions[0], config)
         with run_progress(console) as progress:
             task = progress.add_task("starting", total=len(todo))
             for question in questions:
@@ -538,32 +592,35 @@ def run_endpoint_benchmark(config, run: EndpointRun, console: Optional[Console] 
                     if qid in done[name]:
                         continue
                     progress.update(task, description=f"q {qid} · {name}")
-                    try:
-                        choice = answer_with_endpoint(endpoints[name], question, config, count_tokens)
-                    except RequestFailed as error:
-                        failed += 1
-                        console.print(f"question {qid} on {name} failed: {error}; recorded in {FAILED_FILE}, going on", highlight=False, soft_wrap=True)
-                        files.append_jsonl(run_dir / FAILED_FILE, {"question_id": question.question_id, "decoder": name,
-                                                                   "error": str(error), "tstamp": time.time()})
+                    record = served[name].answer(question, config)
+                    if record is None:
                         progress.advance(task)
                         continue
-                    reference = done.get(run.reference, {}).get(qid) if run.reference and name != run.reference else None
-                    choice["exact_match"], choice["exact_match_by"] = exact_match(choice, reference)
-                    record = {"question_id": question.question_id, "answer_id": files.answer_id(), "model_id": ids[name],
-                              "decoder": name, "baseline": run.reference or name, "category": question.category,
-                              "tstamp": time.time(), "endpoint": endpoints[name].base_url, "choices": [choice]}
+                    reference = done.get(run.reference, {}).get(qid)
+                    record["choices"][0]["exact_match"] = served[name].exact_match(record["choices"][0], reference)
                     files.append_jsonl(paths[name], record)
                     done[name][qid] = record
                     progress.advance(task)
     else:
         console.print(f"nothing to do: all {len(questions)} questions × {len(names)} endpoints are in {run_dir}", soft_wrap=True)
+    finish_endpoints(run_dir, served, questions, done, config, run.concurrency, console)
+    return run_dir
+
+
+def finish_endpoints(run_dir: Path, served: dict, questions: list[Question], done: dict, config, levels: list[int],
+                     console: Console) -> None:
+    """After the answers: say what failed, run the concurrency sweep (`levels`), close the connections.
+
+    `served`: name → EndpointDecoder, the reference first; `done`: name → {question id: record}."""
+    failed = sum(decoder.failed for decoder in served.values())
     if failed:
         console.print(f"{failed} answers failed (see {run_dir / FAILED_FILE}); re-run the same command to retry them", soft_wrap=True)
-    if run.concurrency:
-        sweep(run_dir, endpoints, names, questions, done, config, run.concurrency, count_tokens, console)
+    endpoints = {name: decoder.endpoint for name, decoder in served.items()}
+    if levels:
+        count_tokens = next(iter(served.values())).count_tokens
+        sweep(run_dir, endpoints, list(served), questions, done, config, levels, count_tokens, console)
     for endpoint in endpoints.values():
         endpoint.close()
-    return run_dir
 
 
 # ------------------------------------------------------------------------------ concurrency sweep

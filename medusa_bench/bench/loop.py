@@ -34,7 +34,7 @@ from medusa_bench.results import files
 # Settings that change the numbers: a run folder keeps them fixed for its whole life. The
 # decoders' own options (decoders/options.py) join them: `setting_keys()`.
 RUN_SETTING_KEYS = ("model", "bench", "question_file", "max_new_tokens", "temperature", "top_p", "seed",
-                    "device", "dtype", "precision_reference", "cache", "compile")
+                    "device", "dtype", "precision_reference", "cache", "compile", "endpoints", "reference")
 
 
 def setting_keys() -> tuple:
@@ -248,10 +248,36 @@ class AnswerSource:
     dtype_auto: Optional[dict] = None  # how --dtype auto chose
     workers: list[dict] = field(default_factory=list)
     device_plans: dict = field(default_factory=dict)
+    endpoints: dict = field(default_factory=dict)  # serving endpoints beside the decoders: name → url, file_id, engine info
 
 
-def local_source(loaded, decoders: dict) -> AnswerSource:
-    return AnswerSource(loaded.name, list(decoders), device_info(loaded), tree_records(decoders), loaded.dtype_auto)
+def local_source(loaded, decoders: dict, served: Optional[dict] = None) -> AnswerSource:
+    """In-process decoders on `loaded`, and the endpoints `served` beside them (name → EndpointDecoder)."""
+    endpoints = {name: {"url": d.endpoint.base_url, "metrics_url": d.endpoint.metrics_url, "file_id": d.file_id, **d.endpoint.info}
+                 for name, d in (served or {}).items()}
+    return AnswerSource(loaded.name, list(decoders), device_info(loaded), tree_records(decoders), loaded.dtype_auto,
+                        endpoints=endpoints)
+
+
+def open_run_endpoints(run, taken: list[str]) -> dict:
+    """`run`'s endpoints (bench/endpoints.EndpointRun), connected; none when it is None."""
+    if not run:
+        return {}
+    from medusa_bench.bench.endpoints import open_endpoints
+
+    clash = sorted(set(run.endpoints) & set(taken))
+    if clash:
+        raise UserError(f"--endpoint name {clash[0]!r} is also a decoder of this run: give the endpoint another name")
+    return open_endpoints(run)
+
+
+def endpoint_decoders(opened: dict, run, config: RunConfig, run_dir: Path, console: Console) -> dict:
+    """name → EndpointDecoder, the reference endpoint first."""
+    from medusa_bench.bench.endpoints import EndpointDecoder, TokenCounter
+
+    count_tokens = TokenCounter(config.model)
+    return {name: EndpointDecoder(opened[name], run.reference, count_tokens, run_dir, console)
+            for name in sorted(opened, key=lambda n: n != run.reference)}
 
 
 def write_run_file(run_dir: Path, config: RunConfig, settings: dict, source: AnswerSource, previous: Optional[dict],
@@ -281,6 +307,11 @@ def write_run_file(run_dir: Path, config: RunConfig, settings: dict, source: Ans
     plans = {**previous.get("device_plans", {}), **source.device_plans}
     if plans:
         run["device_plans"] = plans
+    if source.endpoints:  # answer files named after the server's model; the reference endpoint (settings)
+        run["decoders"] = list(dict.fromkeys(run["decoders"] + list(source.endpoints)))
+        run["models"].update({name: e["file_id"] for name, e in source.endpoints.items()})
+        run["endpoints"] = {name: {k: v for k, v in e.items() if k != "file_id"} for name, e in source.endpoints.items()}
+        run["reference"] = settings.get("reference")
     files.write_json(run_dir / files.RUN_FILE, run)
     return run
 
@@ -345,6 +376,11 @@ def answer_one_question(question: Question, index: int, decoders: dict, loaded, 
         if name not in wanted:
             continue
         decoder = decoders[name]
+        if hasattr(decoder, "answer"):  # an endpoint (bench/endpoints.py): both turns over HTTP, its own record
+            record = decoder.answer(question, config)
+            if record is not None:  # None: failed after retries, in failed.jsonl; the same command retries it
+                yield record
+            continue
         choice = answer_question(decoder, loaded, question, config, on_step=on_step(name) if on_step else None)
         yield answer_record(question, name, decoder, loaded, choice)
 
@@ -362,9 +398,11 @@ class DecoderFacts:
         return cls(decoder.name, decoder.baseline_name, decoder.lossless)
 
 
-def open_answers(run_dir: Path, model, names: list[str]) -> tuple[dict, dict]:
-    """(paths, done) of this run's answer files, torn last lines repaired: done {name: {question id: record}}."""
-    paths = {name: files.answer_path(run_dir, model_id(model, name)) for name in names}
+def open_answers(run_dir: Path, model, names: list[str], ids: Optional[dict] = None) -> tuple[dict, dict]:
+    """(paths, done) of this run's answer files, torn last lines repaired: done {name: {question id: record}}.
+
+    `ids`: answer file ids that are not `model_id(model, name)` (endpoints name theirs after the server's model)."""
+    paths = {name: files.answer_path(run_dir, (ids or {}).get(name) or model_id(model, name)) for name in names}
     for path in paths.values():
         files.repair_jsonl(path)
     return paths, {name: {str(r["question_id"]): r for r in files.read_jsonl(path)} for name, path in paths.items()}
@@ -382,14 +420,18 @@ def warm_up(decoders: dict[str, Decoder], loaded, questions: list[Question], con
     prompt = build_prompt(loaded, conversation(questions[0].turns[:1], []))
     for decoder in decoders.values():
         for _ in range(config.warmup):
-            decoder.generate(prompt, min(config.max_new_tokens, 32), Sampling())
+            if hasattr(decoder, "warm_up"):  # an endpoint: one untimed request
+                decoder.warm_up(questions[0], config)
+            else:
+                decoder.generate(prompt, min(config.max_new_tokens, 32), Sampling())
 
 
-def run_benchmark(config: RunConfig, console: Optional[Console] = None, loaded=None) -> Path:
+def run_benchmark(config: RunConfig, console: Optional[Console] = None, loaded=None, endpoints=None) -> Path:
     """Run (or resume) a benchmark; returns the run folder. Python API behind `medusa-bench run`.
 
     In this process, or over Ray workers (`config.on_cluster`: `run_on_cluster`); either way this
-    process is the only one writing the run folder.
+    process is the only one writing the run folder. `endpoints` (bench/endpoints.EndpointRun):
+    serving endpoints that answer beside the in-process decoders, question by question.
     """
     from medusa_bench.models import load_model, model_name, resolve_device, resolve_dtype
 
@@ -402,7 +444,10 @@ def run_benchmark(config: RunConfig, console: Optional[Console] = None, loaded=N
     if config.on_cluster:
         from medusa_bench.bench.distributed import import_ray
 
+        if endpoints:
+            raise UserError("--endpoint runs send requests from one process (--concurrency sets how many in flight): drop --workers/--ray-address")
         import_ray()  # Ray missing: one line saying what to install, before anything is made
+    opened = open_run_endpoints(endpoints, names)  # an unreachable server or a wrong key: before the model loads
     device = None if config.on_cluster else resolve_device(config.device)  # Ray: each worker's own
     run_dir = files.ensure_writable_dir(config.out or default_out(config, model_name(config.model)))
     lock = files.lock_run_dir(run_dir)  # noqa: F841 — held until this call returns: one writer per run folder
@@ -414,17 +459,22 @@ def run_benchmark(config: RunConfig, console: Optional[Console] = None, loaded=N
     dtype = loaded.dtype if loaded is not None else resolve_dtype(dtype_name, device)
     settings = settings_of(config, question_file, device.type, str(dtype).replace("torch.", ""))
     settings["precision_reference"] = precision.reference_dtype(config.precision_reference, settings["dtype"])
+    if endpoints:
+        settings.update(endpoints=dict(endpoints.endpoints), reference=endpoints.reference)
     previous = check_same_settings(run_dir, settings)  # refuse before the slow model load
     hashes = check_same_contents(previous, content_hashes(config, questions), question_file)
     loaded = loaded or load_model(config.model, config.device, dtype_name, config.trust_remote_code)
     decoders = build_run_decoders(names, loaded, config)
-    names = references_first(decoders)
+    served = endpoint_decoders(opened, endpoints, config, run_dir, console) if opened else {}
+    answerers = {**decoders, **served}  # in-process decoders and endpoints take turns alike
+    names = references_first(answerers)
     files.ensure_writable_dir(run_dir / files.ANSWER_DIR)
     store_in_run(run_dir, decoders, previous)  # --tree auto: tree.json, calibration.json, latency.json
-    write_run_file(run_dir, config, settings, local_source(loaded, decoders), previous, hashes)
+    write_run_file(run_dir, config, settings, local_source(loaded, decoders, served), previous, hashes)
 
-    paths, done = open_answers(run_dir, loaded, names)
-    references = reference_answers(run_dir, loaded, done, {decoder.baseline_name for decoder in decoders.values()})
+    ids = {name: decoder.file_id for name, decoder in served.items()}
+    paths, done = open_answers(run_dir, loaded, names, ids)
+    references = reference_answers(run_dir, loaded, done, {decoder.baseline_name for decoder in answerers.values()})
     reference = PrecisionReference(run_dir, loaded) if settings["precision_reference"] != "none" else None
     todo = [(question, name) for question in questions for name in names if str(question.question_id) not in done[name]]
     reference_todo = [question for question in questions if reference and str(question.question_id) not in reference.done]
@@ -434,10 +484,10 @@ def run_benchmark(config: RunConfig, console: Optional[Console] = None, loaded=N
         float32 = Float32Baseline(loaded, config)
         if reference_todo:
             float32.load()  # before timing: no model load (and its garbage) between timed answers
-        warm_up({n: decoders[n] for n in {name for _, name in todo}}, loaded, questions, config)
+        warm_up({n: answerers[n] for n in {name for _, name in todo}}, loaded, questions, config)
         gc.collect()  # the loads' garbage now, not in a timed turn (and no finalizer there to swallow a Ctrl-C)
         device_label = device_info(loaded)["name"]  # per answer: the report never pools devices (Ray runs mix them)
-        in_turn_order = {name: decoders[name] for name in names}
+        in_turn_order = {name: answerers[name] for name in names}
         with run_progress(console) as progress:
             task = progress.add_task("starting", total=len(todo) + len(reference_todo))
             for index, question in enumerate(questions):
@@ -445,15 +495,20 @@ def run_benchmark(config: RunConfig, console: Optional[Console] = None, loaded=N
                 wanted = [name for name in names if qid not in done[name]]
                 for record in answer_one_question(question, index, in_turn_order, loaded, config, wanted,
                                                   on_step=lambda name: live_rate(progress, task, question, name)):  # noqa: B023 — used at once
-                    record["device"] = device_label
-                    pending = store_ready(pending + [(record, decoders[record["decoder"]])], references, names, paths)
+                    record.setdefault("device", device_label)  # endpoints say "endpoint": never paired with local answers
+                    pending = store_ready(pending + [(record, answerers[record["decoder"]])], references, names, paths)
                     progress.advance(task)
                 if reference and qid not in reference.done:  # after the timed answers: never between them
                     record = float32.record(question, live_rate(progress, task, question, Float32Baseline.DECODER))
                     reference.store(record, references, float32.facts)
                     progress.advance(task)
-    if config.remeasure_flagged:
-        remeasure_flagged(questions, names, decoders, loaded, config, paths, console)
+    if config.remeasure_flagged:  # the local CPU's contention: endpoints are timed on their servers
+        remeasure_flagged(questions, [name for name in names if name in decoders], decoders, loaded, config, paths, console)
+    if served:
+        from medusa_bench.bench.endpoints import finish_endpoints
+
+        _, done = open_answers(run_dir, loaded, list(served), ids)  # as stored: the sweep replays each endpoint's turns
+        finish_endpoints(run_dir, served, questions, done, config, endpoints.concurrency, console)
     flagged, total = count_flagged(r for path in paths.values() for r in files.read_jsonl(path))
     if flagged:
         console.print(f"{flagged} of {total} turns were measured while the CPU was shared; rerun with --remeasure-flagged on a quiet machine")
@@ -729,6 +784,8 @@ def remeasure_flagged(questions: list[Question], names: list[str], decoders: dic
 
 def exact_match(choice: dict, decoder: Decoder, baseline: Optional[dict], name: str) -> Optional[list[bool]]:
     """Per turn: does a greedy lossless decoder reproduce its baseline's tokens? None if n/a."""
+    if hasattr(decoder, "exact_match"):  # an endpoint: ids where both have them, else text (bench/endpoints.py)
+        return decoder.exact_match(choice, baseline)
     if baseline is None or name == decoder.baseline_name or not decoder.lossless or choice["temperature"] != 0:
         return None
     reference = baseline["choices"][0].get("token_ids") or []
