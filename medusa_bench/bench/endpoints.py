@@ -547,6 +547,15 @@ class EndpointDecoder:
         return matches
 
 
+def endpoint_decoders(endpoints: dict[str, Endpoint], reference: Optional[str], model: str, run_dir: Path,
+                      console: Console) -> dict[str, EndpointDecoder]:
+    """name → EndpointDecoder, the reference endpoint first (it answers first within a question);
+    text is counted with `model`'s tokenizer where a server gives no usage."""
+    count_tokens = TokenCounter(model)
+    return {name: EndpointDecoder(endpoints[name], reference, count_tokens, run_dir, console)
+            for name in sorted(endpoints, key=lambda n: n != reference)}
+
+
 def run_endpoint_benchmark(config, run: EndpointRun, console: Optional[Console] = None) -> Path:
     """Run (or resume) a benchmark against serving endpoints alone (no local model); returns the
     run folder. Endpoints beside in-process decoders run in `loop.run_benchmark` (`EndpointDecoder`)."""
@@ -577,8 +586,7 @@ def run_endpoint_benchmark(config, run: EndpointRun, console: Optional[Console] 
     for path in paths.values():
         files.repair_jsonl(path)
     done = {name: {str(r["question_id"]): r for r in files.read_jsonl(path)} for name, path in paths.items()}
-    count_tokens = TokenCounter(config.model)
-    served = {name: EndpointDecoder(endpoints[name], run.reference, count_tokens, run_dir, console) for name in names}
+    served = endpoint_decoders(endpoints, run.reference, config.model, run_dir, console)
     todo = [(q, n) for q in questions for n in names if str(q.question_id) not in done[n]]
     if todo:
         for name in dict.fromkeys(n for _, n in todo):

@@ -271,14 +271,6 @@ def open_run_endpoints(run, taken: list[str]) -> dict:
     return open_endpoints(run)
 
 
-def endpoint_decoders(opened: dict, run, config: RunConfig, run_dir: Path, console: Console) -> dict:
-    """name → EndpointDecoder, the reference endpoint first."""
-    from medusa_bench.bench.endpoints import EndpointDecoder, TokenCounter
-
-    count_tokens = TokenCounter(config.model)
-    return {name: EndpointDecoder(opened[name], run.reference, count_tokens, run_dir, console)
-            for name in sorted(opened, key=lambda n: n != run.reference)}
-
 
 def write_run_file(run_dir: Path, config: RunConfig, settings: dict, source: AnswerSource, previous: Optional[dict],
                    hashes: Optional[dict] = None) -> dict:
@@ -465,7 +457,11 @@ def run_benchmark(config: RunConfig, console: Optional[Console] = None, loaded=N
     hashes = check_same_contents(previous, content_hashes(config, questions), question_file)
     loaded = loaded or load_model(config.model, config.device, dtype_name, config.trust_remote_code)
     decoders = build_run_decoders(names, loaded, config)
-    served = endpoint_decoders(opened, endpoints, config, run_dir, console) if opened else {}
+    served = {}
+    if opened:
+        from medusa_bench.bench.endpoints import endpoint_decoders
+
+        served = endpoint_decoders(opened, endpoints.reference, config.model, run_dir, console)
     answerers = {**decoders, **served}  # in-process decoders and endpoints take turns alike
     names = references_first(answerers)
     files.ensure_writable_dir(run_dir / files.ANSWER_DIR)
