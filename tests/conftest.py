@@ -13,6 +13,22 @@ if "MEDUSA_BENCH_DATA" not in os.environ and SHARED_DATA.is_dir():
     os.environ["MEDUSA_BENCH_DATA"] = str(SHARED_DATA)
 
 
+def run_cli(capsys, monkeypatch, *args) -> tuple[int, str, str]:
+    """The real CLI entry point in-process: (exit code, stdout, stderr)."""
+    import sys
+
+    from medusa_bench.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["medusa-bench", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def pytest_collection_modifyitems(config, items):
     """Heavier end-to-end tests run last so quick failures show first."""
     items.sort(key=lambda item: 1 if item.get_closest_marker("slow") else 0)

@@ -5,19 +5,18 @@ Everything here runs tiny settings (a prompt or two, a few tokens, trees of <= 3
 """
 
 import json
-import sys
 from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from conftest import run_cli as cli
 from medusa_bench.bench import autotree
 from medusa_bench.bench import calibrate as cal
 from medusa_bench.bench.autotree import AutoTreeSettings, auto_tree, store_in_run
 from medusa_bench.bench.loop import RunConfig, run_benchmark
 from medusa_bench.bench.prompts import build_prompt
-from medusa_bench.cli import main
 from medusa_bench.decoders.base import DecoderOptions, build_decoder
 from medusa_bench.decoders.medusa import MedusaProposer
 from medusa_bench.errors import UserError
@@ -215,17 +214,6 @@ def test_auto_measures_caches_and_fills_the_run_folder(smollm, heads_dir, tmp_pa
                                            "files": {name: f"{name}.json" for name in ("tree", "calibration", "latency")}}
     answers = (out / "model_answer" / "smollm2-135m-medusa-auto.jsonl").read_text().splitlines()
     assert json.loads(answers[0])["choices"][0]["exact_match"] == [True, True]
-
-
-def cli(capsys, monkeypatch, *args):
-    monkeypatch.setattr(sys, "argv", ["medusa-bench", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_tree_command_uses_the_heads_own_calibration(smollm, heads_dir, tmp_path, monkeypatch, capsys):

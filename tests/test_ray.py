@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from conftest import run_cli
 from medusa_bench.bench.loop import RunConfig, run_benchmark
-from medusa_bench.cli import main
 from medusa_bench.decoders.options import DecoderOptions
 from medusa_bench.results import files
 
@@ -35,13 +35,8 @@ TREE = "chain-3"  # a small tree: CPU steps stay cheap
 
 
 def cli(capsys, monkeypatch, *args) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["medusa-bench", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    return code, " ".join(capsys.readouterr().err.split())
+    code, _, err = run_cli(capsys, monkeypatch, *args)
+    return code, " ".join(err.split())
 
 
 def config(out: Path, **changes) -> RunConfig:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medusa_bench.cli import main
+from conftest import run_cli
 from medusa_bench.errors import UserError
 from medusa_bench.heads.medusa import MedusaHeads, save_heads
 from medusa_bench.results import files
@@ -42,13 +42,8 @@ def judge_cmd(run: Path, judge: FakeJudge, *extra) -> list[str]:
 
 def cli(capsys, monkeypatch, *args) -> tuple[int, str]:
     """The real CLI entry point in-process (as in test_run.py); returns (exit code, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["medusa-bench", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    return code, " ".join(capsys.readouterr().err.split())
+    code, _, err = run_cli(capsys, monkeypatch, *args)
+    return code, " ".join(err.split())
 
 
 def wait_for(condition, seconds=60.0):

@@ -4,14 +4,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from conftest import run_cli
 from medusa_bench.bench.loop import RunConfig, run_benchmark
-from medusa_bench.cli import main
 from medusa_bench.results import files
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,13 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def cli(capsys, monkeypatch, *args) -> tuple[int, str]:
     """Run the real CLI entry point in-process; returns (exit code, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["medusa-bench", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    return code, capsys.readouterr().err
+    code, _, err = run_cli(capsys, monkeypatch, *args)
+    return code, err
 
 
 def quick_config(out, **kw) -> RunConfig:
