@@ -237,14 +237,15 @@ def serve(
 # ------------------------------------------------------------------------- distill and train
 @app.command()
 def distill(
-    prompts: List[Path] = typer.Option(..., "--prompts", "-p", help="Prompt files: self_instruct, GSM8K train, ShareGPT (repeat the option)."),
+    prompts: List[Path] = typer.Option([], "--prompts", "-p", help="Prompt files: self_instruct, GSM8K train, ShareGPT (repeat the option)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output ShareGPT jsonl (appended; re-run to resume)."),
+    extend: List[Path] = typer.Option([], "--extend", help="Conversations an earlier distill wrote: keep their answers, add the --follow-up turn."),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Hub id, local folder, .gguf file or 'smollm2-135m'."),
     max_new_tokens: int = typer.Option(200, "--max-new-tokens", help="Token limit per answer."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p"),
     samples_per_prompt: int = typer.Option(1, "--samples-per-prompt", help="Sampled answers per prompt (needs --temperature > 0)."),
-    follow_up: bool = typer.Option(False, "--follow-up", help="Add a generic second turn for two-turn data."),
+    follow_up: str = typer.Option("none", "--follow-up", help="Second turn for one-turn prompts: none | generic | model (the model writes the user's next question)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Prompts per batched generate (left padded, sorted by length)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="At most N prompts from each file."),
     seed: int = typer.Option(0, "--seed"),
@@ -258,11 +259,41 @@ def distill(
 
     loaded = load_model(model, device, dtype, trust_remote_code)
     result = run_distill(loaded, prompts, out, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                         samples_per_prompt=samples_per_prompt, follow_up=follow_up, batch_size=batch_size,
-                         limit=limit, seed=seed, console=console)
+                         samples_per_prompt=samples_per_prompt, follow_up=follow_up, extend=tuple(extend),
+                         batch_size=batch_size, limit=limit, seed=seed, console=console)
     console.print(f"{result.written} conversations written ({result.skipped} already there), {result.new_tokens} tokens "
-                  f"in {result.seconds:.0f} s ({result.tokens_per_second:.1f} tok/s), {result.truncated} answers cut at the limit")
+                  f"in {result.seconds:.0f} s ({result.tokens_per_second:.1f} tok/s), {result.truncated} answers cut at the limit, "
+                  f"{result.near_benchmark} prompts dropped as close to a benchmark question")
     typer.echo(str(result.out))
+
+
+@app.command()
+def instructions(
+    seeds: List[Path] = typer.Option(..., "--seeds", help="Seed tasks: self_instruct jsonl files (repeat the option)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output self_instruct-style jsonl (appended; re-run to resume)."),
+    count: int = typer.Option(..., "--count", "-n", help="How many new instructions the file should hold."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Hub id, local folder, .gguf file or 'smollm2-135m'."),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    temperature: float = typer.Option(0.9, "--temperature"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | float16 | bfloat16"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
+) -> None:
+    """New training instructions written by the model from seed tasks (self-instruct bootstrapping), for `distill`."""
+    from medusa_bench.models import load_model
+    from medusa_bench.train.instructions import bootstrap_instructions, check_count
+
+    check_count(count)
+    loaded = load_model(model, device, dtype, trust_remote_code)
+    tally = bootstrap_instructions(loaded, seeds, count, out, batch_size=batch_size, temperature=temperature, seed=seed,
+                                   console=console)
+    console.print(f"{out} holds {tally['total']}; kept {tally['kept']} of {tally['generated']} written; dropped: {tally['near_copy']} near-copies, "
+                  f"{tally['bad_length']} too short or long, {tally['benchmark_overlap']} close to a benchmark question")
+    if tally["total"] < count:
+        console.print(f"[yellow]stopped short of {count}: this model keeps too few of the tasks it writes; "
+                      "pass more --seeds or a larger model[/yellow]")
+    typer.echo(str(out))
 
 
 _DATA = typer.Option(..., "--data", help="ShareGPT jsonl (e.g. from `medusa-bench distill`).")

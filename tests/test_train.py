@@ -13,7 +13,8 @@ from medusa_bench.heads.common import default_heads
 from medusa_bench.heads.medusa import load_heads
 from medusa_bench.results import files
 from medusa_bench.train.data import head_targets, last_hidden, load_sequences, tokenize
-from medusa_bench.train.distill import distill
+from medusa_bench.train.distill import describe_data, distill, read_prompts
+from medusa_bench.train.instructions import BenchmarkOverlap, bootstrap_instructions
 from medusa_bench.train.fit import FitConfig, check_out_folder, head_logits, train_medusa
 from medusa_bench.train.medusa2 import Medusa2Config, train_medusa2
 from medusa_bench.trees.search import load_calibration
@@ -140,6 +141,67 @@ def test_distill_refuses_benchmark_questions(smollm, tmp_path):
     sharegpt = write_jsonl(tmp_path / "mine.jsonl", [{"conversations": [{"from": "human", "value": quick}]}])
     with pytest.raises(UserError, match="benchmark questions"):
         distill(smollm, [sharegpt], tmp_path / "o.jsonl")
+
+
+def test_distill_extends_conversations_with_model_follow_ups(smollm, tmp_path):
+    prompts = write_jsonl(tmp_path / "tasks.jsonl", [
+        {"id": "a", "instruction": "Name three fruits.", "instances": []},
+        {"id": "b", "instruction": "Explain what a noun is.", "instances": []},
+    ])
+    first = distill(smollm, [prompts], tmp_path / "turn1.jsonl", max_new_tokens=12, batch_size=2)
+    out = tmp_path / "two_turns.jsonl"
+    second = distill(smollm, [], out, extend=(first.out,), follow_up="model", max_new_tokens=8, batch_size=2)
+    assert second.written == 2 and 0 < second.new_tokens <= 16  # only the new turns count
+    before = {r["id"]: r for r in files.read_jsonl(first.out)}
+    for record in files.read_jsonl(out):
+        turns = record["conversations"]
+        assert [m["from"] for m in turns] == ["human", "gpt", "human", "gpt"]
+        assert turns[:2] == before[record["id"]]["conversations"]  # the first answer is kept, not redone
+        assert record["new_tokens"][0] == before[record["id"]]["new_tokens"][0] and len(record["new_tokens"]) == 2
+        assert record["follow_up"] in ("model", "generic") and len(turns[2]["value"].split()) >= 4
+        assert record["dtype"] == "float32"
+    assert distill(smollm, [], out, extend=(first.out,), follow_up="model", max_new_tokens=8).written == 0  # resumes
+    recipe = describe_data(out)
+    assert recipe["user_turns"] == {"2": 2} and recipe["answer_tokens"] == second.new_tokens + sum(
+        r["new_tokens"][0] for r in before.values())
+    assert recipe["benchmark_overlap"]["conversations"] == 0
+    with pytest.raises(UserError, match="not a `medusa-bench distill` output"):
+        distill(smollm, [], tmp_path / "x.jsonl", extend=(prompts,), follow_up="model")
+    with pytest.raises(UserError, match="valid values are none, generic, model"):
+        distill(smollm, [prompts], tmp_path / "x.jsonl", follow_up="yes")
+
+
+def test_benchmark_overlap_catches_copies_and_near_copies():
+    overlap = BenchmarkOverlap({"Compose an engaging travel blog post about a recent trip to Hawaii, highlighting "
+                                "cultural experiences and must-see attractions."})
+    assert overlap("Write an engaging travel blog post about a recent trip to Hawaii, highlighting the food.")
+    assert overlap("compose an ENGAGING travel blog post about a recent trip to Hawaii")  # an 8-word run
+    assert not overlap("Write a travel blog post about Norway.")
+    assert not overlap("List three prime numbers and explain why they are prime.")
+    mt_bench = BenchmarkOverlap()  # the local MT-Bench / Spec-Bench / quick bench turns
+    assert mt_bench.turns > 80 and mt_bench(default_quick_turn())
+
+
+def test_bootstrap_instructions_filters_and_resumes(smollm, tmp_path):
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", [
+        {"id": "1", "instruction": "Write a poem about the sea.", "instances": []},
+        {"id": "2", "instruction": "Give three tips for saving money.", "instances": []},
+        {"id": "3", "instruction": "Explain how a rainbow forms.", "instances": []},
+        {"id": "4", "instruction": "Suggest a name for a bakery.", "instances": []},
+    ])
+    out = tmp_path / "bootstrap.jsonl"
+    tally = bootstrap_instructions(smollm, [seeds], 2, out, batch_size=4)
+    assert tally["total"] == 2 and tally["generated"] == sum(tally[k] for k in ("kept", "near_copy", "bad_length", "benchmark_overlap"))
+    again = bootstrap_instructions(smollm, [seeds], 3, out, batch_size=4)
+    records = files.read_jsonl(out)
+    assert again["total"] == 3 == len(records) and again["kept"] >= 1
+    texts = [r["instruction"] for r in records]
+    assert len(set(texts)) == 3 and all(4 <= len(t.split()) <= 60 and "\n" not in t for t in texts)
+    assert [p.turns[0] for p in read_prompts([out])] == texts  # distill reads it like self_instruct
+
+
+def default_quick_turn():
+    return [json.loads(line) for line in open(default_quick_file())][0]["turns"][0]
 
 
 def default_quick_file():

@@ -33,6 +33,7 @@ from medusa_bench.errors import UserError
 from medusa_bench.heads import io
 from medusa_bench.heads.medusa import MedusaHeads, save_heads
 from medusa_bench.models import DTYPES, model_name
+from medusa_bench.train.distill import describe_data
 from medusa_bench.train.data import IGNORE, Positions, base_hidden_states, load_sequences, positions_of, split_heldout
 from medusa_bench.train.vocab import write_draft_vocab
 from medusa_bench.trees.search import Calibration, save_calibration
@@ -131,7 +132,7 @@ def prepare_sequences(loaded, data: Path, config: FitConfig, console: Console,
     train, held = split_heldout(list(zip(sequences, hidden)), config.heldout, config.seed)
     info = {"data": str(data), "sequences": len(sequences), "train_sequences": len(train), "heldout_sequences": len(held),
             "tokens": tokens, "assistant_tokens": int(sum(int(s.mask.sum()) for s in sequences)),
-            "hidden_seconds": round(time.perf_counter() - began, 1)}
+            "hidden_seconds": round(time.perf_counter() - began, 1), "data_recipe": describe_data(data)}
     console.print(f"{len(sequences)} sequences ({len(held)} held out), {tokens} tokens ({info['assistant_tokens']} assistant); "
                   f"base hidden states in {info['hidden_seconds']} s")
     return train, held, info
