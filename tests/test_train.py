@@ -2,6 +2,7 @@
 (loss goes down, checkpoints load and decode losslessly), shipped default heads, bad inputs."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from medusa_bench.results import files
 from medusa_bench.train.data import head_targets, last_hidden, load_sequences, tokenize
 from medusa_bench.train.distill import describe_data, distill, read_prompts
 from medusa_bench.train.instructions import BenchmarkOverlap, bootstrap_instructions
-from medusa_bench.train.fit import FitConfig, check_out_folder, head_logits, train_medusa
+from medusa_bench.train.fit import FitConfig, check_out_folder, head_logits, train_medusa, warmup_cosine
 from medusa_bench.train.medusa2 import Medusa2Config, train_medusa2
 from medusa_bench.trees.search import load_calibration
 
@@ -105,6 +106,17 @@ def test_output_folder_of_another_model_is_refused(smollm, tmp_path):
                                                    "medusa_num_heads": 5, "medusa_num_layers": 1}))
     with pytest.raises(UserError, match="already holds heads for lmsys/vicuna-7b-v1.3"):
         check_out_folder(other, smollm)
+
+
+def test_capped_schedule_decays_by_the_deadline():
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimiser = torch.optim.AdamW([weight], lr=1.0)
+    schedule = warmup_cosine(optimiser, total=10_000, warmup=1, budget_seconds=1.0)
+    schedule.step()  # warm-up done, far from the step total and (just now) from the deadline
+    assert optimiser.param_groups[0]["lr"] > 0.8
+    time.sleep(1.05)
+    schedule.step()
+    assert optimiser.param_groups[0]["lr"] < 1e-9  # the cap ends the decay, not the 10 000 steps
 
 
 # ------------------------------------------------------------------------------ distill

@@ -181,8 +181,9 @@ def train_loop(heads: torch.nn.Module, epoch_batches: Callable[[torch.Generator]
     generator = torch.Generator().manual_seed(config.seed)
     params = [p for p in heads.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    schedule = warmup_cosine(optimiser, total=config.epochs * steps_per_epoch)
-    deadline = time.perf_counter() + config.max_minutes * 60 if config.max_minutes else math.inf
+    budget = config.max_minutes * 60 if config.max_minutes else None
+    schedule = warmup_cosine(optimiser, total=config.epochs * steps_per_epoch, budget_seconds=budget)
+    deadline = time.perf_counter() + budget if budget else math.inf
     curve, best_loss, best_state, stale, step = [], math.inf, None, 0, 0
     began = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
@@ -213,13 +214,20 @@ def train_loop(heads: torch.nn.Module, epoch_batches: Callable[[torch.Generator]
     return curve
 
 
-def warmup_cosine(optimiser, total: int, warmup: Optional[int] = None):
+def warmup_cosine(optimiser, total: int, warmup: Optional[int] = None, budget_seconds: Optional[float] = None):
+    """Linear warm-up, then cosine decay to zero at `total` steps or at `budget_seconds` (a
+    --max-minutes cap), whichever comes first: a capped run still ends on a small learning rate
+    instead of being cut at its peak (ten times the data made one epoch outlast the cap)."""
     warmup = warmup if warmup is not None else max(1, min(100, total // 20))
+    began = time.perf_counter()
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+        progress = (step - warmup) / max(1, total - warmup)
+        if budget_seconds:
+            progress = max(progress, (time.perf_counter() - began) / budget_seconds)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
 

@@ -141,7 +141,8 @@ def joint_fit(student, heads: MedusaHeads, train: list, held: list, config: Medu
     lora = [p for p in student.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW([{"params": lora, "lr": config.lr}, {"params": list(heads.parameters()), "lr": config.heads_lr}],
                                   weight_decay=config.weight_decay)
-    schedule = warmup_cosine(optimiser, total=config.epochs * math.ceil(len(train) / config.batch_size), warmup=5)
+    schedule = warmup_cosine(optimiser, total=config.epochs * math.ceil(len(train) / config.batch_size), warmup=5,
+                             budget_seconds=config.max_minutes * 60 if config.max_minutes else None)
     vocab = active_vocab(torch.cat([head_targets(s, heads.num_heads).flatten() for s, _ in train])) if config.softmax == "active" else None
     weights = [config.heads_coefficient * config.heads_decay**k for k in range(heads.num_heads)]
     deadline = time.perf_counter() + config.max_minutes * 60 if config.max_minutes else math.inf
