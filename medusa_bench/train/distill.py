@@ -61,6 +61,7 @@ class Prompt:
     new_tokens: list[int] = field(default_factory=list)
     follow_up: Optional[str] = None  # who wrote the second turn: "model" or "generic"
     model: Optional[str] = None  # whose answers those earlier ones are (--extend)
+    dtype: Optional[str] = None  # the dtype those earlier answers were generated in
 
 
 @dataclass
@@ -123,7 +124,8 @@ def distilled_in(path: Path) -> list[Prompt]:
         prompts.append(Prompt(str(record["id"]), [m["content"] for m in messages if m["role"] == "user"],
                               record.get("source", path.name),
                               answers=[m["content"] for m in messages if m["role"] == "assistant"],
-                              finish=list(record["finish"]), new_tokens=list(record["new_tokens"]), model=record.get("model")))
+                              finish=list(record["finish"]), new_tokens=list(record["new_tokens"]), model=record.get("model"),
+                              dtype=record.get("dtype")))
     return prompts
 
 
@@ -286,11 +288,13 @@ def answer_batch(loaded, prompts: list[Prompt], max_new_tokens: int, temperature
             prompts[i].answers.append(loaded.tokenizer.decode(tokens, skip_special_tokens=True).strip())
             prompts[i].finish.append(reason)
             prompts[i].new_tokens.append(len(tokens))
+    dtype = str(loaded.dtype).removeprefix("torch.")
     records = []
     for prompt in prompts:
         pairs = zip(prompt.turns, prompt.answers)
         messages = [m for q, a in pairs for m in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
-        record = {"source": prompt.source, "model": loaded.name, "dtype": str(loaded.dtype).removeprefix("torch."),
+        made_in = dtype if prompt.dtype in (None, dtype) else f"{prompt.dtype}, then {dtype}"
+        record = {"source": prompt.source, "model": loaded.name, "dtype": made_in,
                   "conversations": messages, "finish": prompt.finish, "new_tokens": prompt.new_tokens}
         records.append({**record, "follow_up": prompt.follow_up} if prompt.follow_up else record)
     return records
