@@ -100,11 +100,13 @@ def bootstrap_instructions(loaded, seed_files: list[Path], count: int, out: Path
             shown = [rng.sample(seeds, SEEDS_PER_PROMPT) for _ in range(batch_size)]
             ids = [task_list_prompt(loaded, examples) for examples in shown]
             for tokens, _ in generate_batch(loaded, ids, 64, temperature, top_p):
+                if len(kept) >= count:  # the last batch overshot: the rest are not needed (nor counted)
+                    break
                 tally["generated"] += 1
                 text = first_line(loaded.tokenizer.decode(tokens, skip_special_tokens=True))
                 verdict = judge_task(text, known, overlap)
                 tally[verdict] += 1
-                if verdict == "kept" and len(kept) < count:
+                if verdict == "kept":
                     kept.append(text)
                     known.append(grams(words(text), 3))
                     files.append_jsonl(out, {"id": f"bootstrap_{len(kept)}", "instruction": text, "instances": [],
