@@ -290,6 +290,21 @@ def test_each_decoder_is_compared_with_its_own_reference(tmp_path):
     assert "compared with" in build_report([run], fmt="markdown")  # shown because not every decoder uses `baseline`
 
 
+def test_a_fine_tuned_backbone_is_compared_with_the_base_model(tmp_path):
+    """medusa2-baseline is its own reference for speed and losslessness, but a different model
+    from the base: the drift table says on how many turns its greedy tokens are the base's."""
+    backbone = records(BASELINE_Q, "medusa2-baseline")
+    for record in backbone:
+        record["baseline"] = "medusa2-baseline"
+        if record["question_id"] in (1, 3):
+            record["choices"][0]["token_ids"][1][5] = 7  # turn 2 parts from the base model at token 5
+    run = write_run(tmp_path / "m2", {"tiny-baseline": records(BASELINE_Q, "baseline"), "tiny-medusa2-baseline": backbone})
+    precision = collect([run]).tables["precision"]
+    assert row(precision, decoder="medusa2-baseline").exact_vs_baseline == pytest.approx(6 / 8)
+    assert row(precision, decoder="medusa2-baseline").divergence_vs_baseline == 5
+    assert math.isnan(row(precision, decoder="baseline").exact_vs_baseline)
+
+
 def test_tree_search_file_gives_predictions(tmp_path):
     """tree.json as `medusa-bench tree` writes it: {"search": {...}, "candidates": [{"n", "tau", ...}], "tree": [...]}."""
     tree = {"name": "search-n4", "num_nodes": 4, "tree": [[0], [1], [0, 0]],

@@ -630,6 +630,8 @@ def precision_table(runs: list[RunData], quality: pd.DataFrame) -> tuple[pd.Data
     Also returns the per-turn comparisons behind it, {(run, decoder): drift.drift_summary(...)},
     for the first-divergence plot. Decoders measured against another reference (medusa2 against
     its own backbone) get no fp32 columns: the fp32 file holds the plain baseline's answers.
+    That backbone (medusa2-baseline, its own reference) is compared with the plain baseline:
+    how different a model the fine-tuning made.
     """
     rows, details = [], {}
     for run in runs:
@@ -642,6 +644,8 @@ def precision_table(runs: list[RunData], quality: pd.DataFrame) -> tuple[pd.Data
             decoder = run.decoder_of(model_id)
             ref_id = run.reference_id(model_id)
             own = drift.turn_token_ids(run.answers[model_id])
+            if ref_id == model_id:  # its own reference (medusa2-baseline, a fine-tuned model): how far from the base model
+                ref_id = run.model_id_of(BASELINE)
             base = drift.turn_token_ids(run.answers[ref_id]) if ref_id and ref_id != model_id else None
             against_fp32 = fp32 if run.reference_of(model_id) == BASELINE or decoder == BASELINE else None
             if decoder == BASELINE:  # the baseline against fp32 is its own floor
