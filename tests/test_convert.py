@@ -15,10 +15,11 @@ def test_medusa_heads_round_trip_through_the_medusa1_layout(smollm, tmp_path):
     shipped = PACKAGE_HEADS / "smollm2-135m-medusa"
     head_file = to_medusa1(shipped, tmp_path, smollm.model, "/models/smollm2")
     assert head_file.name == "medusa_lm_head.pt" and detect_format(tmp_path) == "medusa1"
+    layers = json.loads((shipped / "config.json").read_text())["medusa_num_layers"]  # ResBlocks per head
     tensors = io.load_tensors(head_file)
-    assert tensors["3.1.weight"].shape == (smollm.vocab_size, smollm.hidden_size)  # each head's own projection
+    assert tensors[f"3.{layers}.weight"].shape == (smollm.vocab_size, smollm.hidden_size)  # each head's own projection
     config = json.loads((tmp_path / "config.json").read_text())
-    assert (config["medusa_num_heads"], config["medusa_num_layers"], config["base_model_name_or_path"]) == (4, 1, "/models/smollm2")
+    assert (config["medusa_num_heads"], config["medusa_num_layers"], config["base_model_name_or_path"]) == (4, layers, "/models/smollm2")
 
     ours, theirs = load_heads(shipped, base_model=smollm.model), load_heads(tmp_path, base_model=smollm.model)
     assert ours.shares_lm_head and not theirs.shares_lm_head
