@@ -120,6 +120,19 @@ def test_sampled_speculation_matches_baseline_distribution_first_token(smollm, r
     assert len(result.token_ids) == 12
 
 
+def test_medusa2_drafts_among_its_heads_draft_vocabulary(smollm, references):
+    """The shipped Medusa-2 drafts among its draft_vocab.json tokens (over all 49152 its tree step cost
+    157 ms against medusa's 122 here); --draft-vocab 0 drafts over all; both lossless to medusa2-baseline."""
+    ids, _ = references[0]
+    reference = build_decoder("medusa2-baseline", smollm).generate(ids, 24).token_ids
+    restricted = build_decoder("medusa2", smollm, DecoderOptions(tree="chain-3"))
+    assert restricted.proposer.draft_vocab_size == 4096
+    assert restricted.generate(ids, 24).token_ids == reference
+    whole = build_decoder("medusa2", smollm, DecoderOptions(tree="chain-3", draft_vocab=0))
+    assert whole.proposer.draft_vocab_size is None  # the shared heads are unrestricted again
+    assert whole.generate(ids, 24).token_ids == reference
+
+
 def test_bad_tree_and_heads_errors(smollm, random_heads, tmp_path):
     with pytest.raises(UserError, match="depth"):
         build_decoder("medusa", smollm, DecoderOptions(tree="chain-6", medusa_heads=str(random_heads)))

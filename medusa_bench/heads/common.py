@@ -183,13 +183,17 @@ def apply_draft_vocab(heads: DraftHeads, folder, size: int) -> None:
 
     size -1: the folder's draft_vocab.json, up to DEFAULT_DRAFT_VOCAB tokens, if it has one, else all tokens;
     0: the whole vocabulary; N: the N most frequent tokens (needs draft_vocab.json).
+    Always sets the restriction, never leaves an earlier one: medusa2's heads are shared by
+    every decoder built on one model (`LoadedModel.companions`).
     """
     if size == 0:
+        heads.restrict_draft_vocab(None)
         return
     ids = read_draft_vocab(folder)
     if ids is None:
         if size > 0:
             raise UserError(f"--draft-vocab {size} needs token frequencies in {DRAFT_VOCAB_FILE} beside the heads; "
                             "heads trained by `medusa-bench train` have one; or pass --draft-vocab 0")
+        heads.restrict_draft_vocab(None)
         return
     heads.restrict_draft_vocab(torch.tensor(ids[: DEFAULT_DRAFT_VOCAB if size < 0 else size]))
