@@ -5,6 +5,10 @@ from pathlib import Path
 
 import pytest
 
+# processes.py: servers and clusters the tests start fail the running test the moment they die;
+# pytester: tests/test_processes.py runs a small inner session to prove it.
+pytest_plugins = ["processes", "pytester"]
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 

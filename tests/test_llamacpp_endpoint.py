@@ -33,6 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
+import processes
 from test_endpoints import lines, medusa_bench
 from test_serve import free_port, stop_server
 
@@ -47,24 +48,16 @@ def start_llamacpp(port: int, *extra: str, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_gguf("smollm2-135m")), "--host", "127.0.0.1",
            "--port", str(port), "--n_threads", "1", "--n_threads_batch", "1", "--n_ctx", "2048",
            "--interrupt_requests", "False", "--verbose", "False", *extra]
-    handle = open(log, "w")
-    process = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"llama_cpp.server exited: {log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    process.kill()
-    raise RuntimeError(f"llama_cpp.server did not start: {log.read_text()[-3000:]}")
+    return processes.start(f"llama.cpp server on port {port}", cmd, log=log, ready_url=f"http://127.0.0.1:{port}/v1/models",
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (scripts/setup.sh --test builds it; see its warning)")
+    check = Path(__file__).resolve().parents[1] / ".venv" / "llama-cpp-check.txt"  # scripts/check_llamacpp.sh
+    if check.is_file() and check.read_text().strip() != "ok":
+        pytest.skip(f"the llama-cpp-python build does not run here: {check.read_text().strip()}")
     logs = tmp_path_factory.mktemp("llamacpp")
     ports = free_port(), free_port()
     ref = start_llamacpp(ports[0], log=logs / "ref.log")

@@ -23,7 +23,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+import processes
 from conftest import run_cli
+from test_serve import free_port
 from medusa_bench.bench.loop import RunConfig, run_benchmark
 from medusa_bench.decoders.options import DecoderOptions
 from medusa_bench.results import files
@@ -120,8 +122,9 @@ def test_auto_tree_is_measured_once_per_device_type(smollm, tmp_path, monkeypatc
     from that plan without measuring; the driver keeps each device type's plan and files."""
     from medusa_bench.bench import autotree
     from medusa_bench.bench.distributed import Event, QuestionWorker
-    from medusa_bench.bench.loop import AnswerSource, add_worker
-    from medusa_bench.bench.questions import load_questions
+    from medusa_bench.bench.distributed import add_worker
+    from medusa_bench.bench.run_folder import AnswerSource
+    from medusa_bench.inputs.questions import load_questions
 
     searches = []
     real = autotree.auto_tree
@@ -163,17 +166,29 @@ def ray_temp():
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(ray_temp):
-    """A local Ray cluster of 2 CPUs owned by this process (drivers in subprocesses join it by address)."""
+def ray_cluster(ray_temp, tmp_path_factory):
+    """A local Ray cluster of 2 CPUs (`ray start --head --block`, watched: it exits when any Ray process
+    of the head dies, and the running test then fails naming its exit code and signal); this
+    process and drivers in subprocesses join it by address."""
     import ray
 
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    ray_exe = Path(sys.executable).with_name("ray")
+    log = tmp_path_factory.mktemp("ray") / "head.log"
+    env = {**os.environ, **ray_temp}  # OMP_NUM_THREADS=1: the workers' one thread each
+    head = processes.start("Ray head", [str(ray_exe), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
+                                        "--include-dashboard", "false", "--node-ip-address", "127.0.0.1", "--temp-dir", ray_temp["RAY_TMPDIR"],
+                                        "--disable-usage-stats"],
+                           log=log, env=env, ready=lambda: "Ray runtime started" in log.read_text(), timeout=180)
     threads = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"  # the workers' one thread each
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=ray_temp["RAY_TMPDIR"], logging_level="warning")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    ray.init(address=address, logging_level="warning")
     try:
-        yield ray.get_runtime_context().gcs_address
+        yield address
     finally:
-        ray.shutdown()  # stops every process of the cluster
+        ray.shutdown()
+        processes.stop(head, first=signal.SIGTERM, timeout=30)  # `ray start --block` stops the head's processes
         os.environ.pop("OMP_NUM_THREADS") if threads is None else os.environ.__setitem__("OMP_NUM_THREADS", threads)
 
 

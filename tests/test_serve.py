@@ -23,6 +23,7 @@ import httpx
 import openai
 import pytest
 
+import processes
 from test_judge import DATA, make_run
 
 KEY = "sk-serve-test-KEY-0123456789abcdef"
@@ -36,31 +37,15 @@ def free_port() -> int:
 
 
 def start_server(port: int, *extra: str, log: Path) -> subprocess.Popen:
+    """`medusa-bench serve` on 127.0.0.1:port, watched: if it dies, the running test fails naming its exit code and signal."""
     cmd = [sys.executable, "-m", "medusa_bench.cli", "serve", "--model", "smollm2-135m", "--decoder", "baseline",
            "--port", str(port), "--max-waiting", str(MAX_WAITING), "--max-batch", "1", *extra]
-    handle = open(log, "w")
-    process = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=dict(os.environ, MEDUSA_BENCH_DATA=str(DATA)))
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    process.kill()
-    raise RuntimeError(f"server did not start: {log.read_text()[-3000:]}")
+    return processes.start(f"medusa-bench serve on port {port}", cmd, log=log, ready_url=f"http://127.0.0.1:{port}/health",
+                           env=dict(os.environ, MEDUSA_BENCH_DATA=str(DATA)))
 
 
 def stop_server(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    processes.stop(process, first=signal.SIGINT)
 
 
 @pytest.fixture(scope="module")
@@ -500,8 +485,7 @@ def test_judge_survives_a_killed_server(server, medusa_server, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and not (path.exists() and path.read_text().count("\n") >= 1):
         time.sleep(0.1)
-    doomed.kill()
-    doomed.wait()
+    processes.stop(doomed, first=signal.SIGKILL)  # killed on purpose: no ServerDied
     out, err = judge.communicate(timeout=120)
     assert judge.returncode == 2, err[-2000:]
     assert "still failing after 3 attempts" in err and "Traceback" not in err
