@@ -8,6 +8,7 @@ code under test, from the same raw lists the files were written from.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import math
 import re
@@ -19,8 +20,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medusa_bench.results.report import build_report, collect
-from medusa_bench.results.tables import bootstrap_speedup_ci
+from medusa_bench.results.display import TAU_NOTE
+from medusa_bench.results.report import at_a_glance, build_report, collect
+from medusa_bench.results.stats import MIN_QUESTIONS_FOR_CI, bootstrap_speedup_ci
 
 EVIL = "Sure! <script>alert(1)</script> and </table> then <img src=x onerror=alert(2)> & done"
 
@@ -188,7 +190,8 @@ def test_speed_table_matches_hand_computation(full_run):
     drift = row(collect([full_run]).tables["precision"], decoder="medusa")  # recomputed from token ids: the same 5 of 8
     assert drift.exact_vs_baseline == pytest.approx(5 / 8) and drift.divergence_vs_baseline == 3.0
     assert math.isnan(base.exact_match)  # null on the baseline: not applicable
-    assert medusa.speedup_ci_low <= medusa.speedup <= medusa.speedup_ci_high
+    # 4 questions are too few for an interval: none, and nothing judged against the noise floor
+    assert math.isnan(medusa.speedup_ci_low) and math.isnan(medusa.speedup_ci_high) and medusa.vs_noise == "no CI"
 
 
 def test_decoder_cut_short_is_compared_on_its_own_questions(full_run):
@@ -204,16 +207,77 @@ def test_decoder_cut_short_is_compared_on_its_own_questions(full_run):
 
 
 def test_bootstrap_interval_is_exact_when_every_question_has_the_same_speedup():
-    tokens = np.array([10.0, 50.0, 30.0, 80.0])
-    base_time = np.array([1.0, 4.0, 2.0, 9.0])
+    tokens = np.array([10.0, 50.0, 30.0, 80.0, 20.0])
+    base_time = np.array([1.0, 4.0, 2.0, 9.0, 3.0])
     low, high = bootstrap_speedup_ci(tokens, base_time / 2, tokens, base_time)
     assert low == pytest.approx(2.0) and high == pytest.approx(2.0)
-    assert all(math.isnan(v) for v in bootstrap_speedup_ci([5], [1], [5], [2]))  # one question: no interval
+    assert MIN_QUESTIONS_FOR_CI == 5
+    for n in (1, 2, 4):  # too few questions: no interval, not a fake narrow one
+        assert all(math.isnan(v) for v in bootstrap_speedup_ci(tokens[:n], base_time[:n] / 2, tokens[:n], base_time[:n]))
     # Deterministic (fixed seed) and ordered on noisy data.
     rng = np.random.default_rng(1)
     noisy = [rng.uniform(1, 2, 30) for _ in range(4)]
     assert bootstrap_speedup_ci(*noisy) == bootstrap_speedup_ci(*noisy)
     assert bootstrap_speedup_ci(*noisy)[0] < bootstrap_speedup_ci(*noisy)[1]
+
+
+def seven_questions() -> tuple[dict, dict]:
+    """Five writing and two math questions; medusa 1.35×–1.65× faster per question (τ 2)."""
+    base, medusa = {}, {}
+    for q in range(1, 8):
+        category, tokens = ("writing" if q <= 5 else "math"), [40 + 10 * q, 20 + 5 * q]
+        times = [t / 20 for t in tokens]
+        base[q] = (category, tokens, times, list(tokens))
+        medusa[q] = (category, tokens, [t / (1.3 + 0.05 * q) for t in times], [t // 2 for t in tokens])
+    return base, medusa
+
+
+def test_intervals_only_where_enough_questions_were_compared(tmp_path, full_run):
+    """A bootstrap over 2 questions is not an interval: those rows say "n=2, no CI" in every format."""
+    base_q, medusa_q = seven_questions()
+    run = write_run(tmp_path / "seven", {"tiny-baseline": records(base_q, "baseline"), "tiny-medusa": records(medusa_q, "medusa")})
+    report = collect([run])
+    medusa = row(report.tables["speed"], decoder="medusa")
+    assert medusa.n_compared == 7 and medusa.speedup_ci_low < medusa.speedup < medusa.speedup_ci_high
+    assert medusa.vs_noise == "faster"  # every question is above 1.30×: the interval excludes 1.00
+    categories = report.tables["categories"]
+    writing, math_row = row(categories, category="writing", decoder="medusa"), row(categories, category="math", decoder="medusa")
+    assert writing.n_compared == 5 and writing.speedup_ci_low < writing.speedup < writing.speedup_ci_high
+    assert math_row.n_compared == 2 and math.isnan(math_row.speedup_ci_low) and math.isnan(math_row.speedup_ci_high)
+    ci = f"{writing.speedup_ci_low:.2f}–{writing.speedup_ci_high:.2f}"
+
+    markdown = build_report([run], fmt="markdown")
+    per_category = markdown.split("## Per category")[1].split("##")[0]
+    assert "n=2, no CI" in per_category and ci in per_category
+    assert markdown.split("## At a glance")[1].split("##")[0].count(TAU_NOTE) == 1  # τ explained under the table
+    terminal = " ".join(build_report([run], fmt="table").split())  # rich wraps the footer lines: compare words
+    assert "n=2, no CI" in terminal and TAU_NOTE in terminal
+    page = build_report([run]).read_text()
+    assert "n=2, no CI" in page and html_text(TAU_NOTE) in page and "vLLM’s “mean acceptance length”" in page.replace("&#x27;", "’")
+    # 4 questions overall: the headline says why there is no interval
+    assert "on 4 questions (no 95% CI: too few questions, an interval needs 5)" in build_report([full_run]).read_text()
+
+
+def html_text(text: str) -> str:
+    import html
+
+    return html.escape(text, quote=True)
+
+
+def test_at_a_glance_is_the_top_of_the_terminal_report(full_run):
+    """The summary table with the banner and τ's footer, nothing else (printed at the end of `run`)."""
+    glance = at_a_glance([full_run])
+    assert "At a glance" in glance and "medusa" in glance and "hydra" in glance
+    assert "Speed" not in glance.replace("speedup", "") and "Per category" not in glance and "Configuration" not in glance
+    assert TAU_NOTE in " ".join(glance.split())
+    assert "n=4, no CI" in glance  # 4 questions: no interval
+    full = build_report([full_run], fmt="table")
+    assert full.split("Speed")[0].count("At a glance") == 1
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    assert at_a_glance([full_run], console=Console(file=buffer, width=100, color_system=None)) == ""
+    assert "At a glance" in buffer.getvalue()
 
 
 def test_acceptance_depths_and_histogram(full_run):

@@ -17,8 +17,9 @@ from rich.console import Console
 
 from medusa_bench.results.drift import first_divergence
 from medusa_bench.results.html import headline_items
-from medusa_bench.results.report import build_report, collect, render_terminal
-from medusa_bench.results.tables import bootstrap_speedup_ci
+from medusa_bench.results.report import build_report, collect
+from medusa_bench.results.stats import bootstrap_speedup_ci
+from medusa_bench.results.terminal import render_terminal
 from test_report import BASELINE_Q, answer, image_sources, judgment, row, write_run
 
 # ------------------------------------------------------------------------- first_divergence
@@ -49,14 +50,18 @@ def diverge(tokens: list[int], at: int) -> list[int]:
     return tokens[:at] + [-1] + tokens[at + 1:]
 
 
+# Six questions (12 turns): enough for a bootstrap interval (stats.MIN_QUESTIONS_FOR_CI = 5).
+QUESTIONS = {**BASELINE_Q, 5: ("coding", [30, 20], [1.5, 1.0], [30, 20]), 6: ("coding", [45, 15], [2.2, 0.8], [45, 15])}
+
 # Hand-crafted divergences (question, turn) -> position, everything else token-identical:
-# fp32 baseline vs bf16 baseline: (1,1) at 5, (4,2) at 2        -> 6/8 match, median 3.5
+# fp32 baseline vs bf16 baseline: (1,1) at 5, (4,2) at 2        -> 10/12 match, median 3.5
 # hydra vs bf16 baseline: (1,1) at 5 (it took the fp32 path), (2,2) at 3, (3,1) a 4-token prefix
-#                                                               -> 5/8 match, median 4
+#                                                               -> 9/12 match, median 4
 FP32 = {(1, 1): diverge(base_ids(1, 1), 5), (4, 2): diverge(base_ids(4, 2), 2)}
 HYDRA = {(1, 1): FP32[(1, 1)], (2, 2): diverge(base_ids(2, 2), 3), (3, 1): base_ids(3, 1)[:4]}
 # hydra vs fp32 turn by turn: (1,1) same (both took the fp32 token), (1,2) same, (2,1) same,
-# (2,2) at 3, (3,1) at 4, (3,2) same, (4,1) same, (4,2) at 2 -> 5/8 match, median of [2, 3, 4] = 3.
+# (2,2) at 3, (3,1) at 4, (3,2) same, (4,1) same, (4,2) at 2, questions 5 and 6 same -> 9/12 match,
+# median of [2, 3, 4] = 3.
 
 
 def token_ids(q: int, crafted: dict) -> list[list[int]]:
@@ -66,7 +71,7 @@ def token_ids(q: int, crafted: dict) -> list[list[int]]:
 def bf16_records(decoder: str, time_factor: dict[int, float], crafted: dict | None = None, contended: dict | None = None) -> list[dict]:
     """Answers with the baseline's token counts and wall times scaled per question (speed is set by hand)."""
     out = []
-    for q, (category, tokens, times, _) in BASELINE_Q.items():
+    for q, (category, tokens, times, _) in QUESTIONS.items():
         record = answer(q, category, decoder, tokens, [t * time_factor[q] for t in times])
         record["baseline"] = "baseline"
         choice = record["choices"][0]
@@ -78,10 +83,11 @@ def bf16_records(decoder: str, time_factor: dict[int, float], crafted: dict | No
     return out
 
 
-CONTROL_TIMES = {1: 0.9, 2: 1.1, 3: 0.95, 4: 1.05}  # an A/A copy: the baseline's work, noisy times
-HYDRA_TIMES = {q: 0.5 for q in BASELINE_Q}  # exactly twice as fast on every question
-MEDUSA_TIMES = {1: 0.96, 2: 1.0, 3: 0.93, 4: 1.02}  # a hair faster: inside the noise
-SLOW_TIMES = {q: 2.0 for q in BASELINE_Q}
+CONTROL_TIMES = {1: 0.9, 2: 1.1, 3: 0.95, 4: 1.05, 5: 1.02, 6: 0.97}  # an A/A copy: the baseline's work, noisy times
+HYDRA_TIMES = {q: 0.5 for q in QUESTIONS}  # exactly twice as fast on every question
+MEDUSA_TIMES = {1: 0.96, 2: 1.0, 3: 0.93, 4: 1.02, 5: 0.97, 6: 1.01}  # a hair faster: inside the noise
+SLOW_TIMES = {q: 2.0 for q in QUESTIONS}
+SAME_TIMES = {q: 1.0 for q in QUESTIONS}
 HYDRA_CONTENDED = {1: [True, False], 3: [True, True]}
 CONTROL_CONTENDED = {2: [False, True]}
 DTYPE_AUTO = {"chosen": "bfloat16", "ms_per_forward": {"float32": 61.2, "bfloat16": 39.8}, "native_bf16": True,
@@ -95,7 +101,7 @@ def set_bf16(run: Path) -> None:
     info["device"].update(dtype="bfloat16", dtype_auto=DTYPE_AUTO)
     info["precision_reference"] = {"dtype": "float32", "file": "precision_reference/tiny-baseline-float32.jsonl"}
     (run / "precision_reference").mkdir()
-    fp32 = [dict(r, model_id="tiny-baseline-float32") for r in bf16_records("baseline", {q: 1.0 for q in BASELINE_Q}, FP32)]
+    fp32 = [dict(r, model_id="tiny-baseline-float32") for r in bf16_records("baseline", SAME_TIMES, FP32)]
     (run / "precision_reference" / "tiny-baseline-float32.jsonl").write_text("".join(json.dumps(r) + "\n" for r in fp32))
     (run / "run.json").write_text(json.dumps(info))
 
@@ -107,7 +113,7 @@ HYDRA_SCORES = {(1, 1): 7, (1, 2): 5, (2, 1): 8, (2, 2): 6, (3, 1): 4, (3, 2): 4
 def bf16_run(tmp_path):
     decoders = ["baseline", "control", "hydra", "medusa", "slow"]
     answers = {
-        "tiny-baseline": bf16_records("baseline", {q: 1.0 for q in BASELINE_Q}),
+        "tiny-baseline": bf16_records("baseline", SAME_TIMES),
         "tiny-control": bf16_records("control", CONTROL_TIMES, contended=CONTROL_CONTENDED),
         "tiny-hydra": bf16_records("hydra", HYDRA_TIMES, HYDRA, contended=HYDRA_CONTENDED),
         "tiny-medusa": bf16_records("medusa", MEDUSA_TIMES),
@@ -121,9 +127,9 @@ def bf16_run(tmp_path):
 
 def control_interval() -> tuple[float, float, float]:
     """The control's speedup (ratio of sums) and bootstrap interval, from the raw lists."""
-    tokens = [sum(t) for _, t, _, _ in BASELINE_Q.values()]
-    base = [sum(w) for _, _, w, _ in BASELINE_Q.values()]
-    control = [sum(w) * CONTROL_TIMES[q] for q, (_, _, w, _) in BASELINE_Q.items()]
+    tokens = [sum(t) for _, t, _, _ in QUESTIONS.values()]
+    base = [sum(w) for _, _, w, _ in QUESTIONS.values()]
+    control = [sum(w) * CONTROL_TIMES[q] for q, (_, _, w, _) in QUESTIONS.items()]
     speedup = (sum(tokens) / sum(control)) / (sum(tokens) / sum(base))
     return (speedup, *bootstrap_speedup_ci(tokens, control, tokens, base))
 
@@ -135,26 +141,26 @@ def test_precision_table_counts_drift_against_baseline_and_fp32(bf16_run):
     report = collect([bf16_run])
     precision = report.tables["precision"]
     hydra = row(precision, decoder="hydra")
-    assert hydra.turns == 8 and hydra["dtype"] == "bfloat16"
-    assert hydra.exact_vs_baseline == pytest.approx(5 / 8) and hydra.divergence_vs_baseline == 4.0
-    assert hydra.exact_vs_fp32 == pytest.approx(5 / 8) and hydra.divergence_vs_fp32 == 3.0
-    assert hydra.baseline_exact_vs_fp32 == pytest.approx(6 / 8)  # the floor the precision sets anyway
+    assert hydra.turns == 12 and hydra["dtype"] == "bfloat16"
+    assert hydra.exact_vs_baseline == pytest.approx(9 / 12) and hydra.divergence_vs_baseline == 4.0
+    assert hydra.exact_vs_fp32 == pytest.approx(9 / 12) and hydra.divergence_vs_fp32 == 3.0
+    assert hydra.baseline_exact_vs_fp32 == pytest.approx(10 / 12)  # the floor the precision sets anyway
     assert hydra.score == pytest.approx(sum(HYDRA_SCORES.values()) / 8)  # the judge's score sits beside the drift
     medusa = row(precision, decoder="medusa")  # token-identical to the bf16 baseline: drifts from fp32 exactly as it does
     assert medusa.exact_vs_baseline == 1.0 and math.isnan(medusa.divergence_vs_baseline)
-    assert medusa.exact_vs_fp32 == pytest.approx(6 / 8) and medusa.divergence_vs_fp32 == 3.5
+    assert medusa.exact_vs_fp32 == pytest.approx(10 / 12) and medusa.divergence_vs_fp32 == 3.5
     base = row(precision, decoder="baseline")
-    assert math.isnan(base.exact_vs_baseline) and base.exact_vs_fp32 == pytest.approx(6 / 8) and base.divergence_vs_fp32 == 3.5
-    assert any("baseline itself matches its float32 decoding on only 75.0% of turns" in n for n in report.notes)
+    assert math.isnan(base.exact_vs_baseline) and base.exact_vs_fp32 == pytest.approx(10 / 12) and base.divergence_vs_fp32 == 3.5
+    assert any("baseline itself matches its float32 decoding on only 83.3% of turns" in n for n in report.notes)
     hydra_claim = next(item for item in headline_items(report) if "<b>hydra</b>" in item)
-    assert "62.5% token-identical to the float32 reference (the baseline itself: 75.0%)" in hydra_claim
+    assert "75.0% token-identical to the float32 reference (the baseline itself: 83.3%)" in hydra_claim
     # the plot's raw positions are the same hand-counted ones
     assert sorted(d for d in report.drift[("bf16", "hydra")]["vs_baseline"].values() if d is not None) == [3, 4, 5]
     assert sorted(d for d in report.drift[("bf16", "baseline")]["baseline_vs_fp32"].values() if d is not None) == [2, 5]
 
 
 def test_fp32_run_without_reference_shows_match_against_baseline_only(tmp_path):
-    answers = {"tiny-baseline": bf16_records("baseline", {q: 1.0 for q in BASELINE_Q}),
+    answers = {"tiny-baseline": bf16_records("baseline", SAME_TIMES),
                "tiny-hydra": bf16_records("hydra", HYDRA_TIMES, HYDRA)}
     for record in answers["tiny-hydra"]:  # the run loop's own field, from the same ids
         record["choices"][0]["exact_match"] = [(record["question_id"], t) not in HYDRA for t in (1, 2)]
@@ -162,14 +168,14 @@ def test_fp32_run_without_reference_shows_match_against_baseline_only(tmp_path):
     report = collect([run])
     precision = report.tables["precision"]
     assert "exact_vs_fp32" not in precision.columns and "baseline_exact_vs_fp32" not in precision.columns
-    assert row(precision, decoder="hydra").exact_vs_baseline == pytest.approx(5 / 8)
-    assert row(report.tables["speed"], decoder="hydra").exact_match == pytest.approx(5 / 8)  # one truth, two tables
-    assert any("hydra matched the reference's tokens on only 62.5% of turns in float32" in n for n in report.notes)
+    assert row(precision, decoder="hydra").exact_vs_baseline == pytest.approx(9 / 12)
+    assert row(report.tables["speed"], decoder="hydra").exact_match == pytest.approx(9 / 12)  # one truth, two tables
+    assert any("hydra matched the reference's tokens on only 75.0% of turns in float32" in n for n in report.notes)
     assert "exact vs fp32" not in build_report([run], fmt="markdown")
 
 
 def test_runs_without_token_ids_have_no_drift_table(tmp_path):
-    answers = {"tiny-baseline": bf16_records("baseline", {q: 1.0 for q in BASELINE_Q}), "tiny-hydra": bf16_records("hydra", HYDRA_TIMES)}
+    answers = {"tiny-baseline": bf16_records("baseline", SAME_TIMES), "tiny-hydra": bf16_records("hydra", HYDRA_TIMES)}
     for records in answers.values():
         for record in records:
             del record["choices"][0]["token_ids"]
@@ -210,13 +216,29 @@ def test_control_is_never_a_contender(bf16_run):
 
 
 def test_without_control_a_speedup_must_exclude_one(tmp_path):
-    answers = {"tiny-baseline": bf16_records("baseline", {q: 1.0 for q in BASELINE_Q}),
+    answers = {"tiny-baseline": bf16_records("baseline", SAME_TIMES),
                "tiny-medusa": bf16_records("medusa", MEDUSA_TIMES), "tiny-hydra": bf16_records("hydra", HYDRA_TIMES)}
     report = collect([write_run(tmp_path / "nocontrol", answers)])
     medusa = row(report.tables["speed"], decoder="medusa")
     assert medusa.speedup > 1.0 and medusa.speedup_ci_low <= 1.0 <= medusa.speedup_ci_high and medusa.vs_noise == "inside noise"
     assert row(report.tables["speed"], decoder="hydra").vs_noise == "faster"
     assert report.banner[0].startswith("no A/A control in this run")
+
+
+def test_too_few_questions_give_no_noise_floor(tmp_path):
+    """Three questions: the control has no interval to be a band, and no speedup is judged against it."""
+    def first_three(records: list[dict]) -> list[dict]:
+        return [r for r in records if r["question_id"] <= 3]
+
+    answers = {"tiny-baseline": first_three(bf16_records("baseline", SAME_TIMES)),
+               "tiny-control": first_three(bf16_records("control", CONTROL_TIMES)),
+               "tiny-hydra": first_three(bf16_records("hydra", HYDRA_TIMES))}
+    run = write_run(tmp_path / "three", answers, decoders=["baseline", "control", "hydra"])
+    report = collect([run])
+    assert "(n=3, no CI: an interval needs 5 questions)" in report.banner[0]
+    hydra = row(report.tables["speed"], decoder="hydra")
+    assert hydra.speedup == pytest.approx(2.0) and math.isnan(hydra.speedup_ci_low) and hydra.vs_noise == "no CI"
+    assert "n=3, no CI" in build_report([run], fmt="markdown")
 
 
 # ------------------------------------------------------------------------------- contention
@@ -227,7 +249,7 @@ def test_contended_turns_are_counted_and_announced(bf16_run, tmp_path):
     speed = report.tables["speed"]
     counts = {d: row(speed, decoder=d).contended_turns for d in ("baseline", "control", "hydra", "medusa", "slow")}
     assert counts == {"baseline": 0, "control": 1, "hydra": 3, "medusa": 0, "slow": 0}
-    assert "4 of 40 turns were measured while the CPU was shared; rerun with --remeasure-flagged on a quiet machine" in report.banner
+    assert "4 of 60 turns were measured while the CPU was shared; rerun with --remeasure-flagged on a quiet machine" in report.banner
     assert "shared-CPU turns" in build_report([bf16_run], fmt="markdown")
     # an older run without the flags: no column, no claim that its CPU was quiet
     old = write_run(tmp_path / "old", {"tiny-baseline": [answer(1, "writing", "baseline", [10], [1.0])]})
@@ -249,7 +271,7 @@ LONG_NAMES = ["medusa2-baseline", "hydra-prefix-mlp-auto", "medusa-vicuna-7b-v1.
 
 
 def test_terminal_tables_fit_80_columns_without_breaking_words(bf16_run, tmp_path):
-    answers = {"tiny-baseline": bf16_records("baseline", {q: 1.0 for q in BASELINE_Q}),
+    answers = {"tiny-baseline": bf16_records("baseline", SAME_TIMES),
                "tiny-control": bf16_records("control", CONTROL_TIMES, contended=CONTROL_CONTENDED)}
     for i, name in enumerate(LONG_NAMES):
         answers[f"tiny-{name}"] = bf16_records(name, HYDRA_TIMES if i % 2 else MEDUSA_TIMES, HYDRA if i % 2 else None)
@@ -286,7 +308,7 @@ def test_terminal_tables_fit_80_columns_without_breaking_words(bf16_run, tmp_pat
 
 def test_html_has_drift_section_and_plot_escaped(tmp_path):
     evil = "hy<b>dra</b>$x$"
-    answers = {"tiny-baseline": bf16_records("baseline", {q: 1.0 for q in BASELINE_Q}),
+    answers = {"tiny-baseline": bf16_records("baseline", SAME_TIMES),
                "tiny-control": bf16_records("control", CONTROL_TIMES),
                "tiny-evil": bf16_records(evil, HYDRA_TIMES, HYDRA)}
     run = write_run(tmp_path / "evil", answers, decoders=["baseline", "control", evil])

@@ -15,11 +15,13 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from medusa_bench.results.configuration import engine_words
+from medusa_bench.results.display import FOOTERS, display_frame, format_value
 from medusa_bench.results.plots import Plot
-from medusa_bench.results.tables import (
-    BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, TABLE_TITLES, ReportTables, RunData, display_frame, engine_words, format_value,
-    primary_judge,
-)
+from medusa_bench.results.quality import primary_judge
+from medusa_bench.results.runs import RunData
+from medusa_bench.results.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, MIN_QUESTIONS_FOR_CI, too_few_for_ci
+from medusa_bench.results.tables import TABLE_TITLES, ReportTables
 
 TEXT_COLUMNS = {"run", "decoder", "category", "judge", "setting", "answer file", "vs noise", "dtype"}
 SAMPLES_PER_RUN = 3
@@ -65,8 +67,9 @@ def esc(value: Any) -> str:
 # ------------------------------------------------------------------------------------ pieces
 
 
-def table_html(table: pd.DataFrame, empty: str = "no data") -> str:
-    """A DataFrame as an HTML table: formatted like the markdown export, every cell escaped."""
+def table_html(table: pd.DataFrame, empty: str = "no data", footer: Iterable[str] = ()) -> str:
+    """A DataFrame as an HTML table: formatted like the markdown export, every cell escaped, its
+    footer lines (display.FOOTERS) under it."""
     if table.empty:
         return f'<p class="muted">{esc(empty)}</p>'
     shown = display_frame(table)
@@ -75,7 +78,8 @@ def table_html(table: pd.DataFrame, empty: str = "no data") -> str:
     for row in shown.itertuples(index=False):
         cells = "".join(f'<td{"" if c in TEXT_COLUMNS else " class=num"}>{esc(v)}</td>' for c, v in zip(shown.columns, row))
         body.append(f"<tr>{cells}</tr>")
-    return f'<div class="scroll"><table><thead><tr>{header}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+    notes = "".join(f'<p class="caption">{esc(line)}</p>' for line in footer)
+    return f'<div class="scroll"><table><thead><tr>{header}</tr></thead><tbody>{"".join(body)}</tbody></table></div>{notes}'
 
 
 def figure_html(plot: Plot) -> str:
@@ -100,6 +104,8 @@ def headline_items(report: ReportTables) -> list[str]:
         if pd.notna(row.speedup):
             ci = "" if pd.isna(row.speedup_ci_low) else f" (95% CI {row.speedup_ci_low:.2f}–{row.speedup_ci_high:.2f})"
             speed = f"{row.speedup:.2f}× the speed of {row.reference}{ci} on {int(row.n_compared)} questions"
+            if too_few_for_ci(row.n_compared):
+                speed += f" (no 95% CI: too few questions, an interval needs {MIN_QUESTIONS_FOR_CI})"
             speed += NOISE_WORDS.get(row.get("vs_noise"), "")
         else:
             speed = f"{_fmt('tokens_per_s', row.tokens_per_s)} tokens/s ({row.reference} not run: no speedup)"
@@ -238,11 +244,15 @@ def method_html(report: ReportTables) -> str:
         "<b>tokens/s</b> = Σ new tokens / Σ wall time over a decoder's answered questions.",
         "<b>speedup</b> = tokens/s of the decoder / tokens/s of the baseline, both summed over the questions <i>both</i> answered "
         "(column “compared”); a decoder cut short is compared only on what it finished. The 95% interval is a paired bootstrap over "
-        f"questions ({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}, ratio of sums in each resample).",
+        f"questions ({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}, ratio of sums in each resample). Where fewer than "
+        f"{MIN_QUESTIONS_FOR_CI} questions were compared (a category of a short run, often) there is no interval (“n=2, no CI”) and no "
+        "whisker: a bootstrap over so few questions only restates them (its nominal 95% interval held the true speedup in 49% of "
+        "simulated runs at 2 questions, 78% at 4, 82% at 5). Even above that it is somewhat too narrow (88% at 8 questions, 91% at 20).",
         "<b>speedup (Spec-Bench)</b>: Spec-Bench's convention, the mean of per-question tokens/s of the decoder divided by the baseline's, "
         "on the same questions; it weights short answers more and is shown so numbers compare with its leaderboard.",
-        "<b>τ (acceptance length)</b> = Σ new tokens / Σ decoding steps, a step being one base-model forward after prefill; it includes "
-        "the base model's own token, so the baseline's τ is 1.00. “≥d drafts” is the share of steps that accepted at least d drafted tokens.",
+        "<b>τ (acceptance length)</b>: mean accepted tokens per step = Σ new tokens / Σ decoding steps, a step being one base-model "
+        "forward after prefill; it includes the base model's own token, so the baseline's τ is 1.00. It is Spec-Bench's “mean accepted "
+        "tokens” and vLLM's “mean acceptance length”. “≥d drafts” is the share of steps that accepted at least d drafted tokens.",
         "<b>exact match</b>: share of turns whose token ids equal the baseline's. Greedy decoding with draft heads is lossless in exact "
         "arithmetic, so 100% is expected in float32; float16/bfloat16 kernels may round differently for different batch shapes and drift. "
         "n/a: sampled decoding or no baseline.",
@@ -289,9 +299,9 @@ def render_html(report: ReportTables, plots: list[Plot]) -> str:
         banner_html(report),
         f"<nav>{nav}</nav>",
         _section("glance", TABLE_TITLES["summary"], f'<ul class="headline">{"".join(headline)}</ul>' if headline else "", notes,
-                 table_html(t["summary"], "no answers yet"), _plots(plots, ["speedup", "quality"])),
+                 table_html(t["summary"], "no answers yet", FOOTERS["summary"]), _plots(plots, ["speedup", "quality"])),
         _section("speed", TABLE_TITLES["speed"], table_html(t["speed"], "no answers yet"),
-                 "<h3>Per category</h3>", table_html(t["categories"], "no answers yet")),
+                 "<h3>Per category</h3>", table_html(t["categories"], "no answers yet", FOOTERS["categories"])),
         _section("drift", TABLE_TITLES["precision"],
                  table_html(t["precision"], "no token ids to compare (sampled decoding, or a run written before token ids were saved)"),
                  _plots(plots, ["divergence"])),

@@ -19,7 +19,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from medusa_bench.results import drift
-from medusa_bench.results.tables import ReportTables, RunData, by_device, noise_band, predicted, tree_files
+from medusa_bench.results.acceptance import predicted, tree_files
+from medusa_bench.results.runs import RunData
+from medusa_bench.results.speed import by_device, noise_band
+from medusa_bench.results.stats import MIN_QUESTIONS_FOR_CI
+from medusa_bench.results.tables import ReportTables
 
 COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C", "#CCB974", "#64B5CD"]
 
@@ -95,14 +99,15 @@ def speedup_by_category(report: ReportTables) -> bytes | None:
                            label=series_label(run.label, name, several) if several or device else "A/A noise band (control's 95% CI)")
     ax.set_xticks(range(len(groups)), [text(g) for g in groups], rotation=30 if len(groups) > 5 else 0, ha="right" if len(groups) > 5 else "center")
     ax.set_ylabel("speedup over baseline (×)")
-    ax.set_title("Speedup by category (dashed line: baseline; whiskers: 95% bootstrap CI)", fontsize=10)
+    ax.set_title(f"Speedup by category (dashed line: baseline; whiskers: 95% bootstrap CI,\nnone under {MIN_QUESTIONS_FOR_CI} questions)", fontsize=10)
     legend_below(ax, -0.3 if len(groups) > 5 else -0.12)
     return to_png(fig)
 
 
 def _gap(a: float, b: float) -> float:
-    """Error-bar half-length; 0 where the interval is unknown (fewer than two questions)."""
-    return 0.0 if a is None or b is None or math.isnan(a) or math.isnan(b) else max(0.0, a - b)
+    """Error-bar half-length; NaN where there is no interval (fewer than MIN_QUESTIONS_FOR_CI
+    questions): matplotlib draws no whisker there, where 0 would draw a cap, a zero-width interval."""
+    return math.nan if a is None or b is None or math.isnan(a) or math.isnan(b) else max(0.0, a - b)
 
 
 def tokens_per_step(report: ReportTables) -> bytes | None:
@@ -428,7 +433,8 @@ def all_plots(report: ReportTables) -> list[Plot]:
     """Every figure the data allows, in the order a reader needs them."""
     plots = []
     makers = [
-        ("speedup", "Speedup by category", "Ratio of summed tokens/s against the baseline on the same questions; whiskers are 95% bootstrap intervals over questions.", speedup_by_category),
+        ("speedup", "Speedup by category", "Ratio of summed tokens/s against the baseline on the same questions; whiskers are 95% bootstrap intervals over questions "
+         f"(none where fewer than {MIN_QUESTIONS_FOR_CI} questions were compared: too few for an interval).", speedup_by_category),
         ("quality", "Speed against quality", "One point per decoder: MT-Bench score (mean of graded turns) against speedup.", speed_vs_quality),
         ("divergence", "First divergence",
          "Token index where each non-identical turn first parts from the baseline's; grey: where the baseline itself parts from "
