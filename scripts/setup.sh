@@ -33,10 +33,17 @@ PORTABLE="$PORTABLE -DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF
 PORTABLE="$PORTABLE -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
 if [ "${1:-}" = "--test" ] && { ! .venv/bin/python -c "import llama_cpp.server" >/dev/null 2>&1 \
                                 || [ "$(cat .venv/llama-cpp-flags.txt 2>/dev/null)" != "$PORTABLE" ]; }; then
-  echo "building llama-cpp-python[server] (a few minutes; log in .venv/llama-cpp-build.log)"
-  if CMAKE_ARGS="$PORTABLE -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
-       CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "${PIP[@]}" install --force-reinstall --no-deps --no-cache-dir "llama-cpp-python==0.3.36" \
-       >.venv/llama-cpp-build.log 2>&1 \
+  # The portable wheel is built once per machine into the user cache, named by its flags' hash:
+  # another clone (CI, a second checkout) installs it in seconds instead of compiling again.
+  WHEELS="${XDG_CACHE_HOME:-$HOME/.cache}/medusa-bench/llama-cpp-$(echo "$PORTABLE" | sha256sum | cut -c1-12)"
+  if ! ls "$WHEELS"/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1; then
+    echo "building llama-cpp-python[server] (a few minutes; log in .venv/llama-cpp-build.log)"
+  fi
+  if { ls "$WHEELS"/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 \
+       || CMAKE_ARGS="$PORTABLE -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+          CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "${PIP[@]}" wheel --no-deps --no-cache-dir -w "$WHEELS" "llama-cpp-python==0.3.36" \
+          >.venv/llama-cpp-build.log 2>&1; } \
+     && "${PIP[@]}" install --force-reinstall --no-deps "$WHEELS"/llama_cpp_python-0.3.36-*.whl >>.venv/llama-cpp-build.log 2>&1 \
      && "${PIP[@]}" install "llama-cpp-python[server]==0.3.36" >>.venv/llama-cpp-build.log 2>&1; then
     echo "$PORTABLE" >.venv/llama-cpp-flags.txt
   else

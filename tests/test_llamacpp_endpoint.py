@@ -34,6 +34,7 @@ import httpx
 import pytest
 
 import processes
+from medusa_bench.bench.failed import ANSWERS_MISSING_EXIT
 from test_endpoints import lines, medusa_bench
 from test_serve import free_port, stop_server
 
@@ -196,7 +197,7 @@ def test_stream_without_finish_reason_is_a_failed_request(fake, tmp_path):
     out = tmp_path / "run"
     done = medusa_bench("run", "--endpoint", f"cut={url}", "--bench", "quick", "--limit", "1", "--max-new-tokens", "8",
                         "--max-retries", "0", "--out", str(out), timeout=120)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == ANSWERS_MISSING_EXIT, done.stderr  # finished, but an answer is missing: said in the exit code
     assert "the stream ended without a finish reason" in done.stderr and "--interrupt_requests False" in done.stderr
     assert [f["question_id"] for f in lines(out / "failed.jsonl")] == [1001]  # failed, not a one-word answer
     answers = out / "model_answer" / "tiny-cut.jsonl"
