@@ -16,6 +16,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
+from medusa_bench.bench.failed import ANSWERS_MISSING_EXIT
 from medusa_bench.errors import UserError
 
 app = typer.Typer(
@@ -28,6 +29,24 @@ app = typer.Typer(
 train_app = typer.Typer(help="Train draft heads on self-distilled data.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    """`--version`: the package version and, in a git checkout, its commit."""
+    if not value:
+        return
+    from medusa_bench import __version__
+    from medusa_bench.results.files import git_hash
+
+    commit = git_hash()
+    typer.echo(f"medusa-bench {__version__}" + (f" (git {commit})" if commit else ""))
+    raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Show the version (and git commit) and exit.")) -> None:
+    """Benchmark speculative decoding with draft heads (Medusa, Hydra) on your model."""
 
 
 def _not_built(what: str) -> None:
@@ -56,7 +75,8 @@ class DecoderCommand:
         params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
         if DecoderCommand.wanted:
             params += [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, annotation=o.annotation,
-                                         default=typer.Option(o.default, o.flag, help=o.help)) for o in declared(self.command)]
+                                         default=typer.Option(o.default, o.flag, help=o.help, rich_help_panel=o.panel))
+                       for o in declared(self.command)]
         return signature.replace(parameters=params)
 
 
@@ -64,54 +84,98 @@ def decoder_options(command: str):
     return lambda fn: DecoderCommand(fn, command)
 
 
-# Engine options, the same for every command that decodes (engine.py).
-_CACHE = typer.Option("auto", "--cache", help="KV cache: auto (static where the model allows it) | static | dynamic.")
-_COMPILE = typer.Option("auto", "--compile", help="Captured steps: auto (CUDA graphs on CUDA, eager on CPU) | on (CUDA graphs; on CPU torch.compile) | off. The baseline and every decoder share it.")
+def fill_decoder_names() -> None:
+    """The registry's names where the help of a decoding command says {decoders} or {tree_decoders}
+    (`main`, for those commands only: their flags import the decoder modules anyway)."""
+    from typer.models import OptionInfo
+
+    from medusa_bench.decoders.registry import decoder_names, tree_decoders
+
+    names = {"{decoders}": " | ".join(decoder_names()), "{tree_decoders}": " | ".join(tree_decoders())}
+
+    def fill(text: Optional[str]) -> Optional[str]:
+        for placeholder, value in names.items():
+            text = text.replace(placeholder, value) if text else text
+        return text
+
+    for info in app.registered_commands:
+        if isinstance(info.callback, DecoderCommand):
+            info.help = fill(info.help)
+            for parameter in inspect.signature(info.callback.fn).parameters.values():
+                if isinstance(parameter.default, OptionInfo):
+                    parameter.default.help = fill(parameter.default.help)
+
+
+# Engine options, the same for every command that decodes (runtime/engine.py).
+def _cache_option(panel: Optional[str] = None):
+    return typer.Option("auto", "--cache", help="KV cache: auto (static where the model allows it) | static | dynamic.",
+                        rich_help_panel=panel)
+
+
+def _compile_option(panel: Optional[str] = None):
+    return typer.Option("auto", "--compile", rich_help_panel=panel,
+                        help="Captured steps: auto (CUDA graphs on CUDA, eager on CPU) | on (CUDA graphs; on CPU torch.compile) | off. "
+                             "The baseline and every decoder share it.")
+
+
+_CACHE, _COMPILE = _cache_option(), _compile_option()
 
 
 # ---------------------------------------------------------------------------------------- run
-@app.command()
+# `run --help` panels (the declared decoder options list under their own Option.panel: "Trees and drafting").
+_WHAT, _MODEL, _OUTPUT, _SCALE, _ENDPOINTS = "What to run", "Model", "Output and resume", "Scale-out (Ray)", "Endpoints"
+
+RUN_HELP = f"""Run decoders over a bench's questions; appends answers and resumes where it stopped.
+
+Decoders: {{decoders}}; `medusa:chain-2` gives one decoder its own tree.
+
+τ (tau), in the answers and the report: mean accepted tokens per step, i.e. tokens emitted per forward of the base model (Spec-Bench's 'mean accepted tokens', vLLM's 'mean acceptance length'); the baseline's is 1.00.
+
+Ends by printing the report's at-a-glance table (all tables: `medusa-bench report RUN_DIR --format table`).
+
+Exit codes: 0 done; 2 refused (one line says why; nothing is written); {ANSWERS_MISSING_EXIT} finished, but answers are missing (requests that failed after their retries, listed in failed.jsonl: the same command retries them); 130 interrupted (finished answers are kept).
+"""
+
+
+@app.command(help=RUN_HELP)
 @decoder_options("run")
 def run(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Hub id, local folder, .gguf file or 'smollm2-135m'."),
-    decoders: Optional[str] = typer.Option(None, "--decoders", "-d", help="Comma-separated decoder names (default: baseline; with --endpoint: none, the endpoints alone)."),
-    bench: str = typer.Option("mt_bench", "--bench", help="mt_bench | spec_bench | quick"),
-    questions: Optional[Path] = typer.Option(None, "--questions", help="A FastChat question.jsonl (overrides --bench lookup)."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N questions."),
-    question_ids: Optional[str] = typer.Option(None, "--question-ids", help="Comma-separated question ids, e.g. 81,82."),
-    categories: Optional[str] = typer.Option(None, "--categories", help="Comma-separated categories, e.g. math,coding."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Token limit per turn."),
-    temperature: str = typer.Option("0", "--temperature", help="A number, or 'category' for FastChat's per-category temperatures."),
-    top_p: float = typer.Option(1.0, "--top-p"),
-    seed: int = typer.Option(0, "--seed"),
-    warmup: int = typer.Option(1, "--warmup", help="Untimed warm-up generations per decoder."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default results/<model>-<bench>)."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (CPU: bf16 if it is native and measures faster, else fp32; CUDA: bf16, else fp16) | float32 | float16 | bfloat16"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
-    control: bool = typer.Option(False, "--control", help="Add the A/A control: the baseline's work timed again as decoder 'control' (the noise floor)."),
-    precision_reference: str = typer.Option("auto", "--precision-reference", help="float32 | none: decode the baseline again in fp32 (untimed) to show what the precision changes; auto: float32 unless the run is fp32."),
-    remeasure_flagged: bool = typer.Option(False, "--remeasure-flagged", help="Re-time the questions with a turn measured while the CPU was shared; answers are kept."),
-    cache: str = _CACHE,
-    compile: str = _COMPILE,
-    endpoint: Optional[List[str]] = typer.Option(None, "--endpoint", help="NAME=URL of an OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp, `serve`), e.g. ref=http://127.0.0.1:8000/v1; repeatable. Each is a decoder of the run."),
-    endpoint_model: Optional[str] = typer.Option(None, "--endpoint-model", help="Model id to ask the endpoints for (default: each server's only model in /v1/models)."),
-    reference: Optional[str] = typer.Option(None, "--reference", help="The endpoint with speculation off: the baseline for speedup and exact match."),
-    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the endpoints' API key (never written anywhere)."),
-    metrics_url: Optional[str] = typer.Option(None, "--metrics-url", help="Prometheus /metrics of the endpoints (default: the host of each URL + /metrics)."),
-    concurrency: Optional[str] = typer.Option(None, "--concurrency", help="Endpoints: a sweep of requests in flight, e.g. 1,4,16 (appended to sweep.jsonl)."),
-    request_timeout: float = typer.Option(300.0, "--request-timeout", help="Endpoints: seconds per request before it is retried."),
-    max_retries: int = typer.Option(4, "--max-retries", help="Endpoints: retries of a failed request (backoff) before it is recorded as failed."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Shard the questions over N Ray workers (a local Ray instance unless --ray-address); needs pip install 'medusa-bench[ray]'. Judging is concurrent already: `judge --parallel`."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster ('auto': the one RAY_ADDRESS or `ray start` names); workers default to as many as fit."),
-    gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", help="GPUs per Ray worker (default 1 where the cluster has GPUs, else 0)."),
-    cpus_per_worker: int = typer.Option(1, "--cpus-per-worker", help="CPU cores per Ray worker (its torch threads on CPU)."),
+    decoders: Optional[str] = typer.Option(None, "--decoders", "-d", help="Comma-separated decoder names (default: baseline; with --endpoint: none, the endpoints alone).", rich_help_panel=_WHAT),
+    bench: str = typer.Option("mt_bench", "--bench", help="mt_bench | spec_bench | quick", rich_help_panel=_WHAT),
+    questions: Optional[Path] = typer.Option(None, "--questions", help="A FastChat question.jsonl (overrides --bench lookup).", rich_help_panel=_WHAT),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N questions.", rich_help_panel=_WHAT),
+    question_ids: Optional[str] = typer.Option(None, "--question-ids", help="Comma-separated question ids, e.g. 81,82.", rich_help_panel=_WHAT),
+    categories: Optional[str] = typer.Option(None, "--categories", help="Comma-separated categories, e.g. math,coding.", rich_help_panel=_WHAT),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Token limit per turn.", rich_help_panel=_WHAT),
+    temperature: str = typer.Option("0", "--temperature", help="A number, or 'category' for FastChat's per-category temperatures.", rich_help_panel=_WHAT),
+    top_p: float = typer.Option(1.0, "--top-p", rich_help_panel=_WHAT),
+    seed: int = typer.Option(0, "--seed", rich_help_panel=_WHAT),
+    warmup: int = typer.Option(1, "--warmup", help="Untimed warm-up generations per decoder.", rich_help_panel=_WHAT),
+    control: bool = typer.Option(False, "--control", help="Add the A/A control: the baseline's work timed again as decoder 'control' (the noise floor).", rich_help_panel=_WHAT),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Hub id, local folder, .gguf file or 'smollm2-135m'.", rich_help_panel=_MODEL),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda", rich_help_panel=_MODEL),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (CPU: bf16 if it is native and measures faster, else fp32; CUDA: bf16, else fp16) | float32 | float16 | bfloat16", rich_help_panel=_MODEL),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default).", rich_help_panel=_MODEL),
+    precision_reference: str = typer.Option("auto", "--precision-reference", help="float32 | none: decode the baseline again in fp32 (untimed) to show what the precision changes; auto: float32 unless the run is fp32.", rich_help_panel=_MODEL),
+    cache: str = _cache_option(_MODEL),
+    compile: str = _compile_option(_MODEL),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default results/<model>-<bench>); the same command again resumes it.", rich_help_panel=_OUTPUT),
+    remeasure_flagged: bool = typer.Option(False, "--remeasure-flagged", help="Re-time the questions with a turn measured while the CPU was shared; answers are kept.", rich_help_panel=_OUTPUT),
+    endpoint: Optional[List[str]] = typer.Option(None, "--endpoint", help="NAME=URL of an OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp, `serve`), e.g. ref=http://127.0.0.1:8000/v1; repeatable. Each is a decoder of the run.", rich_help_panel=_ENDPOINTS),
+    endpoint_model: Optional[str] = typer.Option(None, "--endpoint-model", help="Model id to ask the endpoints for (default: each server's only model in /v1/models).", rich_help_panel=_ENDPOINTS),
+    reference: Optional[str] = typer.Option(None, "--reference", help="The endpoint with speculation off: the baseline for speedup and exact match.", rich_help_panel=_ENDPOINTS),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the endpoints' API key (never written anywhere).", rich_help_panel=_ENDPOINTS),
+    metrics_url: Optional[str] = typer.Option(None, "--metrics-url", help="Prometheus /metrics of the endpoints (default: the host of each URL + /metrics).", rich_help_panel=_ENDPOINTS),
+    concurrency: Optional[str] = typer.Option(None, "--concurrency", help="Endpoints: a sweep of requests in flight, e.g. 1,4,16 (appended to sweep.jsonl).", rich_help_panel=_ENDPOINTS),
+    request_timeout: float = typer.Option(300.0, "--request-timeout", help="Endpoints: seconds per request before it is retried.", rich_help_panel=_ENDPOINTS),
+    max_retries: int = typer.Option(4, "--max-retries", help="Endpoints: retries of a failed request (backoff) before it is recorded as failed.", rich_help_panel=_ENDPOINTS),
+    # "\[ray]": rich would take [ray] for markup and print pip install 'medusa-bench'.
+    workers: Optional[int] = typer.Option(None, "--workers", help="Shard the questions over N Ray workers (a local Ray instance unless --ray-address); needs pip install 'medusa-bench\\[ray]'. Judging is concurrent already: `judge --parallel`.", rich_help_panel=_SCALE),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster ('auto': the one RAY_ADDRESS or `ray start` names); workers default to as many as fit.", rich_help_panel=_SCALE),
+    gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", help="GPUs per Ray worker (default 1 where the cluster has GPUs, else 0).", rich_help_panel=_SCALE),
+    cpus_per_worker: int = typer.Option(1, "--cpus-per-worker", help="CPU cores per Ray worker (its torch threads on CPU).", rich_help_panel=_SCALE),
     **decoder_options,
 ) -> None:
-    """Run decoders over a bench's questions; appends answers and resumes where it stopped.
-
-    Decoders: baseline, control, medusa, medusa2, hydra, eagle, eagle2, eagle3, pld; `medusa:chain-2` gives one decoder its own tree.
-    """
     from medusa_bench.bench.loop import RunConfig, run_benchmark
 
     config = RunConfig.from_cli(
@@ -139,7 +203,18 @@ def run(
         raise UserError("--reference and --concurrency are for --endpoint runs: add --endpoint NAME=URL")
     else:
         run_dir = run_benchmark(config, console=console)
+    _finish_run(run_dir)
+
+
+def _finish_run(run_dir: Path) -> None:
+    """The at-a-glance table (stderr), the run folder (stdout), and exit code 3 when answers are missing."""
+    from medusa_bench.bench.failed import missing_answers
+    from medusa_bench.results.report import at_a_glance
+
+    at_a_glance([run_dir], console)
     typer.echo(str(run_dir))
+    if missing_answers(run_dir):
+        raise typer.Exit(ANSWERS_MISSING_EXIT)
 
 
 # -------------------------------------------------------------------------------------- judge
@@ -162,6 +237,7 @@ def judge(
     judge_prompts: Optional[Path] = typer.Option(None, "--judge-prompts", help="FastChat judge_prompts.jsonl."),
     reference_answers: Optional[Path] = typer.Option(None, "--reference-answers", help="Reference answers (FastChat reference_answer/gpt-4.jsonl)."),
     retry_unparseable: bool = typer.Option(False, "--retry-unparseable", help="Ask the judge again for judgments stored as unparseable (score -1); the new one replaces the old line."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say how many requests, and about how many tokens, the judgment would send; send nothing (no API key needed)."),
 ) -> None:
     """Grade a run's answers with an LLM judge (MT-Bench style); resumes where it stopped."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -169,11 +245,18 @@ def judge(
     from medusa_bench.judge.client import RetryPolicy
     from medusa_bench.judge.run import judge_run, summary_table
 
+    selected = [d.strip() for d in decoders.split(",") if d.strip()] if decoders else None
+    if dry_run:
+        result = judge_run(run_dir, judge_model=judge_model, base_url=judge_base_url, mode=mode, decoders=selected, baseline=baseline,
+                           reuse=not no_reuse, score=score, max_tokens=max_tokens, questions=questions, judge_prompts=judge_prompts,
+                           reference_answers=reference_answers, retry_unparseable=retry_unparseable, dry_run=True)
+        typer.echo(result.dry_run.line())
+        return
     with Progress(TextColumn("judging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task("judge", total=None)
         result = judge_run(
             run_dir, judge_model=judge_model, base_url=judge_base_url, api_key_env=api_key_env, mode=mode,
-            parallel=parallel, decoders=[d.strip() for d in decoders.split(",") if d.strip()] if decoders else None,
+            parallel=parallel, decoders=selected,
             baseline=baseline, reuse=not no_reuse, score=score, max_tokens=max_tokens, timeout=timeout,
             retry=RetryPolicy(max_retries=max_retries), questions=questions, judge_prompts=judge_prompts,
             reference_answers=reference_answers, progress=lambda done, total: bar.update(task, completed=done, total=total),
@@ -207,7 +290,7 @@ def report(
 @decoder_options("serve")
 def serve(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Hub id, local folder, .gguf file or 'smollm2-135m'."),
-    decoder: str = typer.Option("baseline", "--decoder", "-d", help="baseline | medusa | medusa2 | hydra | …"),
+    decoder: str = typer.Option("baseline", "--decoder", "-d", help="{decoders}"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | float16 | bfloat16"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
@@ -216,14 +299,14 @@ def serve(
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MEDUSA_BENCH_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/* (or set MEDUSA_BENCH_API_KEY)."),
     max_waiting: int = typer.Option(16, "--max-waiting", help="Requests that may wait behind the running ones; more get 503."),
     max_batch: int = typer.Option(8, "--max-batch", help="Plain decoders (baseline): requests decoded together in one batch. Drafting decoders run one at a time."),
-    heads: Optional[List[str]] = typer.Option(None, "--heads", help="NAME=PATH: more heads for --decoder medusa/hydra on the same base model (repeatable); a request picks one with model '<model>:NAME' or LoRAX's adapter_id."),
+    heads: Optional[List[str]] = typer.Option(None, "--heads", help="NAME=PATH: more heads for the --decoder (one that loads heads) on the same base model (repeatable); a request picks one with model '<model>:NAME' or LoRAX's adapter_id."),
     served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="Model id clients use (default <model>-<decoder>)."),
     cache: str = _CACHE,
     compile: str = _COMPILE,
     **decoder_options,
 ) -> None:
     """Serve a decoder behind an OpenAI-compatible HTTP API (chat completions, streaming, /metrics)."""
-    from medusa_bench.decoders.base import DecoderOptions
+    from medusa_bench.decoders.options import DecoderOptions
     from medusa_bench.serve.app import serve as serve_forever
 
     options = DecoderOptions(**decoder_options)
@@ -378,7 +461,7 @@ def train_medusa2(
 @decoder_options("tree")
 def tree_command(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Hub id, local folder, .gguf file or 'smollm2-135m'."),
-    decoder: str = typer.Option("medusa", "--decoder", "-d", help="Whose heads: medusa | medusa2 | hydra | eagle | eagle2 | eagle3."),
+    decoder: str = typer.Option("medusa", "--decoder", "-d", help="Whose heads: {tree_decoders}."),
     max_nodes: int = typer.Option(64, "--max-nodes", help="Largest tree, root included."),
     max_depth: Optional[int] = typer.Option(None, "--max-depth", help="Deepest path (default: every head)."),
     top_k: int = typer.Option(10, "--top-k", help="Candidates per head that calibration ranks."),
@@ -398,10 +481,10 @@ def tree_command(
     **decoder_options,
 ) -> None:
     """Find the fastest candidate tree for these heads on this model and device (what `run --tree auto` uses)."""
-    from medusa_bench.bench.autotree import AutoTreeSettings, save_tree_files, summary_table, tree_for_decoder
-    from medusa_bench.decoders.base import DecoderOptions
-    from medusa_bench.engine import check_options, use_engine
+    from medusa_bench.bench.autotree import AutoTreeSettings, save_tree_files, size_tree, summary_table
+    from medusa_bench.decoders.options import DecoderOptions
     from medusa_bench.models import load_model
+    from medusa_bench.runtime.engine import check_options, use_engine
 
     settings = AutoTreeSettings(max_nodes=max_nodes, max_depth=max_depth, top_k=top_k, prompts=prompts, tokens=tokens,
                                 calibration=str(calibration) if calibration else None, context_len=context_len,
@@ -410,7 +493,7 @@ def tree_command(
     check_options(cache, compile)
     loaded = load_model(model, device, dtype, trust_remote_code)
     use_engine(loaded, cache, compile)  # step times are this engine's
-    auto = tree_for_decoder(decoder, loaded, options)
+    auto = size_tree(decoder, loaded, options)
     Console().print(summary_table(auto))
     for path in save_tree_files(auto, out).values():
         typer.echo(str(path))
@@ -484,6 +567,8 @@ def main() -> None:
 
     DecoderCommand.wanted = any(arg in COMMANDS for arg in sys.argv[1:2])
     try:
+        if DecoderCommand.wanted:
+            fill_decoder_names()
         app()
     except UserError as error:
         if os.environ.get("MEDUSA_BENCH_DEBUG"):

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from medusa_bench.bench.endpoints import parse_prometheus
+from medusa_bench.bench.endpoint_client import parse_prometheus
 from test_judge import DATA
 from test_serve import KEY, free_port, start_server, stop_server
 
@@ -331,8 +331,10 @@ def test_heads_per_request(tmp_path):
 def test_batched_plain_decoding_matches_one_at_a_time():
     """serve/batch.py: left-padded prompts of different lengths, each with its own limit, decode
     to the tokens the baseline gives each alone (fp32), and a stop request leaves the batch early."""
-    from medusa_bench.bench.prompts import build_prompt
-    from medusa_bench.decoders.base import DecoderOptions, Sampling, build_decoder
+    from medusa_bench.inputs.chat import build_prompt
+    from medusa_bench.decoders.base import Sampling
+    from medusa_bench.decoders.options import DecoderOptions
+    from medusa_bench.decoders.registry import build_decoder
     from medusa_bench.models import load_model
     from medusa_bench.serve.batch import generate_batch
 

@@ -10,7 +10,8 @@ from contextlib import contextmanager
 import pytest
 
 from medusa_bench.bench import precision
-from medusa_bench.bench.loop import RunConfig, question_order, run_benchmark
+from medusa_bench.bench.answer import question_order
+from medusa_bench.bench.loop import RunConfig, run_benchmark
 from medusa_bench.cli import main
 from medusa_bench.errors import UserError
 from medusa_bench.results import files

@@ -98,7 +98,7 @@ def test_unwritable_out_folder(tmp_path, capsys, monkeypatch):
 def test_offline_without_data_says_what_to_pass(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MEDUSA_BENCH_DATA", str(tmp_path / "empty"))
     monkeypatch.setenv("MEDUSA_BENCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr("medusa_bench.bench.questions.BENCH_URLS", {})
+    monkeypatch.setattr("medusa_bench.inputs.questions.BENCH_URLS", {})
     code, err = cli(capsys, monkeypatch, "run", "--bench", "spec_bench", "--out", tmp_path / "o")
     assert code == 2 and "pass --questions PATH or set MEDUSA_BENCH_DATA" in " ".join(err.split())
 

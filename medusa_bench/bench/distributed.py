@@ -1,11 +1,11 @@
 """Scale a run out over Ray (`run --workers N`, `--ray-address ADDR`): many GPUs, many machines.
 
 A question is the unit of work. Each worker (a Ray actor, `QuestionWorker`) loads the model and
-the run's decoders once and answers whole questions with `loop.answer_one_question`, all
+the run's decoders once and answers whole questions with `answer.answer_one_question`, all
 decoders interleaved on its one device, so every per-question speedup is timed on one device.
 The driver's `WorkerPool.run` hands one question at a time to each idle worker and yields the
-answers as they arrive; `loop.run_on_cluster` stores them. This module never writes the run
-folder: the driver's process is its only writer, so resume, the refusal of changed settings
+answers as they arrive; `run_on_cluster`, the driver, stores them: the driver's process is the
+run folder's only writer (workers write nothing), so resume, the refusal of changed settings
 and torn-line repair work as they do in one process.
 
 Faults: a worker that dies (SIGKILL, node lost) loses only the question it was answering; the
@@ -26,17 +26,29 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import logging
 import os
 import socket
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from rich.console import Console
 
+from medusa_bench.bench import precision
+from medusa_bench.bench.answer import (DecoderFacts, answer_one_question, build_run_decoders, references_first, store_ready,
+                                       warm_up)
+from medusa_bench.bench.config import (RunConfig, check_same_contents, check_same_settings, content_hashes, setting_keys,
+                                       settings_of)
+from medusa_bench.bench.contention import count_flagged
+from medusa_bench.bench.device import device_info
+from medusa_bench.bench.progress import run_progress
+from medusa_bench.inputs.questions import Question
+from medusa_bench.bench.reference import Float32Baseline, PrecisionReference
+from medusa_bench.bench.run_folder import AnswerSource, keep_questions, open_answers, reference_answers, write_run_file
 from medusa_bench.errors import UserError
+from medusa_bench.results import files
 
 RAY_MISSING = "--workers needs Ray: pip install 'medusa-bench[ray]'"
 REPLACEMENTS_PER_WORKER = 2  # workers started in place of dead ones, per worker asked for
@@ -55,10 +67,8 @@ class QuestionWorker:
         """Load the model (`dtype` 'auto': measured here, see bench/precision.py); this worker's record."""
         import torch
 
-        from medusa_bench.bench import precision
-        from medusa_bench.bench.loop import device_info
-        from medusa_bench.engine import use_engine
         from medusa_bench.models import load_model
+        from medusa_bench.runtime.engine import use_engine
 
         torch.set_num_threads(config.cpus_per_worker)  # the CPU share Ray reserved for this worker, no more
         self.config = config
@@ -81,23 +91,7 @@ class QuestionWorker:
         prompt lookup's profile); its plan and the optimiser's files go back to the driver.
         Otherwise the auto decoders get the plan's trees and profiles instead of measuring again.
         """
-        from medusa_bench.bench.loop import DecoderFacts, Float32Baseline, build_run_decoders, references_first, warm_up
-        from medusa_bench.decoders.base import build_decoder, split_spec
-
-        trees = (plan or {}).get("trees", {})
-
-        def build(name, loaded, options):
-            record = trees.get(name)
-            if record and record.get("auto"):  # the tree this device type's first worker chose
-                decoder = build_decoder(split_spec(name)[0], loaded, options.replace(tree=json.dumps(record["paths"])))
-                decoder.name = name
-                return decoder
-            return build_decoder(name, loaded, options)
-
-        decoders = build_run_decoders(self.config.decoders, self.loaded, self.config, build)
-        for name, profile in (plan or {}).get("profiles", {}).items():
-            decoders[name].step_profile = profile
-            decoders[name].proposer.use_profile(profile)
+        decoders = build_run_decoders(self.config.decoders, self.loaded, self.config, plan)  # the plan's trees and profiles
         measured = plan is None
         plan, files = self.measured_plan(decoders) if measured else (plan, {})
         self.decoders = {name: decoders[name] for name in references_first(decoders)}
@@ -129,8 +123,6 @@ class QuestionWorker:
 
     def answer(self, question, index: int, wanted: list[str], with_reference: bool) -> list[dict]:
         """Every wanted decoder's answer to one question (and the float32 reference's), labelled with this worker."""
-        from medusa_bench.bench.loop import answer_one_question
-
         records = list(answer_one_question(question, index, self.decoders, self.loaded, self.config, wanted))
         if with_reference:  # after the timed answers: never between them
             records.append(self.float32.record(question))
@@ -358,6 +350,117 @@ class WorkerPool:
         if (info["type"], info["dtype"]) != (first["type"], first["dtype"]):
             raise UserError(f"{worker.name} decodes on {info['type']} in {info['dtype']}, the run on {first['type']} in "
                             f"{first['dtype']}: give every worker the same kind of device (--gpus-per-worker, --device, --dtype)")
+
+
+# ------------------------------------------------------------------------------ the driver: the run folder's only writer
+def run_on_cluster(config: RunConfig, questions: list[Question], question_file: Path, run_dir: Path, dtype_name: str,
+                   console: Console) -> Path:
+    """`run_benchmark` over Ray workers (`WorkerPool`): they answer whole questions, this
+    process stores each answer as it arrives (`store_ready`, `files.append_jsonl`), the only writer
+    of the run folder, so resume, the refusal of changed settings and torn-line repair work as in
+    one process. What the workers decide (device type, dtype) is checked once the first has loaded.
+    """
+    from medusa_bench.models import model_name
+
+    model, names = model_name(config.model), list(config.decoders)
+    decided_by_workers = ("device", "dtype", "precision_reference")
+    check_same_settings(run_dir, settings_of(config, question_file, None, None),
+                        tuple(key for key in setting_keys() if key not in decided_by_workers))  # before starting anything
+    files.ensure_writable_dir(run_dir / files.ANSWER_DIR)
+    paths, done = open_answers(run_dir, model, names)
+    if dtype_name != "auto" and not missing_work(questions, done, run_dir, model, config, dtype_name):
+        keep_questions(run_dir, questions)
+        console.print(f"nothing to do: all {len(questions)} questions × {len(names)} decoders are in {run_dir}")
+        return run_dir
+    with WorkerPool(config, console) as pool:
+        first = pool.start(dtype_name)  # the run's device type and dtype: the first worker's
+        settings = settings_of(config, question_file, first["device"]["type"], first["dtype"])
+        settings["precision_reference"] = precision.reference_dtype(config.precision_reference, settings["dtype"])
+        previous = check_same_settings(run_dir, settings)
+        hashes = check_same_contents(previous, content_hashes(config, questions), question_file)
+        reference = PrecisionReference(run_dir, model) if settings["precision_reference"] != "none" else None
+        jobs = [Job(index, question, [name for name in names if str(question.question_id) not in done[name]],
+                    reference is not None and str(question.question_id) not in reference.done)
+                for index, question in enumerate(questions)]
+        jobs = [job for job in jobs if job.wanted or job.with_reference]
+        source = AnswerSource(model, names, first["device"], trees={}, dtype_auto=first.get("dtype_auto"))
+        write_run_file(run_dir, config, settings, source, previous, hashes)
+        keep_questions(run_dir, questions)
+        stored = {(name, qid) for name in names for qid in done[name]} | {(PrecisionReference.DECODER, qid) for qid in (reference.done if reference else ())}
+        facts, references, pending = {}, {}, []
+        with run_progress(console) as progress:
+            task = progress.add_task(f"starting {pool.size} Ray workers", total=sum(len(job.wanted) + job.with_reference for job in jobs))
+            events = pool.run(jobs, (previous or {}).get("device_plans", {}), questions[0], with_reference=any(job.with_reference for job in jobs))
+            for event in events:
+                if event.kind == "ready":  # a worker built its decoders: record it (and its device type's plan)
+                    if not facts:
+                        facts = event.built["facts"]
+                        references = reference_answers(run_dir, model, done, {fact.baseline_name for fact in facts.values()})
+                    add_worker(run_dir, source, event, first["device"]["name"], previous)
+                    write_run_file(run_dir, config, settings, source, previous, hashes)
+                elif event.kind == "lost":
+                    job = f"; question {event.job.question.question_id} goes back to the queue" if event.job else ""
+                    progress.console.print(f"worker {event.worker['id']} died ({event.error}){job}", highlight=False)
+                else:
+                    for record in event.records:
+                        key = (record["decoder"], str(record["question_id"]))
+                        if key in stored:
+                            continue  # answered before (a retried question): never written twice
+                        stored.add(key)
+                        if record["decoder"] == PrecisionReference.DECODER:
+                            reference.store(record, references, facts[record["decoder"]])
+                        else:
+                            pending = store_ready(pending + [(record, facts[record["decoder"]])], references, names, paths)
+                        progress.advance(task)
+                    progress.update(task, description=f"q {event.job.question.question_id} · {event.worker['id']}")
+    flagged, total = count_flagged(r for path in paths.values() for r in files.read_jsonl(path))
+    if flagged:
+        console.print(f"{flagged} of {total} turns were measured while the CPU was shared; rerun with --remeasure-flagged "
+                      "(in one process: without --workers) on a quiet machine")
+    return run_dir
+
+
+def missing_work(questions: list[Question], done: dict, run_dir: Path, model: str, config: RunConfig, dtype_name: str) -> bool:
+    """Does any question lack an answer (or a float32 reference answer) in the run folder?"""
+    if any(str(q.question_id) not in answers for answers in done.values() for q in questions):
+        return True
+    if precision.reference_dtype(config.precision_reference, dtype_name) == "none":
+        return False
+    reference = PrecisionReference(run_dir, model)
+    return any(str(q.question_id) not in reference.done for q in questions)
+
+
+def add_worker(run_dir: Path, source: AnswerSource, event, primary_device: str, previous: Optional[dict]) -> None:
+    """Record a ready worker in `source` (run.json's `workers`); when it measured its device type's
+    plan, that plan (`device_plans`) and the optimiser's files: in the run folder itself for the
+    run's first device type (as in-process runs keep them), under devices/<type>/ for the others."""
+    source.workers.append(event.worker)
+    built, device = event.built, event.worker["device"]["name"]
+    if not built["measured"]:
+        return
+    folder = "" if device == primary_device else f"devices/{file_safe(device)}/"
+    for name, data in built["files"].items():
+        path = run_dir / folder / name
+        files.ensure_writable_dir(path.parent)
+        files.write_json(path, data)
+    plan = built["plan"]
+    for record in plan["trees"].values():
+        if "files" in record:
+            record["files"] = {kind: folder + name for kind, name in record["files"].items()}
+    source.device_plans[device] = plan
+    if device == primary_device:
+        before = (previous or {}).get("trees") or {}
+        for name, record in plan["trees"].items():
+            old = before.get(name, {}).get("hash")
+            if old is not None and old != record["hash"]:  # as autotree.store_in_run refuses it in one process
+                raise UserError(f"{run_dir} was run with another tree for {name} ({old}, now {record['hash']}: "
+                                "the optimiser re-measured?); use another --out, or pass that run's tree.json as --tree to resume")
+        source.trees = {name: {key: value for key, value in record.items() if key != "paths"} for name, record in plan["trees"].items()}
+
+
+def file_safe(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' → 'nvidia-h100-80gb-hbm3'."""
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split()) or "device"
 
 
 # ------------------------------------------------------------------------------ Ray itself

@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from medusa_bench.errors import UserError
 from medusa_bench.judge import mtbench
@@ -27,6 +27,7 @@ MODES = ("single", "pairwise")
 SCORES = ("text", "logprobs")
 REFERENCE_BENCHES = ("mt_bench", "spec_bench")  # benches whose MT-Bench questions have GPT-4 references
 TOP_LOGPROBS = 20
+CHARS_PER_TOKEN = 4  # the usual English average of GPT tokenizers: a dry run's estimate, not a count
 
 
 @dataclass
@@ -64,6 +65,23 @@ class JudgeResult:
     unparsed: int = 0  # new judgments with no parseable verdict (score -1 / winner "error")
     summary: "object" = None  # pandas DataFrame, see summarize_*
     records: list[dict] = field(default_factory=list, repr=False)
+    dry_run: Optional["DryRun"] = None  # judge_run(dry_run=True): what it would send; nothing else is set
+
+
+@dataclass
+class DryRun:
+    """What a judgment would send (`judge --dry-run`), sending nothing."""
+
+    requests: int  # judge calls (pairwise: two per game, one per order)
+    prompt_tokens: int  # about: the prompts' characters / CHARS_PER_TOKEN
+    max_output_tokens: int  # at most: requests × --max-tokens
+    reused: int  # judgments copied from the baseline's instead of asked for
+    skipped: int  # already in the judgment file
+
+    def line(self) -> str:
+        return (f"dry run: {self.requests} judge requests, about {self.prompt_tokens:,} prompt tokens "
+                f"(+ at most {self.max_output_tokens:,} output tokens); {self.reused} judgments reused, "
+                f"{self.skipped} already done; nothing sent")
 
 
 def judgment_path(run_dir: Path, judge_model: str, mode: str) -> Path:
@@ -93,13 +111,15 @@ def judge_run(
     reference_answers: Path | str | None = None,
     progress: Callable[[int, int], None] | None = None,
     retry_unparseable: bool = False,
+    dry_run: bool = False,
 ) -> JudgeResult:
     """Judge the answers in `run_dir`; returns counts and a summary (see module docstring).
 
     `progress(done, total)` is called after each judgment. Retryable endpoint failures are
     retried per `retry`; when they run out, or on any other 4xx, a `UserError` is raised after
     the judgments in flight are saved. `retry_unparseable` asks the judge again for judgments
-    stored as unparseable; each new one replaces its old line.
+    stored as unparseable; each new one replaces its old line. `dry_run`: count the requests and
+    about how many tokens they would send (`result.dry_run`), with no key, no call, no file written.
     """
     mode = {"pairwise-baseline": "pairwise", "pair": "pairwise"}.get(mode, mode)  # FastChat's names too
     if mode not in MODES:
@@ -111,10 +131,10 @@ def judge_run(
     if parallel < 1 or max_tokens < 1:
         raise UserError("--parallel and --max-tokens must be at least 1")
     run_dir = Path(run_dir)
-    client = JudgeClient(judge_model, base_url=base_url, key_env=api_key_env, timeout=timeout, retry=retry)
+    client = None if dry_run else JudgeClient(judge_model, base_url=base_url, key_env=api_key_env, timeout=timeout, retry=retry)
 
     run_info = load_run(run_dir)
-    run_lock = lock_run_dir(run_dir)  # noqa: F841 — held until this call returns: one writer per run folder
+    run_lock = None if dry_run else lock_run_dir(run_dir)  # noqa: F841 — held until this call returns: one writer per run folder
     answers = _collect_answers(run_dir, run_info)
     selected = _select(answers, decoders, baseline, mode)
     baseline_id = next((m for m, a in answers.items() if a and next(iter(a.values())).decoder == baseline), None)
@@ -132,7 +152,6 @@ def judge_run(
     references = _references(run_info, reference_answers, question_map, answers, selected)
 
     path = judgment_path(run_dir, judge_model, mode)
-    path.parent.mkdir(parents=True, exist_ok=True)
     existing = read_jsonl(path)
     if mode == "single":
         _check_score_method(path, existing, score)
@@ -156,6 +175,10 @@ def judge_run(
             todo_call.append(task)
 
     result = JudgeResult(path=path, mode=mode, skipped=skipped)
+    if dry_run:
+        result.dry_run = _dry_run(mode, prompts, todo_call, len(todo_reuse), skipped, max_tokens)
+        return result
+    path.parent.mkdir(parents=True, exist_ok=True)
     lock = threading.Lock()
     total = len(todo_call) + len(todo_reuse)
     done = 0
@@ -376,6 +399,21 @@ def _replace_line(path: Path, mode: str, key: tuple, record: dict) -> None:
 
 
 # ------------------------------------------------------------------------------ judging
+def _dry_run(mode: str, prompts, tasks: list[Task], reused: int, skipped: int, max_tokens: int) -> DryRun:
+    """The calls `tasks` would make and their prompts' size, built as the real calls build them."""
+    calls = []
+    for task in tasks:
+        if mode == "single":
+            calls.append(mtbench.single_prompt(prompts, task.question, task.answer.turns, task.turn, task.reference))
+        else:  # both orders: two calls per game
+            a, b = task.answer.turns, task.other.turns
+            calls += [mtbench.pair_prompt(prompts, task.question, a, b, task.turn, task.reference),
+                      mtbench.pair_prompt(prompts, task.question, b, a, task.turn, task.reference)]
+    characters = sum(len(m["content"]) for prompt in calls for m in prompt.messages())
+    return DryRun(requests=len(calls), prompt_tokens=round(characters / CHARS_PER_TOKEN),
+                  max_output_tokens=len(calls) * max_tokens, reused=reused, skipped=skipped)
+
+
 def _judge_single(client, prompts, task: Task, judge_model, score, max_tokens, temperature) -> dict:
     prompt = mtbench.single_prompt(prompts, task.question, task.answer.turns, task.turn, task.reference)
     reply = client.chat(

@@ -1,0 +1,196 @@
+"""A run's configuration: the options, the settings a run folder keeps fixed, and the resume checks.
+
+`RunConfig` is what `medusa-bench run` parsed (`from_cli`: every bad value a one-line
+UserError). `settings_of` is the part that changes the numbers; a run folder keeps it for its
+whole life (`check_same_settings`), and `content_hashes` covers what paths cannot see (the
+questions' and heads' contents), so a resume never mixes results of different runs.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from medusa_bench.bench import precision
+from medusa_bench.inputs.questions import CATEGORY_TEMPERATURE, Question
+from medusa_bench.decoders.base import Sampling
+from medusa_bench.decoders.options import DecoderOptions, declared
+from medusa_bench.decoders.registry import decoder_names, heads_option, split_spec
+from medusa_bench.errors import UserError
+from medusa_bench.results import files
+from medusa_bench.runtime.engine import check_options as check_engine_options
+
+# Settings that change the numbers: a run folder keeps them fixed for its whole life. The
+# decoders' own options (decoders/options.py) join them: `setting_keys()`.
+RUN_SETTING_KEYS = ("model", "bench", "question_file", "max_new_tokens", "temperature", "top_p", "seed",
+                    "device", "dtype", "precision_reference", "cache", "compile", "endpoints", "reference")
+
+
+def setting_keys() -> tuple:
+    return RUN_SETTING_KEYS + tuple(option.name for option in declared())
+
+
+@dataclass
+class RunConfig:
+    model: str = "smollm2-135m"
+    decoders: list[str] = field(default_factory=lambda: ["baseline"])
+    bench: str = "mt_bench"
+    questions: Optional[Path] = None
+    limit: Optional[int] = None
+    question_ids: Optional[list[str]] = None
+    categories: Optional[list[str]] = None
+    max_new_tokens: int = 256
+    temperature: float | str = 0.0  # a number or "category"
+    top_p: float = 1.0
+    seed: int = 0
+    warmup: int = 1
+    out: Optional[Path] = None
+    device: str = "auto"
+    dtype: str = "auto"
+    options: DecoderOptions = field(default_factory=DecoderOptions)
+    trust_remote_code: bool = False
+    precision_reference: Optional[str] = None  # float32 | none; None: float32 unless the run is float32
+    remeasure_flagged: bool = False  # re-time the questions with a contended turn, keeping their answers
+    cache: str = "auto"  # KV cache: auto | static | dynamic (runtime/engine.py)
+    compile: str = "auto"  # captured steps: auto (CUDA graphs on CUDA, eager on CPU) | on | off
+    # Scale-out on Ray (bench/distributed.py); none of these is a setting: every answer records its device.
+    workers: Optional[int] = None  # Ray workers (a local Ray instance unless ray_address is given)
+    ray_address: Optional[str] = None  # join this Ray cluster ("auto": the one the environment names)
+    gpus_per_worker: Optional[float] = None  # None: 1 where the cluster has GPUs, else 0
+    cpus_per_worker: int = 1  # CPU workers: torch threads per worker
+
+    @property
+    def on_cluster(self) -> bool:
+        return self.workers is not None or self.ray_address is not None
+
+    @classmethod
+    def from_cli(cls, *, decoders: str, question_ids, categories, temperature: str, decoder_options: Optional[dict] = None,
+                 control=False, **rest) -> "RunConfig":
+        """Parse the CLI's strings; every bad value is a one-line UserError. The declared decoder
+        options (decoders/options.py) come in `decoder_options` or as keywords of their own."""
+        declared_names = {option.name for option in declared()}
+        decoder_options = {**(decoder_options or {}), **{key: rest.pop(key) for key in list(rest) if key in declared_names}}
+        names = [d.strip() for d in decoders.split(",") if d.strip()]
+        if not names:
+            raise UserError("--decoders is empty; valid names are: " + ", ".join(decoder_names()))
+        if control and "control" in names:
+            raise UserError("control is asked for twice: drop it from --decoders or drop --control")
+        names += ["control"] if control else []  # the A/A noise floor: the baseline's work, timed again
+        if len(set(names)) != len(names):
+            raise UserError(f"--decoders lists a decoder twice: {decoders}")
+        precision.check_reference_option(rest.get("precision_reference"))
+        check_engine_options(rest.get("cache", "auto"), rest.get("compile", "auto"))
+        if temperature != "category":
+            try:
+                temperature = float(temperature)
+            except ValueError:
+                raise UserError(f"--temperature must be a number >= 0 or 'category', got {temperature!r}") from None
+            if temperature < 0:
+                raise UserError(f"--temperature must be >= 0, got {temperature}")
+        if rest["max_new_tokens"] < 1:
+            raise UserError(f"--max-new-tokens must be >= 1, got {rest['max_new_tokens']}")
+        if rest["warmup"] < 0:
+            raise UserError(f"--warmup must be >= 0, got {rest['warmup']}")
+        check_cluster_options(rest)
+        options = DecoderOptions(**decoder_options)
+        split = lambda text: [x.strip() for x in text.split(",") if x.strip()] if text else None  # noqa: E731
+        return cls(decoders=names, question_ids=split(question_ids), categories=split(categories),
+                   temperature=temperature, options=options, **rest)
+
+    def sampling_for(self, question: Question) -> Sampling:
+        """FastChat's per-category temperature when asked; a per-question seed so runs repeat."""
+        temperature = CATEGORY_TEMPERATURE.get(question.category, 0.7) if self.temperature == "category" else self.temperature
+        seed = self.seed + zlib.crc32(str(question.question_id).encode())
+        return Sampling(temperature=float(temperature), top_p=self.top_p, seed=seed)
+
+
+def check_cluster_options(options: dict) -> None:
+    """The Ray options make sense together (one line each when not)."""
+    workers, address = options.get("workers"), options.get("ray_address")
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers must be >= 1, got {workers}")
+    if options.get("cpus_per_worker", 1) < 1:
+        raise UserError(f"--cpus-per-worker must be >= 1, got {options['cpus_per_worker']}")
+    gpus = options.get("gpus_per_worker")
+    if gpus is not None and gpus < 0:
+        raise UserError(f"--gpus-per-worker must be >= 0, got {gpus}")
+    on_cluster = workers is not None or address is not None
+    if not on_cluster and (gpus is not None or options.get("cpus_per_worker", 1) != 1):
+        raise UserError("--gpus-per-worker and --cpus-per-worker size Ray workers: add --workers N or --ray-address ADDR")
+    if on_cluster and options.get("remeasure_flagged"):
+        raise UserError("--remeasure-flagged re-times in one process: drop --workers/--ray-address for it")
+
+
+def default_out(config: RunConfig, model_name: str) -> Path:
+    return Path("results") / f"{model_name}-{config.bench}"
+
+
+def settings_of(config: RunConfig, question_file: Path, device_type: Optional[str], dtype: Optional[str]) -> dict:
+    """The run's settings (run.json); `device_type` 'cpu' | 'cuda', `dtype` 'float32' …"""
+    return {
+        "model": config.model, "bench": config.bench, "question_file": str(question_file),
+        "max_new_tokens": config.max_new_tokens, "temperature": config.temperature, "top_p": config.top_p,
+        "seed": config.seed, "device": device_type, "dtype": dtype,
+        "cache": config.cache, "compile": config.compile, **config.options.as_dict(),
+    }
+
+
+def check_same_settings(run_dir: Path, settings: dict, keys: Optional[tuple] = None) -> Optional[dict]:
+    """The existing run.json, or a UserError naming every setting in `keys` that differs."""
+    if not (run_dir / files.RUN_FILE).exists():
+        return None
+    previous = files.load_run(run_dir)
+    before = previous.get("settings", {})
+    keys = keys if keys is not None else setting_keys()
+    changed = [f"{key} was {before.get(key)!r}, now {settings.get(key)!r}" for key in keys
+               if key in before and before.get(key) != settings.get(key)]
+    if changed:
+        raise UserError(f"{run_dir} holds a run with other settings ({'; '.join(changed)}); "
+                        "use another --out, or the same settings to resume it")
+    return previous
+
+
+def content_hashes(config: RunConfig, questions: list[Question]) -> dict:
+    """What settings (paths) cannot see: {"questions": {id: sha256}, "heads": {folder: sha256}}.
+
+    Per question, so a resume may select more or fewer questions; heads over the folders this
+    run's decoders load, the shipped defaults included.
+    """
+    import dataclasses
+    import hashlib
+    import json
+    from types import SimpleNamespace
+
+    from medusa_bench.heads.common import default_heads, weights_hash
+    from medusa_bench.models import model_name
+
+    questions_hash = {str(q.question_id): hashlib.sha256(json.dumps(dataclasses.asdict(q), sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+                      for q in questions}
+    heads = {}
+    for name in config.decoders:
+        option, kind = heads_option(split_spec(name)[0])
+        if option is None:
+            continue
+        folder = getattr(config.options, option) or default_heads(SimpleNamespace(name=model_name(config.model)), kind)
+        digest = weights_hash(folder) if folder else None  # None: a Hub id, or no heads (the build says so)
+        if digest:
+            heads[str(Path(folder).expanduser().resolve())] = digest
+    return {"questions": questions_hash, "heads": heads}
+
+
+def check_same_contents(previous: Optional[dict], hashes: dict, question_file: Path) -> dict:
+    """Refuse a resume whose questions or heads changed under the same paths; the merged hashes."""
+    before = (previous or {}).get("content_hashes") or {}
+    short = lambda digest: digest[:8] + "…"  # noqa: E731
+    for folder, new in hashes["heads"].items():
+        old = (before.get("heads") or {}).get(folder)
+        if old and old != new:
+            raise UserError(f"heads in {folder} changed since this run started (hash {short(old)} → {short(new)}); use another --out")
+    for qid, new in hashes["questions"].items():
+        old = (before.get("questions") or {}).get(qid)
+        if old and old != new:
+            raise UserError(f"question {qid} in {question_file} changed since this run started "
+                            f"(hash {short(old)} → {short(new)}); use another --out")
+    return {kind: {**(before.get(kind) or {}), **hashes[kind]} for kind in ("questions", "heads")}
