@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from medusa_bench.bench.endpoint_client import parse_prometheus
+from medusa_bench.bench.failed import ANSWERS_MISSING_EXIT
 from test_judge import DATA
 from test_serve import KEY, free_port, start_server, stop_server
 
@@ -191,9 +192,11 @@ def test_endpoint_errors_are_one_line(servers, tmp_path):
 # ------------------------------------------------------------------------------ servers that misbehave
 class Misbehaving(BaseHTTPRequestHandler):
     """An OpenAI-style server that cuts its stream after one chunk ("cut") or streams a whole
-    answer without usage or token ids ("no-usage"), as some engines do."""
+    answer without usage or token ids ("no-usage"), as some engines do; with `answers_left` set,
+    it cuts every stream once it has answered that many (a server that went away mid-run)."""
 
     mode = "cut"
+    answers_left = None
     requests: list = []
 
     def log_message(self, *args):
@@ -221,7 +224,10 @@ class Misbehaving(BaseHTTPRequestHandler):
         chunk = lambda delta, finish=None: ("data: " + json.dumps({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}) + "\n\n").encode()  # noqa: E731
         self.wfile.write(chunk({"role": "assistant", "content": "Hello"}))
         self.wfile.flush()
-        if self.mode == "cut":
+        gone = self.answers_left is not None and self.answers_left <= 0
+        if self.answers_left is not None:
+            type(self).answers_left -= 1
+        if self.mode == "cut" or gone:
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)  # the server goes away mid-answer
             return
@@ -247,14 +253,39 @@ def test_stream_cut_is_retried_then_recorded_as_failed(misbehaving, tmp_path):
     start = time.time()
     done = medusa_bench("run", "--endpoint", f"bad={url}", "--bench", "quick", "--limit", "2", "--max-new-tokens", "40",
                         "--max-retries", "1", "--out", str(out), timeout=120)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == ANSWERS_MISSING_EXIT, done.stderr  # finished, but answers are missing
     assert "closed the stream before the answer ended (after 2 tries)" in done.stderr
+    assert "stopped answering" not in done.stderr  # it never answered: not a server that went away
     failed = lines(out / "failed.jsonl")
     assert [(f["question_id"], f["decoder"]) for f in failed] == [(1001, "bad"), (1002, "bad")]  # the run went past the first
     answers = out / "model_answer" / "tiny-bad.jsonl"
     assert not answers.exists() or not lines(answers)  # no answer written for a failed request: never a silent zero
     timed = [r for r in handler.requests if r["max_tokens"] == 40]
     assert len(timed) == 4 and time.time() - start < 110  # two questions × (one try + one retry)
+
+
+def test_endpoint_gone_mid_run_exits_3_then_a_rerun_fills_and_resolves(misbehaving, tmp_path):
+    """The server answers the first question, then cuts every stream: exit 3 and one line naming the
+    endpoint; back up, the same command fills the answer and marks its failed.jsonl line resolved."""
+    handler, url = misbehaving
+    handler.mode, handler.answers_left = "no-usage", 2  # question 1001's two turns, then gone
+    out = tmp_path / "run"
+    args = ["run", "--endpoint", f"gone={url}", "--bench", "quick", "--limit", "2", "--max-new-tokens", "16",
+            "--max-retries", "1", "--warmup", "0", "--out", str(out)]
+    done = medusa_bench(*args, timeout=300)
+    assert done.returncode == ANSWERS_MISSING_EXIT, done.stderr
+    stderr = " ".join(done.stderr.split())
+    assert "endpoint gone stopped answering: after 1 answered, all 1 questions since failed" in stderr
+    assert [(f["question_id"], f["decoder"], f.get("resolved")) for f in lines(out / "failed.jsonl")] == [(1002, "gone", None)]
+    assert [r["question_id"] for r in lines(out / "model_answer" / "tiny-gone.jsonl")] == [1001]
+
+    handler.answers_left = None  # the server is back
+    again = medusa_bench(*args, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert [r["question_id"] for r in lines(out / "model_answer" / "tiny-gone.jsonl")] == [1001, 1002]
+    failed = lines(out / "failed.jsonl")
+    assert [(f["question_id"], f["decoder"], f["resolved"]) for f in failed] == [(1002, "gone", True)]
+    assert failed[0]["resolved_tstamp"] >= failed[0]["tstamp"] and "failed" not in again.stderr
 
 
 def test_missing_usage_is_counted_with_the_tokenizer(misbehaving, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -243,6 +244,31 @@ def test_resume_refuses_edited_questions_but_may_extend(tmp_path, capsys, monkey
     code, err = cli(capsys, monkeypatch, *quick_args(out, "--questions", questions, "--limit", "1"))
     assert code == 2
     assert f"question {first_id} in {questions} changed since this run started (hash " in err and "use another --out" in err
+
+
+# ------------------------------------------------------------------------------ judge --dry-run
+@pytest.mark.parametrize("mode", ["single", "pairwise"])
+def test_judge_dry_run_counts_what_the_judgment_sends_and_sends_nothing(tmp_path, capsys, monkeypatch, mode):
+    """The dry run's count is the number of calls the real judgment then makes; it needs no key,
+    sends nothing and writes nothing."""
+    monkeypatch.setenv("MEDUSA_BENCH_DATA", str(DATA))
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    run = make_run(tmp_path, decoders=("baseline", "medusa", "hydra"))
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    code, out, err = run_cli(capsys, monkeypatch, "judge", run, "--mode", mode, "--dry-run", "--max-tokens", "100")  # OpenAI, no key
+    assert code == 0, err
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    requests, tokens, most = (int(n.replace(",", "")) for n in
+                              re.search(r"(\d+) judge requests, about ([\d,]+) prompt tokens \(\+ at most ([\d,]+) output", out).groups())
+    assert requests > 0 and tokens > 200 * requests and most == 100 * requests  # a judge prompt is a few hundred tokens
+
+    judge = FakeJudge()
+    try:
+        code, _, err = run_cli(capsys, monkeypatch, "judge", run, "--mode", mode, "--judge-base-url", judge.url, "--parallel", "1")
+        assert code == 0, err
+        assert len(judge.requests) == requests  # what the dry run said, call for call
+    finally:
+        judge.close()
 
 
 # ------------------------------------------------------------------------------ 5. markdown escaping

@@ -46,6 +46,9 @@ def test_answer_file_fields_and_resume(smollm, tmp_path):
             assert choice["wall_time"][turn] > 0
     run = json.loads((out / "run.json").read_text())
     assert run["settings"]["max_new_tokens"] == 8 and run["versions"]["torch"] and run["device"]["type"] == "cpu"
+    # FastChat's data/<bench>/ layout: the questions answered beside model_answer/, as in the source file
+    source = {str(q["question_id"]): q for q in map(json.loads, (REPO / "medusa_bench" / "data" / "quick_question.jsonl").read_text().splitlines())}
+    assert files.read_jsonl(out / "question.jsonl") == [source["1005"], source["1007"]]
     # Re-running adds nothing and rewrites nothing.
     run_benchmark(quick_config(out), loaded=smollm)
     assert path.read_text() == first
@@ -86,6 +89,37 @@ def test_bad_input_is_one_clear_line(args, message, tmp_path, capsys, monkeypatc
     assert code == 2
     assert message in " ".join(err.split())
     assert "Traceback" not in err
+    assert not (tmp_path / "o").exists()  # a refused run leaves nothing behind (not even its .lock)
+
+
+def test_refused_resume_keeps_the_folder_and_a_refused_run_in_a_new_one_leaves_none(smollm, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    run_benchmark(quick_config(out, question_ids=["1005"]), loaded=smollm)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    code, err = cli(capsys, monkeypatch, "run", "--bench", "quick", "--question-ids", "1005", "--max-new-tokens", "9",
+                    "--warmup", "0", "--device", "cpu", "--out", out)
+    assert code == 2 and "max_new_tokens was 8, now 9" in " ".join(err.split())
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # the run it refused is untouched
+    fresh = tmp_path / "deeper" / "run"  # refused after the folder was made (a decoder that cannot load its heads)
+    code, err = cli(capsys, monkeypatch, "run", "--bench", "quick", "--limit", "1", "--decoders", "medusa",
+                    "--medusa-heads", tmp_path / "no-heads", "--tree", "chain-2", "--device", "cpu", "--dtype", "float32", "--out", fresh)
+    assert code == 2 and not fresh.exists()
+
+
+def test_cli_run_prints_the_glance_table_and_the_folder(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    code, stdout, stderr = run_cli(capsys, monkeypatch, "run", "--bench", "quick", "--limit", "1", "--max-new-tokens", "4",
+                                   "--warmup", "0", "--device", "cpu", "--dtype", "float32", "--precision-reference", "none", "--out", out)
+    assert code == 0, stderr
+    assert stdout.strip() == str(out)  # stdout: the run folder alone, for scripts
+    assert "At a glance" in stderr and "baseline" in stderr
+
+
+def test_version(capsys, monkeypatch):
+    from medusa_bench import __version__
+
+    code, stdout, _ = run_cli(capsys, monkeypatch, "--version")
+    assert code == 0 and stdout.startswith(f"medusa-bench {__version__}")
 
 
 def test_unwritable_out_folder(tmp_path, capsys, monkeypatch):

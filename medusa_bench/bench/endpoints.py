@@ -197,8 +197,8 @@ class EndpointDecoder(RemoteDecoder):
         """One line when every request after its answers failed (the server went away mid-run), else None."""
         if not (self.answered and self.failing == self.failed > 0):
             return None
-        return (f"endpoint {self.name} stopped answering: all {self.failed} requests after its {self.answered} answers failed; "
-                "is the server still up?")
+        return (f"endpoint {self.name} stopped answering: after {self.answered} answered, all {self.failed} questions since "
+                "failed (is the server still up?)")
 
 
 def endpoint_decoders(endpoints: dict[str, Endpoint], reference: Optional[str], model: str, run_dir: Path,
