@@ -2,7 +2,7 @@
 
 Every speedup in this tool is measured against our baseline; if it were slower than
 transformers' own generate(), every speedup would be inflated. Prints tokens/s of our baseline
-on each engine (engine.py: static or dynamic KV cache, eager or captured) and of generate(), the
+on each engine (runtime/engine.py: static or dynamic KV cache, eager or captured) and of generate(), the
 ratios, and checks the eager tokens are identical. Targets on CPU: ours (static cache) >= 1.05x
 generate() at 128 new tokens, >= 1.15x at a 1,500-token context.
 
@@ -19,12 +19,12 @@ from dataclasses import replace
 
 import torch
 
-from medusa_bench.bench.prompts import build_prompt
-from medusa_bench.bench.questions import load_questions
-from medusa_bench.decoders.base import build_decoder
-from medusa_bench.decoders.spec import sync
-from medusa_bench.engine import use_engine
+from medusa_bench.inputs.chat import build_prompt
+from medusa_bench.inputs.questions import load_questions
+from medusa_bench.bench.build import build_decoder
 from medusa_bench.models import load_model
+from medusa_bench.runtime.engine import use_engine
+from medusa_bench.runtime.forward import sync
 
 
 def hf_generate(loaded, ids: list[int], max_new_tokens: int, **generate_kwargs) -> tuple[list[int], float]:
@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--context", type=int, default=0, help="pad each prompt to about this many tokens (0: the question alone)")
     parser.add_argument("--engines", default=None,
-                        help="our baseline on these CACHE/COMPILE engines (engine.py); default dynamic/off,static/off "
+                        help="our baseline on these CACHE/COMPILE engines (runtime/engine.py); default dynamic/off,static/off "
                              "(+ static/on on CUDA). The first is the one the ratio line uses.")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")

@@ -19,9 +19,10 @@ import time
 import torch
 
 from medusa_bench.bench.calibrate import context_ids, default_prompt_file, read_prompts
-from medusa_bench.decoders.base import DecoderOptions, build_decoder
-from medusa_bench.decoders.spec import sync
+from medusa_bench.bench.build import build_decoder
+from medusa_bench.decoders.options import DecoderOptions
 from medusa_bench.models import load_model
+from medusa_bench.runtime.forward import sync
 
 
 class Timed:

@@ -222,7 +222,7 @@ class Check:
 
     def run_config(self, dtype: str, decoders: list[str], compile_mode: str, folder: Path):
         from medusa_bench.bench.loop import RunConfig
-        from medusa_bench.decoders.base import DecoderOptions
+        from medusa_bench.decoders.options import DecoderOptions
 
         fields = {f.name for f in dataclasses.fields(RunConfig)}
         kwargs = dict(model=self.args.model, decoders=decoders, bench="mt_bench", questions=self.questions, limit=self.args.limit,
@@ -285,8 +285,8 @@ class Check:
         """model.generate() greedy, eager then static cache (+ compile on CUDA), on turn 1 of the same questions."""
         from baseline_vs_generate import hf_generate
 
-        from medusa_bench.bench.prompts import build_prompt, conversation
-        from medusa_bench.bench.questions import load_questions
+        from medusa_bench.inputs.chat import build_prompt, conversation
+        from medusa_bench.inputs.questions import load_questions
 
         loaded = self.model(dtype)
         set_engine(loaded, "off", record)
@@ -347,7 +347,9 @@ class Check:
     def seven_b(self, record: dict) -> None:
         from verify_overhead import tree_of
 
-        from medusa_bench.decoders.spec import Proposer, SpeculativeDecoder, crop_cache, sync
+        from medusa_bench.decoders.spec import Proposer, SpeculativeDecoder
+        from medusa_bench.runtime.cache import crop_cache
+        from medusa_bench.runtime.forward import sync
         from medusa_bench.decoders.medusa import MedusaProposer
         from medusa_bench.heads.medusa import MedusaHeads
 
@@ -499,7 +501,7 @@ class Check:
 # ------------------------------------------------------------------------------ helpers
 def _cpu_name() -> str:
     try:
-        from medusa_bench.bench.loop import cpu_model
+        from medusa_bench.bench.device import cpu_model
 
         return cpu_model() or "unknown"
     except Exception:  # noqa: BLE001
@@ -518,7 +520,7 @@ def _git_fallback() -> str | None:
 
 
 def engine_support() -> dict:
-    """What the lead's engine work offers in this checkout: RunConfig.compile/cache, medusa_bench.engine.use_engine."""
+    """What the lead's engine work offers in this checkout: RunConfig.compile/cache, medusa_bench.runtime.engine.use_engine."""
     info = {"run_config_compile": False, "run_config_cache": False, "use_engine": False}
     try:
         from medusa_bench.bench.loop import RunConfig
@@ -528,7 +530,7 @@ def engine_support() -> dict:
     except Exception as error:  # noqa: BLE001
         info["run_config_error"] = error_record(error)["error"]
     try:
-        from medusa_bench import engine
+        from medusa_bench.runtime import engine
 
         info["use_engine"] = callable(getattr(engine, "use_engine", None))
     except ImportError:
@@ -541,9 +543,9 @@ def engine_support() -> dict:
 def set_engine(loaded, compile_mode: str, record: dict) -> bool:
     """`use_engine(loaded, cache="auto", compile=...)` where the engine exists; False (and a note) where it does not."""
     try:
-        from medusa_bench.engine import use_engine
+        from medusa_bench.runtime.engine import use_engine
     except ImportError:
-        record["engine_note"] = "medusa_bench.engine.use_engine not in this checkout (eager)"
+        record["engine_note"] = "medusa_bench.runtime.engine.use_engine not in this checkout (eager)"
         return False
     result = use_engine(loaded, cache="auto", compile=compile_mode)
     record.setdefault("engine", []).append({"compile": compile_mode, "returned": repr(result)[:120]})

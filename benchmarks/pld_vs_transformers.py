@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from medusa_bench.bench.prompts import build_prompt
-from medusa_bench.bench.questions import load_questions
-from medusa_bench.decoders.base import DecoderOptions, build_decoder
-from medusa_bench.decoders.spec import sync
+from medusa_bench.inputs.chat import build_prompt
+from medusa_bench.inputs.questions import load_questions
+from medusa_bench.bench.build import build_decoder
+from medusa_bench.decoders.options import DecoderOptions
 from medusa_bench.models import load_model
+from medusa_bench.runtime.forward import sync
 
 SPEC_BENCH = ("summarization", "rag", "translation")
 

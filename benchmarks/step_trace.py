@@ -61,18 +61,19 @@ class Tally:
 
 
 def prompts_from(loaded, questions: str | None, n: int) -> list[list[int]]:
-    from medusa_bench.bench.prompts import build_prompt, conversation
-    from medusa_bench.bench.questions import load_questions
+    from medusa_bench.inputs.chat import build_prompt, conversation
+    from medusa_bench.inputs.questions import load_questions
 
     _, items = load_questions("mt_bench" if questions else "quick", questions, n)
     return [build_prompt(loaded, conversation(q.turns[:1], [])) for q in items]
 
 
 def trace_dtype(args, dtype: str, out: Path, lines: list[str], records: list[dict]) -> None:
-    from medusa_bench import engine as engine_module
-    from medusa_bench.decoders.base import DecoderOptions, build_decoder
-    from medusa_bench.engine import use_engine
+    from medusa_bench.bench.build import build_decoder
+    from medusa_bench.decoders.options import DecoderOptions
     from medusa_bench.models import load_model
+    from medusa_bench.runtime.cache import SlotCache
+    from medusa_bench.runtime.engine import CapturedStep, use_engine
 
     say = lambda text: (print(text, flush=True), lines.append(text))  # noqa: E731
     loaded = load_model(args.model, args.device, dtype)
@@ -84,8 +85,8 @@ def trace_dtype(args, dtype: str, out: Path, lines: list[str], records: list[dic
     say(f"## {dtype} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
         f"engine {engine.describe()}, cuDNN attention {cudnn}, torch {torch.__version__}")
     tally = Tally(device)
-    tally.wrap(engine_module.CapturedStep, "__init__", "capture")
-    tally.wrap(engine_module.SlotCache, "__init__", "new cache")
+    tally.wrap(CapturedStep, "__init__", "capture")
+    tally.wrap(SlotCache, "__init__", "new cache")
     tally.wrap(engine, "forward", "forward")
     decoders = {}
     for spec in args.decoders.split(","):

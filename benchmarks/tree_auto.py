@@ -17,9 +17,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medusa_bench.bench.autotree import AutoTreeSettings, tree_for_decoder
-from medusa_bench.bench.loop import RunConfig, model_id, run_benchmark
-from medusa_bench.decoders.base import DecoderOptions
+from medusa_bench.bench.autotree import AutoTreeSettings, size_tree
+from medusa_bench.bench.loop import RunConfig, run_benchmark
+from medusa_bench.bench.run_folder import model_id
+from medusa_bench.decoders.options import DecoderOptions
 from medusa_bench.models import load_model
 from medusa_bench.results import files
 from medusa_bench.trees.search import expected_length
@@ -88,7 +89,7 @@ def main() -> None:
     loaded = load_model(args.model, args.device, args.dtype)
     settings = AutoTreeSettings(max_nodes=args.max_nodes, prompts=args.prompts, tokens=args.tokens)
     options = DecoderOptions(medusa_heads=args.medusa_heads, extra={"autotree": settings})
-    auto = tree_for_decoder("medusa", loaded, options)
+    auto = size_tree("medusa", loaded, options)
     out = args.out or Path("results") / f"tree-auto-{loaded.name}-{args.bench}"
     trees = fixed_trees(auto, auto.info["depth"], [int(n) for n in args.greedy_sizes.split(",") if n.strip()], out / "trees")
     specs = {label: f"medusa:{out / 'trees' / (label + '.json')}" if label.startswith("greedy-") else f"medusa:{label}"

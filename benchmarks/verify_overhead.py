@@ -4,7 +4,7 @@ For tree sizes 1 … 64 nodes: our whole decoding step (drafting + verify forwar
 KV-cache compaction, `SpeculativeDecoder.step`, the code `run` uses) against a bare base-model
 forward of the same number of tokens over the same cache, interleaved, median of repeats.
 Also drafting alone against a one-token forward. Targets on CPU: step/forward <= 1.05 for every
-size; drafting <= 10% of a one-token forward. Each engine (engine.py: dynamic or static KV cache,
+size; drafting <= 10% of a one-token forward. Each engine (runtime/engine.py: dynamic or static KV cache,
 eager or CUDA-graph captured) is measured on its own, then their step times side by side.
 
     .venv/bin/python benchmarks/verify_overhead.py --context 300 --repeats 20
@@ -21,12 +21,14 @@ from dataclasses import replace
 
 import torch
 
-from medusa_bench.decoders.base import DecoderOptions, build_decoder
-from medusa_bench.decoders.spec import crop_cache, sync
-from medusa_bench.engine import use_engine
+from medusa_bench.bench.build import build_decoder
+from medusa_bench.decoders.options import DecoderOptions
 from medusa_bench.heads.common import default_heads
 from medusa_bench.heads.medusa import MedusaHeads, save_heads
 from medusa_bench.models import load_model
+from medusa_bench.runtime.cache import crop_cache
+from medusa_bench.runtime.engine import use_engine
+from medusa_bench.runtime.forward import sync
 from medusa_bench.trees.presets import get_preset
 from medusa_bench.trees.tree import Tree
 
@@ -57,7 +59,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4, help="number of random heads when the model has no heads")
     parser.add_argument("--draft-vocab", type=int, default=-1, help="as in `run`: -1 the heads' default, 0 all tokens")
     parser.add_argument("--engines", default=None,
-                        help="comma-separated CACHE/COMPILE pairs (engine.py), e.g. dynamic/off,static/off,static/on "
+                        help="comma-separated CACHE/COMPILE pairs (runtime/engine.py), e.g. dynamic/off,static/off,static/on "
                              "(default: dynamic/off,static/off, and static/on on CUDA)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")

@@ -269,7 +269,8 @@ class Worker:
 
 def our_worker() -> None:
     """Our side: the same protocol as reference_worker.py, decoding with medusa_bench's decoders."""
-    from medusa_bench.decoders.base import DecoderOptions, build_decoder
+    from medusa_bench.bench.build import build_decoder
+    from medusa_bench.decoders.options import DecoderOptions
     from medusa_bench.models import load_model
 
     reply = os.fdopen(os.dup(1), "w", buffering=1)
@@ -321,7 +322,7 @@ def ours_phases(decoder, loaded):
 
 def pick_prompts(count: int, question_file: str | None):
     """MT-Bench first turns, evenly spaced over the file (its 8 categories), and one more to warm up on."""
-    from medusa_bench.bench.questions import load_questions
+    from medusa_bench.inputs.questions import load_questions
 
     _, questions = load_questions("mt_bench", Path(question_file) if question_file else None)
     step = max(len(questions) // count, 1)
@@ -357,7 +358,7 @@ def main() -> None:
 
 
 def bench(args) -> None:
-    from medusa_bench.bench.prompts import build_prompt
+    from medusa_bench.inputs.chat import build_prompt
     from medusa_bench.models import load_model
     from medusa_bench.trees.tree import Tree
 

@@ -15,12 +15,15 @@ from conftest import run_cli as cli
 from medusa_bench.bench import autotree
 from medusa_bench.bench import calibrate as cal
 from medusa_bench.bench.autotree import AutoTreeSettings, auto_tree, store_in_run
+from medusa_bench.bench.build import build_decoder
 from medusa_bench.bench.loop import RunConfig, run_benchmark
-from medusa_bench.bench.prompts import build_prompt
-from medusa_bench.decoders.base import DecoderOptions, build_decoder
+from medusa_bench.decoders import registry
 from medusa_bench.decoders.medusa import MedusaProposer
+from medusa_bench.decoders.options import DecoderOptions
 from medusa_bench.errors import UserError
 from medusa_bench.heads.medusa import MedusaHeads, load_heads, save_heads
+from medusa_bench.inputs.chat import build_prompt
+from medusa_bench.trees.ranks import statistics_of
 from medusa_bench.trees.search import conditional_prob, load_calibration, load_latency
 from medusa_bench.trees.tree import Tree
 
@@ -55,7 +58,7 @@ def test_statistics_are_joint_path_frequencies():
         [5, 0, 0],
         [0, 0, 0],
     ])
-    calib = cal.statistics_of(ranks, top_k=2)
+    calib = statistics_of(ranks, top_k=2)
     assert calib.kind == "conditional" and calib.top_k == 2 and calib.samples == 6
     paths = calib.paths
     assert paths[(0,)] == pytest.approx(4 / 6) and paths[(1,)] == pytest.approx(1 / 6)
@@ -66,9 +69,9 @@ def test_statistics_are_joint_path_frequencies():
     assert prob((0, 0, 0)) == pytest.approx(1 / 6)
     assert calib.meta["top1"] == [pytest.approx(x, abs=1e-4) for x in (4 / 6, 4 / 6, 4 / 5)]  # marginals
     assert calib.meta["positions"] == [6, 6, 5]
-    assert cal.statistics_of(torch.tensor([[7, 7]]), top_k=2).paths == {(0,): 0.0}  # never right: still a valid table
+    assert statistics_of(torch.tensor([[7, 7]]), top_k=2).paths == {(0,): 0.0}  # never right: still a valid table
     with pytest.raises(UserError, match="no positions"):
-        cal.statistics_of(torch.full((3, 2), -1), top_k=2)
+        statistics_of(torch.full((3, 2), -1), top_k=2)
 
 
 def test_prompt_files_in_the_common_formats(tmp_path):
@@ -143,8 +146,23 @@ def test_auto_without_heads_is_refused(smollm):
     nameless = replace(smollm, name="model-without-default-heads")
     with pytest.raises(UserError, match="needs heads: pass --medusa-heads"):
         build_decoder("medusa:auto", nameless, DecoderOptions())
-    with pytest.raises(UserError, match="drafts no tree"):
-        autotree.tree_for_decoder("baseline", smollm, DecoderOptions())
+    with pytest.raises(UserError, match="'baseline' drafts on no tree; the tree optimiser sizes trees for .*medusa"):
+        autotree.size_tree("baseline", smollm, DecoderOptions())
+
+
+def test_auto_is_resolved_in_the_bench_layer_the_registry_builds_concrete_trees(smollm, heads_dir, monkeypatch):
+    """Every tree decoder defaults to auto; the registry refuses it (it has no model to measure on), the bench
+    builds it, and a plan's tree (a Ray worker's device type, measured once) is built without measuring."""
+    assert DecoderOptions().tree == "auto"
+    assert {"medusa", "medusa2", "hydra", "eagle", "eagle2", "eagle3"} <= set(registry.tree_decoders())
+    assert not {"baseline", "control", "pld", "medusa2-baseline"} & set(registry.tree_decoders())
+    options = DecoderOptions(medusa_heads=str(heads_dir))
+    with pytest.raises(UserError, match="'medusa': --tree auto is measured .* by the bench layer"):
+        registry.build_decoder("medusa", smollm, options)
+    monkeypatch.setattr("medusa_bench.bench.build.size_tree", lambda *a: pytest.fail("measured despite the plan"))
+    planned = build_decoder("medusa", smollm, options, plan={"trees": {"medusa": {"auto": True, "paths": [[0], [0, 0]]}}})
+    assert planned.proposer.tree == Tree.chain(2) and planned.autotree is None
+    assert build_decoder("baseline", smollm).draft_size == 0  # no tree to size: built at once
 
 
 def test_bad_settings_and_calibration_files_are_clear(smollm, heads_dir, tmp_path):
@@ -153,7 +171,7 @@ def test_bad_settings_and_calibration_files_are_clear(smollm, heads_dir, tmp_pat
     options = lambda **kw: DecoderOptions(tree="auto", medusa_heads=str(heads_dir),  # noqa: E731
                                           extra={"autotree": AutoTreeSettings(cache_dir=str(tmp_path), **TINY, **kw)})
     with pytest.raises(UserError, match="--calibration .*not found"):
-        build_decoder("medusa", smollm, options(calibration=str(tmp_path / "missing.jsonl")))
+        build_decoder("medusa", smollm, options(calibration=str(tmp_path / "missing.jsonl")))  # bench/build.py: auto
     bad = tmp_path / "calibration.json"
     bad.write_text(json.dumps({"kind": "independent", "accuracy": [[0.9, 0.5]]}))
     with pytest.raises(UserError, match="sums to 1.400"):
@@ -238,7 +256,7 @@ def test_tree_command_uses_the_heads_own_calibration(smollm, heads_dir, tmp_path
     assert str(out) in stdout and "pred. τ" in stdout
     assert any(p.name.startswith("smollm2-135m-medusa-") for p in (tmp_path / "cache" / "trees").iterdir())
     code, _, stderr = cli(capsys, monkeypatch, "tree", "--decoder", "baseline", "--out", out)
-    assert code == 2 and "drafts no tree" in stderr
+    assert code == 2 and "drafts on no tree" in stderr
 
 
 def test_shipped_tables_need_no_data_folder(smollm, tmp_path, monkeypatch):
@@ -247,7 +265,7 @@ def test_shipped_tables_need_no_data_folder(smollm, tmp_path, monkeypatch):
 
     monkeypatch.setenv("MEDUSA_BENCH_DATA", str(tmp_path / "empty"))
     monkeypatch.setenv("MEDUSA_BENCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr("medusa_bench.bench.questions.BENCH_URLS", {})
+    monkeypatch.setattr("medusa_bench.inputs.questions.BENCH_URLS", {})
     heads = default_heads(smollm, "medusa")
     table, prompts = autotree.calibration_source(None, heads)
     assert table == heads / "calibration.json" and prompts.name == "quick_question.jsonl"

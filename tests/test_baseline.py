@@ -2,8 +2,9 @@
 
 import torch
 
-from medusa_bench.bench.prompts import build_prompt
-from medusa_bench.decoders.base import Sampling, build_decoder
+from medusa_bench.inputs.chat import build_prompt
+from medusa_bench.decoders.base import Sampling
+from medusa_bench.decoders.registry import build_decoder
 
 
 def prompt(smollm, text="Name three colours."):

@@ -10,8 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medusa_bench.bench.prompts import build_prompt
-from medusa_bench.decoders.base import DecoderOptions, Sampling, build_decoder
+from medusa_bench.inputs.chat import build_prompt
+from medusa_bench.decoders.base import Sampling
+from medusa_bench.decoders.options import DecoderOptions
+from medusa_bench.decoders.registry import build_decoder
 from medusa_bench.decoders.eagle import EagleProposer
 from medusa_bench.decoders.spec import Draft, SpeculativeDecoder
 from medusa_bench.errors import UserError
@@ -259,7 +261,7 @@ class OracleEagle(EagleProposer):
         g_root = self.catch_up(root, hidden, context)
         self.outputs.append((len(context), g_root.clone()))
         tokens = self.static_tree(root, g_root)
-        from medusa_bench.decoders.spec import crop_cache
+        from medusa_bench.runtime.cache import crop_cache
 
         crop_cache(self.cache, self.fed)
         produced = len(context) - self.prompt_len + 1

@@ -1,4 +1,4 @@
-"""The engine (engine.py): the static KV cache and the captured-step path give the dynamic cache's tokens.
+"""The engine (runtime/engine.py): the static KV cache and the captured-step path give the dynamic cache's tokens.
 
 On CPU the captured path runs without CUDA graphs (each step calls the model again over the
 whole static buffer with the mask, positions and slots in static inputs): that checks every
@@ -11,10 +11,11 @@ import dataclasses
 import pytest
 import torch
 
-from medusa_bench.bench.prompts import build_prompt
-from medusa_bench.decoders.base import build_decoder
-from medusa_bench.engine import Engine, SlotCache, resolve, use_engine
+from medusa_bench.inputs.chat import build_prompt
+from medusa_bench.decoders.registry import build_decoder
 from medusa_bench.errors import UserError
+from medusa_bench.runtime.cache import SlotCache
+from medusa_bench.runtime.engine import Engine, resolve, use_engine
 
 TREES = [
     "baseline",

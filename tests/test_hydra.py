@@ -7,13 +7,16 @@ import json
 import pytest
 import torch
 
-from medusa_bench.bench.prompts import build_prompt
-from medusa_bench.decoders.base import DecoderOptions, Sampling, build_decoder
-from medusa_bench.decoders.hydra import HydraProposer, draft_tree, level_plan
+from medusa_bench.inputs.chat import build_prompt
+from medusa_bench.decoders.base import Sampling
+from medusa_bench.decoders.options import DecoderOptions
+from medusa_bench.decoders.registry import build_decoder
+from medusa_bench.decoders.hydra import HydraProposer, draft_tree
 from medusa_bench.decoders.spec import Draft, SpeculativeDecoder
 from medusa_bench.errors import UserError
 from medusa_bench.heads import io
 from medusa_bench.heads.hydra import HydraHeads, load_hydra_heads, save_hydra_heads
+from medusa_bench.trees.levels import level_plan
 from medusa_bench.trees.tree import Tree
 
 H, V = 16, 50

@@ -3,9 +3,12 @@
 import pytest
 import torch
 
-from medusa_bench.bench.prompts import build_prompt
-from medusa_bench.decoders.base import DecoderOptions, Sampling, build_decoder
-from medusa_bench.decoders.spec import Acceptance, Draft, Proposer, SpeculativeDecoder, accept_greedy, accept_typical
+from medusa_bench.inputs.chat import build_prompt
+from medusa_bench.decoders.acceptance import Acceptance, accept_greedy, accept_typical
+from medusa_bench.decoders.base import Sampling
+from medusa_bench.decoders.options import DecoderOptions
+from medusa_bench.decoders.registry import build_decoder
+from medusa_bench.decoders.spec import Draft, Proposer, SpeculativeDecoder
 from medusa_bench.errors import UserError
 from medusa_bench.heads.medusa import MedusaHeads, save_heads
 from medusa_bench.trees.tree import TreeBuffers

@@ -4,11 +4,13 @@ import json
 
 import pytest
 
-from medusa_bench.bench.prompts import build_prompt
-from medusa_bench.decoders.base import DecoderOptions, Sampling, build_decoder
+from medusa_bench.decoders.base import Sampling
+from medusa_bench.decoders.options import DecoderOptions
 from medusa_bench.decoders.pld import (AcceptanceStats, NgramIndex, PromptLookupProposer, StepCosts, choose_nodes,
                                        find_matches, merge)
+from medusa_bench.decoders.registry import build_decoder
 from medusa_bench.errors import UserError
+from medusa_bench.inputs.chat import build_prompt
 
 # ------------------------------------------------------------------------------ match search
 
@@ -104,23 +106,30 @@ def test_step_costs_follow_the_profile():
 
 
 def test_the_profile_is_measured_once_and_kept_in_the_run_folder(smollm, references, tmp_path):
-    from medusa_bench.bench.autotree import store_in_run
+    """The bench measures the profile (once per model) and hands it to the factory; the registry alone,
+    with no profile, decides by the prior curve."""
+    from medusa_bench.bench.autotree import saved_profiles, store_in_run
+    from medusa_bench.bench.build import build_decoder as build_measured
 
-    first = build_decoder("pld", smollm)
+    first = build_measured("pld", smollm)
     profile = first.step_profile
     assert set(profile["chain"]) >= {"1", "4", "16"} and set(profile["tree"]) >= {"4", "16"}
     assert all(t > 0 for t in profile["chain"].values()) and profile["context_len"] > 100
+    assert build_measured("pld", smollm).step_profile is profile  # measured once per model
+    assert build_decoder("pld", smollm).step_profile is None  # the registry measures nothing
     store_in_run(tmp_path, {"pld": first}, None)
     assert json.loads((tmp_path / "pld-profile.json").read_text()) == profile
     # a resume decides with the run's own profile, not a fresh measurement
     recorded = {**profile, "chain": {"1": 0.010, "16": 0.020}, "tree": {}}  # cheap drafts: PLD drafts a lot
     (tmp_path / "pld-profile.json").write_text(json.dumps(recorded))
-    second = build_decoder("pld", smollm)
+    plan = {"profiles": saved_profiles(tmp_path, ["baseline", "pld"], DecoderOptions())}
+    assert plan == {"profiles": {"pld": recorded}}
+    second = build_measured("pld", smollm, plan=plan)
     store_in_run(tmp_path, {"pld": second}, {"trees": {}})
     assert second.step_profile == recorded and second.proposer.costs.relative(16) == pytest.approx(2.0)
+    assert json.loads((tmp_path / "pld-profile.json").read_text()) == recorded
     # the same profile, the same tokens: the same choices (τ), however busy the machine is
-    third = build_decoder("pld", smollm)
-    third.proposer.use_profile(recorded)
+    third = build_decoder("pld", smollm, DecoderOptions(extra={"step_profile": recorded}))
     lengths = [second.generate(ids, 32).accept_lengths for ids, _ in references]
     assert lengths == [third.generate(ids, 32).accept_lengths for ids, _ in references]
     assert max(max(row) for row in lengths) > 1

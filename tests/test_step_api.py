@@ -5,11 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medusa_bench.bench.prompts import build_prompt
-from medusa_bench.decoders.base import DecoderOptions, Sampling, build_decoder
+from medusa_bench.inputs.chat import build_prompt
+from medusa_bench.decoders.base import Sampling
+from medusa_bench.decoders.options import DecoderOptions
+from medusa_bench.decoders.registry import build_decoder
 from medusa_bench.decoders.hydra import HydraProposer
-from medusa_bench.decoders.spec import Draft, Proposer, SpeculativeDecoder, accept_sampled, forward, warp
+from medusa_bench.decoders.acceptance import accept_sampled, warp
+from medusa_bench.decoders.spec import Draft, Proposer, SpeculativeDecoder
 from medusa_bench.models import LoadedModel
+from medusa_bench.runtime.forward import forward
 from medusa_bench.trees.tree import Tree, TreeBuffers
 
 
@@ -83,7 +87,7 @@ def test_rewind_replays_steps_exactly_with_stateful_proposers(smollm, prompt, ki
 
 
 def test_prefix_layer_refuses_a_cache_moved_behind_its_back(smollm, prompt):
-    from medusa_bench.decoders.spec import crop_cache
+    from medusa_bench.runtime.cache import crop_cache
     from test_hydra import random_heads
 
     heads = random_heads(smollm.model, "prefix-mlp", shared=True, K=2, scale=0.3)

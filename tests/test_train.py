@@ -7,14 +7,16 @@ import time
 import pytest
 import torch
 
-from medusa_bench.bench.prompts import build_prompt
-from medusa_bench.decoders.base import DecoderOptions, build_decoder
+from medusa_bench.inputs.chat import build_prompt
+from medusa_bench.decoders.options import DecoderOptions
+from medusa_bench.decoders.registry import build_decoder
 from medusa_bench.errors import UserError
 from medusa_bench.heads.common import default_heads
 from medusa_bench.heads.medusa import load_heads
 from medusa_bench.results import files
 from medusa_bench.train.data import head_targets, last_hidden, load_sequences, tokenize
-from medusa_bench.train.distill import describe_data, distill, read_prompts
+from medusa_bench.train.distill import describe_data, distill
+from medusa_bench.train.prompts import read_prompts
 from medusa_bench.train.instructions import BenchmarkOverlap, bootstrap_instructions
 from medusa_bench.train.fit import FitConfig, check_out_folder, head_logits, train_medusa, warmup_cosine
 from medusa_bench.train.medusa2 import Medusa2Config, train_medusa2

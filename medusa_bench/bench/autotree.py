@@ -21,6 +21,7 @@ from typing import Callable, Optional
 
 from medusa_bench import __version__
 from medusa_bench.bench import calibrate as cal
+from medusa_bench.decoders.registry import build_decoder, needs_step_profile, spec_options, tree_decoders
 from medusa_bench.errors import UserError
 from medusa_bench.trees.search import (
     Calibration, Latency, SearchResult, best_tree, greedy_tree, load_calibration, load_latency,
@@ -31,7 +32,8 @@ from medusa_bench.trees.tree import Tree
 DEFAULT_MIN_SPEEDUP = 1.03  # a tree must promise 3% over the baseline: prediction noise stays >= 0.97x
 RUN_FILES = ("tree", "calibration", "latency")
 # The code that shapes the tables, with the proposer's and its heads' own modules: a change measures again.
-CODE_FILES = ("bench/calibrate.py", "bench/autotree.py", "trees/search.py", "trees/tree.py", "decoders/spec.py")
+CODE_FILES = ("bench/calibrate.py", "bench/autotree.py", "trees/search.py", "trees/tree.py", "decoders/spec.py",
+              "decoders/acceptance.py", "runtime/forward.py", "runtime/cache.py", "trees/levels.py")
 
 
 @dataclass
@@ -86,16 +88,18 @@ class AutoTree:
         return paths
 
 
-def tree_for_decoder(spec: str, loaded, options) -> AutoTree:
-    """`medusa-bench tree`: build the decoder with `--tree auto` (the very path `run` takes) and return its search."""
+def size_tree(spec: str, loaded, options) -> AutoTree:
+    """`--tree auto` for the decoder `spec` (and `medusa-bench tree`): the optimiser's search over
+    proposers on the decoder's own heads.
 
-    from medusa_bench.decoders.base import build_decoder
-
-    decoder = build_decoder(spec, loaded, options.replace(tree="auto"))
-    auto = decoder.autotree
-    if auto is None:
-        raise UserError(f"decoder {spec!r} drafts no tree from heads; search trees for medusa, medusa2, hydra or eagle, eagle2, eagle3")
-    return auto
+    The registry builds the decoder once on the empty tree; its `sizing` (decoders/base.TreeSizing)
+    makes the proposers calibrated and timed here. Settings: `options.extra["autotree"]`.
+    """
+    found, options = spec_options(spec, options)
+    if not found.tree:
+        raise UserError(f"decoder {spec!r} drafts on no tree; the tree optimiser sizes trees for {', '.join(tree_decoders())}")
+    sizing = build_decoder(found.name, loaded, options.replace(tree=Tree.empty())).sizing
+    return auto_tree(loaded, sizing.make_proposer, sizing.heads_path, sizing.depth, sizing.kind, options.extra.get("autotree"))
 
 
 def save_tree_files(auto: AutoTree, out: Path) -> dict[str, Path]:
@@ -178,26 +182,14 @@ def calibration_source(option: Optional[str], heads_path=None) -> tuple[Optional
     if option is None:
         shipped = Path(heads_path) / "calibration.json" if heads_path is not None else None
         if shipped is not None and shipped.is_file():
-            return shipped, profiling_prompt_file()
+            return shipped, cal.profiling_prompt_file()
         return None, cal.default_prompt_file()
     path = Path(option).expanduser()
     if not path.is_file():
         raise UserError(f"--calibration {path}: file not found; pass a prompts file (.jsonl or text) or a calibration.json")
     if path.suffix.lower() == ".json":  # a measured table: still needs prompts for the profiling context
-        return path, profiling_prompt_file()
+        return path, cal.profiling_prompt_file()
     return None, path
-
-
-def profiling_prompt_file() -> Path:
-    """Text for the profiled step's context only (timing, not accuracy): the self-distillation
-    prompts when the data folder is there, else the package's own quick questions, so that
-    `--tree auto` with shipped tables works without any data set."""
-    try:
-        return cal.default_prompt_file()
-    except UserError:
-        from importlib import resources
-
-        return Path(str(resources.files("medusa_bench") / "data" / "quick_question.jsonl"))
 
 
 # ------------------------------------------------------------------------------ cache
@@ -301,23 +293,30 @@ def store_in_run(run_dir: Path, decoders: dict, previous: Optional[dict]) -> Non
             decoders[name].autotree.write({file: Path(run_dir) / path for file, path in record["files"].items()})
     for name, file in profile_files(decoders).items():
         path = Path(run_dir) / file
-        decoder = decoders[name]
-        if path.is_file():  # a resume decides as the run did: its own profile, not a fresh measurement
-            decoder.step_profile = _read(path)
-            decoder.proposer.use_profile(decoder.step_profile)
-        else:
-            _write(path, decoder.step_profile)
+        if not path.is_file():  # a resume built its decoders with the file's profile (saved_profiles)
+            _write(path, decoders[name].step_profile)
 
 
 def profile_files(decoders: dict) -> dict[str, str]:
     """Prompt lookup's step-time profiles in the run folder: pld-profile.json for the first, then
     pld-profile-<decoder>.json (decoders with a `step_profile`, see decoders/pld.py)."""
+    return profile_file_names([name for name, decoder in decoders.items() if decoder.step_profile is not None])
+
+
+def profile_file_names(names: list[str]) -> dict[str, str]:
     files = {}
-    for name, decoder in decoders.items():
-        if decoder.step_profile is not None:
-            suffix = "" if not files else "-" + "".join(c if c.isalnum() else "-" for c in name)
-            files[name] = f"pld-profile{suffix}.json"
+    for name in names:
+        suffix = "" if not files else "-" + "".join(c if c.isalnum() else "-" for c in name)
+        files[name] = f"pld-profile{suffix}.json"
     return files
+
+
+def saved_profiles(run_dir: Path, specs: list[str], options) -> dict[str, dict]:
+    """{spec: profile} a run folder keeps for the decoders that decide by one (a resume decides as the
+    run did: with its own profile, not a fresh measurement); bench/build.py takes them as a plan's."""
+    deciding = [spec for spec in specs if needs_step_profile(spec, options)]
+    profiles = {spec: _read(Path(run_dir) / file) for spec, file in profile_file_names(deciding).items()}
+    return {spec: profile for spec, profile in profiles.items() if profile is not None}
 
 
 # ------------------------------------------------------------------------------ output

@@ -26,15 +26,17 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections import Counter
+import weakref
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from medusa_bench.bench.prompts import build_prompt
-from medusa_bench.decoders.spec import Draft, Proposer, SpeculativeDecoder, body_and_layers, sync
+from medusa_bench.inputs.chat import build_prompt
+from medusa_bench.decoders.spec import Draft, Proposer, SpeculativeDecoder
 from medusa_bench.errors import UserError
+from medusa_bench.runtime.forward import body_and_layers, sync
+from medusa_bench.trees.ranks import statistics_of
 from medusa_bench.trees.search import Calibration, Latency
 from medusa_bench.trees.tree import Tree
 
@@ -46,9 +48,21 @@ MakeProposer = Callable[[Tree], Proposer]
 
 # ------------------------------------------------------------------------------ prompts
 def default_prompt_file() -> Path:
-    from medusa_bench.bench.questions import data_file
+    from medusa_bench.inputs.questions import data_file
 
     return data_file(*DEFAULT_PROMPTS, option="--calibration")
+
+
+def profiling_prompt_file() -> Path:
+    """Text for the profiled step's context only (timing, not accuracy): the self-distillation
+    prompts when the data folder is there, else the package's own quick questions, so that
+    `--tree auto` with shipped tables (and prompt lookup's profile) works without any data set."""
+    try:
+        return default_prompt_file()
+    except UserError:
+        from importlib import resources
+
+        return Path(str(resources.files("medusa_bench") / "data" / "quick_question.jsonl"))
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -165,51 +179,6 @@ def rank_table(loaded, proposer, sequences: list[tuple[list[int], int]], depth: 
     return torch.cat(rows)
 
 
-def statistics_of(ranks: torch.Tensor, top_k: int, meta: Optional[dict] = None) -> Calibration:
-    """Path-conditional acceptance table from rank rows [N, depth]; per-depth marginals in meta.
-
-    paths[(r_1..r_d)] = #(rows starting r_1..r_d) / #(rows starting r_1..r_{d-1} with a depth-d
-    target), so the product along a path is the joint frequency of that rank sequence.
-    """
-    hits: Counter = Counter()
-    trials: Counter = Counter()
-    for row in ranks.tolist():
-        row = tuple(row)
-        for d, rank in enumerate(row):
-            if rank < 0:
-                break
-            trials[row[:d]] += 1
-            if rank >= top_k:
-                break
-            hits[row[: d + 1]] += 1
-    if not trials:
-        raise UserError("calibration found no positions to score; use longer answers (--tokens)")
-    paths = {path: hits[path] / trials[path[:-1]] for path in hits}
-    if not paths:  # no draft was ever right: one zero entry keeps the file valid
-        paths = {(0,): 0.0}
-    per_depth = marginals(ranks, top_k)
-    meta = dict(meta or {})
-    meta.update({
-        "statistics": "joint rank paths (path-conditional)",
-        "per_depth": per_depth,
-        "top1": [round(row[0], 4) for row in per_depth],
-        f"top{top_k}": [round(sum(row), 4) for row in per_depth],
-        "positions": [int((ranks[:, d] >= 0).sum()) for d in range(ranks.shape[1])],
-    })
-    return Calibration("conditional", top_k, paths=paths, samples=int(trials[()]), meta=meta)
-
-
-def marginals(ranks: torch.Tensor, top_k: int) -> list[list[float]]:
-    """acc[d][r] = P(true token at depth d + 1 is the rank-r candidate), over positions with a target."""
-    table = []
-    for d in range(ranks.shape[1]):
-        column = ranks[:, d]
-        column = column[column >= 0]
-        total = max(column.numel(), 1)
-        table.append([round(float((column == r).sum()) / total, 6) for r in range(top_k)])
-    return table
-
-
 def calibrate(loaded, proposer, prompts: Sequence[str], depth: int, top_k: int = 10, max_new_tokens: int = 64,
               meta: Optional[dict] = None) -> Calibration:
     """Greedy answers to `prompts`, then the proposer's acceptance table up to `depth` and `top_k`."""
@@ -271,11 +240,9 @@ def profile(loaded, make_proposer: MakeProposer, trees: dict[int, Tree], context
 
 
 def device_name(loaded) -> str:
-    import platform
+    from medusa_bench.bench.device import device_key  # the one device identity (run.json, Ray plans, this cache)
 
-    if loaded.device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(loaded.device)}"
-    return f"cpu:{platform.processor() or platform.machine()}"
+    return device_key(loaded)
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -317,3 +284,28 @@ def shape_profile(loaded, context: list[int], sizes: Sequence[int], repeats: int
             "threads": torch.get_num_threads(), "context_len": len(context), "repeats": repeats, "warmup": warmup,
             "chain": {str(n): t for n, t in sorted(chain.step_time.items())},
             "tree": {str(n): t for n, t in sorted(tree.step_time.items())}}
+
+
+STEP_PROFILE_SIZES = (1, 2, 4, 8, 16)  # prompt lookup's steps: between, interpolated; larger, the prior scaled
+STEP_PROFILE_CONTEXT = 300  # cached tokens, as `--tree auto` profiles
+_STEP_PROFILES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {(device, dtype, threads): profile}
+
+
+def step_profile(loaded) -> dict:
+    """The step-time profile prompt lookup decides by (decoders/pld.py, pld-profile.json), measured
+    once per process, model, device, dtype and thread count: a run's pld decoders share it."""
+    measured = _STEP_PROFILES.setdefault(loaded.model, {})
+    key = (str(loaded.device), str(loaded.dtype), torch.get_num_threads())
+    if key not in measured:
+        measured[key] = shape_profile(loaded, profile_context(loaded), STEP_PROFILE_SIZES)
+    return measured[key]
+
+
+def profile_context(loaded) -> list[int]:
+    """Real text (the tree optimiser's profiling prompts) where there is a tokenizer, else fixed ids."""
+    room = getattr(loaded, "context_length", STEP_PROFILE_CONTEXT + 64) - max(STEP_PROFILE_SIZES)
+    length = min(STEP_PROFILE_CONTEXT, room)
+    if getattr(loaded, "tokenizer", None) is None:
+        vocab = loaded.model.config.get_text_config().vocab_size
+        return [(i * 7919) % (vocab - 1) + 1 for i in range(length)]
+    return context_ids(loaded, read_prompts(profiling_prompt_file()), length)

@@ -1,17 +1,18 @@
-"""The decoder interface, its options, and the registry of decoder names.
+"""The decoder interface: what a decoder takes (`Sampling`), returns (`Generation`) and declares.
 
 A decoder turns prompt token ids into answer token ids and reports how it got there (steps,
 tokens per step, wall time). Every decoder here is the one speculative loop in `spec.py` with
-a different proposer: the baseline proposes nothing.
+a different proposer: the baseline proposes nothing. The names, their factories and options
+are in `registry.py` and `options.py`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional, Protocol
 
-from medusa_bench.decoders.options import DecoderOptions  # noqa: F401 (re-exported: callers import it from here)
-from medusa_bench.errors import UserError, unknown_name
+from medusa_bench.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -59,80 +60,16 @@ class Decoder(Protocol):
                  on_step: Optional[StepCallback] = None, logprobs: Optional[int] = None) -> Generation: ...
 
 
-# name -> factory(loaded_model, options) -> Decoder. Factories import lazily so that
-# `medusa-bench --help` stays fast and a missing optional part only fails when used.
-DecoderFactory = Callable[["LoadedModel", DecoderOptions], Decoder]  # noqa: F821
-_REGISTRY: dict[str, DecoderFactory] = {}
-_HEADS: dict[str, tuple[str, str]] = {}  # name -> (the option naming its heads, the shipped heads' kind)
+@dataclass(frozen=True)
+class TreeSizing:
+    """What `--tree auto` needs to size a tree for a decoder that drafts on one (bench/autotree.py).
 
-
-def register(name: str, heads: Optional[tuple[str, str]] = None):
-    """Register a decoder factory; `heads=(option, kind)` when it loads heads: the option naming their
-    folder, else the shipped `<model>-<kind>` folder (run.json hashes that folder; a resume checks it)."""
-    def wrap(factory: DecoderFactory) -> DecoderFactory:
-        _REGISTRY[name] = factory
-        if heads is not None:
-            _HEADS[name] = heads
-        return factory
-
-    return wrap
-
-
-def heads_option(name: str) -> tuple[Optional[str], Optional[str]]:
-    """(option, shipped kind) of a decoder that loads heads, else (None, None)."""
-    load_decoders()
-    return _HEADS.get(name, (None, None))
-
-
-def decoder_names() -> list[str]:
-    load_decoders()
-    return sorted(_REGISTRY)
-
-
-def split_spec(spec: str) -> tuple[str, Optional[str]]:
-    """'medusa:chain-2' → ('medusa', 'chain-2'): one run can compare trees side by side."""
-    name, _, tree = spec.partition(":")
-    return name.strip(), (tree.strip() or None)
-
-
-def build_decoder(spec: str, loaded, options: Optional[DecoderOptions] = None) -> Decoder:
-    """The registry: 'unknown decoder 'x'; valid names are …' for a typo.
-
-    `spec` is a decoder name, optionally with its own tree after a colon (`medusa:chain-2`),
-    which overrides `options.tree` for that decoder only; the decoder is then named `spec`.
+    A factory registered with `tree=True` sets it as `decoder.sizing`: the optimiser calibrates
+    and times proposers from `make_proposer(tree)` on the decoder's own heads, then the registry
+    builds the decoder again with the tree it chose.
     """
-    load_decoders()
-    name, tree = split_spec(spec)
-    if name not in _REGISTRY:
-        raise unknown_name("decoder", name, _REGISTRY)
-    options = options if options is not None else DecoderOptions()
-    if tree is not None:
-        options = options.replace(tree=tree)
-    decoder = _REGISTRY[name](loaded, options)
-    if tree is not None:
-        decoder.name = f"{name}:{tree}"
-    return decoder
 
-
-ENTRY_POINTS = "medusa_bench.decoders"  # another package adds decoders here: name = "module"
-_LOADED = False
-
-
-def load_decoders() -> None:
-    """Import every module of this package and every entry point in ENTRY_POINTS: importing a
-    decoder module registers its decoders (`register`) and declares its options (options.declare)."""
-    global _LOADED
-    if _LOADED:
-        return
-    _LOADED = True  # before importing: a module that asks for the registry while loading sees it partial, not a loop
-    import importlib
-    import pkgutil
-    from importlib.metadata import entry_points
-
-    import medusa_bench.decoders as package
-
-    for module in pkgutil.iter_modules(package.__path__):
-        if not module.name.startswith("_"):
-            importlib.import_module(f"{package.__name__}.{module.name}")
-    for entry in entry_points(group=ENTRY_POINTS):
-        entry.load()
+    make_proposer: Callable[["Tree"], "Proposer"]  # noqa: F821 (trees.Tree -> spec.Proposer, any tree up to `depth`)
+    depth: int  # the deepest tree it drafts (its heads)
+    kind: str  # the optimiser's cache name: decoders drafting alike share tables (eagle, eagle2)
+    heads_path: Optional[Path | str] = None  # heads folder: its shipped calibration.json, if any

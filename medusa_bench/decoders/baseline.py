@@ -1,6 +1,6 @@
 """The baseline: the shared loop with an empty tree, i.e. plain greedy or sampled decoding."""
 
-from medusa_bench.decoders.base import register
+from medusa_bench.decoders.registry import register
 from medusa_bench.decoders.spec import Proposer, SpeculativeDecoder
 
 

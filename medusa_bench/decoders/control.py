@@ -5,7 +5,7 @@ control strays from that is the run's noise floor (timing drift, contention, pre
 report treats the decoder named `control` that way.
 """
 
-from medusa_bench.decoders.base import register
+from medusa_bench.decoders.registry import register
 from medusa_bench.decoders.spec import Proposer, SpeculativeDecoder
 
 

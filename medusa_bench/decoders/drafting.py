@@ -1,4 +1,4 @@
-"""What the heads decoders (medusa, medusa2, hydra) share: where the heads are, the tree, the proposer's setup.
+"""What the tree decoders (medusa, medusa2, hydra, eagle*) share: where the heads are, the tree, the proposer's setup.
 
 The heads themselves share their contract in `heads/common.py`; this is the decoder side.
 """
@@ -6,13 +6,13 @@ The heads themselves share their contract in `heads/common.py`; this is the deco
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
-from medusa_bench.decoders.base import DecoderOptions
-from medusa_bench.decoders.options import Option, declare, within
-from medusa_bench.decoders.spec import Acceptance, Proposer, SpeculativeDecoder
+from medusa_bench.decoders.base import TreeSizing
+from medusa_bench.decoders.options import DecoderOptions, Option, declare, within
+from medusa_bench.decoders.spec import Proposer, SpeculativeDecoder
 from medusa_bench.errors import UserError
 from medusa_bench.heads.common import apply_draft_vocab, default_heads
 from medusa_bench.trees.tree import Tree
@@ -95,28 +95,22 @@ def heads_decoder(name: str, loaded, heads, path, proposer_class, options: Decod
     """The decoder `name`: `proposer_class` drafting with `heads` (read from `path`) on `loaded`.
 
     `draft_vocab` restricts drafting to the heads' most frequent tokens (`apply_draft_vocab`;
-    0: the whole vocabulary). The tree is `options.tree`, or measured for these heads (`auto`).
+    0: the whole vocabulary). The tree is `options.tree` (a Tree: the registry resolved it).
     """
     apply_draft_vocab(heads, path, draft_vocab)
 
     def make_proposer(tree: Tree) -> Proposer:
         return proposer_class(heads, tree, loaded.device)
 
-    tree, auto = tree_for(options, loaded, make_proposer, heads.num_heads, name, path)
-    acceptance = Acceptance(options.acceptance, options.posterior_threshold, options.posterior_alpha)
-    # the run folder keeps the optimiser's tables (bench/autotree.store_in_run)
-    return SpeculativeDecoder(name, loaded, make_proposer(tree), acceptance, baseline_name=baseline_name, autotree=auto)
+    return tree_decoder(name, loaded, options, TreeSizing(make_proposer, heads.num_heads, name, path),
+                        baseline_name=baseline_name)
 
 
-def tree_for(options: DecoderOptions, loaded, make_proposer, depth: int, kind: str, path=None):
-    """(tree, the optimiser's search or None): `options.tree`, or measured for this proposer (`auto`).
-
-    Any proposer built by `make_proposer(tree)` that answers `true_ranks` can be sized by the
-    optimiser; `path` (heads folder) supplies shipped acceptance statistics when it has them.
-    """
-    if options.tree != "auto":
-        return Tree.parse(options.tree, num_heads=depth), None
-    from medusa_bench.bench.autotree import auto_tree  # it lives in the bench layer: this lazy import is the one hook
-
-    auto = auto_tree(loaded, make_proposer, path, depth, kind, options.extra.get("autotree"))
-    return auto.tree, auto
+def tree_decoder(name: str, loaded, options: DecoderOptions, sizing: TreeSizing,
+                 proposer: Optional[Callable[[Tree], Proposer]] = None, baseline_name: str = "baseline") -> SpeculativeDecoder:
+    """`name` drafting on `options.tree` with `proposer(tree)` (default: `sizing.make_proposer`), which
+    carries `sizing`: how `--tree auto` sizes another tree for it (bench/autotree.py)."""
+    tree = Tree.parse(options.tree, num_heads=sizing.depth)
+    decoder = SpeculativeDecoder(name, loaded, (proposer or sizing.make_proposer)(tree), baseline_name=baseline_name)
+    decoder.sizing = sizing
+    return decoder

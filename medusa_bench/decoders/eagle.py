@@ -29,13 +29,15 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from medusa_bench.decoders.base import DecoderOptions, register
-from medusa_bench.decoders.drafting import ContextRows, HeadsProposer, find_heads, tree_for
-from medusa_bench.decoders.hydra import level_plan
-from medusa_bench.decoders.options import Option, declare, within
-from medusa_bench.decoders.spec import Acceptance, Draft, SpeculativeDecoder, crop_cache
+from medusa_bench.decoders.base import TreeSizing
+from medusa_bench.decoders.drafting import ContextRows, HeadsProposer, find_heads, tree_decoder
+from medusa_bench.decoders.options import DecoderOptions, Option, declare, within
+from medusa_bench.decoders.registry import register
+from medusa_bench.decoders.spec import Draft, SpeculativeDecoder
 from medusa_bench.errors import UserError
 from medusa_bench.heads.common import apply_draft_vocab
+from medusa_bench.runtime.cache import crop_cache
+from medusa_bench.trees.levels import level_plan
 from medusa_bench.trees.tree import Tree, TreeBuffers
 
 
@@ -192,28 +194,29 @@ def eagle_decoder(name: str, loaded, options: DecoderOptions, path, dynamic: boo
     elif options.draft_vocab > 0:
         raise UserError("EAGLE-3 heads draft among their own vocabulary (d2t): leave --draft-vocab at its default")
 
-    def make_proposer(tree: Tree) -> EagleProposer:
+    def make_proposer(tree: Tree) -> EagleProposer:  # the optimiser sizes static trees, eagle and eagle2 alike
         return EagleProposer(heads, tree, loaded.device, dynamic=False)
 
-    tree, auto = tree_for(options, loaded, make_proposer, heads.depth, heads.variant, path)  # eagle and eagle2 share tables
-    proposer = EagleProposer(heads, tree, loaded.device, dynamic=dynamic, top_k=options.eagle_top_k)
-    acceptance = Acceptance(options.acceptance, options.posterior_threshold, options.posterior_alpha)
-    return SpeculativeDecoder(name, loaded, proposer, acceptance, autotree=auto)
+    def proposer(tree: Tree) -> EagleProposer:
+        return EagleProposer(heads, tree, loaded.device, dynamic=dynamic, top_k=options.eagle_top_k)
+
+    sizing = TreeSizing(make_proposer, heads.depth, heads.variant, path)  # eagle and eagle2 share tables
+    return tree_decoder(name, loaded, options, sizing, proposer)
 
 
-@register("eagle", heads=("eagle_heads", "eagle"))
+@register("eagle", heads=("eagle_heads", "eagle"), tree=True)
 def build_eagle(loaded, options: DecoderOptions):
     """EAGLE-1: EAGLE-1/2 heads on the static tree `--tree`, the same tree Medusa and Hydra draft."""
     return eagle_decoder("eagle", loaded, options, find_heads(options.eagle_heads, loaded, "eagle", "--eagle-heads"), False)
 
 
-@register("eagle2", heads=("eagle_heads", "eagle"))
+@register("eagle2", heads=("eagle_heads", "eagle"), tree=True)
 def build_eagle2(loaded, options: DecoderOptions):
     """EAGLE-2: the same heads on dynamic trees."""
     return eagle_decoder("eagle2", loaded, options, find_heads(options.eagle_heads, loaded, "eagle", "--eagle-heads"), True)
 
 
-@register("eagle3", heads=("eagle3_heads", "eagle3"))
+@register("eagle3", heads=("eagle3_heads", "eagle3"), tree=True)
 def build_eagle3(loaded, options: DecoderOptions):
     """EAGLE-3 heads, on dynamic trees (`--eagle3-tree static`: on `--tree` itself)."""
     path = find_heads(options.eagle3_heads, loaded, "eagle3", "--eagle3-heads")

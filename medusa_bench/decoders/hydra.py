@@ -12,55 +12,19 @@ after prefill, the accepted path's after each step) and the layer takes them in 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from medusa_bench.decoders.base import DecoderOptions, register
 from medusa_bench.decoders.drafting import ContextRows, HeadsProposer, find_heads, heads_decoder
-from medusa_bench.decoders.options import Option, declare
-from medusa_bench.decoders.spec import Draft, crop_cache
-from medusa_bench.trees.tree import Tree, TreeBuffers
-
-
-
-@dataclass
-class Level:
-    """How to draft one depth of the tree from the depth above (all indices precomputed per tree)."""
-
-    head: int  # the head that drafts this depth (= the parents' depth)
-    expand: Tensor  # [m] rows of the parents' level that have children: the head runs on these only
-    parent: Tensor  # [c] row of each child's parent within the parents' level
-    parent_row: Tensor  # [c] row of each child's parent within `expand`
-    rank: Tensor  # [c] the child's rank among its parent's candidates
-    nodes: Tensor  # [c] the children's node indices (this level, in node order)
-    top_k: int  # candidates needed per parent
-
-
-def level_plan(buffers: TreeBuffers) -> list[Level]:
-    """One Level per depth 1..max_depth, from the tree's levels, parents and ranks."""
-    plan = []
-    for depth in range(1, buffers.max_depth + 1):
-        above = buffers.levels[depth - 1].tolist()
-        nodes = buffers.levels[depth]
-        parents = buffers.parents[nodes].tolist()
-        expanding = sorted(set(parents), key=above.index)
-        row_in_above = {node: i for i, node in enumerate(above)}
-        row_in_expand = {node: i for i, node in enumerate(expanding)}
-        long = dict(dtype=torch.long, device=nodes.device)
-        plan.append(Level(
-            head=depth - 1,
-            expand=torch.tensor([row_in_above[p] for p in expanding], **long),
-            parent=torch.tensor([row_in_above[p] for p in parents], **long),
-            parent_row=torch.tensor([row_in_expand[p] for p in parents], **long),
-            rank=buffers.ranks[nodes],
-            nodes=nodes,
-            top_k=int(buffers.ranks[nodes].max()) + 1,
-        ))
-    return plan
+from medusa_bench.decoders.options import DecoderOptions, Option, declare
+from medusa_bench.decoders.registry import register
+from medusa_bench.decoders.spec import Draft
+from medusa_bench.runtime.cache import crop_cache
+from medusa_bench.trees.levels import Level, level_plan
+from medusa_bench.trees.tree import Tree
 
 
 @torch.no_grad()
@@ -147,7 +111,7 @@ class PrefixTracker:
 declare(Option("hydra_heads", None, "Hydra heads folder (default: the heads shipped for the model)."))
 
 
-@register("hydra", heads=("hydra_heads", "hydra"))
+@register("hydra", heads=("hydra_heads", "hydra"), tree=True)
 def build_hydra(loaded, options: DecoderOptions):
     from medusa_bench.heads.hydra import load_hydra_heads
 

@@ -17,11 +17,11 @@ from typing import Optional
 
 import torch
 
-from medusa_bench.decoders.base import DecoderOptions, register
 from medusa_bench.decoders.drafting import HeadsProposer, find_heads, heads_decoder
-from medusa_bench.decoders.options import Option, declare
-from medusa_bench.engine import engine_of
+from medusa_bench.decoders.options import DecoderOptions, Option, declare
+from medusa_bench.decoders.registry import register
 from medusa_bench.decoders.spec import Draft, Proposer, SpeculativeDecoder
+from medusa_bench.runtime.engine import engine_of
 from medusa_bench.trees.tree import Tree
 
 
@@ -51,7 +51,7 @@ declare(
 )
 
 
-@register("medusa", heads=("medusa_heads", "medusa"))
+@register("medusa", heads=("medusa_heads", "medusa"), tree=True)
 def build_medusa(loaded, options: DecoderOptions):
     from medusa_bench.heads.medusa import load_heads
 
@@ -105,7 +105,7 @@ def _read_medusa2(loaded, path):
     return backbone, heads
 
 
-@register("medusa2", heads=("medusa2_model", "medusa2"))
+@register("medusa2", heads=("medusa2_model", "medusa2"), tree=True)
 def build_medusa2(loaded, options: DecoderOptions):
     path = medusa2_folder(loaded, options)
     backbone, heads = load_medusa2(loaded, path)

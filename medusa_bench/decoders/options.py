@@ -4,7 +4,9 @@ A decoder module calls `declare(Option(...), ...)` at import. Everything else is
 the declarations: the flags of `run`, `serve` and `tree` (cli.py), the settings a run folder
 keeps fixed for its life and writes to run.json (bench/loop.py), and the values decoders read
 from `DecoderOptions` (`options.pld_tokens`). The loop's own options (tree, acceptance) are
-declared here.
+declared here. `DecoderOptions.extra` holds Python-only values: what the bench layer measured
+for a decoder (`step_profile`, see decoders/registry.py) and callers' own settings (`autotree`,
+`pld_adaptive`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from medusa_bench.decoders.discovery import load_decoders
 from medusa_bench.errors import UserError, unknown_name
 
 COMMANDS = ("run", "serve", "tree")  # the commands that build decoders
@@ -25,6 +28,7 @@ class Option:
     commands: tuple[str, ...] = COMMANDS
     check: Optional[Callable[[Any], Optional[str]]] = None  # an error message for a bad value, else None
     kind: Optional[type] = None  # the flag's type; default: the default's (str when the default is None)
+    panel: str = "Trees and drafting"  # the `--help` panel its flag is listed under (cli.py)
 
     @property
     def flag(self) -> str:
@@ -49,8 +53,6 @@ def declare(*options: Option) -> None:
 
 def declared(command: Optional[str] = None) -> list[Option]:
     """Every declared option (of `command`), after discovering the decoder modules."""
-    from medusa_bench.decoders.base import load_decoders
-
     load_decoders()
     return [o for o in _DECLARED.values() if command is None or command in o.commands]
 
@@ -130,8 +132,10 @@ def _acceptance_rule(value) -> None:
 
 # The verify loop's options: every drafting decoder reads them.
 declare(
-    Option("tree", "mc_sim_7b_63", "Candidate tree: a preset name, a JSON file, an inline list like [[0],[1],[0,0]], "
-           "or 'auto' (measured for these heads on this machine).", commands=("run", "serve")),
+    # auto by default: mc_sim_7b_63, the default before, is Medusa's tree for Vicuna-7B; on the 2-core EPYC it ran
+    # at 0.42x the baseline (docs/results/cpu-first-heads-history.md), the optimiser's trees at 1.17-1.24x.
+    Option("tree", "auto", "Candidate tree: 'auto' (measured for these heads on this machine, then cached), a preset "
+           "name like mc_sim_7b_63, a JSON file, or an inline list like [[0],[1],[0,0]].", commands=("run", "serve")),
     Option("acceptance", "greedy", "greedy (lossless) | typical", check=_acceptance_rule),
     Option("posterior_threshold", 0.09, "Typical acceptance epsilon.",
            check=lambda v: None if 0 <= v <= 1 else f"must be in [0, 1], got {v}"),

@@ -10,8 +10,9 @@ On a CPU a longer forward is not free (design.md: 1 token 33 ms, 4 tokens 52 ms,
 so drafting blindly is slower than plain decoding. Each step therefore drafts only the nodes
 that pay for themselves: a node's chance of acceptance comes from the acceptance measured on
 earlier drafts of similar strength (how long the match is), the cost of a step of k tokens from
-a step-time profile measured once when the decoder is built (`bench/calibrate.shape_profile`,
-kept in the run folder as pld-profile.json, so a run's choices depend on tokens and that file
+a step-time profile the bench layer measures once per model and hands to the factory
+(`options.extra["step_profile"]`, `bench/calibrate.step_profile`; the registry's `step_profile`
+declares it), kept in the run folder as pld-profile.json, so a run's choices depend on tokens and that file
 only, never on how busy the machine was mid-answer), and the draft is the set of nodes that
 maximises expected tokens per second, possibly none (a plain one-token step, the baseline's
 cost). The acceptance statistics are kept across generations. `DecoderOptions(extra={"pld_adaptive": False})`
@@ -20,16 +21,15 @@ drafts every candidate instead, as transformers' prompt lookup does.
 
 from __future__ import annotations
 
-import weakref
 from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from medusa_bench.decoders.base import DecoderOptions, register
-from medusa_bench.decoders.options import Option, declare, within
-from medusa_bench.decoders.spec import Acceptance, Draft, Proposer, SpeculativeDecoder
+from medusa_bench.decoders.options import DecoderOptions, Option, declare, within
+from medusa_bench.decoders.registry import register
+from medusa_bench.decoders.spec import Draft, Proposer, SpeculativeDecoder
 from medusa_bench.trees.tree import TreeBuffers
 
 LIMITS = {"pld_max_ngram": (1, 16), "pld_tokens": (1, 64), "pld_branches": (1, 16)}
@@ -260,12 +260,12 @@ class PromptLookupProposer(Proposer):
     """
 
     def __init__(self, max_ngram: int = 3, max_tokens: int = 10, branches: int = 1, adaptive: bool = True,
-                 device: torch.device = torch.device("cpu")):
+                 device: torch.device = torch.device("cpu"), profile: Optional[dict] = None):
         self.max_ngram, self.max_tokens, self.branches = max_ngram, max_tokens, branches
         self.adaptive, self.device = adaptive, device
         self.draft_size = max_tokens * branches
         self.stats = AcceptanceStats()  # kept across generations: outcomes depend on tokens only
-        self.costs = StepCosts()  # the prior until `use_profile`
+        self.costs = StepCosts(profile)  # a measured step-time profile (pld-profile.json), else the prior
         self._chains: dict[int, TreeBuffers] = {}
         self.reset([])
 
@@ -273,10 +273,6 @@ class PromptLookupProposer(Proposer):
         self.index = NgramIndex(self.max_ngram, prompt_ids)
         self.pending = None  # (root position, drafted tokens, parents, keys) awaiting its outcome
         self.accepted = 0
-
-    def use_profile(self, profile: dict) -> None:
-        """Step costs from a measured profile (pld-profile.json) instead of the prior."""
-        self.costs = StepCosts(profile)
 
     def update(self, accepted: int) -> None:
         self.accepted = accepted
@@ -345,43 +341,18 @@ declare(
 )
 
 
-PROFILE_SIZES = (1, 2, 4, 8, 16)  # nodes incl. the root; between: interpolated, larger: the prior scaled
-PROFILE_CONTEXT = 300  # cached tokens, as `--tree auto` profiles
-_PROFILES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {(device, dtype, threads): profile}
+def uses_step_profile(options: DecoderOptions) -> bool:
+    """The adaptive policy decides by a step-time profile; drafting every candidate needs none."""
+    return options.extra.get("pld_adaptive", True)
 
 
-def step_profile(loaded) -> dict:
-    """The step-time profile the draft policy uses (pld-profile.json), measured on first use."""
-    measured = _PROFILES.setdefault(loaded.model, {})  # once per process and model: a run's pld decoders share it
-    key = (str(loaded.device), str(loaded.dtype), torch.get_num_threads())
-    if key not in measured:
-        from medusa_bench.bench import calibrate as cal  # the bench layer measures (as for --tree auto)
-
-        measured[key] = cal.shape_profile(loaded, profile_context(loaded), PROFILE_SIZES)
-    return measured[key]
-
-
-def profile_context(loaded) -> list[int]:
-    """Real text (the tree optimiser's profiling prompts) where there is a tokenizer, else fixed ids."""
-    length = min(PROFILE_CONTEXT, getattr(loaded, "context_length", PROFILE_CONTEXT + 64) - max(PROFILE_SIZES))
-    if getattr(loaded, "tokenizer", None) is None:
-        vocab = loaded.model.config.get_text_config().vocab_size
-        return [(i * 7919) % (vocab - 1) + 1 for i in range(length)]
-    from medusa_bench.bench import calibrate as cal
-    from medusa_bench.bench.autotree import profiling_prompt_file
-
-    return cal.context_ids(loaded, cal.read_prompts(profiling_prompt_file()), length)
-
-
-@register("pld")
+@register("pld", step_profile=uses_step_profile)
 def build_pld(loaded, options: DecoderOptions):
-    adaptive = options.extra.get("pld_adaptive", True)
+    """Prompt lookup; its step costs from `options.extra["step_profile"]` (the bench layer measures it
+    once per model: bench/calibrate.step_profile), the prior curve without one."""
+    profile = options.extra.get("step_profile") if uses_step_profile(options) else None
     proposer = PromptLookupProposer(options.pld_max_ngram, options.pld_tokens, options.pld_branches,
-                                    adaptive=adaptive, device=loaded.device)
-    acceptance = Acceptance(options.acceptance, options.posterior_threshold, options.posterior_alpha)
-    decoder = SpeculativeDecoder("pld", loaded, proposer, acceptance)
-    decoder.step_profile = None  # the run folder keeps it (bench/autotree.store_in_run: pld-profile.json)
-    if adaptive:
-        decoder.step_profile = step_profile(loaded)
-        proposer.use_profile(decoder.step_profile)
+                                    adaptive=uses_step_profile(options), device=loaded.device, profile=profile)
+    decoder = SpeculativeDecoder("pld", loaded, proposer)
+    decoder.step_profile = profile  # the run folder keeps it (bench/autotree.store_in_run: pld-profile.json)
     return decoder

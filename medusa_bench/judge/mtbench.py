@@ -27,7 +27,7 @@ REFERENCE_FILE = "reference_answer/gpt-4.jsonl"
 def resolve_data_file(bench: str, name: str, explicit: str | Path | None, option: str) -> Path:
     """A bench data file, resolved like the questions: `explicit` > $MEDUSA_BENCH_DATA/<bench>/name
     > user cache > download (online) > a clear error naming `option`."""
-    from medusa_bench.bench.questions import data_file  # the one resolver for bench files
+    from medusa_bench.inputs.questions import data_file  # the one resolver for bench files
 
     return data_file(bench, name, Path(explicit) if explicit else None, option)
 

@@ -222,8 +222,8 @@ def _message_text(message: ChatMessage, index: int) -> str:
 
 def _make_job(engine: Engine, body: ChatCompletionRequest) -> Job:
     """Validate what pydantic cannot and build the job (tokenised prompt, limits, sampling)."""
-    from medusa_bench.bench.prompts import build_prompt
     from medusa_bench.decoders.base import Sampling
+    from medusa_bench.inputs.chat import build_prompt
 
     if body.n != 1:
         raise APIError(400, "only n=1 is supported", param="n", code="invalid_value")
@@ -355,15 +355,19 @@ def _stream(engine: Engine, body: ChatCompletionRequest, job: Job) -> StreamingR
 
 
 # ------------------------------------------------------------------------------ entry point
+MEDUSA2_MODEL = "medusa2_model"  # a Medusa-2 model is a backbone too, not heads on this one: never swapped per request
+
+
 def _heads_options(decoder: str, options, specs: Optional[list[str]]) -> list[tuple[str, object]]:
     """`--heads NAME=PATH` → [(NAME, options loading PATH)]; checked before the model loads."""
     if not specs:
         return []
-    from medusa_bench.decoders.base import heads_option
+    from medusa_bench.decoders.registry import heads_decoders, heads_option, split_spec
 
-    option, _ = heads_option(decoder.split(":", 1)[0])
-    if option is None or option == "medusa2_model":  # a Medusa-2 model is a backbone too, not heads on this one
-        raise UserError(f"--heads needs a decoder with heads on this base model (medusa, hydra, eagle, eagle2, eagle3), not {decoder!r}")
+    option, _ = heads_option(split_spec(decoder)[0])
+    if option is None or option == MEDUSA2_MODEL:
+        swappable = [name for name in heads_decoders() if heads_option(name)[0] != MEDUSA2_MODEL]
+        raise UserError(f"--heads needs a decoder with heads on this base model ({', '.join(swappable)}), not {decoder!r}")
     out, seen = [], {Engine.DEFAULT}
     for spec in specs:
         name, sep, path = spec.partition("=")
@@ -414,10 +418,11 @@ def serve(
     """Load the model and decoder, then serve until interrupted (blocks)."""
     import uvicorn
 
-    from medusa_bench.bench.prompts import build_prompt
-    from medusa_bench.decoders.base import DecoderOptions, build_decoder
-    from medusa_bench.engine import check_options, use_engine
+    from medusa_bench.bench.build import build_decoder
+    from medusa_bench.decoders.options import DecoderOptions
+    from medusa_bench.inputs.chat import build_prompt
     from medusa_bench.models import load_model
+    from medusa_bench.runtime.engine import check_options, use_engine
 
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be in 0..65535, got {port}")

@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from medusa_bench.bench.calibrate import statistics_of
 from medusa_bench.errors import UserError
 from medusa_bench.heads import io
 from medusa_bench.heads.eagle import VARIANTS, EagleHeads, eagle3_layers, new_eagle_heads, save_eagle_heads
@@ -44,6 +43,7 @@ from medusa_bench.train.data import Sequence
 from medusa_bench.train.fit import FitConfig, FitResult, active_vocab, check_out_folder, epoch_line, prepare_sequences, summary, train_loop, write_curve
 from medusa_bench.train.hydra import batches, conditional_ranks
 from medusa_bench.train.vocab import ranked_tokens, write_draft_vocab
+from medusa_bench.trees.ranks import statistics_of
 from medusa_bench.trees.search import save_calibration
 
 Pair = tuple[Sequence, torch.Tensor]  # a sequence and its cached base rows [T, W]

@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from medusa_bench.bench.calibrate import statistics_of
 from medusa_bench.errors import UserError
 from medusa_bench.heads import io
 from medusa_bench.heads.hydra import ARCHS, HydraHeads, save_hydra_heads
@@ -37,6 +36,7 @@ from medusa_bench.models import DTYPES
 from medusa_bench.train.data import Sequence
 from medusa_bench.train.fit import FitConfig, FitResult, active_vocab, check_out_folder, epoch_line, prepare_sequences, summary, train_loop, write_curve
 from medusa_bench.train.vocab import write_draft_vocab
+from medusa_bench.trees.ranks import statistics_of
 from medusa_bench.trees.search import save_calibration
 
 LOSSES = ("data", "teacher", "both")

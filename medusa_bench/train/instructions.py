@@ -27,6 +27,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from medusa_bench.errors import UserError
 from medusa_bench.results import files
+from medusa_bench.train.generate import generate_batch
+from medusa_bench.train.prompts import benchmark_turns, read_prompts
 
 SEEDS_PER_PROMPT = 3
 NEAR_COPY = 0.5  # word-trigram Jaccard at or above which a new task is a near-copy of another
@@ -54,8 +56,6 @@ class BenchmarkOverlap:
     """Is a text close to any benchmark question turn seen locally (MT-Bench, Spec-Bench, quick)?"""
 
     def __init__(self, turns: Optional[set[str]] = None):
-        from medusa_bench.train.distill import benchmark_turns
-
         turns = benchmark_turns() if turns is None else turns
         self.turns = len(turns)
         self.runs: set[tuple[str, ...]] = set()
@@ -82,8 +82,6 @@ def bootstrap_instructions(loaded, seed_files: list[Path], count: int, out: Path
                            console: Optional[Console] = None) -> dict:
     """Append model-written tasks to `out` until it holds `count` (or TRIES_PER_TASK * count were
     written); returns the tallies of this call."""
-    from medusa_bench.train.distill import generate_batch, read_prompts
-
     seeds = [p.turns[0].split("\n\n")[0] for p in read_prompts(seed_files)]
     out = Path(out)
     files.ensure_writable_dir(out.parent)
@@ -160,8 +158,6 @@ def write_follow_ups(loaded, exchanges: list[tuple[str, str]], overlap: Benchmar
 
     Unusable: too short or long, a near-copy of the first question, or close to a benchmark question.
     """
-    from medusa_bench.train.distill import generate_batch
-
     texts = [FOLLOW_UP_SHOTS.format(question=clip(q, 600), answer=clip(a, 800)) for q, a in exchanges]
     ids = [loaded.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     questions = []

@@ -1,0 +1,53 @@
+"""Building decoders on a loaded model, for `run`, `serve` and Python callers: what the options
+leave open is measured here, then the registry (decoders/registry.py) builds from concrete values.
+
+- `--tree auto` (the default of every decoder that drafts on a tree, `registry.tree_decoders()`):
+  the optimiser sizes a tree for the decoder's own heads (bench/autotree.size_tree), the registry
+  builds the decoder on it, and `decoder.autotree` keeps the search for the run folder.
+- A step-time profile for decoders that decide by one (`register(..., step_profile=...)`: prompt
+  lookup), measured once per model (bench/calibrate.step_profile), given as
+  `options.extra["step_profile"]`.
+
+A `plan` gives either instead of measuring it: `{"trees": {spec: {"auto": True, "paths": [...]}},
+"profiles": {spec: profile}}`, the shape of run.json's `device_plans`: a Ray worker builds its
+device type's plan (bench/distributed.py), a resumed run its own profiles (autotree.saved_profiles).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from medusa_bench.bench import calibrate as cal
+from medusa_bench.bench.autotree import size_tree
+from medusa_bench.decoders import registry
+from medusa_bench.decoders.base import Decoder
+from medusa_bench.decoders.options import DecoderOptions
+from medusa_bench.trees.tree import Tree
+
+
+def build_decoders(specs: list[str], loaded, options: Optional[DecoderOptions] = None,
+                   plan: Optional[dict] = None) -> dict[str, Decoder]:
+    """{spec: decoder} in the given order, all on `loaded` (whose engine they share)."""
+    return {spec: build_decoder(spec, loaded, options, plan) for spec in specs}
+
+
+def build_decoder(spec: str, loaded, options: Optional[DecoderOptions] = None, plan: Optional[dict] = None) -> Decoder:
+    """The decoder `spec` names (`medusa`, `medusa:chain-2`, `hydra:auto`), its tree and profile resolved first."""
+    plan = plan or {}
+    found, options = registry.spec_options(spec, options)
+    auto = None
+    if found.tree and options.tree == "auto":
+        planned = (plan.get("trees") or {}).get(spec) or {}
+        if planned.get("auto"):  # the tree this device type's first worker chose
+            options = options.replace(tree=Tree(planned["paths"]))
+        else:
+            auto = size_tree(spec, loaded, options)
+            options = options.replace(tree=auto.tree)
+    if found.needs_step_profile(options):
+        profile = (plan.get("profiles") or {}).get(spec) or cal.step_profile(loaded)
+        options = options.replace(extra={**options.extra, "step_profile": profile})
+    decoder = registry.build_decoder(found.name, loaded, options)
+    decoder.name = spec
+    if auto is not None:
+        decoder.autotree = auto  # the run folder keeps the optimiser's files (autotree.store_in_run)
+    return decoder

@@ -1,0 +1,151 @@
+"""The registry of decoder names: each name's factory, and what the factory reads besides the model.
+
+A decoder module registers its factories when imported (`discovery.py` imports them all):
+
+    @register("medusa", heads=("medusa_heads", "medusa"), tree=True)
+    def build_medusa(loaded, options: DecoderOptions) -> Decoder: ...
+
+`build_decoder(spec, loaded, options)` finds the factory, builds, and then sets the acceptance
+rule the options ask for (`--acceptance`, its thresholds) on every `SpeculativeDecoder`, so no
+factory builds one. A factory gets concrete values only: with `tree=True`, `options.tree` is a
+`Tree` (never 'auto'); with `step_profile`, `options.extra["step_profile"]` is a measured profile
+or None. The bench layer measures what 'auto' and the profile leave open (bench/build.py) and
+then calls here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+from medusa_bench.decoders.acceptance import Acceptance
+from medusa_bench.decoders.base import Decoder
+from medusa_bench.decoders.discovery import load_decoders
+from medusa_bench.decoders.options import DecoderOptions
+from medusa_bench.decoders.spec import SpeculativeDecoder
+from medusa_bench.errors import UserError, unknown_name
+from medusa_bench.trees.tree import Tree
+
+DecoderFactory = Callable[["LoadedModel", DecoderOptions], Decoder]  # noqa: F821 (models.LoadedModel)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A registered decoder: its factory and what that factory reads besides the model."""
+
+    name: str
+    factory: DecoderFactory
+    heads: Optional[tuple[str, str]] = None  # (the option naming its heads folder, the shipped heads' kind)
+    tree: bool = False  # drafts on `--tree`: gets a Tree, sets `decoder.sizing` (base.TreeSizing) for 'auto'
+    # reads a step-time profile from options.extra["step_profile"]: always (True), or when a test of the options says so
+    step_profile: Union[bool, Callable[[DecoderOptions], bool]] = False
+
+    def needs_step_profile(self, options: DecoderOptions) -> bool:
+        return self.step_profile(options) if callable(self.step_profile) else self.step_profile
+
+
+_ENTRIES: dict[str, Entry] = {}
+
+
+def register(name: str, heads: Optional[tuple[str, str]] = None, tree: bool = False,
+             step_profile: Union[bool, Callable[[DecoderOptions], bool]] = False):
+    """Register a decoder factory under `name`.
+
+    `heads=(option, kind)`: it loads heads, from the folder the option names, else the shipped
+    `<model>-<kind>` folder (run.json hashes that folder; a resume checks it; `serve --heads`
+    swaps it). `tree`: it drafts on `options.tree`. `step_profile`: it decides by a step-time
+    profile the bench layer measures (prompt lookup).
+    """
+    def wrap(factory: DecoderFactory) -> DecoderFactory:
+        _ENTRIES[name] = Entry(name, factory, heads, tree, step_profile)
+        return factory
+
+    return wrap
+
+
+# ------------------------------------------------------------------------------ questions
+def entry(name: str) -> Entry:
+    """The registered decoder `name`; 'unknown decoder 'x'; valid names are …' for a typo."""
+    load_decoders()
+    if name not in _ENTRIES:
+        raise unknown_name("decoder", name, _ENTRIES)
+    return _ENTRIES[name]
+
+
+def decoder_names() -> list[str]:
+    load_decoders()
+    return sorted(_ENTRIES)
+
+
+def tree_decoders() -> list[str]:
+    """Decoders that draft on `--tree` (and so can be sized by `--tree auto` and `medusa-bench tree`)."""
+    return [name for name in decoder_names() if _ENTRIES[name].tree]
+
+
+def heads_decoders() -> list[str]:
+    """Decoders that load heads (`heads_option` names the option)."""
+    return [name for name in decoder_names() if _ENTRIES[name].heads is not None]
+
+
+def heads_option(name: str) -> tuple[Optional[str], Optional[str]]:
+    """(option, shipped kind) of a decoder that loads heads, else (None, None)."""
+    return entry(name).heads or (None, None)
+
+
+def split_spec(spec: str) -> tuple[str, Optional[str]]:
+    """'medusa:chain-2' → ('medusa', 'chain-2'): one run can compare trees side by side."""
+    name, _, tree = spec.partition(":")
+    return name.strip(), (tree.strip() or None)
+
+
+def spec_options(spec: str, options: Optional[DecoderOptions] = None) -> tuple[Entry, DecoderOptions]:
+    """The decoder a spec names, and the options it is built with: the spec's own tree (`medusa:chain-2`)
+    overrides `options.tree` for that decoder only."""
+    name, tree = split_spec(spec)
+    found = entry(name)
+    options = options if options is not None else DecoderOptions()
+    return found, (options.replace(tree=tree) if tree is not None else options)
+
+
+def needs_step_profile(spec: str, options: Optional[DecoderOptions] = None) -> bool:
+    """Does the decoder `spec` decide by a step-time profile with these options (the bench layer measures it)?"""
+    found, options = spec_options(spec, options)
+    return found.needs_step_profile(options)
+
+
+def acceptance_of(options: DecoderOptions) -> Acceptance:
+    return Acceptance(options.acceptance, options.posterior_threshold, options.posterior_alpha)
+
+
+# ------------------------------------------------------------------------------ building
+def build_decoder(spec: str, loaded, options: Optional[DecoderOptions] = None) -> Decoder:
+    """The decoder `spec` names (`medusa`, or `medusa:chain-2`, then named so) on `loaded`.
+
+    Its tree must be concrete: `--tree auto` is measured on the model by the bench layer
+    (bench/build.build_decoder), which then calls this with the tree it chose.
+    """
+    found, options = spec_options(spec, options)
+    if found.tree:
+        if isinstance(options.tree, str) and options.tree.strip().lower() == "auto":
+            raise UserError(f"decoder {spec!r}: --tree auto is measured on the loaded model by the bench layer "
+                            "(medusa_bench.bench.build.build_decoder); here pass a fixed tree, e.g. tree='chain-3'")
+        options = options.replace(tree=Tree.parse(options.tree))
+    decoder = found.factory(loaded, options)
+    use_acceptance(decoder, acceptance_of(options), found.name)
+    if spec != found.name:
+        decoder.name = spec
+    if found.tree and not hasattr(decoder, "sizing"):
+        raise TypeError(f"decoder {found.name!r} is registered with tree=True: its factory must set decoder.sizing "
+                        "(decoders/base.TreeSizing), what --tree auto sizes its trees with")
+    return decoder
+
+
+def use_acceptance(decoder: Decoder, acceptance: Acceptance, name: str) -> None:
+    """Every SpeculativeDecoder verifies by the options' rule; another kind of decoder has none to set."""
+    if isinstance(decoder, SpeculativeDecoder):
+        decoder.acceptance = acceptance
+        # typical acceptance keeps what greedy would reject: lossless no more, unless nothing is ever drafted
+        decoder.lossless = decoder.lossless and (acceptance.rule == "greedy" or decoder.draft_size == 0)
+    elif acceptance.rule != "greedy":
+        raise UserError(f"decoder {name!r} does not verify drafts in the shared loop: --acceptance {acceptance.rule} "
+                        "cannot apply to it; leave --acceptance greedy")
