@@ -295,7 +295,7 @@ def save_tiny(name: str, folder) -> None:
 
 @pytest.mark.parametrize("name, kernel", [("llama", "sdpa"), ("gemma2", "eager")])
 def test_load_model_picks_a_kernel_the_model_accepts(name, kernel, tmp_path):
-    from medusa_bench.bench.loop import device_info
+    from medusa_bench.bench.device import device_info
     from medusa_bench.models import load_model
 
     save_tiny(name, tmp_path)
