@@ -49,7 +49,7 @@ class LoadedModel:
     # ("medusa2", folder)), so decoders built on it share one load, freed with it. Not copied by
     # dataclasses.replace: a copy may hold another model.
     companions: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-    # How forwards run (engine.py: static or dynamic KV cache, captured or eager), shared by every
+    # How forwards run (runtime/engine.py: static or dynamic KV cache, captured or eager), shared by every
     # decoder built on this model; `engine.use_engine` sets it, `engine.engine_of` defaults it.
     engine: object = field(default=None, init=False, repr=False, compare=False)
 

@@ -22,11 +22,12 @@ import torch
 from medusa_bench.decoders.hydra import HydraProposer
 from medusa_bench.decoders.medusa import MedusaProposer
 from medusa_bench.decoders.pld import PromptLookupProposer
-from medusa_bench.decoders.spec import (Proposer, SpeculativeDecoder, attention_layout, forward, keep_in_cache,
-                                        tree_mask)
+from medusa_bench.decoders.spec import Proposer, SpeculativeDecoder
 from medusa_bench.heads.hydra import HydraHeads, load_hydra_heads, save_hydra_heads
 from medusa_bench.heads.medusa import MedusaHeads
 from medusa_bench.models import LoadedModel
+from medusa_bench.runtime.cache import keep_in_cache
+from medusa_bench.runtime.forward import attention_layout, forward, tree_mask
 from medusa_bench.trees.tree import Tree
 
 V, H, W = 64, 32, 16  # vocabulary, hidden size, sliding window

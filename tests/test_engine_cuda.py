@@ -22,7 +22,7 @@ def tiny_llama(seed: int = 0):
 
 
 def loaded_for(model, cache: str, compile: str):
-    from medusa_bench.engine import use_engine
+    from medusa_bench.runtime.engine import use_engine
     from medusa_bench.models import LoadedModel
 
     loaded = LoadedModel(model=model, tokenizer=None, name="tiny", spec="tiny", device=torch.device("cuda"),

@@ -65,7 +65,8 @@ class StepTimer:
 
     @torch.inference_mode()
     def seconds(self) -> float:
-        from medusa_bench.decoders.spec import crop_cache, sync
+        from medusa_bench.runtime.cache import crop_cache
+        from medusa_bench.runtime.forward import sync
 
         sync(self.device)
         start = time.perf_counter()

@@ -51,7 +51,7 @@ from medusa_bench import __version__
 from medusa_bench.errors import UserError
 from medusa_bench.heads import io
 from medusa_bench.heads.common import DraftHeads, locate
-from medusa_bench.heads.hydra import embedding_name, prefix_layer
+from medusa_bench.heads.layers import embedding_name, prefix_layer
 from medusa_bench.models import cache_kwargs, text_config
 
 VARIANTS = ("eagle", "eagle3")

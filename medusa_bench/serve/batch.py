@@ -17,7 +17,9 @@ import torch
 from transformers import DynamicCache
 
 from medusa_bench.decoders.base import Generation, Sampling
-from medusa_bench.decoders.spec import _logprobs, choose_token, sync
+from medusa_bench.decoders.acceptance import choose_token
+from medusa_bench.decoders.spec import _logprobs
+from medusa_bench.runtime.forward import sync
 from medusa_bench.models import cache_kwargs
 
 

@@ -3,13 +3,14 @@
 Two choices, made once per loaded model (`use_engine`) so that the baseline and every
 speculative decoder of a run share them (a speedup then compares methods, not engines):
 
-- **cache** `static` (default where the model allows it): `SlotCache`, a transformers `Cache`
-  whose layers are buffers allocated once per generation for prompt + max_new_tokens + a
-  step's tree (the gpt-fast idea). A forward writes its keys/values at slots length…length+q-1;
-  keeping a step's accepted path is an in-place gather of at most depth+1 slots; nothing is
-  concatenated or reallocated per step. `dynamic`: transformers' DynamicCache, whose every step
-  concatenates onto each layer's keys (cost grows with the context). Models with sliding-window
-  or chunked layers use `dynamic` (their tree masks are per layer type, see decoders/spec.py).
+- **cache** `static` (default where the model allows it): `SlotCache` (runtime/cache.py), a
+  transformers `Cache` whose layers are buffers allocated once per generation for prompt +
+  max_new_tokens + a step's tree (the gpt-fast idea). A forward writes its keys/values at slots
+  length…length+q-1; keeping a step's accepted path is an in-place gather of at most depth+1
+  slots; nothing is concatenated or reallocated per step. `dynamic`: transformers' DynamicCache,
+  whose every step concatenates onto each layer's keys (cost grows with the context). Models
+  with sliding-window or chunked layers use `dynamic` (their tree masks are per layer type, see
+  runtime/forward.py).
 - **compile** `on` (CUDA): each distinct step shape (q tokens, hidden layers asked for) is
   captured once as a CUDA graph over a static cache whose whole buffer attention reads; its
   inputs are the tokens, the first slot and a tree's mask block, and positions, write slots and
@@ -26,147 +27,15 @@ from typing import Optional
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import Cache, CacheLayerMixin
 
 from medusa_bench.errors import UserError
 from medusa_bench.models import text_config
+from medusa_bench.runtime.cache import SlotCache
+from medusa_bench.runtime.forward import attention_layout, forward, model_call
 
 CACHE_KINDS = ("auto", "static", "dynamic")
 COMPILE_MODES = ("auto", "on", "off")
 MAX_CAPTURED_TOKENS = 256  # longer forwards (prefills) stay eager: one graph per prompt length would not pay
-
-
-# ------------------------------------------------------------------------------ the static cache
-class SlotLayer(CacheLayerMixin):
-    """One layer's keys and values: [1, kv_heads, capacity, head_dim] buffers, allocated at the first write.
-
-    Where every layer has one shape they are views into one `SlotCache.storage` tensor, so that
-    keeping a step's accepted path is one gather for all layers, not two per layer (on the H200's
-    host each launch costs tens of µs: 30 layers × 4 launches were a whole forward's time).
-    """
-
-    is_compileable = True
-    is_sliding = False
-
-    def __init__(self, cache: "SlotCache", index: int):
-        super().__init__()
-        self.cache, self.index = cache, index
-        self.shared = False  # keys/values are views into cache.storage
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        cache = self.cache
-        shape = (*key_states.shape[:2], cache.capacity, key_states.shape[-1])  # [batch, kv_heads, capacity, head_dim]
-        if cache.storage is None and cache.uniform and key_states.shape == value_states.shape:
-            cache.storage = cache.make((len(cache.layers), 2, *shape), key_states)
-        storage = cache.storage
-        self.shared = storage is not None and storage.shape[2:] == shape and storage.dtype == key_states.dtype
-        if self.shared:
-            self.keys, self.values = storage[self.index, 0], storage[self.index, 1]
-        else:  # a layer of another shape: its own buffers, and per-layer gathers from now on
-            cache.uniform = False
-            self.keys = cache.make(shape, key_states)
-            self.values = cache.make((*shape[:-1], value_states.shape[-1]), value_states)
-        self.is_initialized = True
-
-    def grow(self, capacity: int) -> None:
-        """Own buffers only (shared storage grows in SlotCache.reserve)."""
-        for name in ("keys", "values"):
-            old = getattr(self, name)
-            new = self.cache.make((*old.shape[:2], capacity, old.shape[-1]), old)
-            new[:, :, : old.shape[2]] = old
-            setattr(self, name, new)
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        cache = self.cache
-        if cache.whole:  # captured: static shapes; slots and mask are the graph's inputs
-            self.keys.index_copy_(2, cache.slots, key_states)
-            self.values.index_copy_(2, cache.slots, value_states)
-            return self.keys, self.values
-        end = cache.start + key_states.shape[-2]
-        self.keys[:, :, cache.start:end] = key_states  # [1, kv_heads, q, head_dim]
-        self.values[:, :, cache.start:end] = value_states
-        return self.keys[:, :, :end], self.values[:, :, :end]  # views: what a DynamicCache would hold
-
-    def get_mask_sizes(self, query_length) -> tuple[int, int]:
-        # transformers 4.5x passes cache_position [q], 5.x the query length
-        q = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
-        return (self.cache.capacity if self.cache.whole else self.cache.start + q), 0
-
-    def get_seq_length(self) -> int:
-        return self.cache.start
-
-    def get_max_length(self) -> int:
-        return self.cache.capacity
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise RuntimeError("SlotCache is cut back with crop_cache / keep_in_cache (decoders/spec.py)")
-
-
-class SlotCache(Cache):
-    """A position-indexed KV cache that never reallocates: `length` slots hold the context.
-
-    `forward` (decoders/spec.py) sets `start = length` before a model call and advances `length`
-    after it; `keep` and `crop` rewrite `length` (and gather the kept slots), as `crop_cache` and
-    `keep_in_cache` do to a DynamicCache.
-    """
-
-    def __init__(self, num_layers: int, capacity: int, zeroed: bool = False):
-        self.capacity = capacity
-        self.zeroed = zeroed  # buffers start as zeros (a captured step reads every slot)
-        self.length = 0  # valid slots: the context
-        self.start = 0  # first slot of the forward in progress (= length between forwards)
-        self.whole = False  # attention reads every slot (captured steps); else slots 0 … start+q-1
-        self.slots: Optional[torch.Tensor] = None  # [q] long: where a captured forward writes
-        self.graphs: Optional[dict] = None  # captured mode: recorded steps over this cache, by shape
-        self.owner = lambda: None  # weakref to the DecodeState using this cache (Engine.claim)
-        self.storage: Optional[torch.Tensor] = None  # [layers, 2, batch, kv_heads, capacity, head_dim]
-        self.uniform = True  # every layer's buffers are views into `storage`
-        super().__init__(layers=[SlotLayer(self, i) for i in range(num_layers)])
-
-    def make(self, shape, like: torch.Tensor) -> torch.Tensor:
-        # empty, not zeros: eager forwards read only written slots; a captured one masks the rest,
-        # and a masked slot must hold finite numbers (0 × NaN would poison the sum), hence zeros there
-        return (torch.zeros if self.zeroed else torch.empty)(shape, dtype=like.dtype, device=like.device)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.start
-
-    def keep(self, start: int, keep: torch.Tensor, contiguous: bool) -> None:
-        """Keep slots start+keep (sorted, keep[0] == 0) as start … start+m-1."""
-        if not contiguous:
-            index = keep + start  # [m]
-            end = start + keep.numel()
-            if self.uniform and self.storage is not None:  # every layer at once: [layers, 2, batch, heads, m, dim]
-                self.storage[:, :, :, :, start:end] = self.storage.index_select(4, index)
-            else:
-                for layer in self.layers:
-                    if layer.is_initialized:
-                        layer.keys[:, :, start:end] = layer.keys.index_select(2, index)
-                        layer.values[:, :, start:end] = layer.values.index_select(2, index)
-        self.length = self.start = start + keep.numel()
-
-    def crop(self, length: int) -> None:
-        self.length = self.start = min(self.length, length)
-
-    def reserve(self, need: int) -> None:
-        """Room for `need` slots: reallocate (doubling) and copy when short; addresses then change."""
-        if need <= self.capacity:
-            return
-        old, self.capacity = self.capacity, max(need, 2 * self.capacity)
-        if self.graphs:
-            self.graphs.clear()  # recorded steps hold the old buffers' addresses
-        if self.storage is not None:
-            storage, self.storage = self.storage, self.make((*self.storage.shape[:4], self.capacity, self.storage.shape[-1]), self.storage)
-            self.storage[:, :, :, :, :old] = storage
-        for layer in self.layers:
-            if not layer.is_initialized:
-                continue
-            if layer.shared:
-                layer.keys, layer.values = self.storage[layer.index, 0], self.storage[layer.index, 1]
-            else:
-                layer.grow(self.capacity)
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -175,8 +44,6 @@ def round_up(n: int, multiple: int) -> int:
 
 def static_refusal(model) -> Optional[str]:
     """Why this model cannot use SlotCache (None: it can)."""
-    from medusa_bench.decoders.spec import attention_layout
-
     try:
         layout = attention_layout(model.config)
     except UserError as error:
@@ -199,8 +66,6 @@ class CapturedStep:
     """
 
     def __init__(self, model, cache: SlotCache, input_ids, positions, mask, hidden_layers, last_only, pool, mode="cuda-graphs"):
-        from medusa_bench.decoders.spec import model_call
-
         device, q, dtype = input_ids.device, input_ids.shape[1], model.dtype
         self.q, self.low = q, torch.finfo(dtype).min
         self.ids = input_ids.clone()  # [1, q]
@@ -299,7 +164,7 @@ class Engine:
         and a tree decoder answering the same prompt use the same buffer size.
         """
         if self.cache == "dynamic":
-            return DynamicCache()  # no config: full layers for every layer type (spec.full_layers)
+            return DynamicCache()  # no config: full layers for every layer type (cache.full_layers)
         if self.compile == "off":
             return SlotCache(self.num_layers, tokens + draft + 1)
         # Captured steps hold a cache's addresses, so caches are kept (with their recorded steps)
@@ -322,9 +187,7 @@ class Engine:
             cache.owner = weakref.ref(state)
 
     def forward(self, input_ids, cache, positions, mask, hidden_layers, last_only: bool = False):
-        """spec.forward, replayed from a recorded graph where this cache has them and the shape allows."""
-        from medusa_bench.decoders.spec import forward
-
+        """`forward` (runtime/forward.py), replayed from a recorded graph where this cache has them and the shape allows."""
         q = input_ids.shape[1]
         graphs = getattr(cache, "graphs", None)
         if (graphs is None or q > MAX_CAPTURED_TOKENS or isinstance(mask, dict)
