@@ -256,6 +256,7 @@ def test_stream_cut_is_retried_then_recorded_as_failed(misbehaving, tmp_path):
     assert done.returncode == ANSWERS_MISSING_EXIT, done.stderr  # finished, but answers are missing
     assert "closed the stream before the answer ended (after 2 tries)" in done.stderr
     assert "stopped answering" not in done.stderr  # it never answered: not a server that went away
+    assert "answers missing: 2 failed after their retries" in " ".join(done.stderr.split())
     failed = lines(out / "failed.jsonl")
     assert [(f["question_id"], f["decoder"]) for f in failed] == [(1001, "bad"), (1002, "bad")]  # the run went past the first
     answers = out / "model_answer" / "tiny-bad.jsonl"
@@ -276,6 +277,7 @@ def test_endpoint_gone_mid_run_exits_3_then_a_rerun_fills_and_resolves(misbehavi
     assert done.returncode == ANSWERS_MISSING_EXIT, done.stderr
     stderr = " ".join(done.stderr.split())
     assert "endpoint gone stopped answering: after 1 answered, all 1 questions since failed" in stderr
+    assert f"answers missing: 1 failed after their retries (see {out / 'failed.jsonl'})" in stderr
     assert [(f["question_id"], f["decoder"], f.get("resolved")) for f in lines(out / "failed.jsonl")] == [(1002, "gone", None)]
     assert [r["question_id"] for r in lines(out / "model_answer" / "tiny-gone.jsonl")] == [1001]
 

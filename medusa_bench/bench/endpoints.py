@@ -271,18 +271,21 @@ def answer_all(questions: list[Question], names: list[str], served: dict, done: 
 
 def finish_endpoints(run_dir: Path, served: dict, questions: list[Question], done: dict, config, levels: list[int],
                      console: Console) -> None:
-    """After the answers: mark the failures re-run filled, say what failed (an endpoint that went
-    away in one line), run the concurrency sweep (`levels`), close the connections.
+    """After the answers: mark the failures this run filled as resolved, say which answers are still
+    missing (an endpoint that went away in one line), run the concurrency sweep (`levels`), close
+    the connections.
 
     `served`: name → EndpointDecoder, the reference first; `done`: name → {question id: record}."""
-    FailedLog(run_dir).resolve(done)
+    log = FailedLog(run_dir)
+    log.resolve(done)
     for decoder in served.values():
         line = decoder.stopped_answering()
         if line:
             console.print(line, highlight=False, soft_wrap=True)
-    failed = sum(decoder.failed for decoder in served.values())
-    if failed:
-        console.print(f"{failed} answers failed (see {run_dir / FAILED_FILE}); re-run the same command to retry them", soft_wrap=True)
+    missing = log.unresolved()
+    if missing:  # this run's failures and any an earlier run left that this one did not retry
+        console.print(f"answers missing: {len(missing)} failed after their retries (see {log.path}); "
+                      "re-run the same command to retry them", highlight=False, soft_wrap=True)
     endpoints = {name: decoder.endpoint for name, decoder in served.items()}
     if levels:
         count_tokens = next(iter(served.values())).count_tokens

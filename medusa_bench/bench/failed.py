@@ -35,7 +35,9 @@ class FailedLog:
         return files.read_jsonl(self.path)
 
     def unresolved(self) -> list[dict]:
-        return [record for record in self.records() if not record.get("resolved")]
+        """The answers still missing, one record each (the latest, where runs failed it more than once)."""
+        latest = {(str(r["question_id"]), r["decoder"]): r for r in self.records() if not r.get("resolved")}
+        return list(latest.values())
 
     def resolve(self, done: dict) -> int:
         """Mark the failures whose answer is now stored (`done`: decoder → {question id: record}); how many."""
