@@ -117,7 +117,9 @@ def test_contended_turns_are_flagged_and_remeasured(smollm, tmp_path, data_dir, 
     turns = len(busy_choice["turns"])
     assert len(busy_choice["cpu_share"]) == len(busy_choice["load_avg"]) == turns
     assert all(busy_choice["contended"]), busy_choice["cpu_share"]
-    assert "were measured while the CPU was shared; rerun with --remeasure-flagged" in " ".join(capsys.readouterr().err.split())
+    from medusa_bench.results.report import at_a_glance  # what `run` prints at its end
+
+    assert "were measured while the CPU was shared; rerun with --remeasure-flagged" in " ".join(at_a_glance([out]).split())
     # An answer whose tokens come out different on the re-run keeps its old record.
     control_file = out / "model_answer" / "smollm2-135m-control.jsonl"
     [control] = files.read_jsonl(control_file)

@@ -41,7 +41,6 @@ from medusa_bench.bench.answer import (DecoderFacts, answer_one_question, build_
                                        warm_up)
 from medusa_bench.bench.config import (RunConfig, check_same_contents, check_same_settings, content_hashes, setting_keys,
                                        settings_of)
-from medusa_bench.bench.contention import count_flagged
 from medusa_bench.bench.device import device_info
 from medusa_bench.bench.progress import run_progress
 from medusa_bench.inputs.questions import Question
@@ -413,10 +412,6 @@ def run_on_cluster(config: RunConfig, questions: list[Question], question_file: 
                             pending = store_ready(pending + [(record, facts[record["decoder"]])], references, names, paths)
                         progress.advance(task)
                     progress.update(task, description=f"q {event.job.question.question_id} · {event.worker['id']}")
-    flagged, total = count_flagged(r for path in paths.values() for r in files.read_jsonl(path))
-    if flagged:
-        console.print(f"{flagged} of {total} turns were measured while the CPU was shared; rerun with --remeasure-flagged "
-                      "(in one process: without --workers) on a quiet machine")
     return run_dir
 
 

@@ -24,7 +24,6 @@ from medusa_bench.bench.answer import answer_one_question, build_run_decoders, r
 from medusa_bench.bench.autotree import saved_profiles, store_in_run
 from medusa_bench.bench.config import (RunConfig, check_same_contents, check_same_settings, content_hashes, default_out,
                                        settings_of)
-from medusa_bench.bench.contention import count_flagged
 from medusa_bench.bench.device import device_name
 from medusa_bench.bench.progress import live_rate, run_progress
 from medusa_bench.inputs.questions import Question, load_questions
@@ -128,9 +127,6 @@ def run_in_process(config: RunConfig, questions: list[Question], question_file: 
 
         _, done = open_answers(run_dir, loaded, list(served), ids)  # as stored: the sweep replays each endpoint's turns
         finish_endpoints(run_dir, served, questions, done, config, endpoints.concurrency, console)
-    flagged, total = count_flagged(r for path in paths.values() for r in files.read_jsonl(path))
-    if flagged:
-        console.print(f"{flagged} of {total} turns were measured while the CPU was shared; rerun with --remeasure-flagged on a quiet machine")
 
 
 def answer_questions(questions: list[Question], answerers: dict, loaded, config: RunConfig, paths: dict, done: dict,
