@@ -32,7 +32,7 @@ import socket
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from rich.console import Console
 
@@ -177,6 +177,10 @@ class Worker:
 class WorkerPool:
     """Ray workers for one run: `start` them, then `run` the jobs; a context manager that stops them all."""
 
+    # Called as on_dispatch(worker_info, job) right after a job is handed to a worker: an observer
+    # hook (tests/test_ray.py kills a worker there, while it provably holds unanswered work).
+    on_dispatch: Optional[Callable[[dict, "Job"], None]] = None
+
     def __init__(self, config, console: Optional[Console] = None):
         self.config = for_workers(config)
         self.console = console or Console(stderr=True)
@@ -306,6 +310,8 @@ class WorkerPool:
                     worker.job, worker.stage = queue.popleft(), "busy"
                     job = worker.job
                     self.calls[worker.handle.answer.remote(job.question, job.index, job.wanted, job.with_reference)] = worker
+                    if self.on_dispatch is not None:
+                        self.on_dispatch(worker.info, job)
 
         for worker in [w for w in self.workers if w.stage == "loaded"]:
             loaded(worker)
