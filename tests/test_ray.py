@@ -184,8 +184,8 @@ def ray_cluster(ray_temp, tmp_path_factory):
                            log=log, env=env, ready=lambda: "Ray runtime started" in log.read_text(), timeout=180)
     saved = {key: os.environ.get(key) for key in ray_temp}
     os.environ.update(ray_temp)  # this process joins as its subprocesses do (one thread a worker, auth mode)
-    ray.init(address=address, logging_level="warning")
     try:
+        ray.init(address=address, logging_level="warning")
         yield address
     finally:
         ray.shutdown()
