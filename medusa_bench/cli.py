@@ -243,7 +243,8 @@ def judge(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from medusa_bench.judge.client import RetryPolicy
-    from medusa_bench.judge.run import judge_run, summary_table
+    from medusa_bench.judge.run import judge_run
+    from medusa_bench.judge.summary import summary_table
 
     selected = [d.strip() for d in decoders.split(",") if d.strip()] if decoders else None
     if dry_run:

@@ -24,7 +24,8 @@ from medusa_bench.judge import mtbench
 from medusa_bench.judge.client import (
     JudgeClient, JudgeUnavailable, RetryPolicy, TokenLogprob, is_local_url, resolve_api_key, run_bounded,
 )
-from medusa_bench.judge.run import judge_run, judgment_path, summary_table
+from medusa_bench.judge.run import judge_run, judgment_path
+from medusa_bench.judge.summary import summary_table
 
 DATA = Path("/work/shared/data")
 if not (DATA / "mt_bench" / "judge_prompts.jsonl").is_file():
