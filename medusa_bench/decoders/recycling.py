@@ -68,7 +68,7 @@ class Adjacency:
 def template(nodes: int, top_k: int = 8, prior=RANK_PRIOR) -> tuple[list[int], list[int]]:
     """The `nodes` most probable rank paths (probability: the product of the prior of each rank),
     best first: (parents [n + 1] with -1 for the root, ranks [n + 1] with 0 for the root)."""
-    parents, ranks, probability = [-1], [0], [1.0]
+    parents, ranks = [-1], [0]
     heap = [(-prior[r], r, 0, r) for r in range(top_k)]  # (-probability, order, parent, rank)
     heapq.heapify(heap)
     order = top_k
@@ -76,7 +76,6 @@ def template(nodes: int, top_k: int = 8, prior=RANK_PRIOR) -> tuple[list[int], l
         negative, _, parent, rank = heapq.heappop(heap)
         parents.append(parent)
         ranks.append(rank)
-        probability.append(-negative)
         node = len(parents) - 1
         for r in range(top_k):
             heapq.heappush(heap, (negative * prior[r], order, node, r))
