@@ -28,6 +28,8 @@ app = typer.Typer(
 )
 train_app = typer.Typer(help="Train draft heads on self-distilled data.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
+datastore_app = typer.Typer(help="REST's retrieval datastore: a corpus's token ids and their suffix array.", no_args_is_help=True)
+app.add_typer(datastore_app, name="datastore")
 console = Console(stderr=True)
 
 
@@ -349,6 +351,25 @@ def distill(
                   f"in {result.seconds:.0f} s ({result.tokens_per_second:.1f} tok/s), {result.truncated} answers cut at the limit, "
                   f"{result.near_benchmark} prompts dropped as close to a benchmark question")
     typer.echo(str(result.out))
+
+
+@datastore_app.command("build")
+def datastore_build(
+    source: Path = typer.Option(..., "--from", help="Corpus: ShareGPT jsonl (its assistant answers, e.g. `distill`'s output) or plain text; never benchmark questions."),
+    out: Path = typer.Option(..., "--out", "-o", help="The datastore file the rest decoder reads (--rest-datastore)."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Whose tokenizer: hub id, local folder, .gguf file or 'smollm2-135m'."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow tokenizer code from the hub (off by default)."),
+) -> None:
+    """Tokenize a corpus with the model's tokenizer and index it for the `rest` decoder."""
+    from transformers import AutoTokenizer
+
+    from medusa_bench.decoders.rest import build_datastore
+    from medusa_bench.models import resolve_source
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_source(model)[0], trust_remote_code=trust_remote_code)
+    store = build_datastore(tokenizer, source, out)
+    console.print(f"{len(store.tokens)} tokens indexed")
+    typer.echo(str(out))
 
 
 @app.command()

@@ -270,21 +270,26 @@ class PromptLookupProposer(Proposer):
         self.reset([])
 
     def reset(self, prompt_ids: list[int]) -> None:
-        self.index = NgramIndex(self.max_ngram, prompt_ids)
+        self.index = self.new_index(prompt_ids)
         self.pending = None  # (root position, drafted tokens, parents, keys) awaiting its outcome
         self.accepted = 0
+
+    def new_index(self, tokens: list[int]):
+        """The match index over `tokens`: `tokens`, `extend(tokens)`, `matches(max_tokens, branches)`
+        (SAM decoding, decoders/samd.py, keeps suffix automata instead)."""
+        return NgramIndex(self.max_ngram, tokens)
 
     def update(self, accepted: int) -> None:
         self.accepted = accepted
 
     def rewind(self, length: int) -> None:
         """Back to the context's first `length` tokens: re-index them, drop the unscored draft."""
-        self.index = NgramIndex(self.max_ngram, self.index.tokens[:length])
+        self.index = self.new_index(self.index.tokens[:length])
         self.pending, self.accepted = None, 0
 
     def propose(self, root: int, hidden: Optional[torch.Tensor], context: list[int]) -> Optional[Draft]:
         if len(context) + 1 < len(self.index.tokens):  # a context we did not see grow: start over
-            self.index = NgramIndex(self.max_ngram, context)
+            self.index = self.new_index(context)
         self.index.extend(context[len(self.index.tokens):] + [root])
         self._learn()
 

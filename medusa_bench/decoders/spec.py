@@ -62,6 +62,7 @@ class Proposer:
     draft_size = 0  # most nodes drafted beyond the root
     tree = None  # its fixed Tree, if it drafts one (run.json "trees", the tree optimiser)
     heads = None  # its draft heads (heads/common.DraftHeads), if any: fingerprint, draft vocabulary, calibration
+    wants_logits = False  # is `observe_logits` called with each verify forward's logits (Token Recycling)?
 
     def reset(self, prompt_ids: list[int]) -> None:
         """Called once per generation, before the first step."""
@@ -76,6 +77,12 @@ class Proposer:
     def observe(self, rows: torch.Tensor) -> None:
         """The base hidden states [q, H] of the tokens just kept in the cache, in context order:
         the prompt's after prefill, the accepted path's after a step (only if `needs_hidden`)."""
+
+    def observe_logits(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
+        """Only if `wants_logits`: the tokens [n] of a base forward and their logits [n, V] (the
+        distribution of the token after each): every node of a verified draft, root first, all of
+        them whether accepted or not; a plain step's root; every prompt token after prefill (whose
+        forward then computes all P rows of logits, not only the last)."""
 
     def rewind(self, length: int) -> None:
         """The context is back to its first `length` tokens (`SpeculativeDecoder.rewind`): forget
@@ -224,10 +231,13 @@ class SpeculativeDecoder:
         cache = self.engine.new_cache(len(prompt_ids) + (max_new_tokens or 512), self.draft_size)
         prompt = torch.tensor([prompt_ids], device=self.device)  # [1, P]
         positions = torch.arange(len(prompt_ids), device=self.device)[None]  # [1, P]
-        logits, hidden = self.engine.forward(prompt, cache, positions, None, self.hidden_layers, last_only=True)
+        wants_logits = self.proposer.wants_logits and self.draft_size > 0
+        logits, hidden = self.engine.forward(prompt, cache, positions, None, self.hidden_layers, last_only=not wants_logits)
         if hidden is not None:
             self.proposer.observe(hidden)  # [P, H]
             hidden = hidden[-1]  # [H]
+        if wants_logits:
+            self.proposer.observe_logits(prompt[0], logits)  # [P], [P, V]: every prompt token's row
         state = DecodeState(cache, prompt_ids, [], logits[-1], hidden, None, sampling, generator)
         self.engine.claim(cache, state)
         return state
@@ -254,6 +264,8 @@ class SpeculativeDecoder:
             positions = torch.tensor([[prefix]], device=self.device)
             logits, hidden = self.engine.forward(tokens[None], state.cache, positions, None, self.hidden_layers)
             self.proposer.update(0)
+            if self.proposer.wants_logits:
+                self.proposer.observe_logits(tokens, logits)
             if hidden is not None:
                 self.proposer.observe(hidden)  # [1, H]
             state.tokens.append(root)
@@ -273,6 +285,8 @@ class SpeculativeDecoder:
         keep = torch.tensor(path, device=self.device)
         keep_in_cache(state.cache, prefix, keep, contiguous=path == list(range(len(path))))
         self.proposer.update(len(path) - 1)
+        if self.proposer.wants_logits:
+            self.proposer.observe_logits(tokens, logits)  # every verified node's row, accepted or not
         if hidden is not None:
             self.proposer.observe(hidden[keep])  # [a + 1, H]: the accepted path's rows
         emitted = tokens[keep].tolist()
