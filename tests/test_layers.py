@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "medusa_bench"
 
 # Top to bottom. A module's layer is its first name under medusa_bench (bench/loop.py: "bench",
-# cli.py: "cli", the package's own __init__.py: "__init__"). A module may import from its own
+# cli/app.py: "cli", the package's own __init__.py: "__init__"). A module may import from its own
 # layer and any layer below it, never from one above.
 LAYERS = [
     {"cli"},

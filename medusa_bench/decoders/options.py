@@ -1,7 +1,7 @@
 """Decoder options, declared once next to the code that reads them.
 
 A decoder module calls `declare(Option(...), ...)` at import. Everything else is derived from
-the declarations: the flags of `run`, `serve` and `tree` (cli.py), the settings a run folder
+the declarations: the flags of `run`, `serve` and `tree` (cli/app.py), the settings a run folder
 keeps fixed for its life and writes to run.json (bench/loop.py), and the values decoders read
 from `DecoderOptions` (`options.pld_tokens`). The loop's own options (tree, acceptance) are
 declared here. `DecoderOptions.extra` holds Python-only values: what the bench layer measured
@@ -28,7 +28,7 @@ class Option:
     commands: tuple[str, ...] = COMMANDS
     check: Optional[Callable[[Any], Optional[str]]] = None  # an error message for a bad value, else None
     kind: Optional[type] = None  # the flag's type; default: the default's (str when the default is None)
-    panel: str = "Trees and drafting"  # the `--help` panel its flag is listed under (cli.py)
+    panel: str = "Trees and drafting"  # the `--help` panel its flag is listed under (cli/app.py)
 
     @property
     def flag(self) -> str:

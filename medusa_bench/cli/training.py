@@ -1,0 +1,216 @@
+"""The commands that make training data and heads: `distill`, `instructions`, `datastore build`, `train …`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from medusa_bench.cli.app import app, console, datastore_app, train_app
+
+
+# ------------------------------------------------------------------------- distill and train
+@app.command()
+def distill(
+    prompts: List[Path] = typer.Option([], "--prompts", "-p", help="Prompt files: self_instruct, GSM8K train, ShareGPT (repeat the option)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output ShareGPT jsonl (appended; re-run to resume)."),
+    extend: List[Path] = typer.Option([], "--extend", help="Conversations an earlier distill wrote: keep their answers, add the --follow-up turn."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Hub id, local folder, .gguf file or 'smollm2-135m'."),
+    max_new_tokens: int = typer.Option(200, "--max-new-tokens", help="Token limit per answer."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    samples_per_prompt: int = typer.Option(1, "--samples-per-prompt", help="Sampled answers per prompt (needs --temperature > 0)."),
+    follow_up: str = typer.Option("none", "--follow-up", help="Second turn for one-turn prompts: none | generic | model (the model writes the user's next question)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Prompts per batched generate (left padded, sorted by length)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most N prompts from each file."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | float16 | bfloat16"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
+) -> None:
+    """Self-distillation: the model answers training prompts (never benchmark questions); ShareGPT jsonl out."""
+    from medusa_bench.models import load_model
+    from medusa_bench.train.distill import distill as run_distill
+
+    loaded = load_model(model, device, dtype, trust_remote_code)
+    result = run_distill(loaded, prompts, out, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                         samples_per_prompt=samples_per_prompt, follow_up=follow_up, extend=tuple(extend),
+                         batch_size=batch_size, limit=limit, seed=seed, console=console)
+    console.print(f"{result.written} conversations written ({result.skipped} already there), {result.new_tokens} tokens "
+                  f"in {result.seconds:.0f} s ({result.tokens_per_second:.1f} tok/s), {result.truncated} answers cut at the limit, "
+                  f"{result.near_benchmark} prompts dropped as close to a benchmark question")
+    typer.echo(str(result.out))
+
+
+@datastore_app.command("build")
+def datastore_build(
+    source: Path = typer.Option(..., "--from", help="Corpus: ShareGPT jsonl (its assistant answers, e.g. `distill`'s output) or plain text; never benchmark questions."),
+    out: Path = typer.Option(..., "--out", "-o", help="The datastore file the rest decoder reads (--rest-datastore)."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Whose tokenizer: hub id, local folder, .gguf file or 'smollm2-135m'."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow tokenizer code from the hub (off by default)."),
+) -> None:
+    """Tokenize a corpus with the model's tokenizer and index it for the `rest` decoder."""
+    from transformers import AutoTokenizer
+
+    from medusa_bench.decoders.rest import build_datastore
+    from medusa_bench.models import resolve_source
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_source(model)[0], trust_remote_code=trust_remote_code)
+    store = build_datastore(tokenizer, source, out)
+    console.print(f"{len(store.tokens)} tokens indexed")
+    typer.echo(str(out))
+
+
+@app.command()
+def instructions(
+    seeds: List[Path] = typer.Option(..., "--seeds", help="Seed tasks: self_instruct jsonl files (repeat the option)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output self_instruct-style jsonl (appended; re-run to resume)."),
+    count: int = typer.Option(..., "--count", "-n", help="How many new instructions the file should hold."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Hub id, local folder, .gguf file or 'smollm2-135m'."),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    temperature: float = typer.Option(0.9, "--temperature"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | float16 | bfloat16"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
+) -> None:
+    """New training instructions written by the model from seed tasks (self-instruct bootstrapping), for `distill`."""
+    from medusa_bench.models import load_model
+    from medusa_bench.train.instructions import bootstrap_instructions, check_count
+
+    check_count(count)
+    loaded = load_model(model, device, dtype, trust_remote_code)
+    tally = bootstrap_instructions(loaded, seeds, count, out, batch_size=batch_size, temperature=temperature, seed=seed,
+                                   console=console)
+    console.print(f"{out} holds {tally['total']}; kept {tally['kept']} of {tally['generated']} written; dropped: {tally['near_copy']} near-copies, "
+                  f"{tally['bad_length']} too short or long, {tally['benchmark_overlap']} close to a benchmark question")
+    if tally["total"] < count:
+        console.print(f"[yellow]stopped short of {count}: this model keeps too few of the tasks it writes; "
+                      "pass more --seeds or a larger model[/yellow]")
+    typer.echo(str(out))
+
+
+_DATA = typer.Option(..., "--data", help="ShareGPT jsonl (e.g. from `medusa-bench distill`).")
+_OUT = typer.Option(..., "--out", "-o", help="Output folder for the heads.")
+_MODEL = typer.Option("smollm2-135m", "--model", "-m", help="Hub id, local folder, .gguf file or 'smollm2-135m'.")
+_HEADS = typer.Option(4, "--heads", help="Number of Medusa heads.")
+_HELDOUT = typer.Option(0.05, "--heldout", help="Fraction of sequences held out for accuracy and early stopping.")
+_MAX_MINUTES = typer.Option(None, "--max-minutes", help="Stop optimising after this many minutes (keeps the best weights).")
+_MAX_LENGTH = typer.Option(None, "--max-length", help="Truncate sequences to N tokens (default: the model's context).")
+_SOFTMAX = typer.Option("active", "--softmax", help="active (training softmax over the tokens seen as targets: faster) | full.")
+_SAVE_DTYPE = typer.Option("float16", "--save-dtype", help="float32 | float16 | bfloat16 for the written weights.")
+_HIDDEN_CACHE = typer.Option(None, "--hidden-cache", help="Folder for cached base hidden states (default: user cache; 'none': off).")
+_LAYERS = typer.Option(1, "--layers", help="ResBlocks per head.")
+_LM_HEAD = typer.Option("shared", "--lm-head", help="shared (heads end in the base lm_head: a few MB) | own.")
+_EPOCHS = typer.Option(10, "--epochs")
+_LR = typer.Option(1e-3, "--lr")
+_PATIENCE = typer.Option(2, "--patience", help="Epochs without a better held-out loss before stopping.")
+_SEED = typer.Option(0, "--seed")
+_DEVICE = typer.Option("auto", "--device")
+_DTYPE = typer.Option("auto", "--dtype")
+
+
+def _train(fit, config, model: str, device: str, dtype: str, data: Path, out: Path) -> None:
+    """What every `train` command does once its options are a config: check, load, fit, say where."""
+    from medusa_bench.models import load_model
+
+    config.check()
+    result = fit(load_model(model, device, dtype), data, out, config, console=console)
+    console.print(f"held-out: {result.best}")
+    typer.echo(str(result.out))
+
+
+@train_app.command("medusa")
+def train_medusa(
+    data: Path = _DATA, out: Path = _OUT, model: str = _MODEL, heads: int = _HEADS,
+    layers: int = _LAYERS, lm_head: str = _LM_HEAD,
+    epochs: int = _EPOCHS, batch_size: int = typer.Option(256, "--batch-size", help="Positions per step."),
+    lr: float = _LR, heldout: float = _HELDOUT, patience: int = _PATIENCE,
+    max_minutes: Optional[float] = _MAX_MINUTES, max_length: Optional[int] = _MAX_LENGTH, softmax: str = _SOFTMAX,
+    save_dtype: str = _SAVE_DTYPE, seed: int = _SEED, hidden_cache: Optional[str] = _HIDDEN_CACHE,
+    device: str = _DEVICE, dtype: str = _DTYPE,
+) -> None:
+    """Medusa-1: train heads on a frozen base model (loss on assistant tokens; held-out accuracy; calibration.json)."""
+    from medusa_bench.train.fit import FitConfig, train_medusa as fit
+
+    config = FitConfig(num_heads=heads, num_layers=layers, lm_head=lm_head, epochs=epochs, batch_size=batch_size, lr=lr,
+                       heldout=heldout, patience=patience, max_minutes=max_minutes, max_length=max_length, softmax=softmax,
+                       save_dtype=save_dtype, seed=seed, hidden_cache=hidden_cache)
+    _train(fit, config, model, device, dtype, data, out)
+
+
+@train_app.command("medusa2")
+def train_medusa2(
+    data: Path = _DATA, out: Path = _OUT, model: str = _MODEL, heads: int = _HEADS,
+    init_heads: Optional[str] = typer.Option(None, "--init-heads", help="Start from these Medusa-1 heads (else warm up first)."),
+    warmup_epochs: int = typer.Option(2, "--warmup-epochs", help="Medusa-1 epochs before joint training (without --init-heads)."),
+    epochs: int = typer.Option(1, "--epochs"), batch_size: int = typer.Option(4, "--batch-size", help="Sequences per step."),
+    lr: float = typer.Option(2e-4, "--lr", help="LoRA learning rate."), heads_lr: float = typer.Option(5e-4, "--heads-lr"),
+    lora_r: int = typer.Option(8, "--lora-r"), lora_alpha: int = typer.Option(16, "--lora-alpha"),
+    lora_layers: int = typer.Option(0, "--lora-layers", help="Adapt only the last N decoder layers (0: all)."),
+    heads_coefficient: float = typer.Option(0.2, "--heads-coefficient", help="lambda: weight of the head losses."),
+    heads_decay: float = typer.Option(0.8, "--heads-decay", help="Head k's loss weight is lambda * decay^k."),
+    heldout: float = _HELDOUT, patience: int = typer.Option(1, "--patience"), max_minutes: Optional[float] = _MAX_MINUTES,
+    max_length: Optional[int] = _MAX_LENGTH, softmax: str = _SOFTMAX, save_dtype: str = _SAVE_DTYPE,
+    full_model: bool = typer.Option(False, "--full-model", help="Write a full merged model folder instead of the compact adapter."),
+    seed: int = _SEED, hidden_cache: Optional[str] = _HIDDEN_CACHE,
+    device: str = _DEVICE, dtype: str = _DTYPE,
+) -> None:
+    """Medusa-2: LoRA on the backbone + heads, KL self-distillation to the frozen model; the medusa2 decoder loads the folder."""
+    from medusa_bench.train.medusa2 import Medusa2Config, train_medusa2 as fit
+
+    config = Medusa2Config(num_heads=heads, init_heads=init_heads, warmup_epochs=warmup_epochs, epochs=epochs,
+                           batch_size=batch_size, lr=lr, heads_lr=heads_lr, lora_r=lora_r, lora_alpha=lora_alpha,
+                           lora_layers=lora_layers, heads_coefficient=heads_coefficient, heads_decay=heads_decay,
+                           heldout=heldout, patience=patience, max_minutes=max_minutes, max_length=max_length,
+                           softmax=softmax, save_dtype=save_dtype, full_model=full_model, seed=seed, hidden_cache=hidden_cache)
+    _train(fit, config, model, device, dtype, data, out)
+
+
+# -------------------------------------------------------------------------------- train hydra
+@train_app.command("hydra")
+def train_hydra(
+    data: Path = _DATA, out: Path = _OUT, model: str = _MODEL,
+    heads: int = typer.Option(4, "--heads", help="Number of Hydra heads (tree depth)."),
+    arch: str = typer.Option("mlp", "--arch", help="mlp (Hydra) | prefix-mlp (Hydra++: one prefix attention layer)."),
+    loss: str = typer.Option("teacher", "--loss", help="teacher (the base model's distribution: Hydra++) | data (the data tokens) | both."),
+    layers: int = _LAYERS, lm_head: str = _LM_HEAD,
+    epochs: int = _EPOCHS, batch_size: int = typer.Option(256, "--batch-size", help="Assistant tokens per step (whole sequences)."),
+    lr: float = _LR, heldout: float = _HELDOUT, patience: int = _PATIENCE,
+    max_minutes: Optional[float] = _MAX_MINUTES, max_length: Optional[int] = _MAX_LENGTH, softmax: str = _SOFTMAX,
+    save_dtype: str = _SAVE_DTYPE, seed: int = _SEED, hidden_cache: Optional[str] = _HIDDEN_CACHE,
+    device: str = _DEVICE, dtype: str = _DTYPE,
+) -> None:
+    """Hydra: heads conditioned on the drafted tokens above them, on a frozen base model (held-out accuracy; calibration.json)."""
+    from medusa_bench.train.hydra import HydraFitConfig, train_hydra as fit
+
+    config = HydraFitConfig(num_heads=heads, num_layers=layers, arch=arch, loss=loss, lm_head=lm_head, epochs=epochs,
+                            batch_size=batch_size, lr=lr, heldout=heldout, patience=patience, max_minutes=max_minutes,
+                            max_length=max_length, softmax=softmax, save_dtype=save_dtype, seed=seed, hidden_cache=hidden_cache)
+    _train(fit, config, model, device, dtype, data, out)
+
+
+# -------------------------------------------------------------------------------- train eagle
+@train_app.command("eagle")
+def train_eagle(
+    data: Path = _DATA, out: Path = _OUT, model: str = _MODEL,
+    eagle3: bool = typer.Option(False, "--eagle3", help="EAGLE-3 heads: three fused feature layers, their own draft vocabulary, training-time test."),
+    ttt_steps: int = typer.Option(0, "--ttt-steps", help="Depths the draft is unrolled to per example (0: the paper's: 1 for EAGLE-1/2, 3 for EAGLE-3)."),
+    noise: Optional[float] = typer.Option(None, "--noise", help="Uniform noise width on input features (default: 0.2 for EAGLE-1/2, 0 for EAGLE-3)."),
+    draft_vocab: int = typer.Option(4096, "--draft-vocab", help="EAGLE-3: size of the heads' own vocabulary (most frequent answer tokens)."),
+    depth: int = typer.Option(5, "--depth", help="Depths held-out accuracy and calibration.json cover."),
+    epochs: int = _EPOCHS, batch_size: int = typer.Option(256, "--batch-size", help="Assistant tokens per step (whole sequences)."),
+    lr: float = typer.Option(5e-4, "--lr"), heldout: float = _HELDOUT, patience: int = _PATIENCE,
+    max_minutes: Optional[float] = _MAX_MINUTES, max_length: Optional[int] = _MAX_LENGTH, softmax: str = _SOFTMAX,
+    save_dtype: str = _SAVE_DTYPE, seed: int = _SEED, hidden_cache: Optional[str] = _HIDDEN_CACHE,
+    device: str = _DEVICE, dtype: str = _DTYPE,
+) -> None:
+    """EAGLE-1/2 (or --eagle3): a one-layer draft model over the base model's features, on a frozen base (held-out accuracy per depth; calibration.json)."""
+    from medusa_bench.train.eagle import EagleFitConfig, train_eagle as fit
+
+    config = EagleFitConfig(variant="eagle3" if eagle3 else "eagle", num_heads=depth, ttt_steps=ttt_steps, noise=noise,
+                            draft_vocab=draft_vocab, epochs=epochs, batch_size=batch_size, lr=lr, heldout=heldout,
+                            patience=patience, max_minutes=max_minutes, max_length=max_length, softmax=softmax,
+                            save_dtype=save_dtype, seed=seed, hidden_cache=hidden_cache)
+    _train(fit, config, model, device, dtype, data, out)
