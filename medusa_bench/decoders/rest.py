@@ -38,9 +38,8 @@ from medusa_bench.decoders.pld import StepCosts
 from medusa_bench.decoders.registry import register
 from medusa_bench.decoders.samd import SEPARATOR, corpus_texts
 from medusa_bench.decoders.spec import Draft, Proposer, SpeculativeDecoder
-from medusa_bench.decoders.suffix import SuffixTrie, choose_prefix, grow
+from medusa_bench.decoders.suffix import SuffixTrie, draft_under, grow
 from medusa_bench.errors import UserError
-from medusa_bench.trees.tree import TreeBuffers
 
 SORT_DEPTH = 16  # suffixes are sorted on this many tokens: the longest query
 
@@ -167,12 +166,7 @@ class RestProposer(Proposer):
         if not matched:
             return None
         tree = grow(trie, 0, self.nodes, 0.0)
-        m = choose_prefix(tree, self.costs) if self.adaptive else len(tree.tokens)
-        if m == 0:
-            return None
-        tokens = [root] + tree.tokens[:m]
-        parents = [-1] + [parent + 1 for parent in tree.parents[:m]]
-        return Draft(torch.tensor(tokens, device=self.device), TreeBuffers.from_parents(parents, device=self.device))
+        return draft_under(root, tree, self.costs if self.adaptive else None, self.device)
 
 
 # ------------------------------------------------------------------------------ the decoder

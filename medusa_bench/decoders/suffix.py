@@ -155,6 +155,16 @@ def choose_prefix(tree: SpecTree, costs: StepCosts, margin: float = 1.02) -> int
     return best
 
 
+def draft_under(root: int, tree: SpecTree, costs: Optional[StepCosts], device) -> Optional[Draft]:
+    """The Draft of `tree`'s first nodes under `root`: as many as pay by `costs` (all with None); None if none."""
+    m = choose_prefix(tree, costs) if costs is not None else len(tree.tokens)
+    if m == 0:
+        return None
+    tokens = [root] + tree.tokens[:m]
+    parents = [-1] + [parent + 1 for parent in tree.parents[:m]]
+    return Draft(torch.tensor(tokens, device=device), TreeBuffers.from_parents(parents, device=device))
+
+
 # ------------------------------------------------------------------------------ the proposer
 class SuffixProposer(Proposer):
     """Drafts the best frequency-scored tree from the per-request and the global suffix trees."""
@@ -194,12 +204,7 @@ class SuffixProposer(Proposer):
             self._index(list(context))  # a context we did not see grow: start over
         self._extend(context[len(self.tokens):] + [root])
         tree = best_tree([self.local, self.global_trie], self.tokens, self.max_nodes, self.factor, self.min_prob)
-        m = choose_prefix(tree, self.costs) if self.adaptive else len(tree.tokens)
-        if m == 0:
-            return None
-        tokens = [root] + tree.tokens[:m]
-        parents = [-1] + [parent + 1 for parent in tree.parents[:m]]
-        return Draft(torch.tensor(tokens, device=self.device), TreeBuffers.from_parents(parents, device=self.device))
+        return draft_under(root, tree, self.costs if self.adaptive else None, self.device)
 
 
 # ------------------------------------------------------------------------------ the decoder
