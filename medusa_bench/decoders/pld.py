@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -346,9 +346,13 @@ declare(
 )
 
 
-def uses_step_profile(options: DecoderOptions) -> bool:
-    """The adaptive policy decides by a step-time profile; drafting every candidate needs none."""
-    return options.extra.get("pld_adaptive", True)
+def adaptive_drafting(name: str) -> Callable[[DecoderOptions], bool]:
+    """Does decoder `name` draft only what pays by a step profile (`register(step_profile=...)`)?
+    Yes unless `DecoderOptions(extra={"<name>_adaptive": False})`: then it drafts every candidate."""
+    return lambda options: options.extra.get(f"{name}_adaptive", True)
+
+
+uses_step_profile = adaptive_drafting("pld")
 
 
 @register("pld", step_profile=uses_step_profile)

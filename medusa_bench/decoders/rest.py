@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from medusa_bench.decoders.options import DecoderOptions, Option, declare, within
-from medusa_bench.decoders.pld import StepCosts
+from medusa_bench.decoders.pld import StepCosts, adaptive_drafting
 from medusa_bench.decoders.registry import register
 from medusa_bench.decoders.samd import SEPARATOR, corpus_texts
 from medusa_bench.decoders.spec import Draft, Proposer, SpeculativeDecoder
@@ -181,8 +181,7 @@ declare(
 )
 
 
-def uses_step_profile(options: DecoderOptions) -> bool:
-    return options.extra.get("rest_adaptive", True)
+uses_step_profile = adaptive_drafting("rest")
 
 
 @register("rest", step_profile=uses_step_profile)

@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 
 from medusa_bench.decoders.options import DecoderOptions, Option, declare, within
-from medusa_bench.decoders.pld import STRENGTH_CAP, Match, PromptLookupProposer
+from medusa_bench.decoders.pld import STRENGTH_CAP, Match, PromptLookupProposer, adaptive_drafting
 from medusa_bench.decoders.registry import register
 from medusa_bench.decoders.spec import SpeculativeDecoder
 from medusa_bench.errors import UserError
@@ -245,8 +245,7 @@ declare(
 )
 
 
-def uses_step_profile(options: DecoderOptions) -> bool:
-    return options.extra.get("samd_adaptive", True)
+uses_step_profile = adaptive_drafting("samd")
 
 
 @register("samd", step_profile=uses_step_profile)
