@@ -52,3 +52,22 @@ def data_dir() -> Path:
     if not (path / "mt_bench" / "question.jsonl").is_file():
         pytest.skip(f"MT-Bench data not found under {path}; set MEDUSA_BENCH_DATA")
     return path
+
+
+# Short prompts the training-free decoders' tests share (test_samd, test_suffix, test_recycling, test_rest).
+SHORT_NEW = 24
+SHORT_PROMPTS = [
+    "Repeat this sentence three times: the quick brown fox jumps over the lazy dog.",  # repeats itself
+    "Summarize: The committee met on Monday. The committee approved the budget. The budget funds two new parks.",
+]
+
+
+@pytest.fixture(scope="session")
+def short_references(smollm):
+    """[(prompt ids, the baseline's SHORT_NEW greedy tokens)] for SHORT_PROMPTS, decoded once per session."""
+    from medusa_bench.decoders.registry import build_decoder
+    from medusa_bench.inputs.chat import build_prompt
+
+    baseline = build_decoder("baseline", smollm)
+    prompts = [build_prompt(smollm, [{"role": "user", "content": p}]) for p in SHORT_PROMPTS]
+    return [(ids, baseline.generate(ids, SHORT_NEW).token_ids) for ids in prompts]

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import SHORT_NEW
 from medusa_bench.decoders.options import DecoderOptions
 from medusa_bench.decoders.recycling import RANK_PRIOR, Adjacency, RecyclingProposer, fill, template
 from medusa_bench.decoders.registry import build_decoder
@@ -97,26 +98,15 @@ def test_the_loop_shows_every_verified_node_its_logits(smollm):
 
 
 # ------------------------------------------------------------------------------ decoding
-NEW = 24
-PROMPTS = [
-    "Repeat this sentence three times: the quick brown fox jumps over the lazy dog.",  # repeats itself
-    "Summarize: The committee met on Monday. The committee approved the budget. The budget funds two new parks.",
-]
-
-
-@pytest.fixture(scope="module")
-def references(smollm):
-    baseline = build_decoder("baseline", smollm)
-    prompts = [build_prompt(smollm, [{"role": "user", "content": p}]) for p in PROMPTS]
-    return [(ids, baseline.generate(ids, NEW).token_ids) for ids in prompts]
+NEW = SHORT_NEW  # new tokens per prompt (conftest.short_references: the baseline's answers)
 
 
 @pytest.mark.parametrize("variant", [{}, {"recycling_nodes": 24, "extra": {"recycling_adaptive": False}}],
                          ids=["adaptive", "whole-template"])
-def test_greedy_recycling_is_lossless(smollm, references, variant):
+def test_greedy_recycling_is_lossless(smollm, short_references, variant):
     decoder = build_decoder("recycling", smollm, DecoderOptions(**variant))
     steps = tokens = 0
-    for ids, expected in references + references[:1]:  # the first prompt again: the matrix is hot
+    for ids, expected in short_references + short_references[:1]:  # the first prompt again: the matrix is hot
         result = decoder.generate(ids, NEW)
         assert result.token_ids == expected
         assert sum(result.accept_lengths) == len(result.token_ids) and result.steps == len(result.accept_lengths)

@@ -6,12 +6,11 @@ import random
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import SHORT_NEW, run_cli
 from medusa_bench.decoders.options import DecoderOptions
 from medusa_bench.decoders.registry import build_decoder
 from medusa_bench.decoders.rest import Datastore, retrieve, suffix_array
 from medusa_bench.errors import UserError
-from medusa_bench.inputs.chat import build_prompt
 
 # ------------------------------------------------------------------------------ the datastore
 
@@ -55,23 +54,12 @@ def test_retrieval_merges_the_continuations_of_the_longest_match_into_a_trie():
 
 
 # ------------------------------------------------------------------------------ the CLI and decoding
-NEW = 24
-PROMPTS = [
-    "Repeat this sentence three times: the quick brown fox jumps over the lazy dog.",
-    "Summarize: The committee met on Monday. The committee approved the budget. The budget funds two new parks.",
-]
+NEW = SHORT_NEW  # new tokens per prompt (conftest.short_references: the baseline's answers)
 
 
-@pytest.fixture(scope="module")
-def references(smollm):
-    baseline = build_decoder("baseline", smollm)
-    prompts = [build_prompt(smollm, [{"role": "user", "content": p}]) for p in PROMPTS]
-    return [(ids, baseline.generate(ids, NEW).token_ids) for ids in prompts]
-
-
-def test_datastore_build_and_greedy_rest_is_lossless(smollm, references, tmp_path, capsys, monkeypatch):
+def test_datastore_build_and_greedy_rest_is_lossless(smollm, short_references, tmp_path, capsys, monkeypatch):
     # a corpus of training answers: one is the model's own answer to the second prompt, one unrelated
-    answer = smollm.tokenizer.decode(references[1][1])
+    answer = smollm.tokenizer.decode(short_references[1][1])
     corpus = tmp_path / "distilled.jsonl"
     corpus.write_text("".join(json.dumps({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": v}]}) + "\n"
                               for v in (answer, "The weather is nice today. The dog sleeps.")))
@@ -80,7 +68,7 @@ def test_datastore_build_and_greedy_rest_is_lossless(smollm, references, tmp_pat
     assert code == 0 and out.is_file(), stderr
     for variant in ({}, {"extra": {"rest_adaptive": False}}):
         decoder = build_decoder("rest", smollm, DecoderOptions(rest_datastore=str(out), **variant))
-        for ids, expected in references:
+        for ids, expected in short_references:
             result = decoder.generate(ids, NEW)
             assert result.token_ids == expected
             assert sum(result.accept_lengths) == len(result.token_ids)

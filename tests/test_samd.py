@@ -5,11 +5,11 @@ import random
 
 import pytest
 
+from conftest import SHORT_NEW
 from medusa_bench.decoders.options import DecoderOptions
 from medusa_bench.decoders.registry import build_decoder
 from medusa_bench.decoders.samd import SamIndex, SuffixAutomaton, corpus_texts
 from medusa_bench.errors import UserError
-from medusa_bench.inputs.chat import build_prompt
 
 # ------------------------------------------------------------------------------ the automaton
 
@@ -92,33 +92,22 @@ def test_corpus_reads_assistant_turns_and_refuses_benchmark_questions(tmp_path):
 
 # ------------------------------------------------------------------------------ decoding
 
-NEW = 24  # new tokens per prompt
-PROMPTS = [
-    "Repeat this sentence three times: the quick brown fox jumps over the lazy dog.",  # repeats itself
-    "Summarize: The committee met on Monday. The committee approved the budget. The budget funds two new parks.",
-]
-
-
-@pytest.fixture(scope="module")
-def references(smollm):
-    baseline = build_decoder("baseline", smollm)
-    prompts = [build_prompt(smollm, [{"role": "user", "content": p}]) for p in PROMPTS]
-    return [(ids, baseline.generate(ids, NEW).token_ids) for ids in prompts]
+NEW = SHORT_NEW  # new tokens per prompt (conftest.short_references: the baseline's answers)
 
 
 @pytest.mark.parametrize("variant", [{}, {"extra": {"samd_adaptive": False}}], ids=["adaptive", "paper"])
-def test_greedy_samd_is_lossless(smollm, references, variant):
+def test_greedy_samd_is_lossless(smollm, short_references, variant):
     decoder = build_decoder("samd", smollm, DecoderOptions(**variant))
-    for ids, expected in references:
+    for ids, expected in short_references:
         result = decoder.generate(ids, NEW)
         assert result.token_ids == expected
         assert sum(result.accept_lengths) == len(result.token_ids) and result.steps == len(result.accept_lengths)
-        if ids is references[0][0]:
+        if ids is short_references[0][0]:
             assert len(result.token_ids) / result.steps > 1.5  # the repeat is drafted and accepted: tau > 1
 
 
-def test_a_corpus_drafts_what_the_context_cannot(smollm, references, tmp_path):
-    ids, expected = references[1]  # the summary: little to copy from its own context
+def test_a_corpus_drafts_what_the_context_cannot(smollm, short_references, tmp_path):
+    ids, expected = short_references[1]  # the summary: little to copy from its own context
     answer = smollm.tokenizer.decode(expected)
     corpus = tmp_path / "distilled.jsonl"
     corpus.write_text(json.dumps({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": answer}]}) + "\n")

@@ -4,11 +4,11 @@ import random
 
 import pytest
 
+from conftest import SHORT_NEW
 from medusa_bench.decoders.options import DecoderOptions
 from medusa_bench.decoders.pld import StepCosts
 from medusa_bench.decoders.registry import build_decoder
 from medusa_bench.decoders.suffix import SpecTree, SuffixProposer, SuffixTrie, best_tree, choose_prefix, grow
-from medusa_bench.inputs.chat import build_prompt
 
 # ------------------------------------------------------------------------------ the suffix trie
 
@@ -79,28 +79,17 @@ def test_the_global_tree_learns_answers_across_generations():
 
 
 # ------------------------------------------------------------------------------ decoding
-NEW = 24
-PROMPTS = [
-    "Repeat this sentence three times: the quick brown fox jumps over the lazy dog.",  # repeats itself
-    "Summarize: The committee met on Monday. The committee approved the budget. The budget funds two new parks.",
-]
-
-
-@pytest.fixture(scope="module")
-def references(smollm):
-    baseline = build_decoder("baseline", smollm)
-    prompts = [build_prompt(smollm, [{"role": "user", "content": p}]) for p in PROMPTS]
-    return [(ids, baseline.generate(ids, NEW).token_ids) for ids in prompts]
+NEW = SHORT_NEW  # new tokens per prompt (conftest.short_references: the baseline's answers)
 
 
 @pytest.mark.parametrize("variant", [{}, {"extra": {"suffix_adaptive": False}}], ids=["adaptive", "paper"])
-def test_greedy_suffix_is_lossless_and_learns_across_requests(smollm, references, variant):
+def test_greedy_suffix_is_lossless_and_learns_across_requests(smollm, short_references, variant):
     decoder = build_decoder("suffix", smollm, DecoderOptions(**variant))
-    for ids, expected in references:
+    for ids, expected in short_references:
         result = decoder.generate(ids, NEW)
         assert result.token_ids == expected
         assert sum(result.accept_lengths) == len(result.token_ids) and result.steps == len(result.accept_lengths)
-    ids, expected = references[1]
+    ids, expected = short_references[1]
     again = decoder.generate(ids, NEW)  # the same question again: the global tree holds its answer
     assert again.token_ids == expected
     assert len(expected) / again.steps > 2  # tau > 2
