@@ -16,8 +16,8 @@ What differs from the paper:
   plain text) builds it from the model's own answers; never benchmark questions (a file of
   MT-Bench-style `turns` records is refused);
 - the static automaton drafts a chain (its match's continuation), not the top-K tree of the
-  paper's later version; the auxiliary-drafter combination (SAM + EAGLE/Token Recycling) is not
-  built;
+  paper's later version; of the auxiliary-drafter combinations, SAM + EAGLE-2 is `samd-eagle2`
+  (decoders/samd_eagle.py), SAM + Token Recycling is not built;
 - on a CPU a 40-token chain costs more than it saves, so by default the drafted prefix is
   chosen by prompt lookup's step-time policy (decoders/pld.py `choose_nodes`: acceptance
   statistics per match length against a measured step-time profile, possibly no draft);
@@ -148,6 +148,14 @@ class SamIndex:
             if self.static is not None:
                 self.static_state, self.static_length = self.static.transfer(self.static_state, self.static_length, token)
 
+    def length_after(self, token: int) -> int:
+        """The match length `extend([token])` would give, without adding it: the dynamic match, or the
+        static one less `len_bias` when that is longer (what `samd-eagle2` compares with its threshold)."""
+        length = self.automaton.transfer(self.state, self.length, token)[1]
+        if self.static is not None:
+            length = max(length, self.static.transfer(self.static_state, self.static_length, token)[1] - self.len_bias)
+        return length
+
     def matches(self, max_tokens: int, branches: int = 1) -> list[Match]:
         """At most one match (the paper drafts one sequence): the dynamic automaton's, or the static
         one's when its match is longer by more than `len_bias`; `alpha` tokens per matched token."""
@@ -231,6 +239,14 @@ class SamProposer(PromptLookupProposer):
     def new_index(self, tokens: list[int]) -> SamIndex:
         return SamIndex(tokens, self.static, self.alpha, self.len_bias)
 
+    def match_length(self, root: int, context: list[int]) -> int:
+        """The index brought up to `context`; the match length once `root` follows it (`root` not added:
+        `propose` adds it). What SAM decoding's combination with an auxiliary drafter decides by."""
+        if len(context) < len(self.index.tokens):  # a context we did not see grow: start over
+            self.index = self.new_index(context)
+        self.index.extend(context[len(self.index.tokens):])
+        return self.index.length_after(root)
+
 
 declare(
     Option("samd_tokens", 40, "SAM decoding: most tokens drafted (the paper's max_predicts 40, root not counted).",
@@ -248,14 +264,19 @@ declare(
 uses_step_profile = adaptive_drafting("samd")
 
 
-@register("samd", step_profile=uses_step_profile)
-def build_samd(loaded, options: DecoderOptions):
-    """SAM decoding; drafts only what pays by `options.extra["step_profile"]` (as prompt lookup)."""
+def sam_proposer(loaded, options: DecoderOptions) -> SamProposer:
+    """The `samd_*` options' proposer; adaptive unless `extra={"samd_adaptive": False}` (samd, samd-eagle2)."""
     static = corpus_automaton(options.samd_corpus, loaded.tokenizer) if options.samd_corpus else None
     adaptive = uses_step_profile(options)
     profile = options.extra.get("step_profile") if adaptive else None
-    proposer = SamProposer(options.samd_tokens, options.samd_alpha, options.samd_len_bias, static, adaptive=adaptive,
-                           device=loaded.device, profile=profile)
+    return SamProposer(options.samd_tokens, options.samd_alpha, options.samd_len_bias, static, adaptive=adaptive,
+                       device=loaded.device, profile=profile)
+
+
+@register("samd", step_profile=uses_step_profile)
+def build_samd(loaded, options: DecoderOptions):
+    """SAM decoding; drafts only what pays by `options.extra["step_profile"]` (as prompt lookup)."""
+    proposer = sam_proposer(loaded, options)
     decoder = SpeculativeDecoder("samd", loaded, proposer)
-    decoder.step_profile = profile
+    decoder.step_profile = proposer.costs.profile
     return decoder
