@@ -28,7 +28,8 @@ are collected once it is full. The reference fills that first level with random 
 here it is the prompt's tokens at evenly spaced positions, so a run is deterministic. The pool
 starts empty every generation (the reference's default, `POOL_FROM_PROMPT` off) and `rewind`
 keeps window and pool (stale guesses cost acceptance, never correctness: the loop verifies).
-Any node may be accepted, lookahead ones included, when it matches; lossless either way.
+Any node that matches may be accepted, lookahead ones included (the reference accepts from the
+verification branch only); lossless either way.
 
 Defaults W = 7, N = 5, G = 7 (`--lookahead-window/-ngram/-guess`): the reference README's setting
 for 7B models and the one Spec-Bench's leaderboard runs (`--level 5 --window 7 --guess 7`).
