@@ -20,12 +20,18 @@ from medusa_bench.decoders.options import DecoderOptions, declared
 from medusa_bench.decoders.registry import decoder_names, heads_option, split_spec
 from medusa_bench.errors import UserError
 from medusa_bench.results import files
+from medusa_bench.results.spec_bench import LEADERBOARD_DECODERS
 from medusa_bench.runtime.engine import check_options as check_engine_options
 
 # Settings that change the numbers: a run folder keeps them fixed for its whole life. The
 # decoders' own options (decoders/options.py) join them: `setting_keys()`.
 RUN_SETTING_KEYS = ("model", "bench", "question_file", "max_new_tokens", "temperature", "top_p", "seed",
                     "device", "dtype", "precision_reference", "cache", "compile", "endpoints", "reference")
+
+
+# `--decoders` groups: a name that stands for several decoders. spec-bench: Spec-Bench's
+# leaderboard rows (A100, Vicuna-13B) in its order, after the baseline they are measured against.
+DECODER_GROUPS = {"spec-bench": ("baseline", *LEADERBOARD_DECODERS)}
 
 
 def setting_keys() -> tuple:
@@ -41,6 +47,7 @@ class RunConfig:
     limit: Optional[int] = None
     question_ids: Optional[list[str]] = None
     categories: Optional[list[str]] = None
+    per_task: Optional[int] = None  # N questions of each task of the bench (inputs/questions.BENCH_TASKS)
     max_new_tokens: int = 256
     temperature: float | str = 0.0  # a number or "category"
     top_p: float = 1.0
@@ -72,7 +79,7 @@ class RunConfig:
         options (decoders/options.py) come in `decoder_options` or as keywords of their own."""
         declared_names = {option.name for option in declared()}
         decoder_options = {**(decoder_options or {}), **{key: rest.pop(key) for key in list(rest) if key in declared_names}}
-        names = [d.strip() for d in decoders.split(",") if d.strip()]
+        names = expand_groups([d.strip() for d in decoders.split(",") if d.strip()])
         if not names:
             raise UserError("--decoders is empty; valid names are: " + ", ".join(decoder_names()))
         if control and "control" in names:
@@ -104,6 +111,25 @@ class RunConfig:
         temperature = CATEGORY_TEMPERATURE.get(question.category, 0.7) if self.temperature == "category" else self.temperature
         seed = self.seed + zlib.crc32(str(question.question_id).encode())
         return Sampling(temperature=float(temperature), top_p=self.top_p, seed=seed)
+
+
+def expand_groups(names: list[str]) -> list[str]:
+    """`--decoders` with a group (DECODER_GROUPS) in it: the group's decoders in its order, each
+    once (`baseline,spec-bench` keeps one baseline); a group naming a decoder that is not
+    registered is one line saying which."""
+    listed = [name for name in names if name not in DECODER_GROUPS]
+    expanded: list[str] = []
+    for name in names:
+        if name not in DECODER_GROUPS:
+            expanded.append(name)
+            continue
+        registered = decoder_names()
+        missing = [member for member in DECODER_GROUPS[name] if member not in registered]
+        if missing:
+            raise UserError(f"decoder group {name!r} needs {', '.join(missing)}, not registered in this medusa-bench; "
+                            f"list the decoders instead (valid names: {', '.join(registered)})")
+        expanded += [member for member in DECODER_GROUPS[name] if member not in listed and member not in expanded]
+    return expanded
 
 
 def check_cluster_options(options: dict) -> None:

@@ -215,7 +215,7 @@ def run_endpoint_benchmark(config, run: EndpointRun, console: Optional[Console] 
     """Run (or resume) a benchmark against serving endpoints alone (no local model); returns the
     run folder. Endpoints beside in-process decoders run in `loop.run_benchmark`."""
     console = console or Console(stderr=True)
-    question_file, questions = load_questions(config.bench, config.questions, config.limit, config.question_ids, config.categories)
+    question_file, questions = load_questions(config.bench, config.questions, config.limit, config.question_ids, config.categories, config.per_task)
     endpoints = open_endpoints(run)
     names = sorted(endpoints, key=lambda n: n != run.reference)  # the reference answers first within a question
     settings = {"bench": config.bench, "question_file": str(question_file), "max_new_tokens": config.max_new_tokens,

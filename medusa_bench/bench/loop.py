@@ -46,7 +46,7 @@ def run_benchmark(config: RunConfig, console: Optional[Console] = None, loaded=N
     from medusa_bench.models import model_name, resolve_device
 
     console = console or Console(stderr=True)
-    question_file, questions = load_questions(config.bench, config.questions, config.limit, config.question_ids, config.categories)
+    question_file, questions = load_questions(config.bench, config.questions, config.limit, config.question_ids, config.categories, config.per_task)
     for name in config.decoders:  # fail on a typo before loading anything
         if split_spec(name)[0] not in decoder_names():
             build_decoder(name, None, config.options)

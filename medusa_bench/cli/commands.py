@@ -32,12 +32,13 @@ Exit codes: 0 done; 2 refused (one line says why; nothing is written); {ANSWERS_
 @app.command(help=RUN_HELP)
 @decoder_options("run")
 def run(
-    decoders: Optional[str] = typer.Option(None, "--decoders", "-d", help="Comma-separated decoder names (default: baseline; with --endpoint: none, the endpoints alone).", rich_help_panel=_WHAT),
+    decoders: Optional[str] = typer.Option(None, "--decoders", "-d", help="Comma-separated decoder names (default: baseline; with --endpoint: none, the endpoints alone); the group spec-bench is the baseline and Spec-Bench's leaderboard methods in its order.", rich_help_panel=_WHAT),
     bench: str = typer.Option("mt_bench", "--bench", help="mt_bench | spec_bench | quick", rich_help_panel=_WHAT),
     questions: Optional[Path] = typer.Option(None, "--questions", help="A FastChat question.jsonl (overrides --bench lookup).", rich_help_panel=_WHAT),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N questions.", rich_help_panel=_WHAT),
     question_ids: Optional[str] = typer.Option(None, "--question-ids", help="Comma-separated question ids, e.g. 81,82.", rich_help_panel=_WHAT),
     categories: Optional[str] = typer.Option(None, "--categories", help="Comma-separated categories, e.g. math,coding.", rich_help_panel=_WHAT),
+    per_task: Optional[int] = typer.Option(None, "--per-task", help="The first N questions of each task (spec_bench: its six tasks; multi-turn spread over its 8 MT-Bench categories).", rich_help_panel=_WHAT),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Token limit per turn.", rich_help_panel=_WHAT),
     temperature: str = typer.Option("0", "--temperature", help="A number, or 'category' for FastChat's per-category temperatures.", rich_help_panel=_WHAT),
     top_p: float = typer.Option(1.0, "--top-p", rich_help_panel=_WHAT),
@@ -72,7 +73,7 @@ def run(
 
     config = RunConfig.from_cli(
         model=model, decoders=decoders or "baseline", bench=bench, questions=questions, limit=limit,
-        question_ids=question_ids, categories=categories, max_new_tokens=max_new_tokens,
+        question_ids=question_ids, categories=categories, per_task=per_task, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, seed=seed, warmup=warmup, out=out, device=device,
         dtype=dtype, decoder_options=decoder_options, trust_remote_code=trust_remote_code,
         control=control, precision_reference=precision_reference, remeasure_flagged=remeasure_flagged,

@@ -35,6 +35,13 @@ CATEGORY_TEMPERATURE = {
     "writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
     "reasoning": 0.0, "stem": 0.1, "humanities": 0.1, "arena-hard-200": 0.0,
 }
+MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
+# A bench's tasks (what `--per-task N` takes N questions of): task → its categories in the question file.
+# Spec-Bench's multi-turn task is MT-Bench's 80 questions; the other five are one category each.
+BENCH_TASKS = {
+    "spec_bench": {"multi_turn": MT_BENCH_CATEGORIES, "translation": ("translation",), "summarization": ("summarization",),
+                   "qa": ("qa",), "math_reasoning": ("math_reasoning",), "rag": ("rag",)},
+}
 
 
 @dataclass
@@ -108,11 +115,42 @@ def read_questions(path: Path) -> list[Question]:
     return questions
 
 
+def task_of(bench: str, category: str) -> Optional[str]:
+    """The task of `bench` that a question of `category` belongs to (None: no task of it)."""
+    return next((task for task, categories in BENCH_TASKS.get(bench, {}).items() if category in categories), None)
+
+
+def check_per_task(bench: str, n: int) -> None:
+    """`--per-task N` needs a bench with tasks and N >= 1 (one line each when not)."""
+    if bench not in BENCH_TASKS:
+        raise UserError(f"--per-task: {bench} has no tasks (benches with tasks: {', '.join(BENCH_TASKS)}); "
+                        "add --bench spec_bench, or select with --limit or --categories")
+    if n < 1:
+        raise UserError(f"--per-task must be >= 1, got {n}")
+
+
+def take_per_task(questions: list[Question], bench: str, n: int) -> list[Question]:
+    """The first `n` questions of each of the bench's tasks, in file order. A task of several
+    categories takes them round-robin (first of each, then second of each …): Spec-Bench's
+    multi-turn task with n=8 gets one question of each MT-Bench category."""
+    check_per_task(bench, n)
+    chosen = set()
+    for categories in BENCH_TASKS[bench].values():
+        columns = [[q for q in questions if q.category == category] for category in categories]
+        round_robin = [column[i] for i in range(max(map(len, columns))) for column in columns if i < len(column)]
+        chosen.update(id(q) for q in round_robin[:n])
+    return [q for q in questions if id(q) in chosen]
+
+
 def load_questions(bench: str = "mt_bench", path: Optional[Path] = None, limit: Optional[int] = None,
-                   question_ids: Optional[list] = None, categories: Optional[list[str]] = None) -> tuple[Path, list[Question]]:
-    """Resolve, parse and select; selection errors say which ids or categories exist."""
+                   question_ids: Optional[list] = None, categories: Optional[list[str]] = None,
+                   per_task: Optional[int] = None) -> tuple[Path, list[Question]]:
+    """Resolve, parse and select (categories, ids, `per_task` questions of each task, then the
+    first `limit`); selection errors say which ids or categories exist."""
     if path is None and bench not in BENCHES:
         raise unknown_name("bench", bench, BENCHES)
+    if per_task is not None:
+        check_per_task(bench, per_task)  # refused before the file is read or downloaded
     file = data_file(bench, "question.jsonl", path)
     questions = read_questions(file)
     if categories:
@@ -127,6 +165,10 @@ def load_questions(bench: str = "mt_bench", path: Optional[Path] = None, limit: 
         if missing:
             raise UserError(f"question ids {', '.join(missing)} not in {file}")
         questions = [by_id[str(i)] for i in question_ids]
+    if per_task is not None:
+        questions = take_per_task(questions, bench, per_task)
+        if not questions:
+            raise UserError(f"--per-task: no question of {file} is in one of {bench}'s tasks ({', '.join(BENCH_TASKS[bench])})")
     if limit is not None:
         if limit < 1:
             raise UserError(f"--limit must be >= 1, got {limit}")

@@ -3,9 +3,10 @@ order) with the banner and notes out, one convention throughout (README, "How th
 measured"), so that a table, its CSV export and the HTML report can never disagree.
 
 Where each table is computed: speed.py (speed, noise floor), summary.py (at a glance, banner,
-notes), categories.py, acceptance.py (acceptance, tokens per step), quality.py (MT-Bench
-scores), drift_table.py (drift against the baseline and fp32), configuration.py, sweep.py
-(endpoint concurrency levels); runs.py loads the folders, stats.py holds the bootstrap.
+notes), categories.py, spec_bench.py (Spec-Bench's leaderboard layout), acceptance.py (acceptance,
+tokens per step), quality.py (MT-Bench scores), drift_table.py (drift against the baseline and
+fp32), configuration.py, sweep.py (endpoint concurrency levels); runs.py loads the folders,
+stats.py holds the bootstrap.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from medusa_bench.results.configuration import config_table
 from medusa_bench.results.drift_table import drift_notes, precision_table
 from medusa_bench.results.quality import quality_table
 from medusa_bench.results.runs import RunData, question_frame
+from medusa_bench.results.spec_bench import NOTE as SPEC_BENCH_NOTE
+from medusa_bench.results.spec_bench import spec_bench_table
 from medusa_bench.results.speed import speed_table
 from medusa_bench.results.summary import banner, notes, summary_table
 from medusa_bench.results.sweep import sweep_table
@@ -31,6 +34,7 @@ TABLE_TITLES = {
     "acceptance": "Acceptance",
     "tokens_per_step": "Tokens per step (histogram)",
     "quality": "Quality (MT-Bench single grading)",
+    "spec_bench": "Spec-Bench: speedup per task (leaderboard: A100, Vicuna-13B)",
     "categories": "Per category",
     "config": "Configuration",
     "sweep": "Concurrency sweep (endpoints)",
@@ -75,13 +79,17 @@ def build_tables(runs: list[RunData]) -> ReportTables:
         "acceptance": acceptance,
         "tokens_per_step": histogram,
         "quality": quality,
+        "spec_bench": spec_bench_table(runs, frames),  # runs over Spec-Bench's questions only (dropped below when empty)
         "categories": category_table(runs, frames),
         "config": config_table(runs),
     }
+    if tables["spec_bench"].empty:
+        del tables["spec_bench"]
     sweep = sweep_table(runs)
     if not sweep.empty:  # endpoint runs with --concurrency only
         tables["sweep"] = sweep
     caveats = notes(runs, speed) + [n for run in runs for n in drift_notes(run, precision)]
+    caveats += [SPEC_BENCH_NOTE] if "spec_bench" in tables else []
     return ReportTables(runs=runs, tables=tables, notes=caveats, banner=banner(runs, speed), drift=drift_details)
 
 

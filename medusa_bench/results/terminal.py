@@ -6,6 +6,7 @@ from __future__ import annotations
 import pandas as pd
 
 from medusa_bench.results.display import FOOTERS, column_label, display_frame
+from medusa_bench.results.spec_bench import LEADERBOARD_OVERALL, LEADERBOARD_TAU
 from medusa_bench.results.tables import TABLE_TITLES, ReportTables
 
 KEY_COLUMNS = ("run", "decoder", "device", "category", "judge", "in flight")  # "in flight": the sweep's concurrency level; "device": Ray runs on several device types
@@ -18,6 +19,7 @@ TERMINAL_DROP = {
     "precision": ("dtype", "divergence_vs_fp32"),
     "quality": ("reused", "expected", "graded", "coverage_turn*"),
     "categories": ("n_questions",),
+    "spec_bench": ("n_compared",),
 }
 SHORT_LABELS = {
     "questions": "qs", "compared": "cmp", "tokens/s": "tok/s", "exact match": "exact", "coverage": "cov",
@@ -25,6 +27,7 @@ SHORT_LABELS = {
     "median first divergence": "1st diff", "exact vs fp32": "exact fp32", "median divergence vs fp32": "1st diff fp32",
     "baseline exact vs fp32": "base fp32", "steps logged": "steps", "τ predicted": "τ pred", "speedup predicted": "pred ×",
     "grades reused": "reused", "turns compared": "turns", "speedup (Spec-Bench)": "× (Spec-Bench)",
+    LEADERBOARD_OVERALL: "leaderboard", LEADERBOARD_TAU: "leaderboard τ",
 }
 
 
