@@ -79,3 +79,11 @@ def test_datastore_build_and_greedy_rest_is_lossless(smollm, short_references, t
     bench.write_text(json.dumps({"question_id": 81, "turns": ["Write a poem."]}) + "\n")
     code, _, stderr = run_cli(capsys, monkeypatch, "datastore", "build", "--from", bench, "--out", tmp_path / "no.npz")
     assert code != 0 and "benchmark" in stderr
+
+
+def test_a_run_without_datastore_is_refused_before_the_model_loads(capsys, monkeypatch, tmp_path):
+    # `--decoders spec-bench` includes rest: the missing datastore is one line at once, not after the trees are sized
+    code, _, stderr = run_cli(capsys, monkeypatch, "run", "--decoders", "baseline,rest", "--limit", "1",
+                              "--max-new-tokens", "4", "--out", tmp_path / "run")
+    assert code == 2 and "needs --rest-datastore PATH" in stderr
+    assert not (tmp_path / "run").exists()

@@ -17,7 +17,7 @@ from medusa_bench.bench import precision
 from medusa_bench.inputs.questions import CATEGORY_TEMPERATURE, Question
 from medusa_bench.decoders.base import Sampling
 from medusa_bench.decoders.options import DecoderOptions, declared
-from medusa_bench.decoders.registry import decoder_names, heads_option, split_spec
+from medusa_bench.decoders.registry import check_required, decoder_names, heads_option, split_spec
 from medusa_bench.errors import UserError
 from medusa_bench.results import files
 from medusa_bench.results.spec_bench import LEADERBOARD_DECODERS
@@ -102,6 +102,8 @@ class RunConfig:
             raise UserError(f"--warmup must be >= 0, got {rest['warmup']}")
         check_cluster_options(rest)
         options = DecoderOptions(**decoder_options)
+        for name in names:  # a missing datastore fails here, not after the model loaded and trees were sized
+            check_required(name, options)
         split = lambda text: [x.strip() for x in text.split(",") if x.strip()] if text else None  # noqa: E731
         return cls(decoders=names, question_ids=split(question_ids), categories=split(categories),
                    temperature=temperature, options=options, **rest)

@@ -39,6 +39,13 @@ class Entry:
     tree: bool = False  # drafts on `--tree`: gets a Tree, sets `decoder.sizing` (base.TreeSizing) for 'auto'
     # reads a step-time profile from options.extra["step_profile"]: always (True), or when a test of the options says so
     step_profile: Union[bool, Callable[[DecoderOptions], bool]] = False
+    requires: tuple[tuple[str, str], ...] = ()  # (option, how to get it): options it cannot run without
+
+    def check_required(self, options: DecoderOptions) -> None:
+        """One line naming a required option left unset, before any model is loaded or tree sized."""
+        for option, how in self.requires:
+            if not getattr(options, option):
+                raise UserError(f"decoder {self.name!r} needs --{option.replace('_', '-')} PATH; {how}")
 
     def needs_step_profile(self, options: DecoderOptions) -> bool:
         return self.step_profile(options) if callable(self.step_profile) else self.step_profile
@@ -48,16 +55,18 @@ _ENTRIES: dict[str, Entry] = {}
 
 
 def register(name: str, heads: Optional[tuple[str, str]] = None, tree: bool = False,
-             step_profile: Union[bool, Callable[[DecoderOptions], bool]] = False):
+             step_profile: Union[bool, Callable[[DecoderOptions], bool]] = False,
+             requires: tuple[tuple[str, str], ...] = ()):
     """Register a decoder factory under `name`.
 
     `heads=(option, kind)`: it loads heads, from the folder the option names, else the shipped
     `<model>-<kind>` folder (run.json hashes that folder; a resume checks it; `serve --heads`
     swaps it). `tree`: it drafts on `options.tree`. `step_profile`: it decides by a step-time
-    profile the bench layer measures (prompt lookup).
+    profile the bench layer measures (prompt lookup). `requires=((option, how to get it), ...)`:
+    options it cannot run without, checked by `check_required` when a run's options are parsed.
     """
     def wrap(factory: DecoderFactory) -> DecoderFactory:
-        _ENTRIES[name] = Entry(name, factory, heads, tree, step_profile)
+        _ENTRIES[name] = Entry(name, factory, heads, tree, step_profile, tuple(requires))
         return factory
 
     return wrap
@@ -111,6 +120,12 @@ def needs_step_profile(spec: str, options: Optional[DecoderOptions] = None) -> b
     """Does the decoder `spec` decide by a step-time profile with these options (the bench layer measures it)?"""
     found, options = spec_options(spec, options)
     return found.needs_step_profile(options)
+
+
+def check_required(spec: str, options: DecoderOptions) -> None:
+    """The decoder `spec` has every option it cannot run without (one line naming the first missing)."""
+    found, options = spec_options(spec, options)
+    found.check_required(options)
 
 
 def acceptance_of(options: DecoderOptions) -> Acceptance:

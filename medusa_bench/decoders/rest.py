@@ -35,7 +35,7 @@ import torch
 
 from medusa_bench.decoders.options import DecoderOptions, Option, declare, within
 from medusa_bench.decoders.pld import StepCosts, adaptive_drafting
-from medusa_bench.decoders.registry import register
+from medusa_bench.decoders.registry import entry, register
 from medusa_bench.decoders.samd import SEPARATOR, corpus_texts
 from medusa_bench.decoders.spec import Draft, Proposer, SpeculativeDecoder
 from medusa_bench.decoders.suffix import SuffixTrie, draft_under, grow
@@ -184,12 +184,11 @@ declare(
 uses_step_profile = adaptive_drafting("rest")
 
 
-@register("rest", step_profile=uses_step_profile)
+@register("rest", step_profile=uses_step_profile, requires=(
+    ("rest_datastore", "build one with `medusa-bench datastore build --from FILE --out PATH` (a corpus of training answers)"),))
 def build_rest(loaded, options: DecoderOptions):
     """REST over `--rest-datastore`; drafts only what pays by `options.extra["step_profile"]`."""
-    if not options.rest_datastore:
-        raise UserError("decoder 'rest' needs --rest-datastore PATH; build one with "
-                        "`medusa-bench datastore build --from FILE --out PATH` (a corpus of training answers)")
+    entry("rest").check_required(options)
     store = load_datastore(options.rest_datastore)
     vocab = len(loaded.tokenizer)
     if store.vocab_size and store.vocab_size != vocab:
