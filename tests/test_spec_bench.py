@@ -86,9 +86,12 @@ def test_spec_bench_group_is_the_leaderboard_in_its_order():
         with pytest.raises(UserError, match=f"decoder group 'spec-bench' needs {', '.join(missing)}, not registered"):
             RunConfig.from_cli(**cli_args(decoders="spec-bench", control=True))
         return
-    config = RunConfig.from_cli(**cli_args(decoders="spec-bench", control=True))
+    with pytest.raises(UserError, match="decoder 'rest' needs --rest-datastore PATH"):  # refused before any model loads
+        RunConfig.from_cli(**cli_args(decoders="spec-bench", control=True))
+    store = {"rest_datastore": "store.npz"}  # checked for being set here; read when rest is built
+    config = RunConfig.from_cli(**cli_args(decoders="spec-bench", control=True, decoder_options=store))
     assert config.decoders == ["baseline", *LEADERBOARD_DECODERS, "control"]
-    assert RunConfig.from_cli(**cli_args(decoders="baseline,spec-bench")).decoders == ["baseline", *LEADERBOARD_DECODERS]
+    assert RunConfig.from_cli(**cli_args(decoders="baseline,spec-bench", decoder_options=store)).decoders == ["baseline", *LEADERBOARD_DECODERS]
 
 
 def test_groups_expand_in_place_once_and_refuse_unregistered_members(monkeypatch):
