@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 # processes.py: servers and clusters the tests start fail the running test the moment they die;
 # pytester: tests/test_processes.py runs a small inner session to prove it.
@@ -71,3 +72,14 @@ def short_references(smollm):
     baseline = build_decoder("baseline", smollm)
     prompts = [build_prompt(smollm, [{"role": "user", "content": p}]) for p in SHORT_PROMPTS]
     return [(ids, baseline.generate(ids, SHORT_NEW).token_ids) for ids in prompts]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of small forwards (tiny models, one-token draft steps): on a
+    shared 2-core machine a second thread only adds contention (10-30x slower for tiny matmuls).
+    A module asks for it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

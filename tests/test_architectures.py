@@ -63,13 +63,7 @@ def _config(name: str):
     }[name]()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: a second thread only adds contention on a shared machine (10-30x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small forwards, where a second thread only contends
 
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma2", "gemma3", "gpt2", "gpt_neox", "falcon", "llama4"]

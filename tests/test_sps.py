@@ -22,13 +22,7 @@ SKIP = "3,14"
 FOUND = "3,5,9,12,14,16,17,18,19,21,22,23,25,26"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One-token draft forwards: a second thread only adds contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small forwards, where a second thread only contends
 
 
 # ------------------------------------------------------------------------------ the skip mechanism
