@@ -353,3 +353,28 @@ def test_best_tree_with_conditional_calibration_falls_back_to_baseline():
     result = best_tree(cal, lat)
     assert result.tree.paths == () and not result.choice.beats_baseline
     assert math.isclose(result.choice.throughput, 1 / 0.033)
+
+
+def test_kept_answers_make_the_search_replay_decoding(tmp_path):
+    """With the calibration's answers kept, each candidate's τ is decoding replayed on them (trees/replay.py):
+    an easy answer is skipped through in few steps, so the realised τ is below the per-position mean."""
+    easy = [[0, 0]] * 5 + [[0, -1]]  # 7 tokens: two drafts right everywhere
+    hard = [[5, 5]] * 3  # 4 tokens: nothing right
+    ranks = [tuple(row) for row in easy + hard]
+    from medusa_bench.trees.ranks import statistics_of
+    import torch
+
+    cal = statistics_of(torch.tensor(ranks), 10)
+    cal.answers = [(easy, 7), (hard, 4)]
+    lat = Latency({1: 0.010, 2: 0.0105, 3: 0.011})
+    result = best_tree(cal, lat, max_nodes=3)
+    chain2 = {row["n"]: row for row in result.choice.table}[3]
+    assert chain2["tau"] == pytest.approx(11 / 7)  # 3 steps over the easy answer, 4 over the hard one
+    assert chain2["tau_per_position"] == pytest.approx(1 + 6 / 9 + 6 / 9)  # the table's: P(rank 0) + P(0 then 0)
+    assert result.choice.tau_statistic == "replayed in decode order over 2 answers"
+    assert result.tree_json()["search"]["tau_statistic"] == result.choice.tau_statistic
+    back = load_calibration(save_calibration(cal, tmp_path / "calibration.json"))
+    assert back.answers == [([list(r) for r in easy], 7), ([list(r) for r in hard], 4)]
+    assert best_tree(back, lat, max_nodes=3).choice.table == result.choice.table
+    with pytest.raises(UserError, match="'answers' must be a list"):
+        calibration_from_json({"kind": "conditional", "paths": {"0": 0.2}, "answers": [{"tokens": 3, "ranks": "x"}]})

@@ -33,7 +33,8 @@ DEFAULT_MIN_SPEEDUP = 1.03  # a tree must promise 3% over the baseline: predicti
 RUN_FILES = ("tree", "calibration", "latency")
 # The code that shapes the tables, with the proposer's and its heads' own modules: a change measures again.
 CODE_FILES = ("bench/calibrate.py", "bench/autotree.py", "trees/search.py", "trees/tree.py", "decoders/spec.py",
-              "decoders/acceptance.py", "runtime/forward.py", "runtime/cache.py", "trees/levels.py")
+              "decoders/acceptance.py", "runtime/forward.py", "runtime/cache.py", "trees/levels.py",
+              "trees/replay.py")
 
 
 @dataclass
@@ -334,7 +335,8 @@ def summary_rows(auto: AutoTree) -> list[dict]:
 def summary_table(auto: AutoTree):
     from rich.table import Table
 
-    table = Table(title=f"tree search ({auto.latency.device}, {auto.latency.dtype}, {auto.latency.context_len} cached tokens)")
+    table = Table(title=f"tree search ({auto.latency.device}, {auto.latency.dtype}, {auto.latency.context_len} cached tokens; "
+                        f"τ {auto.result.choice.tau_statistic})")
     for column in ("nodes", "depth", "pred. τ", "step ms", "pred. tok/s", "× baseline", ""):
         table.add_column(column, justify="right")
     for row in summary_rows(auto):

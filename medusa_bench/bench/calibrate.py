@@ -181,11 +181,17 @@ def rank_table(loaded, proposer, sequences: list[tuple[list[int], int]], depth: 
 
 def calibrate(loaded, proposer, prompts: Sequence[str], depth: int, top_k: int = 10, max_new_tokens: int = 64,
               meta: Optional[dict] = None) -> Calibration:
-    """Greedy answers to `prompts`, then the proposer's acceptance table up to `depth` and `top_k`."""
-    sequences = greedy_sequences(loaded, prompts, max_new_tokens)
-    ranks = rank_table(loaded, proposer, sequences, depth, top_k)
+    """Greedy answers to `prompts`, then the proposer's acceptance table up to `depth` and `top_k`;
+    each answer's rank rows are kept too (`Calibration.answers`), so the search replays decoding
+    on them (trees/replay.py) instead of averaging over positions."""
+    sequences = [(ids, p) for ids, p in greedy_sequences(loaded, prompts, max_new_tokens) if len(ids) - p >= 2]
+    if not sequences:
+        raise UserError("calibration produced no answer tokens to score; use other prompts or more --tokens")
+    per_answer = [rank_table(loaded, proposer, [sequence], depth, top_k) for sequence in sequences]
     info = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "answer_tokens": sum(len(s) - p for s, p in sequences)}
-    return statistics_of(ranks, top_k, {**info, **(meta or {})})
+    calibration = statistics_of(torch.cat(per_answer), top_k, {**info, **(meta or {})})
+    calibration.answers = [(rows.tolist(), len(ids) - p) for rows, (ids, p) in zip(per_answer, sequences)]
+    return calibration
 
 
 # ------------------------------------------------------------------------------ profile

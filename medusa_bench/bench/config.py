@@ -17,7 +17,7 @@ from medusa_bench.bench import precision
 from medusa_bench.inputs.questions import CATEGORY_TEMPERATURE, Question
 from medusa_bench.decoders.base import Sampling
 from medusa_bench.decoders.options import DecoderOptions, declared
-from medusa_bench.decoders.registry import check_required, decoder_names, heads_option, split_spec
+from medusa_bench.decoders.registry import check_required, decoder_names, entry, heads_option, split_spec, tree_decoders
 from medusa_bench.errors import UserError
 from medusa_bench.results import files
 from medusa_bench.results.spec_bench import LEADERBOARD_DECODERS
@@ -32,6 +32,11 @@ RUN_SETTING_KEYS = ("model", "bench", "question_file", "max_new_tokens", "temper
 # `--decoders` groups: a name that stands for several decoders. spec-bench: Spec-Bench's
 # leaderboard rows (A100, Vicuna-13B) in its order, after the baseline they are measured against.
 DECODER_GROUPS = {"spec-bench": ("baseline", *LEADERBOARD_DECODERS)}
+# `<decoder>:sweep`: the optimiser's tree beside the fixed alternatives, in one interleaved run, the
+# check that `auto` is the best of them: chains 1-4, small trees (the first n - 1 paths of
+# mc_sim_7b_63) and Medusa's published 64-node tree (EAGLE-2's own default, 60 tokens, is as large).
+SWEEP = "sweep"
+SWEEP_TREES = ("auto", "chain-1", "chain-2", "chain-3", "chain-4", "tree-8", "tree-16", "tree-32", "mc_sim_7b_63")
 
 
 def setting_keys() -> tuple:
@@ -118,7 +123,8 @@ class RunConfig:
 def expand_groups(names: list[str]) -> list[str]:
     """`--decoders` with a group (DECODER_GROUPS) in it: the group's decoders in its order, each
     once (`baseline,spec-bench` keeps one baseline); a group naming a decoder that is not
-    registered is one line saying which."""
+    registered is one line saying which. `hydra:sweep` is hydra on each of SWEEP_TREES."""
+    names = [swept for name in names for swept in expand_sweep(name)]
     listed = [name for name in names if name not in DECODER_GROUPS]
     expanded: list[str] = []
     for name in names:
@@ -132,6 +138,17 @@ def expand_groups(names: list[str]) -> list[str]:
                             f"list the decoders instead (valid names: {', '.join(registered)})")
         expanded += [member for member in DECODER_GROUPS[name] if member not in listed and member not in expanded]
     return expanded
+
+
+def expand_sweep(spec: str) -> list[str]:
+    """'hydra:sweep' → ['hydra:auto', 'hydra:chain-1', …]; any other spec as it is."""
+    name, tree = split_spec(spec)
+    if tree != SWEEP:
+        return [spec]
+    if not entry(name).tree:
+        raise UserError(f"{spec}: {name} drafts on no tree, so there is nothing to sweep; "
+                        f"sweep one of {', '.join(tree_decoders())}")
+    return [f"{name}:{tree}" for tree in SWEEP_TREES]
 
 
 def check_cluster_options(options: dict) -> None:

@@ -8,7 +8,8 @@ settings is refused instead of mixing results.
 `run_benchmark` is the Python API behind `medusa-bench run`; the parts it joins:
 config.py (options, settings, resume checks) · run_folder.py (run.json, file names, the folder's
 lock) · answer.py (the run's decoders, one question, exact match, storing) · reference.py (the
-float32 reference) · remeasure.py · distributed.py (Ray) · endpoints.py (serving endpoints).
+float32 reference) · remeasure.py · audit.py (the optimiser's prediction checked on the run's
+text, prediction.json) · distributed.py (Ray) · endpoints.py (serving endpoints).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Optional
 from rich.console import Console
 
 from medusa_bench.bench import precision
+from medusa_bench.bench.audit import AUDIT_FILE, audit_run, early_check
 from medusa_bench.bench.answer import answer_one_question, build_run_decoders, references_first, store_ready, warm_up
 from medusa_bench.bench.autotree import saved_profiles, store_in_run
 from medusa_bench.bench.config import (RunConfig, check_same_contents, check_same_settings, content_hashes, default_out,
@@ -33,6 +35,7 @@ from medusa_bench.bench.run_folder import claimed_run_dir, keep_questions, local
 from medusa_bench.decoders.registry import build_decoder, decoder_names, split_spec
 from medusa_bench.errors import UserError
 from medusa_bench.results import files
+from medusa_bench.results.stats import MIN_QUESTIONS_FOR_CI
 
 
 def run_benchmark(config: RunConfig, console: Optional[Console] = None, loaded=None, endpoints=None) -> Path:
@@ -122,6 +125,8 @@ def run_in_process(config: RunConfig, questions: list[Question], question_file: 
         answer_questions(questions, in_turn_order, loaded, config, paths, done, references, reference, console)
     if config.remeasure_flagged:  # the local CPU's contention: endpoints are timed on their servers
         remeasure_flagged(questions, [name for name in names if name in decoders], decoders, loaded, config, paths, console)
+    if todo or config.remeasure_flagged or not (run_dir / AUDIT_FILE).is_file():
+        audit_run(run_dir, decoders, questions, loaded, log=lambda line: console.print(line, highlight=False, soft_wrap=True))
     if served:
         from medusa_bench.bench.endpoints import finish_endpoints
 
@@ -141,6 +146,7 @@ def answer_questions(questions: list[Question], answerers: dict, loaded, config:
     warm_up({name: answerers[name] for name in answerers if any(name in wanted for wanted in wanted_by.values())}, loaded, questions, config)
     gc.collect()  # the loads' garbage now, not in a timed turn (and no finalizer there to swallow a Ctrl-C)
     device_label = device_name(loaded)  # per answer: the report never pools devices (Ray runs mix them)
+    counts: dict[str, list[tuple[int, int]]] = {name: [] for name in answerers}  # (tokens, steps) per answer: early_check
     with run_progress(console) as progress:
         task = progress.add_task("starting", total=sum(map(len, wanted_by.values())) + len(reference_todo))
         for index, question in enumerate(questions):
@@ -149,8 +155,21 @@ def answer_questions(questions: list[Question], answerers: dict, loaded, config:
                                               on_step=lambda name: live_rate(progress, task, question, name)):  # noqa: B023 — used at once
                 record.setdefault("device", device_label)  # endpoints say "endpoint": never paired with local answers
                 pending = store_ready(pending + [(record, answerers[record["decoder"]])], references, list(answerers), paths)
+                note_counts(counts, record, answerers, console)
                 progress.advance(task)
             if reference and qid not in reference.done:  # after the timed answers: never between them
                 record = float32.record(question, live_rate(progress, task, question, Float32Baseline.DECODER))
                 reference.store(record, references, float32.facts)
                 progress.advance(task)
+
+
+def note_counts(counts: dict, record: dict, answerers: dict, console: Console) -> None:
+    """Keep an answer's (tokens, steps); once there are enough for an interval, say if its decoder's predicted τ is off (audit.early_check)."""
+    choice, name = record["choices"][0], record["decoder"]
+    if name not in counts or not choice.get("decoding_steps"):
+        return
+    counts[name].append((sum(choice["new_tokens"]), sum(choice["decoding_steps"])))
+    if len(counts[name]) == MIN_QUESTIONS_FOR_CI:
+        line = early_check(name, answerers[name], counts[name])
+        if line:
+            console.print(line, highlight=False, soft_wrap=True)

@@ -32,7 +32,7 @@ Exit codes: 0 done; 2 refused (one line says why; nothing is written); {ANSWERS_
 @app.command(help=RUN_HELP)
 @decoder_options("run")
 def run(
-    decoders: Optional[str] = typer.Option(None, "--decoders", "-d", help="Comma-separated decoder names (default: baseline; with --endpoint: none, the endpoints alone); the group spec-bench is the baseline and Spec-Bench's leaderboard methods in its order.", rich_help_panel=_WHAT),
+    decoders: Optional[str] = typer.Option(None, "--decoders", "-d", help="Comma-separated decoder names (default: baseline; with --endpoint: none, the endpoints alone); the group spec-bench is the baseline and Spec-Bench's leaderboard methods in its order; hydra:sweep is hydra:auto beside fixed trees (chain-1…4, tree-8/16/32, mc_sim_7b_63).", rich_help_panel=_WHAT),
     bench: str = typer.Option("mt_bench", "--bench", help="mt_bench | spec_bench | quick", rich_help_panel=_WHAT),
     questions: Optional[Path] = typer.Option(None, "--questions", help="A FastChat question.jsonl (overrides --bench lookup).", rich_help_panel=_WHAT),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N questions.", rich_help_panel=_WHAT),
@@ -228,6 +228,7 @@ def tree_command(
     min_speedup: float = typer.Option(1.03, "--min-speedup", help="A tree must predict this much over the baseline, else the empty tree."),
     refresh: bool = typer.Option(False, "--refresh", help="Measure again even if the cache holds these tables."),
     out: Path = typer.Option(Path("tree.json"), "--out", "-o", help="tree.json to write; calibration.json and latency.json go beside it."),
+    audit: Optional[Path] = typer.Option(None, "--audit", metavar="RUN_DIR", help="Instead: check a finished run's --tree auto predictions against its own answers (τ replayed on them, step cost, the tree best in hindsight); writes RUN_DIR/prediction.json, which `run` writes itself at its end."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | float16 | bfloat16"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
@@ -236,6 +237,12 @@ def tree_command(
     **decoder_options,
 ) -> None:
     """Find the fastest candidate tree for these heads on this model and device (what `run --tree auto` uses)."""
+    if audit is not None:
+        from medusa_bench.bench.audit import AUDIT_FILE, audit_folder
+
+        audit_folder(audit, log=lambda line: console.print(line, highlight=False, soft_wrap=True))
+        typer.echo(str(audit / AUDIT_FILE))
+        return
     from medusa_bench.bench.autotree import AutoTreeSettings, save_tree_files, size_tree, summary_table
     from medusa_bench.decoders.options import DecoderOptions
     from medusa_bench.models import load_model

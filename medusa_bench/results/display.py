@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from medusa_bench.results.prediction import NOTE as PREDICTION_NOTE
 from medusa_bench.results.runs import BASELINE
 from medusa_bench.results.stats import MIN_QUESTIONS_FOR_CI, interval_text
 from medusa_bench.results.tables import TABLE_TITLES, ReportTables
@@ -22,7 +23,7 @@ TAU_NOTE = ("τ: mean accepted tokens per step, the base model's own token inclu
 CI_NOTE = (f"95% CI: paired bootstrap over questions; none where fewer than {MIN_QUESTIONS_FOR_CI} questions were compared "
            f"(“n=2, no CI”): over so few questions a bootstrap interval is not one.")
 # Printed under a table in every format (terminal caption, markdown line, HTML caption).
-FOOTERS = {"summary": (TAU_NOTE, CI_NOTE), "categories": (CI_NOTE,)}
+FOOTERS = {"summary": (TAU_NOTE, CI_NOTE), "categories": (CI_NOTE,), "prediction": (PREDICTION_NOTE,)}
 
 LABELS = {
     "run": "run", "decoder": "decoder", "device": "device", "model_id": "answer file", "judge": "judge", "category": "category",
@@ -38,8 +39,13 @@ LABELS = {
     "concurrency": "in flight", "requests": "requests", "failed": "failed", "server_tok_s": "server tokens/s",
     "request_tok_s_p50": "tokens/s per request p50", "ttft_p50_ms": "TTFT p50 (ms)", "ttft_p90_ms": "TTFT p90 (ms)",
     "ttft_p99_ms": "TTFT p99 (ms)", "itl_p50_ms": "ITL p50 (ms)", "itl_p90_ms": "ITL p90 (ms)", "itl_p99_ms": "ITL p99 (ms)",
+    "tree_nodes": "tree nodes", "speedup_error": "speedup error", "tau_on_text": "τ on this text", "tau_error": "τ error",
+    "step_predicted": "step × baseline predicted", "step_measured": "step × baseline measured", "step_error": "step error",
+    "hindsight_nodes": "hindsight nodes", "hindsight_speedup": "hindsight speedup",
+    "best_fixed": "fastest fixed tree", "best_fixed_speedup": "its speedup", "auto_vs_fixed": "auto against it",
 }
-COUNT_COLUMNS = ("new_tokens", "steps", "n_questions", "n_compared", "graded", "reused", "expected", "logged_steps", "contended_turns", "turns")
+ERROR_COLUMNS = ("speedup_error", "tau_error", "step_error")  # measured / predicted − 1
+COUNT_COLUMNS = ("tree_nodes", "hindsight_nodes", "new_tokens", "steps", "n_questions", "n_compared", "graded", "reused", "expected", "logged_steps", "contended_turns", "turns")
 
 
 def column_label(column: str) -> str:
@@ -64,8 +70,11 @@ def format_value(column: str, value: Any) -> str:
         return str(value)
     if column.startswith(("exact_", "baseline_exact_", "coverage", "accept_ge_", "tokens_")) and column not in ("exact_match_turns", "tokens_per_s"):
         return f"{100 * value:.1f}%"
-    if column in ("speedup", "speedup_specbench", "speedup_predicted"):
+    if column in ("speedup", "speedup_specbench", "speedup_predicted", "hindsight_speedup", "best_fixed_speedup", "step_predicted",
+                  "step_measured"):
         return f"{value:.2f}×"
+    if column in ERROR_COLUMNS:
+        return f"{100 * value:+.0f}%"
     if column == "score_vs_baseline":
         return f"{value:+.2f}"
     if column in ("tokens_per_s", "wall_time_s", "divergence_vs_baseline", "divergence_vs_fp32"):

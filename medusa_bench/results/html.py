@@ -308,6 +308,7 @@ def render_html(report: ReportTables, plots: list[Plot]) -> str:
                  _plots(plots, ["divergence"])),
         _section("acceptance", TABLE_TITLES["acceptance"], table_html(t["acceptance"]),
                  f"<h3>{esc(TABLE_TITLES['tokens_per_step'])}</h3>", table_html(t["tokens_per_step"]),
+                 *([f"<h3>{esc(TABLE_TITLES['prediction'])}</h3>", table_html(t["prediction"], "", FOOTERS["prediction"])] if "prediction" in t else []),
                  _plots(plots, ["tokens_per_step", "tau", "step_time", "tree"])),
         *([_section("sweep", TABLE_TITLES["sweep"], table_html(t["sweep"]), _plots(plots, ["sweep"]))] if "sweep" in t else []),
         _section("quality", TABLE_TITLES["quality"], table_html(t["quality"], "no judgments yet: run `medusa-bench judge` on the run folder")),

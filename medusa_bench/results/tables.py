@@ -4,7 +4,7 @@ measured"), so that a table, its CSV export and the HTML report can never disagr
 
 Where each table is computed: speed.py (speed, noise floor), summary.py (at a glance, banner,
 notes), categories.py, spec_bench.py (Spec-Bench's leaderboard layout), acceptance.py (acceptance,
-tokens per step), quality.py (MT-Bench scores), drift_table.py (drift against the baseline and
+tokens per step), prediction.py (the optimiser's prediction against the run), quality.py (MT-Bench scores), drift_table.py (drift against the baseline and
 fp32), configuration.py, sweep.py (endpoint concurrency levels); runs.py loads the folders,
 stats.py holds the bootstrap.
 """
@@ -19,6 +19,7 @@ from medusa_bench.results.acceptance import acceptance_tables
 from medusa_bench.results.categories import category_table
 from medusa_bench.results.configuration import config_table
 from medusa_bench.results.drift_table import drift_notes, precision_table
+from medusa_bench.results.prediction import prediction_table
 from medusa_bench.results.quality import quality_table
 from medusa_bench.results.runs import RunData, question_frame
 from medusa_bench.results.spec_bench import NOTE as SPEC_BENCH_NOTE
@@ -33,6 +34,7 @@ TABLE_TITLES = {
     "precision": "Drift: exact match and first divergence",
     "acceptance": "Acceptance",
     "tokens_per_step": "Tokens per step (histogram)",
+    "prediction": "Tree optimiser: predicted against measured",
     "quality": "Quality (MT-Bench single grading)",
     "spec_bench": "Spec-Bench: speedup per task (leaderboard: A100, Vicuna-13B)",
     "categories": "Per category",
@@ -78,13 +80,15 @@ def build_tables(runs: list[RunData]) -> ReportTables:
         "precision": precision,
         "acceptance": acceptance,
         "tokens_per_step": histogram,
+        "prediction": prediction_table(runs, speed),  # --tree auto decoders (prediction.json; dropped below when empty)
         "quality": quality,
         "spec_bench": spec_bench_table(runs, frames),  # runs over Spec-Bench's questions only (dropped below when empty)
         "categories": category_table(runs, frames),
         "config": config_table(runs),
     }
-    if tables["spec_bench"].empty:
-        del tables["spec_bench"]
+    for optional in ("spec_bench", "prediction"):
+        if tables[optional].empty:
+            del tables[optional]
     sweep = sweep_table(runs)
     if not sweep.empty:  # endpoint runs with --concurrency only
         tables["sweep"] = sweep

@@ -20,6 +20,7 @@ TERMINAL_DROP = {
     "quality": ("reused", "expected", "graded", "coverage_turn*"),
     "categories": ("n_questions",),
     "spec_bench": ("n_compared",),
+    "prediction": ("speedup_ci", "tau"),
 }
 SHORT_LABELS = {
     "questions": "qs", "compared": "cmp", "tokens/s": "tok/s", "exact match": "exact", "coverage": "cov",
@@ -27,6 +28,8 @@ SHORT_LABELS = {
     "median first divergence": "1st diff", "exact vs fp32": "exact fp32", "median divergence vs fp32": "1st diff fp32",
     "baseline exact vs fp32": "base fp32", "steps logged": "steps", "τ predicted": "τ pred", "speedup predicted": "pred ×",
     "grades reused": "reused", "turns compared": "turns", "speedup (Spec-Bench)": "× (Spec-Bench)",
+    "step × baseline predicted": "step pred", "step × baseline measured": "step", "τ on this text": "τ text",
+    "hindsight nodes": "best n", "hindsight speedup": "best ×", "speedup error": "× err", "tree nodes": "n",
     LEADERBOARD_OVERALL: "leaderboard", LEADERBOARD_TAU: "leaderboard τ",
 }
 

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Callable, Mapping, NamedTuple, Sequence
 
 from medusa_bench.errors import UserError
+from medusa_bench.trees.replay import replayed_tau
 from medusa_bench.trees.tree import Tree
 
 Path_ = tuple[int, ...]
@@ -226,6 +227,7 @@ class BudgetChoice:
     beats_baseline: bool
     reason: str
     table: list[dict] = field(default_factory=list)
+    tau_statistic: str = "per-position mean"  # or "replayed in decode order over N answers" (best_tree)
 
 
 def interpolate_step_time(step_time: Mapping[int, float], n: int) -> float:
@@ -315,6 +317,9 @@ class Calibration:
     paths: dict[Path_, float] | None = None  # path -> P(last rank | prefix accepted)
     samples: int | None = None
     meta: dict = field(default_factory=dict)
+    # The rank rows it came from, per answer, in order (trees/replay.RankedAnswer), where kept: then
+    # the search replays decoding on them for each candidate's τ instead of the per-position mean.
+    answers: list | None = None
 
     @property
     def max_depth(self) -> int:
@@ -333,6 +338,8 @@ class Calibration:
             data["accuracy"] = self.accuracy
         else:
             data["paths"] = {",".join(map(str, p)): q for p, q in sorted(self.paths.items())}
+        if self.answers:
+            data["answers"] = [{"tokens": tokens, "ranks": [list(row) for row in rows]} for rows, tokens in self.answers]
         return data
 
 
@@ -388,12 +395,31 @@ def calibration_from_json(data, source: str = "calibration") -> Calibration:
     samples = data.get("samples")
     if samples is not None and (not isinstance(samples, int) or isinstance(samples, bool) or samples < 0):
         raise UserError(f"{source}: 'samples' must be a non-negative integer, got {samples!r}")
-    meta = {k: v for k, v in data.items() if k not in ("kind", "top_k", "accuracy", "paths", "samples")}
+    meta = {k: v for k, v in data.items() if k not in ("kind", "top_k", "accuracy", "paths", "samples", "answers")}
+    answers = _parse_answers(data.get("answers"), source)
     if kind == "independent":
         accuracy, top_k = _parse_accuracy(data, top_k, source)
-        return Calibration(kind, top_k, accuracy=accuracy, samples=samples, meta=meta)
+        return Calibration(kind, top_k, accuracy=accuracy, samples=samples, meta=meta, answers=answers)
     paths, top_k = _parse_paths(data, top_k, source)
-    return Calibration(kind, top_k, paths=paths, samples=samples, meta=meta)
+    return Calibration(kind, top_k, paths=paths, samples=samples, meta=meta, answers=answers)
+
+
+def _parse_answers(value, source: str) -> list | None:
+    """calibration.json's optional "answers": [{"tokens": A, "ranks": [[r_1 … r_d], …]}, …]."""
+    if value is None:
+        return None
+    problem = f"{source}: 'answers' must be a list of {{\"tokens\": int, \"ranks\": [[int, …], …]}}; remove it to use the table alone"
+    if not isinstance(value, list):
+        raise UserError(problem)
+    answers = []
+    for item in value:
+        rows = item.get("ranks") if isinstance(item, dict) else None
+        tokens = item.get("tokens") if isinstance(item, dict) else None
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0 or not isinstance(rows, list) \
+                or not all(isinstance(row, list) and all(isinstance(r, int) for r in row) for row in rows):
+            raise UserError(problem)
+        answers.append((rows, tokens))
+    return answers
 
 
 def _parse_accuracy(data: dict, top_k: int | None, source: str) -> tuple[list[list[float]], int]:
@@ -549,6 +575,14 @@ def best_tree(
     depth = min(d for d in (calibration.max_depth, num_heads, max_depth) if d is not None)
     candidates = greedy_tree(calibration.prob_fn(), max_nodes, depth, calibration.top_k)
     taus = {c.n: c.tau for c in candidates}
+    statistic = "per-position mean"
+    if calibration.answers:  # decoding replayed on the calibration's answers (trees/replay.py)
+        taus = {c.n: replayed_tau(calibration.answers, c.tree, calibration.top_k)[0] for c in candidates}
+        statistic = f"replayed in decode order over {len(calibration.answers)} answers"
     choice = choose_budget(taus, latency.step_time, latency.baseline_step_time, min_speedup)
+    choice.tau_statistic = statistic
+    if calibration.answers:
+        for row in choice.table:
+            row["tau_per_position"] = candidates[row["n"] - 1].tau
     tree = Tree(candidates[choice.n - 1].tree.paths, name=f"search-n{choice.n}")
     return SearchResult(tree, choice, candidates)

@@ -1,0 +1,244 @@
+"""Was the tree optimiser right? Each `--tree auto` decoder's prediction checked on the run's own text.
+
+The optimiser predicts speedup = τ(tree) / (t(tree) / t(1)): τ from a calibration table, the step
+times t from a profile (bench/autotree.py). A run measures the speedup. This module splits the gap
+between the two into its causes, so a miss is explained, not only seen:
+
+- **τ on this text.** The decoder's own heads rank the true tokens of the run's greedy answers
+  (every turn, its prompt rebuilt as the run built it): the calibration's own measurement
+  (`calibrate.rank_table`), on the benchmark's text instead of the calibration prompts. The
+  decoding is then *replayed* in decode order: a step at answer position i accepts the tree's
+  longest path matching the true ranks there and moves on to i + accepted + 1 (trees/replay.py). For a lossless
+  greedy decoder on a static tree this is the measured τ exactly (answer ends included), so
+  predicted − replayed τ is the calibration text's share of the error. The per-position mean
+  (what a calibration table averages) is kept beside it: their gap is the decode-order effect
+  (steps spend more time where acceptance is low). Measured on the Zen 2 EPYC, hydra n = 6 on
+  8 MT-Bench turn-1 answers of 128 tokens: calibration 1.93, per-position 1.61, replayed 1.574,
+  measured 1.578.
+- **Step cost.** Measured t(tree)/t(1) = τ_measured / speedup_measured against the profile's.
+- **Hindsight.** Every profiled tree size replayed on this text with the profile's step times:
+  the tree the search would have chosen had it known this text's τ. It explains; nothing is
+  tuned on benchmark questions (the run's tree stays what the optimiser chose beforehand).
+
+Dynamic trees (EAGLE-2/3) draft a different tree each step: no static replay; measured against
+predicted only. Sampled runs likewise (acceptance is random).
+
+Also here: the in-run check (`early_check`), after the first questions, and `audit_folder`: the
+same for a finished run folder, from the optimiser's files it keeps (`medusa-bench tree --audit`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from medusa_bench.bench import calibrate as cal
+from medusa_bench.inputs.chat import build_prompt, conversation
+from medusa_bench.results import files
+from medusa_bench.results.stats import MIN_QUESTIONS_FOR_CI, bootstrap_speedup_ci
+from medusa_bench.trees.replay import replayed_tau
+from medusa_bench.trees.tree import Tree
+
+AUDIT_FILE = "prediction.json"
+
+
+# ------------------------------------------------------------------------------ the run's text
+def answer_texts(loaded, questions: list, choices: dict[str, dict]) -> list[tuple[list[int], int]]:
+    """(prompt + answer ids, prompt length) for every answered turn, prompts built as the run built them."""
+    sequences = []
+    for question in questions:
+        choice = choices.get(str(question.question_id))
+        if not choice or not choice.get("token_ids"):
+            continue
+        for turn, answer in enumerate(choice["token_ids"]):
+            prompt = build_prompt(loaded, conversation(question.turns[: turn + 1], choice["turns"][:turn]))
+            sequences.append((prompt + list(answer), len(prompt)))
+    return sequences
+
+
+def text_ranks(loaded, proposer, sequences: list[tuple[list[int], int]], depth: int, top_k: int) -> list[tuple[list[list[int]], int]]:
+    """Per sequence: the true-token rank rows of its answer positions and the answer's length."""
+    out = []
+    for ids, prompt_len in sequences:
+        answer_len = len(ids) - prompt_len
+        rows = cal.rank_table(loaded, proposer, [(ids, prompt_len)], depth, top_k).tolist() if answer_len >= 2 else []
+        out.append((rows, answer_len))
+    return out
+
+
+# ------------------------------------------------------------------------------ measured
+def measured(choices: dict[str, dict], base_choices: dict[str, dict]) -> dict:
+    """τ and the speedup (ratio of summed tokens/s on common questions, 95% bootstrap interval)."""
+    tokens = sum(sum(c["new_tokens"]) for c in choices.values())
+    steps = sum(sum(c["decoding_steps"]) for c in choices.values())
+    common = [q for q in choices if q in base_choices]
+    d_tok = [sum(choices[q]["new_tokens"]) for q in common]
+    d_wall = [sum(choices[q]["wall_time"]) for q in common]
+    b_tok = [sum(base_choices[q]["new_tokens"]) for q in common]
+    b_wall = [sum(base_choices[q]["wall_time"]) for q in common]
+    speedup = (sum(d_tok) / sum(d_wall)) / (sum(b_tok) / sum(b_wall)) if common and sum(d_wall) and sum(b_wall) else math.nan
+    low, high = bootstrap_speedup_ci(d_tok, d_wall, b_tok, b_wall) if common else (math.nan, math.nan)
+    return {"questions": len(choices), "compared": len(common), "tau": tokens / steps if steps else math.nan,
+            "speedup": speedup, "speedup_ci": [low, high]}
+
+
+# ------------------------------------------------------------------------------ one decoder
+def audit_decoder(loaded, decoder, questions: list, choices: dict[str, dict], base_choices: dict[str, dict]) -> dict:
+    """Predicted against measured for one auto decoder, the gap split into τ and step cost, and hindsight."""
+    auto = decoder.autotree
+    choice, latency = auto.result.choice, auto.latency
+    base_t = latency.baseline_step_time or latency.step_time[1]
+    got = measured(choices, base_choices)
+    out = {
+        "decoder": decoder.name, "tree_nodes": choice.n, "greedy": all(c.get("temperature", 0) == 0 for c in choices.values()),
+        "predicted": {"tau": choice.tau, "step_ratio": choice.step_time / base_t, "speedup": choice.speedup},
+        "measured": {**got, "step_ratio": got["tau"] / got["speedup"] if got["speedup"] else math.nan},
+        "calibration": auto.calibration.meta.get("source") or auto.info.get("calibration", {}).get("file"),
+        "profile": {"context_len": latency.context_len, "device": latency.device, "dtype": latency.dtype},
+    }
+    out["error"] = {"speedup": got["speedup"] / choice.speedup - 1,
+                    "step": out["measured"]["step_ratio"] / out["predicted"]["step_ratio"] - 1}  # each: measured / predicted - 1
+    # Drafting dynamic trees whenever it drafts (EAGLE-2/3; on the empty tree `proposer.dynamic` is False).
+    dynamic = bool(getattr(decoder.sizing.make_proposer(Tree.chain(1)), "dynamic", False))
+    if dynamic or not out["greedy"]:
+        out["replay"] = None
+        out["why_no_replay"] = "dynamic trees draft a new tree each step" if dynamic else "sampled answers: acceptance is random"
+        out["error"]["tau"] = got["tau"] / choice.tau - 1
+        out["verdict"] = verdict(out)
+        return out
+    top_k = auto.calibration.top_k
+    depth = max(c.tree.depth for c in auto.result.candidates)
+    probe = decoder.sizing.make_proposer(Tree([(0,) * d for d in range(1, max(depth, 1) + 1)]))
+    ranked = text_ranks(loaded, probe, answer_texts(loaded, questions, choices), max(depth, 1), top_k)
+    sizes = sorted(set(latency.step_time) | {choice.n})
+    predicted_tau = {row["n"]: row["tau"] for row in choice.table}  # the search's τ (replayed, where it could)
+    rows = []
+    for n in sizes:
+        candidate = auto.result.candidates[n - 1]
+        replayed, mean = replayed_tau(ranked, candidate.tree, top_k)
+        ratio = latency.at(n) / base_t if n > 1 else 1.0
+        tau = predicted_tau.get(n, candidate.tau) if n > 1 else 1.0
+        rows.append({"n": n, "depth": candidate.tree.depth, "tau_predicted": tau, "tau_replayed": replayed,
+                     "tau_per_position": mean, "step_ratio": ratio, "speedup_predicted": tau / ratio,
+                     "speedup_on_text": replayed / ratio})
+    chosen = next(row for row in rows if row["n"] == choice.n)
+    best = max(rows, key=lambda row: (row["speedup_on_text"], -row["n"]))
+    out["replay"] = {"tau": chosen["tau_replayed"], "tau_per_position": chosen["tau_per_position"], "sizes": rows,
+                     "hindsight_best": {"n": best["n"], "speedup_on_text": best["speedup_on_text"],
+                                        "chosen_on_text": chosen["speedup_on_text"]}}
+    out["error"]["tau"] = chosen["tau_replayed"] / choice.tau - 1
+    out["verdict"] = verdict(out)
+    return out
+
+
+def verdict(audit: dict) -> str:
+    """One line: predicted and measured, and what moved them apart."""
+    p, m, e = audit["predicted"], audit["measured"], {k: round(v, 2) + 0.0 for k, v in audit["error"].items()}  # + 0.0: no "-0%"
+    low, high = m["speedup_ci"]
+    inside = not math.isnan(low) and low <= p["speedup"] <= high
+    line = (f"{audit['decoder']} (n={audit['tree_nodes']}): predicted {p['speedup']:.2f}×, measured {m['speedup']:.2f}× "
+            f"({e['speedup']:+.0%}{', inside its 95% interval' if inside else ''}); ")
+    tau_source = "on this text" if audit.get("replay") else "measured"
+    tau_value = audit["replay"]["tau"] if audit.get("replay") else m["tau"]
+    line += f"τ {p['tau']:.2f} predicted, {tau_value:.2f} {tau_source} ({e['tau']:+.0%}); step {p['step_ratio']:.2f}× the baseline's predicted, {m['step_ratio']:.2f}× measured ({e['step']:+.0%})"
+    replay = audit.get("replay")
+    if replay:
+        best = replay["hindsight_best"]
+        if best["n"] != audit["tree_nodes"]:
+            line += f"; in hindsight n={best['n']} at {best['speedup_on_text']:.2f}× (chosen n={audit['tree_nodes']}: {best['chosen_on_text']:.2f}×)"
+        else:
+            line += "; in hindsight the chosen size was the best profiled one"
+    return line
+
+
+# ------------------------------------------------------------------------------ the run
+def audit_run(run_dir: Path, decoders: dict, questions: list, loaded, log=print) -> Optional[dict]:
+    """prediction.json for every `--tree auto` decoder of the run (None when there is none)."""
+    autos = {name: decoder for name, decoder in decoders.items() if getattr(decoder, "autotree", None) is not None}
+    if not autos:
+        return None
+    from medusa_bench.bench.run_folder import model_id
+
+    answers = {name: {str(r["question_id"]): r["choices"][0] for r in files.read_jsonl(files.answer_path(run_dir, model_id(loaded, name)))}
+               for name in {*autos, *(d.baseline_name for d in autos.values())} if files.answer_path(run_dir, model_id(loaded, name)).is_file()}
+    result = {}
+    for name, decoder in autos.items():
+        mine, base = answers.get(name) or {}, answers.get(decoder.baseline_name) or {}
+        if not mine or not base:
+            continue
+        result[name] = audit_decoder(loaded, decoder, questions, mine, base)
+        log(f"prediction check: {result[name]['verdict']}")
+    if result:
+        files.write_json(Path(run_dir) / AUDIT_FILE, _plain(result))
+    return result
+
+
+def audit_folder(run_dir: Path, log=print) -> Optional[dict]:
+    """prediction.json for a finished run folder: its auto decoders rebuilt on the trees, calibration
+    and step profile the run used (its tree/calibration/latency files), its answers replayed."""
+    from medusa_bench.bench.autotree import AutoTree
+    from medusa_bench.bench.build import build_decoder
+    from medusa_bench.decoders.options import DecoderOptions, declared
+    from medusa_bench.errors import UserError
+    from medusa_bench.inputs.questions import read_questions
+    from medusa_bench.models import load_model
+    from medusa_bench.trees.search import SearchResult, best_tree, load_calibration, load_latency
+
+    run_dir = Path(run_dir)
+    info = files.load_run(run_dir)
+    settings = info.get("settings") or {}
+    autos = {name: record for name, record in (info.get("trees") or {}).items() if record.get("auto")}
+    if not autos:
+        raise UserError(f"{run_dir}: no decoder of this run had its tree chosen by --tree auto; nothing to check")
+    options = DecoderOptions(**{o.name: settings[o.name] for o in declared() if o.name in settings})
+    loaded = load_model(settings.get("model", "smollm2-135m"), settings.get("device", "auto"), settings.get("dtype", "auto"))
+    decoders = {}
+    for name, record in autos.items():
+        names = record.get("files") or {}
+        tree_file = files.read_json(run_dir / names.get("tree", "tree.json"))
+        calibration = load_calibration(run_dir / names.get("calibration", "calibration.json"))
+        latency = load_latency(run_dir / names.get("latency", "latency.json"))
+        tree = Tree(tree_file["tree"])
+        decoder = build_decoder(name, loaded, options.replace(tree=tree))
+        auto_info = tree_file.get("autotree") or {}
+        limit = min((auto_info.get("settings") or {}).get("max_nodes", 64), max(latency.step_time))
+        search = best_tree(calibration, latency, limit, auto_info.get("depth"), decoder.sizing.depth)
+        if search.candidates[tree.num_nodes - 1].tree.paths != tree.paths:
+            raise UserError(f"{run_dir}: {name}'s tree is not what its calibration.json and latency.json give; "
+                            "the folder's optimiser files were changed after the run")
+        choice = search.choice.__class__(**{**tree_file["search"], "table": tree_file.get("candidates") or []})
+        decoder.autotree = AutoTree(tree, SearchResult(tree, choice, search.candidates), calibration, latency, run_dir, True, auto_info)
+        decoders[name] = decoder
+    return audit_run(run_dir, decoders, read_questions(run_dir / "question.jsonl"), loaded, log)
+
+
+def early_check(name: str, decoder, counts: list[tuple[int, int]]) -> Optional[str]:
+    """After the first questions: a line when an auto decoder's predicted τ is outside the 95%
+    interval of its measured τ (per-question (tokens, steps), resampled by question)."""
+    auto = getattr(decoder, "autotree", None)
+    if auto is None or len(counts) < MIN_QUESTIONS_FOR_CI or auto.result.choice.n == 1:
+        return None
+    tokens, steps = (np.array(column, dtype=float) for column in zip(*counts))
+    index = np.random.default_rng(0).integers(0, len(counts), size=(2000, len(counts)))
+    taus = tokens[index].sum(axis=1) / steps[index].sum(axis=1)
+    low, high = np.quantile(taus, [0.025, 0.975])
+    predicted = auto.result.choice.tau
+    if low <= predicted <= high:
+        return None
+    return (f"{name}: τ {tokens.sum() / steps.sum():.2f} ({low:.2f}–{high:.2f}) over the first {len(counts)} questions, "
+            f"predicted {predicted:.2f}: the calibration text is {'easier' if predicted > high else 'harder'} for these heads "
+            f"than this benchmark; {AUDIT_FILE} will split the speedup's error at the end")
+
+
+def _plain(value):
+    """JSON-ready: NaN as null, numpy numbers as floats."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return None if math.isnan(value) else round(float(value), 4)
+    return value

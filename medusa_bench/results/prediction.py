@@ -1,0 +1,94 @@
+"""Predicted against measured: the tree optimiser's promise for each `--tree auto` decoder, what the
+run measured, and where the gap came from (prediction.json, written by bench/audit.py at the end
+of a run).
+
+One row per auto decoder: speedup predicted / measured (with its 95% interval) and the error;
+τ predicted / on this text (the run's answers replayed through the heads) / measured; the step's
+cost against the baseline's, predicted by the profile / measured; and the tree size that, with
+this text's τ and the profile's step times, would have been fastest (hindsight, never used to
+choose).
+
+Where the run swept fixed trees beside the auto one (`--decoders hydra:sweep`), the row also names
+the fastest fixed tree of the same decoder and says whether auto kept up with it, within the A/A
+control's noise band.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from medusa_bench.results.runs import RunData, load_optional_json
+from medusa_bench.results.speed import noise_band
+
+AUDIT_FILE = "prediction.json"  # bench/audit.py writes it
+NOTE = ("Predicted: the tree optimiser's numbers for the tree it chose, before the run. τ on this text: the run's own "
+        "answers scored by the decoder's heads and decoding replayed on them (equal to the measured τ for greedy static "
+        "trees), so τ error is the calibration text's share and step error the profile's. Hindsight: the profiled tree "
+        "size fastest on this text with the profiled step times; it explains, it never chooses.")
+
+
+def prediction_table(runs: list[RunData], speed: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for run in runs:
+        audits = load_optional_json(run.path / AUDIT_FILE, run.notes) or {}
+        run_speed = speed[speed.run == run.label] if not speed.empty else speed
+        for decoder, audit in audits.items():
+            if isinstance(audit, dict):
+                rows.append({**prediction_row(run.label, decoder, audit), **against_fixed(run, decoder, run_speed)})
+    table = pd.DataFrame(rows)
+    if not table.empty and table["best_fixed"].isna().all():
+        table = table.drop(columns=["best_fixed", "best_fixed_speedup", "auto_vs_fixed"])  # no sweep in these runs
+    return table
+
+
+def against_fixed(run: RunData, decoder: str, speed: pd.DataFrame) -> dict:
+    """The fastest fixed tree of the same decoder in this run, and auto's standing against it."""
+    none = {"best_fixed": None, "best_fixed_speedup": math.nan, "auto_vs_fixed": None}
+    trees = run.info.get("trees") or {}
+    family = decoder.split(":")[0]
+    fixed = [name for name, record in trees.items() if name.split(":")[0] == family and not record.get("auto")]
+    rows = speed[speed.decoder.isin(fixed)].dropna(subset=["speedup"]) if not speed.empty else speed
+    mine = speed[speed.decoder == decoder].speedup if not speed.empty else []
+    if rows.empty or not len(mine) or pd.isna(mine.iloc[0]):
+        return none
+    best = rows.loc[rows.speedup.idxmax()]
+    band = noise_band(speed) or (1.0, 1.0)
+    margin = max(1.0 - band[0], band[1] - 1.0)  # the A/A control's half-width: differences inside it are noise
+    auto = float(mine.iloc[0])
+    if auto >= best.speedup:
+        standing = "auto fastest"
+    elif auto >= best.speedup - margin:
+        standing = f"within noise ({margin:.2f})"
+    else:
+        standing = "fixed faster"
+    return {"best_fixed": best.decoder, "best_fixed_speedup": float(best.speedup), "auto_vs_fixed": standing}
+
+
+def prediction_row(label: str, decoder: str, audit: dict) -> dict:
+    predicted, measured = audit.get("predicted") or {}, audit.get("measured") or {}
+    replay = audit.get("replay") or {}
+    best = replay.get("hindsight_best") or {}
+    low, high = (measured.get("speedup_ci") or [None, None])[:2]
+    return {
+        "run": label, "decoder": decoder, "tree_nodes": audit.get("tree_nodes"),
+        "speedup_predicted": _num(predicted.get("speedup")), "speedup": _num(measured.get("speedup")),
+        "speedup_ci": f"{low:.2f}–{high:.2f}" if low is not None and high is not None else f"n={measured.get('compared', 0)}, no CI",
+        "speedup_error": _ratio_error(measured.get("speedup"), predicted.get("speedup")),
+        "tau_predicted": _num(predicted.get("tau")), "tau_on_text": _num(replay.get("tau")), "tau": _num(measured.get("tau")),
+        "tau_error": _ratio_error(replay.get("tau", measured.get("tau")), predicted.get("tau")),
+        "step_predicted": _num(predicted.get("step_ratio")), "step_measured": _num(measured.get("step_ratio")),
+        "step_error": _ratio_error(measured.get("step_ratio"), predicted.get("step_ratio")),
+        "hindsight_nodes": best.get("n"), "hindsight_speedup": _num(best.get("speedup_on_text")),
+    }
+
+
+def _num(value) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def _ratio_error(measured, predicted) -> float:
+    """measured / predicted − 1 (a fraction; −0.19 is 19% below the prediction)."""
+    m, p = _num(measured), _num(predicted)
+    return m / p - 1 if p and not math.isnan(m) and not math.isnan(p) else math.nan

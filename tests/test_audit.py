@@ -1,0 +1,112 @@
+"""The optimiser's prediction checked on a run's own text (bench/audit.py, results/prediction.py).
+
+The end-to-end test runs the shipped Hydra heads on `hydra:auto` (tiny search settings, a tree
+forced by min_speedup 0) over two quick questions, both turns, and checks that the replay of the
+run's answers through the heads gives the τ the run measured.
+"""
+
+import json
+
+import pytest
+
+from conftest import run_cli as cli
+from medusa_bench.bench.audit import AUDIT_FILE, early_check
+from medusa_bench.bench.autotree import AutoTreeSettings
+from medusa_bench.bench.loop import RunConfig, run_benchmark
+from medusa_bench.decoders.options import DecoderOptions
+from medusa_bench.results.report import build_report
+from medusa_bench.trees.replay import accepted_drafts, replay_steps, replayed_tau
+from medusa_bench.trees.tree import Tree
+
+
+def test_accepted_drafts_follow_the_tree_and_the_true_ranks():
+    tree = Tree([(0,), (0, 0), (1,), (1, 0)])
+    rows = [[0, 0, 3], [1, 0, 0], [1, 1, 0], [2, 0, 0], [0, -1, -1], [0, 10, 0]]
+    # depth 3 is not in the tree; rank 1 then 1 is not a path; rank 2 is not drafted; -1 is past the end; >= top_k is a miss
+    assert accepted_drafts(rows, tree, top_k=10) == [2, 2, 1, 0, 1, 1]
+
+
+def test_replay_counts_steps_as_generate_does():
+    # 6 answer tokens, 5 positions with a depth-1 target: 0 accepts 2 -> position 3 accepts 1 -> 5 is the last root alone
+    assert replay_steps([2, 0, 0, 1, 0], 6) == 3
+    assert replay_steps([0, 0, 0], 4) == 4  # nothing accepted: one token a step
+    assert replay_steps([], 1) == 1  # a one-token answer: its root, no forward, still a step
+
+
+@pytest.mark.slow
+def test_a_run_checks_its_auto_tree_on_its_own_text(smollm, tmp_path, capsys, monkeypatch):
+    settings = AutoTreeSettings(cache_dir=str(tmp_path / "cache"), prompts=1, tokens=8, max_nodes=3, repeats=1, warmup=0,
+                                context_len=64, min_speedup=0.0)  # min_speedup 0: a tree is chosen, whatever the timings
+    out = tmp_path / "run"
+    config = RunConfig(bench="quick", question_ids=["1001", "1004"], max_new_tokens=24, warmup=0, out=out, device="cpu",
+                       decoders=["baseline", "hydra:auto", "hydra:chain-1"], options=DecoderOptions(extra={"autotree": settings}))
+    run_benchmark(config, loaded=smollm)
+
+    audit = json.loads((out / AUDIT_FILE).read_text())["hydra:auto"]
+    tree = json.loads((out / "tree.json").read_text())
+    assert audit["tree_nodes"] == len(tree["tree"]) + 1 > 1
+    assert audit["predicted"]["tau"] == pytest.approx(tree["search"]["tau"], abs=1e-4)
+    assert audit["predicted"]["speedup"] == pytest.approx(tree["search"]["speedup"], abs=1e-4)
+    answers = [json.loads(line)["choices"][0] for line in (out / "model_answer" / "smollm2-135m-hydra-auto.jsonl").read_text().splitlines()]
+    tau = sum(sum(c["new_tokens"]) for c in answers) / sum(sum(c["decoding_steps"]) for c in answers)
+    assert audit["measured"]["tau"] == pytest.approx(tau, abs=1e-4) and audit["measured"]["compared"] == 2
+    # The replay reproduces the run's τ (the heads' ranks from one full forward against the run's incremental
+    # drafts: a near-tie may flip once in a while, hence the tolerance).
+    assert audit["replay"]["tau"] == pytest.approx(tau, rel=0.08)
+    sizes = {row["n"]: row for row in audit["replay"]["sizes"]}
+    assert set(sizes) == {1, 2, 3} and sizes[1]["tau_replayed"] == 1.0 and sizes[1]["speedup_on_text"] == 1.0
+    assert audit["replay"]["hindsight_best"]["n"] in sizes
+    assert audit["measured"]["speedup_ci"] == [None, None]  # two questions: no interval
+    assert audit["verdict"].startswith(f"hydra:auto (n={audit['tree_nodes']}): predicted")
+
+    # The report shows it, with the note that says what each column means.
+    markdown = build_report([out], fmt="markdown")
+    assert "## Tree optimiser: predicted against measured" in markdown and "τ on this text" in markdown
+    assert "it explains, it never chooses" in markdown
+    from medusa_bench.results.report import collect
+
+    row = collect([out]).tables["prediction"].iloc[0]  # the fixed tree ran beside it: named, and auto judged against it
+    assert row.decoder == "hydra:auto" and row.best_fixed == "hydra:chain-1"
+    assert row.auto_vs_fixed in ("auto fastest", "fixed faster")  # no --control: no noise band to be within
+
+    # `tree --audit` on the finished folder rebuilds the decoder from the run's own files: the same figures.
+    import medusa_bench.models
+
+    monkeypatch.setattr(medusa_bench.models, "load_model", lambda *args, **kwargs: smollm)
+    in_run = (out / AUDIT_FILE).read_text()
+    (out / AUDIT_FILE).unlink()
+    code, stdout, stderr = cli(capsys, monkeypatch, "tree", "--audit", out)
+    assert code == 0, stderr
+    assert json.loads((out / AUDIT_FILE).read_text()) == json.loads(in_run)
+    assert stdout.strip() == str(out / AUDIT_FILE) and "prediction check: hydra:auto" in stderr
+    code, _, stderr = cli(capsys, monkeypatch, "tree", "--audit", tmp_path)
+    assert code == 2 and "is not a medusa-bench run folder" in stderr
+
+    # The in-run check speaks only when the prediction is outside the measured τ's interval.
+    from medusa_bench.bench.build import build_decoder
+
+    decoder = build_decoder("hydra:auto", smollm, DecoderOptions(extra={"autotree": settings}))
+    predicted = decoder.autotree.result.choice.tau
+    steps = round(100 / predicted)
+    around = [(100, steps + d) for d in (-6, -3, 0, 3, 6)]  # τ varying around the prediction
+    assert early_check("hydra", decoder, around[:4]) is None  # too few for an interval
+    assert early_check("hydra", decoder, around) is None
+    line = early_check("hydra", decoder, [(100, 100), (90, 88), (100, 99), (80, 80), (100, 97)])
+    assert line.startswith("hydra: τ 1.01 (") and f"predicted {predicted:.2f}" in line and "easier" in line
+
+
+def test_replayed_tau_is_below_the_per_position_mean_when_acceptance_is_bursty():
+    easy = [[0, 0]] * 5 + [[0, -1]]  # 7 tokens, two drafts accepted everywhere: steps at 0, 3 and the last root
+    hard = [[5, 5]] * 3  # 4 tokens, nothing accepted
+    replayed, mean = replayed_tau([(easy, 7), (hard, 4)], Tree.chain(2), top_k=10)
+    assert replayed == pytest.approx(11 / 7) and mean == pytest.approx(1 + 11 / 9)
+
+
+def test_sweep_runs_auto_beside_the_fixed_trees():
+    from medusa_bench.bench.config import SWEEP_TREES, expand_groups
+    from medusa_bench.errors import UserError
+
+    assert expand_groups(["baseline", "hydra:sweep", "pld"]) == ["baseline", *(f"hydra:{t}" for t in SWEEP_TREES), "pld"]
+    assert SWEEP_TREES[0] == "auto" and "mc_sim_7b_63" in SWEEP_TREES
+    with pytest.raises(UserError, match="pld drafts on no tree, so there is nothing to sweep"):
+        expand_groups(["pld:sweep"])
