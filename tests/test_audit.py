@@ -93,6 +93,9 @@ def test_a_run_checks_its_auto_tree_on_its_own_text(smollm, tmp_path, capsys, mo
     assert early_check("hydra", decoder, around) is None
     line = early_check("hydra", decoder, [(100, 100), (90, 88), (100, 99), (80, 80), (100, 97)])
     assert line.startswith("hydra: τ 1.01 (") and f"predicted {predicted:.2f}" in line and "easier" in line
+    choice = decoder.autotree.result.choice
+    step = choice.step_time * choice.baseline_throughput
+    assert f"give about {470 / 464 / step:.2f}×, predicted {choice.speedup:.2f}×" in line
 
 
 def test_replayed_tau_is_below_the_per_position_mean_when_acceptance_is_bursty():
@@ -110,3 +113,29 @@ def test_sweep_runs_auto_beside_the_fixed_trees():
     assert SWEEP_TREES[0] == "auto" and "mc_sim_7b_63" in SWEEP_TREES
     with pytest.raises(UserError, match="pld drafts on no tree, so there is nothing to sweep"):
         expand_groups(["pld:sweep"])
+
+
+def test_only_decoders_whose_tree_is_all_their_drafting_are_checked(smollm):
+    """samd-eagle2's tree sizes its EAGLE-2 part only: its τ is SAM's too, so no prediction is checked for it."""
+    from medusa_bench.bench.audit import sized_alone
+    from medusa_bench.decoders.registry import build_decoder
+
+    options = DecoderOptions(tree="chain-1")
+    assert sized_alone(build_decoder("eagle2", smollm, options)) and sized_alone(build_decoder("hydra", smollm, options))
+    assert not sized_alone(build_decoder("samd-eagle2", smollm, options))
+
+
+def test_a_prediction_outside_the_measured_interval_is_a_report_note(tmp_path):
+    from types import SimpleNamespace
+
+    from medusa_bench.results.prediction import prediction_notes
+
+    audit = {"tree_nodes": 6, "predicted": {"tau": 1.93, "step_ratio": 1.82, "speedup": 1.06},
+             "measured": {"tau": 1.64, "speedup": 0.90, "speedup_ci": [0.86, 0.95], "step_ratio": 1.81},
+             "replay": {"tau": 1.64, "hindsight_best": {"n": 1, "speedup_on_text": 1.0}}}
+    inside = {**audit, "predicted": {**audit["predicted"], "speedup": 0.93}}
+    (tmp_path / AUDIT_FILE).write_text(json.dumps({"hydra": audit, "medusa": inside}))
+    notes = prediction_notes([SimpleNamespace(path=tmp_path, label="run")])
+    assert notes == ["hydra: the tree optimiser predicted 1.06×, the run measured 0.90× (0.86–0.95); τ 1.93 predicted, "
+                     "1.64 on this text (-15%); step cost 1.82× the baseline's predicted, 1.81× measured (-1%). "
+                     "See “Tree optimiser: predicted against measured”."]

@@ -8,9 +8,11 @@ between the two into its causes, so a miss is explained, not only seen:
   (every turn, its prompt rebuilt as the run built it): the calibration's own measurement
   (`calibrate.rank_table`), on the benchmark's text instead of the calibration prompts. The
   decoding is then *replayed* in decode order: a step at answer position i accepts the tree's
-  longest path matching the true ranks there and moves on to i + accepted + 1 (trees/replay.py). For a lossless
-  greedy decoder on a static tree this is the measured τ exactly (answer ends included), so
-  predicted − replayed τ is the calibration text's share of the error. The per-position mean
+  longest path matching the true ranks there and moves on to i + accepted + 1 (trees/replay.py).
+  For a lossless greedy decoder on a static tree this reproduces the measured τ, answer ends
+  included, up to a near-tie that one full forward ranks apart from the run's incremental ones
+  (hydra, 16 MT-Bench questions: 1.643 replayed, 1.637 measured), so predicted − replayed τ is
+  the calibration text's share of the error. The per-position mean
   (what a calibration table averages) is kept beside it: their gap is the decode-order effect
   (steps spend more time where acceptance is low). Measured on the Zen 2 EPYC, hydra n = 6 on
   8 MT-Bench turn-1 answers of 128 tokens: calibration 1.93, per-position 1.61, replayed 1.574,
@@ -38,11 +40,10 @@ import numpy as np
 from medusa_bench.bench import calibrate as cal
 from medusa_bench.inputs.chat import build_prompt, conversation
 from medusa_bench.results import files
+from medusa_bench.results.prediction import AUDIT_FILE  # the report reads what this writes
 from medusa_bench.results.stats import MIN_QUESTIONS_FOR_CI, bootstrap_speedup_ci
 from medusa_bench.trees.replay import replayed_tau
 from medusa_bench.trees.tree import Tree
-
-AUDIT_FILE = "prediction.json"
 
 
 # ------------------------------------------------------------------------------ the run's text
@@ -158,6 +159,9 @@ def verdict(audit: dict) -> str:
 def audit_run(run_dir: Path, decoders: dict, questions: list, loaded, log=print) -> Optional[dict]:
     """prediction.json for every `--tree auto` decoder of the run (None when there is none)."""
     autos = {name: decoder for name, decoder in decoders.items() if getattr(decoder, "autotree", None) is not None}
+    for name in [name for name, decoder in autos.items() if not sized_alone(decoder)]:
+        log(f"prediction check: {name} skipped: its tree sizes only part of its drafting (the optimiser predicts that part alone)")
+        del autos[name]
     if not autos:
         return None
     from medusa_bench.bench.run_folder import model_id
@@ -174,6 +178,12 @@ def audit_run(run_dir: Path, decoders: dict, questions: list, loaded, log=print)
     if result:
         files.write_json(Path(run_dir) / AUDIT_FILE, _plain(result))
     return result
+
+
+def sized_alone(decoder) -> bool:
+    """Does the optimiser's proposer do all of this decoder's drafting? Not for samd-eagle2, whose
+    tree sizes the EAGLE-2 part only (SAM drafts the rest)."""
+    return type(decoder.proposer) is type(decoder.sizing.make_proposer(Tree.chain(1)))
 
 
 def audit_folder(run_dir: Path, log=print) -> Optional[dict]:
@@ -202,7 +212,7 @@ def audit_folder(run_dir: Path, log=print) -> Optional[dict]:
         calibration = load_calibration(run_dir / names.get("calibration", "calibration.json"))
         latency = load_latency(run_dir / names.get("latency", "latency.json"))
         tree = Tree(tree_file["tree"])
-        decoder = build_decoder(name, loaded, options.replace(tree=tree))
+        decoder = build_decoder(name, loaded, options, plan={"trees": {name: {"auto": True, "paths": tree.to_list()}}})
         auto_info = tree_file.get("autotree") or {}
         limit = min((auto_info.get("settings") or {}).get("max_nodes", 64), max(latency.step_time))
         search = best_tree(calibration, latency, limit, auto_info.get("depth"), decoder.sizing.depth)
@@ -219,18 +229,21 @@ def early_check(name: str, decoder, counts: list[tuple[int, int]]) -> Optional[s
     """After the first questions: a line when an auto decoder's predicted τ is outside the 95%
     interval of its measured τ (per-question (tokens, steps), resampled by question)."""
     auto = getattr(decoder, "autotree", None)
-    if auto is None or len(counts) < MIN_QUESTIONS_FOR_CI or auto.result.choice.n == 1:
+    if auto is None or len(counts) < MIN_QUESTIONS_FOR_CI or auto.result.choice.n == 1 or not sized_alone(decoder):
         return None
     tokens, steps = (np.array(column, dtype=float) for column in zip(*counts))
     index = np.random.default_rng(0).integers(0, len(counts), size=(2000, len(counts)))
     taus = tokens[index].sum(axis=1) / steps[index].sum(axis=1)
     low, high = np.quantile(taus, [0.025, 0.975])
-    predicted = auto.result.choice.tau
-    if low <= predicted <= high:
+    choice = auto.result.choice
+    if low <= choice.tau <= high:
         return None
-    return (f"{name}: τ {tokens.sum() / steps.sum():.2f} ({low:.2f}–{high:.2f}) over the first {len(counts)} questions, "
-            f"predicted {predicted:.2f}: the calibration text is {'easier' if predicted > high else 'harder'} for these heads "
-            f"than this benchmark; {AUDIT_FILE} will split the speedup's error at the end")
+    tau = tokens.sum() / steps.sum()
+    step = choice.step_time * choice.baseline_throughput  # the profile's step cost, × the baseline's
+    return (f"{name}: τ {tau:.2f} ({low:.2f}–{high:.2f}) over the first {len(counts)} questions, predicted "
+            f"{choice.tau:.2f}: the calibration text is {'easier' if choice.tau > high else 'harder'} for these heads than "
+            f"this benchmark; at this τ its {choice.n}-node steps ({step:.2f}× the baseline's) give about {tau / step:.2f}×, "
+            f"predicted {choice.speedup:.2f}×; {AUDIT_FILE} will split the error at the end")
 
 
 def _plain(value):

@@ -22,10 +22,11 @@ import pandas as pd
 from medusa_bench.results.runs import RunData, load_optional_json
 from medusa_bench.results.speed import noise_band
 
-AUDIT_FILE = "prediction.json"  # bench/audit.py writes it
+AUDIT_FILE = "prediction.json"  # bench/audit.py writes it, this reads it
+TITLE = "Tree optimiser: predicted against measured"
 NOTE = ("Predicted: the tree optimiser's numbers for the tree it chose, before the run. τ on this text: the run's own "
-        "answers scored by the decoder's heads and decoding replayed on them (equal to the measured τ for greedy static "
-        "trees), so τ error is the calibration text's share and step error the profile's. Hindsight: the profiled tree "
+        "answers scored by the decoder's heads and decoding replayed on them (for greedy static trees this reproduces "
+        "the measured τ), so τ error is the calibration text's share and step error the profile's. Hindsight: the profiled tree "
         "size fastest on this text with the profiled step times; it explains, it never chooses.")
 
 
@@ -64,6 +65,24 @@ def against_fixed(run: RunData, decoder: str, speed: pd.DataFrame) -> dict:
     else:
         standing = "fixed faster"
     return {"best_fixed": best.decoder, "best_fixed_speedup": float(best.speedup), "auto_vs_fixed": standing}
+
+
+def prediction_notes(runs: list[RunData]) -> list[str]:
+    """A note for each auto decoder whose predicted speedup is outside its measured 95% interval."""
+    notes = []
+    for run in runs:
+        for decoder, audit in (load_optional_json(run.path / AUDIT_FILE, []) or {}).items():
+            low, high = ((audit.get("measured") or {}).get("speedup_ci") or [None, None])[:2]
+            predicted = _num((audit.get("predicted") or {}).get("speedup"))
+            if low is None or high is None or math.isnan(predicted) or low <= predicted <= high:
+                continue
+            row = prediction_row(run.label, decoder, audit)
+            notes.append(f"{decoder}: the tree optimiser predicted {predicted:.2f}×, the run measured {row['speedup']:.2f}× "
+                         f"({low:.2f}–{high:.2f}); τ {row['tau_predicted']:.2f} predicted, "
+                         f"{row['tau_on_text'] if not math.isnan(row['tau_on_text']) else row['tau']:.2f} on this text "
+                         f"({row['tau_error']:+.0%}); step cost {row['step_predicted']:.2f}× the baseline's predicted, "
+                         f"{row['step_measured']:.2f}× measured ({row['step_error']:+.0%}). See “{TITLE}”.")
+    return notes
 
 
 def prediction_row(label: str, decoder: str, audit: dict) -> dict:

@@ -19,7 +19,8 @@ from medusa_bench.results.acceptance import acceptance_tables
 from medusa_bench.results.categories import category_table
 from medusa_bench.results.configuration import config_table
 from medusa_bench.results.drift_table import drift_notes, precision_table
-from medusa_bench.results.prediction import prediction_table
+from medusa_bench.results.prediction import TITLE as PREDICTION_TITLE
+from medusa_bench.results.prediction import prediction_notes, prediction_table
 from medusa_bench.results.quality import quality_table
 from medusa_bench.results.runs import RunData, question_frame
 from medusa_bench.results.spec_bench import NOTE as SPEC_BENCH_NOTE
@@ -34,7 +35,7 @@ TABLE_TITLES = {
     "precision": "Drift: exact match and first divergence",
     "acceptance": "Acceptance",
     "tokens_per_step": "Tokens per step (histogram)",
-    "prediction": "Tree optimiser: predicted against measured",
+    "prediction": PREDICTION_TITLE,
     "quality": "Quality (MT-Bench single grading)",
     "spec_bench": "Spec-Bench: speedup per task (leaderboard: A100, Vicuna-13B)",
     "categories": "Per category",
@@ -94,6 +95,7 @@ def build_tables(runs: list[RunData]) -> ReportTables:
         tables["sweep"] = sweep
     caveats = notes(runs, speed) + [n for run in runs for n in drift_notes(run, precision)]
     caveats += [SPEC_BENCH_NOTE] if "spec_bench" in tables else []
+    caveats += prediction_notes(runs) if "prediction" in tables else []
     return ReportTables(runs=runs, tables=tables, notes=caveats, banner=banner(runs, speed), drift=drift_details)
 
 
