@@ -123,6 +123,19 @@ def test_only_decoders_whose_tree_is_all_their_drafting_are_checked(smollm):
     options = DecoderOptions(tree="chain-1")
     assert sized_alone(build_decoder("eagle2", smollm, options)) and sized_alone(build_decoder("hydra", smollm, options))
     assert not sized_alone(build_decoder("samd-eagle2", smollm, options))
+    # eagle2 on the empty tree still drafts dynamically whenever it drafts: its hindsight is no static replay
+    from medusa_bench.bench.audit import audit_decoder
+    from medusa_bench.bench.autotree import AutoTree
+    from medusa_bench.trees.search import Calibration, Latency, best_tree
+
+    eagle2 = build_decoder("eagle2", smollm, DecoderOptions(tree="empty"))
+    calibration, latency = Calibration("independent", 2, accuracy=[[0.3, 0.1]]), Latency({1: 0.05, 2: 0.09})
+    search = best_tree(calibration, latency, 2, 1, 1, min_speedup=1.03)
+    eagle2.autotree = AutoTree(Tree.empty(), search, calibration, latency, None, True)
+    answer = {"1": {"new_tokens": [10], "decoding_steps": [10], "wall_time": [1.0], "temperature": 0.0}}
+    audit = audit_decoder(smollm, eagle2, [], answer, answer)
+    assert audit["replay"] is None and audit["why_no_replay"] == "dynamic trees draft a new tree each step"
+    assert audit["measured"]["speedup"] == 1.0 and "hindsight" not in audit["verdict"]
 
 
 def test_a_prediction_outside_the_measured_interval_is_a_report_note(tmp_path):

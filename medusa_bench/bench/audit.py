@@ -103,7 +103,7 @@ def audit_decoder(loaded, decoder, questions: list, choices: dict[str, dict], ba
     out["error"] = {"speedup": got["speedup"] / choice.speedup - 1,
                     "step": out["measured"]["step_ratio"] / out["predicted"]["step_ratio"] - 1}  # each: measured / predicted - 1
     # Drafting dynamic trees whenever it drafts (EAGLE-2/3; on the empty tree `proposer.dynamic` is False).
-    dynamic = bool(getattr(decoder.sizing.make_proposer(Tree.chain(1)), "dynamic", False))
+    dynamic = bool(getattr(decoder.proposer, "dynamic_trees", getattr(decoder.proposer, "dynamic", False)))
     if dynamic or not out["greedy"]:
         out["replay"] = None
         out["why_no_replay"] = "dynamic trees draft a new tree each step" if dynamic else "sampled answers: acceptance is random"

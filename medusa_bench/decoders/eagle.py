@@ -50,6 +50,7 @@ class EagleProposer(HeadsProposer):
         self.plan = level_plan(self.buffers)
         # each node's ancestors and itself (the tree mask's rows), for the static tree's level masks
         self.ancestors = {v: set(row.nonzero().flatten().tolist()) for v, row in enumerate(self.buffers.attn_mask)}
+        self.dynamic_trees = dynamic  # the mode asked for (bench/audit.py), whatever the tree
         self.dynamic = dynamic and tree.num_nodes > 1
         self.top_k = max(1, min(top_k, tree.num_nodes - 1))
         self.depth = tree.depth
