@@ -138,17 +138,17 @@ def test_only_decoders_whose_tree_is_all_their_drafting_are_checked(smollm):
     assert audit["measured"]["speedup"] == 1.0 and "hindsight" not in audit["verdict"]
 
 
-def test_a_prediction_outside_the_measured_interval_is_a_report_note(tmp_path):
-    from types import SimpleNamespace
+def test_a_prediction_outside_the_measured_interval_is_a_report_note():
+    import pandas as pd
 
-    from medusa_bench.results.prediction import prediction_notes
+    from medusa_bench.results.prediction import prediction_notes, prediction_row
 
     audit = {"tree_nodes": 6, "predicted": {"tau": 1.93, "step_ratio": 1.82, "speedup": 1.06},
              "measured": {"tau": 1.64, "speedup": 0.90, "speedup_ci": [0.86, 0.95], "step_ratio": 1.81},
              "replay": {"tau": 1.64, "hindsight_best": {"n": 1, "speedup_on_text": 1.0}}}
     inside = {**audit, "predicted": {**audit["predicted"], "speedup": 0.93}}
-    (tmp_path / AUDIT_FILE).write_text(json.dumps({"hydra": audit, "medusa": inside}))
-    notes = prediction_notes([SimpleNamespace(path=tmp_path, label="run")])
+    table = pd.DataFrame([prediction_row("run", name, a) for name, a in {"hydra": audit, "medusa": inside}.items()])
+    notes = prediction_notes(table)
     assert notes == ["hydra: the tree optimiser predicted 1.06×, the run measured 0.90× (0.86–0.95); τ 1.93 predicted, "
                      "1.64 on this text (-15%); step cost 1.82× the baseline's predicted, 1.81× measured (-1%). "
                      "See “Tree optimiser: predicted against measured”."]

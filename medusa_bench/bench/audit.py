@@ -41,7 +41,7 @@ from medusa_bench.bench import calibrate as cal
 from medusa_bench.inputs.chat import build_prompt, conversation
 from medusa_bench.results import files
 from medusa_bench.results.prediction import AUDIT_FILE  # the report reads what this writes
-from medusa_bench.results.stats import MIN_QUESTIONS_FOR_CI, bootstrap_speedup_ci
+from medusa_bench.results.stats import MIN_QUESTIONS_FOR_CI, paired_speedup, tau_of
 from medusa_bench.trees.replay import replayed_tau
 from medusa_bench.trees.tree import Tree
 
@@ -72,18 +72,17 @@ def text_ranks(loaded, proposer, sequences: list[tuple[list[int], int]], depth: 
 
 # ------------------------------------------------------------------------------ measured
 def measured(choices: dict[str, dict], base_choices: dict[str, dict]) -> dict:
-    """τ and the speedup (ratio of summed tokens/s on common questions, 95% bootstrap interval)."""
-    tokens = sum(sum(c["new_tokens"]) for c in choices.values())
-    steps = sum(sum(c["decoding_steps"]) for c in choices.values())
-    common = [q for q in choices if q in base_choices]
-    d_tok = [sum(choices[q]["new_tokens"]) for q in common]
-    d_wall = [sum(choices[q]["wall_time"]) for q in common]
-    b_tok = [sum(base_choices[q]["new_tokens"]) for q in common]
-    b_wall = [sum(base_choices[q]["wall_time"]) for q in common]
-    speedup = (sum(d_tok) / sum(d_wall)) / (sum(b_tok) / sum(b_wall)) if common and sum(d_wall) and sum(b_wall) else math.nan
-    low, high = bootstrap_speedup_ci(d_tok, d_wall, b_tok, b_wall) if common else (math.nan, math.nan)
-    return {"questions": len(choices), "compared": len(common), "tau": tokens / steps if steps else math.nan,
-            "speedup": speedup, "speedup_ci": [low, high]}
+    """τ and the speedup on common questions, in the report's convention (results/stats.paired_speedup)."""
+    import pandas as pd
+
+    def frame(answers: dict[str, dict]) -> pd.DataFrame:
+        return pd.DataFrame([{"question_id": q, "new_tokens": sum(c["new_tokens"]), "wall_time": sum(c["wall_time"]),
+                              "steps": sum(c["decoding_steps"])} for q, c in answers.items()])
+
+    mine = frame(choices)
+    speed = paired_speedup(mine, frame(base_choices))
+    return {"questions": len(choices), "compared": speed["n_compared"], "tau": tau_of(mine),
+            "speedup": speed["speedup"], "speedup_ci": [speed["speedup_ci_low"], speed["speedup_ci_high"]]}
 
 
 # ------------------------------------------------------------------------------ one decoder

@@ -95,7 +95,7 @@ def build_tables(runs: list[RunData]) -> ReportTables:
         tables["sweep"] = sweep
     caveats = notes(runs, speed) + [n for run in runs for n in drift_notes(run, precision)]
     caveats += [SPEC_BENCH_NOTE] if "spec_bench" in tables else []
-    caveats += prediction_notes(runs) if "prediction" in tables else []
+    caveats += prediction_notes(tables["prediction"]) if "prediction" in tables else []
     return ReportTables(runs=runs, tables=tables, notes=caveats, banner=banner(runs, speed), drift=drift_details)
 
 

@@ -20,7 +20,7 @@ TERMINAL_DROP = {
     "quality": ("reused", "expected", "graded", "coverage_turn*"),
     "categories": ("n_questions",),
     "spec_bench": ("n_compared",),
-    "prediction": ("speedup_ci", "tau"),
+    "prediction": ("tau", "n_compared"),
 }
 SHORT_LABELS = {
     "questions": "qs", "compared": "cmp", "tokens/s": "tok/s", "exact match": "exact", "coverage": "cov",
