@@ -101,10 +101,11 @@ def test_the_loop_shows_every_verified_node_its_logits(smollm):
 NEW = SHORT_NEW  # new tokens per prompt (conftest.short_references: the baseline's answers)
 
 
-@pytest.mark.parametrize("variant", [{}, {"recycling_nodes": 24, "extra": {"recycling_adaptive": False}}],
+@pytest.mark.parametrize("spec, variant", [("recycling", {}), ("recycling:full", {"recycling_nodes": 24})],
                          ids=["adaptive", "whole-template"])
-def test_greedy_recycling_is_lossless(smollm, short_references, variant):
-    decoder = build_decoder("recycling", smollm, DecoderOptions(**variant))
+def test_greedy_recycling_is_lossless(smollm, short_references, spec, variant):
+    decoder = build_decoder(spec, smollm, DecoderOptions(**variant))
+    assert decoder.proposer.adaptive == (spec == "recycling") and decoder.name == spec  # `:full`: the paper's drafting
     steps = tokens = 0
     for ids, expected in short_references + short_references[:1]:  # the first prompt again: the matrix is hot
         result = decoder.generate(ids, NEW)

@@ -15,11 +15,12 @@ from rich.console import Console
 from conftest import run_cli
 from medusa_bench.bench.config import DECODER_GROUPS, RunConfig, expand_groups
 from medusa_bench.bench.loop import run_benchmark
-from medusa_bench.decoders.registry import decoder_names
+from medusa_bench.decoders.registry import decoder_names, needs_step_profile
 from medusa_bench.errors import UserError
 from medusa_bench.inputs.questions import BENCH_TASKS, MT_BENCH_CATEGORIES, load_questions, task_of
 from medusa_bench.results.report import build_report, collect
-from medusa_bench.results.spec_bench import LEADERBOARD, LEADERBOARD_DECODERS, LEADERBOARD_OVERALL, LEADERBOARD_TAU, TASK_LABELS
+from medusa_bench.results.spec_bench import (LEADERBOARD, LEADERBOARD_DECODERS, LEADERBOARD_OVERALL, LEADERBOARD_TAU, TASK_LABELS,
+                                            leaderboard_row)
 from medusa_bench.results.tables import TABLE_TITLES
 
 TASKS = list(BENCH_TASKS["spec_bench"])
@@ -103,6 +104,17 @@ def test_groups_expand_in_place_once_and_refuse_unregistered_members(monkeypatch
     monkeypatch.setitem(DECODER_GROUPS, "broken", ("baseline", "no-such-decoder"))
     with pytest.raises(UserError, match=r"^decoder group 'broken' needs no-such-decoder, not registered .*valid names: baseline, ") as error:
         RunConfig.from_cli(**cli_args(decoders="pld,broken"))
+    assert "\n" not in str(error.value)
+
+
+def test_full_asks_a_step_profile_drafter_for_every_candidate():
+    """`recycling:full` is the paper's drafting (the leaderboard's τ) beside `recycling`, what pays here."""
+    config = RunConfig.from_cli(**cli_args(decoders="baseline,recycling,recycling:full"))
+    assert config.decoders == ["baseline", "recycling", "recycling:full"]
+    assert not needs_step_profile("recycling:full") and needs_step_profile("recycling")
+    assert leaderboard_row("recycling:full").method == "Recycling"
+    with pytest.raises(UserError, match=r"^pld:chain-2: pld drafts on no tree, .*: pld:full, recycling:full, ") as error:
+        RunConfig.from_cli(**cli_args(decoders="baseline,pld:chain-2"))
     assert "\n" not in str(error.value)
 
 

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from medusa_bench.decoders.options import DecoderOptions, Option, declare, within
-from medusa_bench.decoders.registry import register
+from medusa_bench.decoders.registry import DraftsWhatPays, register
 from medusa_bench.decoders.spec import Draft, Proposer, SpeculativeDecoder
 from medusa_bench.trees.tree import TreeBuffers
 
@@ -346,13 +346,7 @@ declare(
 )
 
 
-def adaptive_drafting(name: str) -> Callable[[DecoderOptions], bool]:
-    """Does decoder `name` draft only what pays by a step profile (`register(step_profile=...)`)?
-    Yes unless `DecoderOptions(extra={"<name>_adaptive": False})`: then it drafts every candidate."""
-    return lambda options: options.extra.get(f"{name}_adaptive", True)
-
-
-uses_step_profile = adaptive_drafting("pld")
+uses_step_profile = DraftsWhatPays("pld")
 
 
 @register("pld", step_profile=uses_step_profile)

@@ -30,8 +30,8 @@ from typing import Optional
 import torch
 
 from medusa_bench.decoders.options import DecoderOptions, Option, declare, within
-from medusa_bench.decoders.pld import AcceptanceStats, Candidates, StepCosts, adaptive_drafting, choose_nodes
-from medusa_bench.decoders.registry import register
+from medusa_bench.decoders.pld import AcceptanceStats, Candidates, StepCosts, choose_nodes
+from medusa_bench.decoders.registry import DraftsWhatPays, register
 from medusa_bench.decoders.spec import Draft, Proposer, SpeculativeDecoder
 from medusa_bench.trees.tree import TreeBuffers
 
@@ -190,7 +190,7 @@ declare(
 )
 
 
-uses_step_profile = adaptive_drafting("recycling")
+uses_step_profile = DraftsWhatPays("recycling")
 
 
 @register("recycling", step_profile=uses_step_profile)

@@ -53,6 +53,26 @@ class Entry:
 
 _ENTRIES: dict[str, Entry] = {}
 
+# `pld:full`: a decoder that drafts only what pays by a step profile, drafting every candidate
+# instead, as its paper does (the leaderboard's τ); a tree decoder's suffix is its tree.
+FULL = "full"
+
+
+@dataclass(frozen=True)
+class DraftsWhatPays:
+    """`register(step_profile=DraftsWhatPays("pld"))`: the decoder drafts only the candidates that pay
+    by a measured step profile, unless `DecoderOptions(extra={"pld_adaptive": False})` (or the spec
+    `pld:full`) asks for every candidate."""
+
+    name: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}_adaptive"
+
+    def __call__(self, options: DecoderOptions) -> bool:
+        return options.extra.get(self.key, True)
+
 
 def register(name: str, heads: Optional[tuple[str, str]] = None, tree: bool = False,
              step_profile: Union[bool, Callable[[DecoderOptions], bool]] = False,
@@ -109,11 +129,19 @@ def split_spec(spec: str) -> tuple[str, Optional[str]]:
 
 def spec_options(spec: str, options: Optional[DecoderOptions] = None) -> tuple[Entry, DecoderOptions]:
     """The decoder a spec names, and the options it is built with: the spec's own tree (`medusa:chain-2`)
-    overrides `options.tree` for that decoder only."""
-    name, tree = split_spec(spec)
+    overrides `options.tree` for that decoder only; `pld:full` drafts every candidate (DraftsWhatPays)."""
+    name, suffix = split_spec(spec)
     found = entry(name)
     options = options if options is not None else DecoderOptions()
-    return found, (options.replace(tree=tree) if tree is not None else options)
+    if suffix is None:
+        return found, options
+    if found.tree:
+        return found, options.replace(tree=suffix)
+    if suffix == FULL and isinstance(found.step_profile, DraftsWhatPays):
+        return found, options.replace(extra={**options.extra, found.step_profile.key: False})
+    full = [f"{n}:{FULL}" for n, e in sorted(_ENTRIES.items()) if not e.tree and isinstance(e.step_profile, DraftsWhatPays)]
+    raise UserError(f"{spec}: {name} drafts on no tree, so ':{suffix}' means nothing to it; name a tree only for "
+                    f"{', '.join(tree_decoders())}, or ask a step-profile drafter for every candidate: {', '.join(full)}")
 
 
 def needs_step_profile(spec: str, options: Optional[DecoderOptions] = None) -> bool:

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from medusa_bench.decoders.options import DecoderOptions, Option, declare, within
-from medusa_bench.decoders.pld import StepCosts, adaptive_drafting
-from medusa_bench.decoders.registry import entry, register
+from medusa_bench.decoders.pld import StepCosts
+from medusa_bench.decoders.registry import DraftsWhatPays, entry, register
 from medusa_bench.decoders.samd import SEPARATOR, corpus_texts
 from medusa_bench.decoders.spec import Draft, Proposer, SpeculativeDecoder
 from medusa_bench.decoders.suffix import SuffixTrie, draft_under, grow
@@ -181,7 +181,7 @@ declare(
 )
 
 
-uses_step_profile = adaptive_drafting("rest")
+uses_step_profile = DraftsWhatPays("rest")
 
 
 @register("rest", step_profile=uses_step_profile, requires=(

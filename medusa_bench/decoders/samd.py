@@ -37,8 +37,8 @@ from typing import Optional
 import torch
 
 from medusa_bench.decoders.options import DecoderOptions, Option, declare, within
-from medusa_bench.decoders.pld import STRENGTH_CAP, Match, PromptLookupProposer, adaptive_drafting
-from medusa_bench.decoders.registry import register
+from medusa_bench.decoders.pld import STRENGTH_CAP, Match, PromptLookupProposer
+from medusa_bench.decoders.registry import DraftsWhatPays, register
 from medusa_bench.decoders.spec import SpeculativeDecoder
 from medusa_bench.errors import UserError
 
@@ -261,7 +261,7 @@ declare(
 )
 
 
-uses_step_profile = adaptive_drafting("samd")
+uses_step_profile = DraftsWhatPays("samd")
 
 
 def sam_proposer(loaded, options: DecoderOptions) -> SamProposer:

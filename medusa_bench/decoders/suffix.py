@@ -35,8 +35,8 @@ from typing import Optional
 import torch
 
 from medusa_bench.decoders.options import DecoderOptions, Option, declare, within
-from medusa_bench.decoders.pld import StepCosts, adaptive_drafting
-from medusa_bench.decoders.registry import register
+from medusa_bench.decoders.pld import StepCosts
+from medusa_bench.decoders.registry import DraftsWhatPays, register
 from medusa_bench.decoders.spec import Draft, Proposer, SpeculativeDecoder
 from medusa_bench.trees.tree import TreeBuffers
 
@@ -219,7 +219,7 @@ declare(
 )
 
 
-uses_step_profile = adaptive_drafting("suffix")
+uses_step_profile = DraftsWhatPays("suffix")
 
 
 @register("suffix", step_profile=uses_step_profile)
