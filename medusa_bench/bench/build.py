@@ -51,3 +51,15 @@ def build_decoder(spec: str, loaded, options: Optional[DecoderOptions] = None, p
     if auto is not None:
         decoder.autotree = auto  # the run folder keeps the optimiser's files (autotree.store_in_run)
     return decoder
+
+
+def build_like(spec: str, decoder: Decoder, loaded, options: Optional[DecoderOptions] = None) -> Decoder:
+    """Another decoder like `decoder` (built from `spec`): on its tree as it is (no re-sizing) and with
+    its step profile (no re-measuring): one per row of a batch (decoders/batched.py)."""
+    plan: dict = {}
+    tree = getattr(getattr(decoder, "proposer", None), "tree", None)
+    if isinstance(tree, Tree):
+        plan["trees"] = {spec: {"auto": True, "paths": tree.to_list()}}
+    if getattr(decoder, "step_profile", None) is not None:
+        plan["profiles"] = {spec: decoder.step_profile}
+    return build_decoder(spec, loaded, options, plan)

@@ -72,6 +72,7 @@ class RunConfig:
     ray_address: Optional[str] = None  # join this Ray cluster ("auto": the one the environment names)
     gpus_per_worker: Optional[float] = None  # None: 1 where the cluster has GPUs, else 0
     cpus_per_worker: int = 1  # CPU workers: torch threads per worker
+    batch_sizes: list[int] = field(default_factory=list)  # after the answers, every decoder at these batch sizes (bench/batch_sweep.py)
 
     @property
     def on_cluster(self) -> bool:

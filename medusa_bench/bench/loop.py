@@ -127,6 +127,11 @@ def run_in_process(config: RunConfig, questions: list[Question], question_file: 
         remeasure_flagged(questions, [name for name in names if name in decoders], decoders, loaded, config, paths, console)
     if todo or config.remeasure_flagged or not (run_dir / AUDIT_FILE).is_file():
         audit_run(run_dir, decoders, questions, loaded, log=lambda line: console.print(line, highlight=False, soft_wrap=True))
+    if config.batch_sizes:
+        from medusa_bench.bench.batch_sweep import batch_sweep
+
+        _, done = open_answers(run_dir, loaded, ["baseline"], {})  # as stored: turn 2 carries the baseline's turn 1
+        batch_sweep(run_dir, decoders, questions, done["baseline"], loaded, config, console)
     if served:
         from medusa_bench.bench.endpoints import finish_endpoints
 

@@ -53,6 +53,7 @@ def run(
     cache: str = _cache_option(_MODEL),
     compile: str = _compile_option(_MODEL),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default results/<model>-<bench>); the same command again resumes it.", rich_help_panel=_OUTPUT),
+    batch_size: Optional[str] = typer.Option(None, "--batch-size", help="After the answers, every decoder again with this many requests decoded together, e.g. 1,4,16 (greedy; appended to batch.jsonl; the same command resumes).", rich_help_panel=_OUTPUT),
     remeasure_flagged: bool = typer.Option(False, "--remeasure-flagged", help="Re-time the questions with a turn measured while the CPU was shared; answers are kept.", rich_help_panel=_OUTPUT),
     endpoint: Optional[List[str]] = typer.Option(None, "--endpoint", help="NAME=URL of an OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp, `serve`), e.g. ref=http://127.0.0.1:8000/v1; repeatable. Each is a decoder of the run.", rich_help_panel=_ENDPOINTS),
     endpoint_model: Optional[str] = typer.Option(None, "--endpoint-model", help="Model id to ask the endpoints for (default: each server's only model in /v1/models).", rich_help_panel=_ENDPOINTS),
@@ -69,6 +70,7 @@ def run(
     cpus_per_worker: int = typer.Option(1, "--cpus-per-worker", help="CPU cores per Ray worker (its torch threads on CPU).", rich_help_panel=_SCALE),
     **decoder_options,
 ) -> None:
+    from medusa_bench.bench.batch_sweep import check_batch_run, parse_batch_sizes
     from medusa_bench.bench.loop import RunConfig, run_benchmark
 
     config = RunConfig.from_cli(
@@ -78,8 +80,9 @@ def run(
         dtype=dtype, decoder_options=decoder_options, trust_remote_code=trust_remote_code,
         control=control, precision_reference=precision_reference, remeasure_flagged=remeasure_flagged,
         cache=cache, compile=compile, workers=workers, ray_address=ray_address, gpus_per_worker=gpus_per_worker,
-        cpus_per_worker=cpus_per_worker,
+        cpus_per_worker=cpus_per_worker, batch_sizes=parse_batch_sizes(batch_size),
     )
+    check_batch_run(config)
     if endpoint and config.on_cluster:
         raise UserError("--endpoint runs send requests from one process (--concurrency sets how many in flight): drop --workers/--ray-address")
     if endpoint:
@@ -88,6 +91,8 @@ def run(
         served = EndpointRun(parse_endpoints(endpoint), reference=reference, model=endpoint_model, api_key_env=api_key_env,
                              metrics_url=metrics_url, concurrency=parse_concurrency(concurrency), timeout=request_timeout,
                              max_retries=max_retries)
+        if config.batch_sizes and not decoders:
+            raise UserError("--batch-size batches the in-process decoders: add --decoders baseline,… (endpoints batch by --concurrency)")
         if decoders or control:  # in-process decoders beside the endpoints: the model loads here too
             run_dir = run_benchmark(config, console=console, endpoints=served)
         else:  # endpoints alone: no local model
@@ -192,7 +197,7 @@ def serve(
     port: int = typer.Option(8000, "--port", help="TCP port."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MEDUSA_BENCH_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/* (or set MEDUSA_BENCH_API_KEY)."),
     max_waiting: int = typer.Option(16, "--max-waiting", help="Requests that may wait behind the running ones; more get 503."),
-    max_batch: int = typer.Option(8, "--max-batch", help="Plain decoders (baseline): requests decoded together in one batch. Drafting decoders run one at a time."),
+    max_batch: int = typer.Option(8, "--max-batch", help="Requests decoded together in one batch; a drafting decoder batches greedy requests without logprobs (one verify forward over every row's tree), others one at a time."),
     heads: Optional[List[str]] = typer.Option(None, "--heads", help="NAME=PATH: more heads for the --decoder (one that loads heads) on the same base model (repeatable); a request picks one with model '<model>:NAME' or LoRAX's adapter_id."),
     served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="Model id clients use (default <model>-<decoder>)."),
     cache: str = _CACHE,

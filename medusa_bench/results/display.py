@@ -22,8 +22,12 @@ TAU_NOTE = ("τ: mean accepted tokens per step, the base model's own token inclu
             "baseline 1.00): Spec-Bench's “mean accepted tokens”, vLLM's “mean acceptance length”.")
 CI_NOTE = (f"95% CI: paired bootstrap over questions; none where fewer than {MIN_QUESTIONS_FOR_CI} questions were compared "
            f"(“n=2, no CI”): over so few questions a bootstrap interval is not one.")
+BATCH_NOTE = ("Batch sweep: each speedup is the decoder's tokens/s over the baseline's at the same batch size, on the same "
+              "requests (every turn; turn 2 carries the baseline's turn-1 answer); control's distance from 1.00× is that size's "
+              "noise floor. Latency: a request's time from its batch's start to its last token. vs batch 1: exact, lossless up to "
+              "rounding (every divergence at a margin below twice the rounding noise), or the divergences that are not.")
 # Printed under a table in every format (terminal caption, markdown line, HTML caption).
-FOOTERS = {"summary": (TAU_NOTE, CI_NOTE), "categories": (CI_NOTE,), "prediction": (PREDICTION_NOTE,)}
+FOOTERS = {"summary": (TAU_NOTE, CI_NOTE), "categories": (CI_NOTE,), "prediction": (PREDICTION_NOTE,), "batch": (BATCH_NOTE,)}
 
 LABELS = {
     "run": "run", "decoder": "decoder", "device": "device", "model_id": "answer file", "judge": "judge", "category": "category",
@@ -43,9 +47,11 @@ LABELS = {
     "step_predicted": "step × baseline predicted", "step_measured": "step × baseline measured", "step_error": "step error",
     "hindsight_nodes": "hindsight nodes", "hindsight_speedup": "hindsight speedup",
     "best_fixed": "fastest fixed tree", "best_fixed_speedup": "its speedup", "auto_vs_fixed": "auto against it",
+    "batch_size": "batch", "tok_s": "tokens/s", "latency_p50_ms": "latency p50 (ms)", "latency_p90_ms": "latency p90 (ms)",
+    "same_as_batched_baseline": "= same-B baseline", "predicted_speedup": "predicted", "verdict": "vs batch 1",
 }
 ERROR_COLUMNS = ("speedup_error", "tau_error", "step_error")  # measured / predicted − 1
-COUNT_COLUMNS = ("tree_nodes", "hindsight_nodes", "new_tokens", "steps", "n_questions", "n_compared", "graded", "reused", "expected", "logged_steps", "contended_turns", "turns")
+COUNT_COLUMNS = ("batch_size", "requests", "tree_nodes", "hindsight_nodes", "new_tokens", "steps", "n_questions", "n_compared", "graded", "reused", "expected", "logged_steps", "contended_turns", "turns")
 
 
 def column_label(column: str) -> str:
@@ -71,13 +77,13 @@ def format_value(column: str, value: Any) -> str:
     if column.startswith(("exact_", "baseline_exact_", "coverage", "accept_ge_", "tokens_")) and column not in ("exact_match_turns", "tokens_per_s"):
         return f"{100 * value:.1f}%"
     if column in ("speedup", "speedup_specbench", "speedup_predicted", "hindsight_speedup", "best_fixed_speedup", "step_predicted",
-                  "step_measured"):
+                  "step_measured", "predicted_speedup"):
         return f"{value:.2f}×"
     if column in ERROR_COLUMNS:
         return f"{100 * value:+.0f}%"
     if column == "score_vs_baseline":
         return f"{value:+.2f}"
-    if column in ("tokens_per_s", "wall_time_s", "divergence_vs_baseline", "divergence_vs_fp32"):
+    if column in ("tokens_per_s", "wall_time_s", "divergence_vs_baseline", "divergence_vs_fp32", "tok_s", "latency_p50_ms", "latency_p90_ms"):
         return f"{value:.1f}"
     if isinstance(value, (int, np.integer)) or float(value).is_integer() and column in COUNT_COLUMNS:
         return str(int(value))

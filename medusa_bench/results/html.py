@@ -311,6 +311,8 @@ def render_html(report: ReportTables, plots: list[Plot]) -> str:
                  *([f"<h3>{esc(TABLE_TITLES['prediction'])}</h3>", table_html(t["prediction"], "", FOOTERS["prediction"])] if "prediction" in t else []),
                  _plots(plots, ["tokens_per_step", "tau", "step_time", "tree"])),
         *([_section("sweep", TABLE_TITLES["sweep"], table_html(t["sweep"]), _plots(plots, ["sweep"]))] if "sweep" in t else []),
+        *([_section("batch", TABLE_TITLES["batch"], table_html(t["batch"], "", FOOTERS["batch"]), _plots(plots, ["batch"]))]
+          if "batch" in t else []),
         _section("quality", TABLE_TITLES["quality"], table_html(t["quality"], "no judgments yet: run `medusa-bench judge` on the run folder")),
         _section("samples", "Sample answers", *(f"<h3>{esc(run.label)}</h3>" * (len(report.runs) > 1) + samples_html(run) for run in report.runs)),
         method_html(report),

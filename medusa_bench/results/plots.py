@@ -426,6 +426,30 @@ def sweep_speedup(report: ReportTables) -> bytes | None:
     return to_png(fig)
 
 
+def batch_curves(report: ReportTables) -> bytes | None:
+    """Speedup over the same-B baseline and throughput against batch size, one line per decoder."""
+    table = report.tables.get("batch")
+    if table is None or table.empty:
+        return None
+    several = table.run.nunique() > 1
+    fig = Figure(figsize=(9.6, 3.6))
+    speed_ax, rate_ax = fig.subplots(1, 2)
+    for i, ((run, decoder), group) in enumerate(table.groupby(["run", "decoder"], sort=False)):
+        group = group.sort_values("batch_size")
+        style = dict(marker="o", color=COLORS[i % len(COLORS)], label=series_label(run, decoder, several))
+        speed_ax.plot(group.batch_size, group.speedup, **style)
+        rate_ax.plot(group.batch_size, group.tok_s, **style)
+    sizes = sorted(table.batch_size.unique())
+    for ax, label in ((speed_ax, "tokens/s ÷ same-B baseline's"), (rate_ax, "tokens/s over all rows")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(int(b)) for b in sizes])
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(label)
+    speed_ax.axhline(1.0, color="#888888", linewidth=1, linestyle="--")
+    legend_below(rate_ax, offset=-0.2)
+    return to_png(fig)
+
+
 # -------------------------------------------------------------------------------- collection
 
 
@@ -442,6 +466,8 @@ def all_plots(report: ReportTables) -> list[Plot]:
         ("tokens_per_step", "Tokens per step", "Each step emits the base model's own token plus the accepted drafts; τ is the mean of this distribution.", tokens_per_step),
         ("tau", "Predicted against measured τ", "The tree optimiser's prediction from calibrated head accuracies, against what the run measured.", tau_predicted_vs_measured),
         ("sweep", "Speedup against concurrency", "Endpoints: output tokens/s of the server with that many requests in flight, over the reference endpoint's at the same level; below the dashed line speculation no longer pays.", sweep_speedup),
+        ("batch", "Speedup and throughput against batch size", "Left: each decoder's tokens/s over the baseline's at the same batch size "
+         "(below the dashed line speculation does not pay); right: tokens/s over all rows of the batch.", batch_curves),
         ("step_time", "Step time against tree size", "Profiled cost of one verify forward; a tree pays off only if τ grows faster than this.", step_time_vs_tree_size),
     ]
     for key, title, caption, maker in makers:

@@ -5,7 +5,7 @@ measured"), so that a table, its CSV export and the HTML report can never disagr
 Where each table is computed: speed.py (speed, noise floor), summary.py (at a glance, banner,
 notes), categories.py, spec_bench.py (Spec-Bench's leaderboard layout), acceptance.py (acceptance,
 tokens per step), prediction.py (the optimiser's prediction against the run), quality.py (MT-Bench scores), drift_table.py (drift against the baseline and
-fp32), configuration.py, sweep.py (endpoint concurrency levels); runs.py loads the folders,
+fp32), configuration.py, sweep.py (endpoint concurrency levels), batch.py (the batch sweep); runs.py loads the folders,
 stats.py holds the bootstrap.
 """
 
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from medusa_bench.results.acceptance import acceptance_tables
+from medusa_bench.results.batch import batch_notes, batch_table
 from medusa_bench.results.categories import category_table
 from medusa_bench.results.configuration import config_table
 from medusa_bench.results.drift_table import drift_notes, precision_table
@@ -41,6 +42,7 @@ TABLE_TITLES = {
     "categories": "Per category",
     "config": "Configuration",
     "sweep": "Concurrency sweep (endpoints)",
+    "batch": "Batch sweep: speedup against batch size",
 }
 
 
@@ -93,9 +95,13 @@ def build_tables(runs: list[RunData]) -> ReportTables:
     sweep = sweep_table(runs)
     if not sweep.empty:  # endpoint runs with --concurrency only
         tables["sweep"] = sweep
+    batch = batch_table(runs)
+    if not batch.empty:  # runs with --batch-size only
+        tables["batch"] = batch
     caveats = notes(runs, speed) + [n for run in runs for n in drift_notes(run, precision)]
     caveats += [SPEC_BENCH_NOTE] if "spec_bench" in tables else []
     caveats += prediction_notes(tables["prediction"]) if "prediction" in tables else []
+    caveats += batch_notes(batch)
     return ReportTables(runs=runs, tables=tables, notes=caveats, banner=banner(runs, speed), drift=drift_details)
 
 

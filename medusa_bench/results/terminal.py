@@ -9,7 +9,7 @@ from medusa_bench.results.display import FOOTERS, column_label, display_frame
 from medusa_bench.results.spec_bench import LEADERBOARD_OVERALL, LEADERBOARD_TAU
 from medusa_bench.results.tables import TABLE_TITLES, ReportTables
 
-KEY_COLUMNS = ("run", "decoder", "device", "category", "judge", "in flight")  # "in flight": the sweep's concurrency level; "device": Ray runs on several device types
+KEY_COLUMNS = ("run", "decoder", "device", "category", "judge", "in flight", "batch")  # "in flight": the sweep's concurrency level; "device": Ray runs on several device types
 
 # The terminal's shorter view (markdown, HTML and CSV keep every column under its full name):
 # columns a reader at 80 columns can do without, and shorter headers for the rest.
@@ -21,6 +21,7 @@ TERMINAL_DROP = {
     "categories": ("n_questions",),
     "spec_bench": ("n_compared",),
     "prediction": ("tau", "n_compared"),
+    "batch": ("requests", "latency_p90_ms"),
 }
 SHORT_LABELS = {
     "questions": "qs", "compared": "cmp", "tokens/s": "tok/s", "exact match": "exact", "coverage": "cov",
@@ -30,6 +31,7 @@ SHORT_LABELS = {
     "grades reused": "reused", "turns compared": "turns", "speedup (Spec-Bench)": "× (Spec-Bench)",
     "step × baseline predicted": "step pred", "step × baseline measured": "step", "τ on this text": "τ text",
     "hindsight nodes": "best n", "hindsight speedup": "best ×", "speedup error": "× err", "tree nodes": "n",
+    "latency p50 (ms)": "p50 ms", "= same-B baseline": "= base B",
     LEADERBOARD_OVERALL: "leaderboard", LEADERBOARD_TAU: "leaderboard τ",
 }
 

@@ -136,6 +136,43 @@ class SlotCache(Cache):
     def crop(self, length: int) -> None:
         self.length = self.start = min(self.length, length)
 
+    def keep_rows(self, start: int, keep: torch.Tensor, contiguous: bool) -> None:
+        """Batched: row b keeps slots start+keep[b] (keep [B, m], sorted per row) as start … start+m-1.
+
+        Rows keep m slots each; a row that accepted fewer pads `keep` with any slot, and its batch
+        state masks those columns out (runtime/batch.py): no row is ever shifted against another.
+        `contiguous`: every row's kept slots already stand where they belong (no gather).
+        """
+        m = keep.shape[1]
+        if contiguous:
+            self.length = self.start = start + m
+            return
+        index = keep + start  # [B, m]
+        if self.uniform and self.storage is not None:  # [layers, 2, B, heads, capacity, dim]
+            layers, two, _, heads, _, dim = self.storage.shape
+            gather = index[None, None, :, None, :, None].expand(layers, two, -1, heads, m, dim)
+            self.storage[:, :, :, :, start:start + m] = self.storage.gather(4, gather)
+        else:
+            for layer in self.layers:
+                if layer.is_initialized:
+                    for name in ("keys", "values"):
+                        buffer = getattr(layer, name)  # [B, heads, capacity, dim]
+                        gather = index[:, None, :, None].expand(-1, buffer.shape[1], m, buffer.shape[-1])
+                        buffer[:, :, start:start + m] = buffer.gather(2, gather)
+        self.length = self.start = start + m
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Batched: keep only these rows (finished sequences leave the batch), buffers re-made smaller."""
+        if self.storage is not None:
+            self.storage = self.storage.index_select(2, rows)
+        for layer in self.layers:
+            if not layer.is_initialized:
+                continue
+            if layer.shared:
+                layer.keys, layer.values = self.storage[layer.index, 0], self.storage[layer.index, 1]
+            else:
+                layer.keys, layer.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
+
     def reserve(self, need: int) -> None:
         """Room for `need` slots: reallocate (doubling) and copy when short; addresses then change."""
         if need <= self.capacity:

@@ -98,19 +98,26 @@ def forward(model, input_ids: torch.Tensor, cache, position_ids: torch.Tensor, m
 
 def model_call(model, input_ids: torch.Tensor, cache, position_ids: torch.Tensor, mask, want_hidden: Hidden,
                last_only: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The model's forward as `forward` describes it, with no cache bookkeeping (a captured step records this).
+    """The model's forward as `forward` describes it, with no cache bookkeeping (a captured step records this)."""
+    logits, hidden = batched_call(model, input_ids, cache, position_ids, mask, want_hidden, last_only)
+    return logits[0], (hidden[0] if hidden is not None else None)
+
+
+def batched_call(model, input_ids: torch.Tensor, cache, position_ids: torch.Tensor, mask, want_hidden: Hidden,
+                 last_only: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The model's forward over B rows: logits [B, q, V] ([B, 1, V] with last_only), hidden [B, q, k * H] or None.
 
     Hidden states come from forward hooks on the layers asked for, never `output_hidden_states`,
-    which keeps every layer's [q, H] output (SmolLM2: 31 of them) to hand back one.
+    which keeps every layer's [B, q, H] output (SmolLM2: 31 of them) to hand back one.
     """
     layers = (-1,) if want_hidden is True else tuple(want_hidden or ())
     captured: list = [None] * len(layers)
     handles = [_hook(model, index, captured, slot) for slot, index in enumerate(layers)]
     try:
         out = model(
-            input_ids=input_ids,  # [1, q]
-            position_ids=position_ids,  # [1, q]
-            attention_mask=mask,  # None (causal), [1, 1, q, past + q] additive, or {layer type: such a mask}
+            input_ids=input_ids,  # [B, q]
+            position_ids=position_ids,  # [B, q]
+            attention_mask=mask,  # None (causal), [B, 1, q, past + q] additive, or {layer type: such a mask}
             **cache_kwargs(model, cache),
             use_cache=True,
             logits_to_keep=1 if last_only else 0,
@@ -118,11 +125,9 @@ def model_call(model, input_ids: torch.Tensor, cache, position_ids: torch.Tensor
     finally:
         for handle in handles:
             handle.remove()
-    logits = out.logits[0]  # [q or 1, V]
     if not layers:
-        return logits, None
-    rows = [c[0] for c in captured]  # each [q, H] (every row, even with last_only)
-    return logits, rows[0] if len(rows) == 1 else torch.cat(rows, dim=-1)
+        return out.logits, None
+    return out.logits, captured[0] if len(captured) == 1 else torch.cat(captured, dim=-1)
 
 
 _BODIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -148,7 +153,7 @@ def body_and_layers(model) -> tuple[torch.nn.Module, torch.nn.ModuleList]:
 
 
 def _hook(model, index: int, captured: list, slot: int):
-    """A forward hook storing hidden_states[index] ([1, q, H]) into captured[slot]."""
+    """A forward hook storing hidden_states[index] ([B, q, H]) into captured[slot]."""
     body, layers = body_and_layers(model)
     index = index + len(layers) + 1 if index < 0 else index
     if not 0 <= index <= len(layers):

@@ -418,7 +418,7 @@ def serve(
     """Load the model and decoder, then serve until interrupted (blocks)."""
     import uvicorn
 
-    from medusa_bench.bench.build import build_decoder
+    from medusa_bench.bench.build import build_decoder, build_like
     from medusa_bench.decoders.options import DecoderOptions
     from medusa_bench.inputs.chat import build_prompt
     from medusa_bench.models import load_model
@@ -437,8 +437,16 @@ def serve(
     use_engine(loaded, cache, compile)
     built = build_decoder(decoder, loaded, options or DecoderOptions())
     built.generate(build_prompt(loaded, [{"role": "user", "content": "Hi"}]), 2)  # warm-up
-    extra = {name: build_decoder(decoder, loaded, options) for name, options in _heads_options(decoder, options or DecoderOptions(), heads)}
-    engine = Engine(loaded, built, decoder, served_model_name or f"{loaded.name}-{decoder}", max_waiting, max_batch, extra or None)
+    heads_options = dict(_heads_options(decoder, options or DecoderOptions(), heads))
+    extra = {name: build_decoder(decoder, loaded, options) for name, options in heads_options.items()}
+    own = {Engine.DEFAULT: (built, options or DecoderOptions()), **{name: (extra[name], o) for name, o in heads_options.items()}}
+
+    def make_row(name: str):  # one more decoder like this heads' one, for a row of a batch of drafting requests
+        like, its_options = own[name]
+        return build_like(decoder, like, loaded, its_options)
+
+    engine = Engine(loaded, built, decoder, served_model_name or f"{loaded.name}-{decoder}", max_waiting, max_batch, extra or None,
+                    make_row=make_row)
     app = create_app(engine, api_key)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model")

@@ -234,13 +234,17 @@ def _escape(value: str) -> str:
 
 
 class Engine:
-    """Runs jobs on one worker thread: a non-drafting decoder takes up to `max_batch` waiting jobs
-    at once (serve/batch.py), a drafting one a single job; `max_waiting` more may wait."""
+    """Runs jobs on one worker thread: up to `max_batch` waiting jobs at once, `max_waiting` more may wait.
+
+    A non-drafting decoder batches any jobs (serve/batch.py: sampling, logprobs). A drafting one
+    batches greedy jobs without logprobs on the same heads through decoders/batched.py, given
+    `make_row(heads)` (another decoder like that heads' one, for each further row); other jobs it
+    decodes one at a time on its own path."""
 
     DEFAULT = "default"
 
     def __init__(self, loaded, decoder, decoder_name: str, model_id: str, max_waiting: int = 16, max_batch: int = 8,
-                 heads: Optional[dict] = None) -> None:
+                 heads: Optional[dict] = None, make_row: Optional[Callable[[str], object]] = None) -> None:
         self.loaded = loaded
         self.decoder = decoder
         self.decoder_name = decoder_name
@@ -251,8 +255,12 @@ class Engine:
         self.metrics_by_heads = {name: Metrics(model_id, decoder_name, int(getattr(d, "draft_size", 0) or 0), name if heads else None)
                                  for name, d in self.decoders.items()}
         self.metrics = self.metrics_by_heads[self.DEFAULT]  # also the server-wide gauges and rejections
-        # Speculative decoders verify one request's tree per forward: they stay one request at a time.
-        self.max_batch = max(1, int(max_batch)) if not self.metrics.draft_size else 1
+        # A drafting decoder batches through decoders/batched.py when it can; else one request at a time.
+        from medusa_bench.decoders.batched import batch_refusal
+
+        self.make_row = make_row if make_row is not None and batch_refusal(decoder) is None else None
+        self.rows: dict[str, list] = {name: [d] for name, d in self.decoders.items()}  # per heads: one decoder per row
+        self.max_batch = max(1, int(max_batch)) if not self.metrics.draft_size or self.make_row else 1
         self.started = int(time.time())
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)
@@ -317,7 +325,10 @@ class Engine:
                         future.set_exception(Cancelled())
                         continue
                     live.append((job, future))
-                if len(live) == 1:
+                if len(live) > 1 and self.metrics.draft_size and not self._batches_drafting([job for job, _ in live]):
+                    for one in live:  # sampled, logprobs or mixed heads: each on the decoder's own path
+                        self._answer([one], lambda one=one: [self.generate(one[0])])
+                elif len(live) == 1:
                     self._answer(live, lambda: [self.generate(live[0][0])])
                 elif live:
                     self._answer(live, lambda: self.generate_batch([job for job, _ in live]))
@@ -374,11 +385,25 @@ class Engine:
         )
         return self._complete(job, stream, generation)
 
+    def _batches_drafting(self, jobs: list[Job]) -> bool:
+        """Can these jobs decode together on the drafting decoder (greedy, no logprobs, one heads)?"""
+        return (self.make_row is not None and len({job.heads for job in jobs}) == 1
+                and all(job.sampling.greedy and job.logprobs is None for job in jobs))
+
     def generate_batch(self, jobs: list[Job]) -> list[Completion]:
-        """Several jobs in one batch (a non-drafting decoder only)."""
+        """Several jobs in one batch: a drafting decoder's rows through decoders/batched.py, else serve/batch.py."""
         from medusa_bench.serve.batch import generate_batch
 
         streams = [self._stream(job) for job in jobs]
+        if self.metrics.draft_size:
+            from medusa_bench.decoders.batched import BatchedDecoder
+
+            rows = self.rows[jobs[0].heads]
+            while len(rows) < len(jobs):
+                rows.append(self.make_row(jobs[0].heads))
+            generations = BatchedDecoder(rows[: len(jobs)]).generate(
+                [j.prompt_ids for j in jobs], [j.max_tokens for j in jobs], [on_step for _, on_step in streams])
+            return [self._complete(job, stream, generation) for job, (stream, _), generation in zip(jobs, streams, generations)]
         generations = generate_batch(self.loaded, [j.prompt_ids for j in jobs], [j.max_tokens for j in jobs],
                                      [j.sampling for j in jobs], [on_step for _, on_step in streams], [j.logprobs for j in jobs])
         return [self._complete(job, stream, generation) for job, (stream, _), generation in zip(jobs, streams, generations)]
