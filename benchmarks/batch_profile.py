@@ -26,13 +26,14 @@ from medusa_bench.inputs.questions import load_questions
 from medusa_bench.models import load_model
 from medusa_bench.runtime.batch import Columns, forward_rows
 from medusa_bench.runtime.cache import SlotCache
+from medusa_bench.runtime.engine import engine_of
 from medusa_bench.runtime.forward import sync
 
 
 @torch.inference_mode()
 def step_ms(loaded, rows: int, nodes: int, context: int = 300, repeats: int = 7) -> float:
     """One forward of `nodes` chained tokens per row over `context` cached tokens per row, in ms (median)."""
-    cache = SlotCache(loaded.engine.num_layers, context + nodes + 1)
+    cache = SlotCache(engine_of(loaded).num_layers, context + nodes + 1)
     columns = Columns([context] * rows, context + nodes + 1, loaded.device)
     ids = torch.randint(100, 1000, (rows, context), device=loaded.device)
     forward_rows(loaded.model, ids, cache, columns.prefill_positions(), columns.prefill_mask(loaded.model.dtype), False, True)

@@ -116,7 +116,8 @@ def variants(decoders: dict, size: int, loaded, options, log) -> dict:
     out = {}
     for spec, decoder in decoders.items():
         if getattr(decoder, "autotree", None) is None or size == 1:
-            out[spec] = (spec, decoder, None, {})
+            tree = getattr(decoder.proposer, "tree", None)
+            out[spec] = (spec, decoder, None, {"tree_nodes": tree.num_nodes} if tree is not None else {})
             continue
         sized = tree_for_batch(split_spec(spec)[0], loaded, size, options)
         choice = sized.result.choice

@@ -25,6 +25,7 @@ import torch
 
 from medusa_bench.runtime.batch import Columns, forward_rows
 from medusa_bench.runtime.cache import SlotCache
+from medusa_bench.runtime.engine import engine_of
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ def logits_in_batch(loaded, prompts: list[list[int]]) -> list[torch.Tensor]:
     """Each prompt's logits at every one of its positions [P_b, V] (float), the prompts run as one left-padded batch."""
     lengths = [len(p) for p in prompts]
     width = max(lengths)
-    cache = SlotCache(loaded.engine.num_layers, width)
+    cache = SlotCache(engine_of(loaded).num_layers, width)
     columns = Columns(lengths, width, loaded.device)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     for b, prompt in enumerate(prompts):
@@ -62,7 +63,7 @@ def logits_split(loaded, prompt: list[int], tail: int = 8) -> torch.Tensor:
     """The prompt's last `tail` positions' logits [tail, V] (float), computed as a verify step computes
     them: one forward of `tail` tokens over a cache holding the rest (batch 1)."""
     head = len(prompt) - tail
-    cache = SlotCache(loaded.engine.num_layers, len(prompt))
+    cache = SlotCache(engine_of(loaded).num_layers, len(prompt))
     columns = Columns([head], len(prompt), loaded.device)
     ids = torch.tensor([prompt], device=loaded.device)
     forward_rows(loaded.model, ids[:, :head], cache, columns.prefill_positions(), columns.prefill_mask(loaded.model.dtype), False)
