@@ -145,8 +145,9 @@ def test_tree_for_batch_searches_on_step_times_at_b_rows(smollm, tmp_path):
     sized = tree_for_batch("hydra", smollm, 2, DecoderOptions(extra={"autotree": settings}), repeats=1, warmup=0)
     assert sized.latency.meta["batch_size"] == 2 and set(sized.latency.step_time) == {1, 2, 4}
     choice = sized.result.choice
-    assert sized.tree.num_nodes == choice.n and sized.single.tree.num_nodes in sized.single.latency.step_time
-    assert choice.speedup == pytest.approx(choice.tau * sized.latency.step_time[1] / sized.latency.step_time[choice.n])
+    # the search may pick an unprofiled size (n = 3): its step time is interpolated (Latency.at)
+    assert sized.tree.num_nodes == choice.n and 1 <= sized.single.tree.num_nodes <= 4
+    assert choice.speedup == pytest.approx(choice.tau * sized.latency.step_time[1] / sized.latency.at(choice.n))
 
 
 # ------------------------------------------------------------------------------ run --batch-size and the report
