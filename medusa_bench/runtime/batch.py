@@ -16,12 +16,10 @@ work: at most m - 1 columns a step and a row).
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 
-from medusa_bench.runtime.cache import SlotCache
-from medusa_bench.runtime.forward import Hidden, batched_call
+from medusa_bench.runtime.forward import forward_rows  # noqa: F401 (B rows in one forward: callers import it from here)
 
 
 class Columns:
@@ -79,15 +77,3 @@ def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None]
-
-
-def forward_rows(model, input_ids: torch.Tensor, cache: SlotCache, positions: torch.Tensor, mask: torch.Tensor,
-                 want_hidden: Hidden, last_only: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """One base forward of q tokens per row, written at the cache's next q columns:
-    logits [B, q, V] ([B, 1, V] with last_only), hidden [B, q, k * H] or None."""
-    q = input_ids.shape[1]
-    cache.reserve(cache.length + q)
-    cache.start = cache.length
-    out = batched_call(model, input_ids, cache, positions, mask, want_hidden, last_only)
-    cache.length = cache.start = cache.start + q
-    return out

@@ -88,10 +88,18 @@ def forward(model, input_ids: torch.Tensor, cache, position_ids: torch.Tensor, m
     """
     if not isinstance(cache, SlotCache):
         return model_call(model, input_ids, cache, position_ids, mask, want_hidden, last_only)
+    logits, hidden = forward_rows(model, input_ids, cache, position_ids, mask, want_hidden, last_only)
+    return logits[0], (hidden[0] if hidden is not None else None)
+
+
+def forward_rows(model, input_ids: torch.Tensor, cache: SlotCache, positions: torch.Tensor, mask,
+                 want_hidden: Hidden, last_only: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One base forward of q tokens per row, written at the SlotCache's next q slots (every row's):
+    logits [B, q, V] ([B, 1, V] with last_only), hidden [B, q, k * H] or None."""
     q = input_ids.shape[1]
     cache.reserve(cache.length + q)
     cache.start = cache.length
-    out = model_call(model, input_ids, cache, position_ids, mask, want_hidden, last_only)
+    out = batched_call(model, input_ids, cache, positions, mask, want_hidden, last_only)
     cache.length = cache.start = cache.start + q
     return out
 
