@@ -31,6 +31,7 @@ from medusa_bench.bench.progress import live_rate, run_progress
 from medusa_bench.inputs.questions import Question, load_questions
 from medusa_bench.bench.reference import Float32Baseline, PrecisionReference
 from medusa_bench.bench.remeasure import remeasure_flagged
+from medusa_bench.bench.run_verdict import write_run_verdict
 from medusa_bench.bench.run_folder import claimed_run_dir, keep_questions, local_source, open_answers, reference_answers, write_run_file
 from medusa_bench.decoders.registry import build_decoder, decoder_names, split_spec
 from medusa_bench.errors import UserError
@@ -115,6 +116,7 @@ def run_in_process(config: RunConfig, questions: list[Question], question_file: 
     ids = {name: decoder.file_id for name, decoder in served.items()}
     paths, done = open_answers(run_dir, loaded, names, ids)
     reference = PrecisionReference(run_dir, loaded) if settings["precision_reference"] != "none" else None
+    float32 = Float32Baseline(loaded, config) if reference else None  # loaded on first use: the reference's answers, the verdict's spread
     todo = [(question, name) for question in questions for name in names if str(question.question_id) not in done[name]]
     reference_todo = [question for question in questions if reference and str(question.question_id) not in reference.done]
     if not todo and not reference_todo and not config.remeasure_flagged:
@@ -122,11 +124,12 @@ def run_in_process(config: RunConfig, questions: list[Question], question_file: 
     elif todo or reference_todo:
         references = reference_answers(run_dir, loaded, done, {decoder.baseline_name for decoder in answerers.values()})
         in_turn_order = {name: answerers[name] for name in names}
-        answer_questions(questions, in_turn_order, loaded, config, paths, done, references, reference, console)
+        answer_questions(questions, in_turn_order, loaded, config, paths, done, references, reference, console, float32)
     if config.remeasure_flagged:  # the local CPU's contention: endpoints are timed on their servers
         remeasure_flagged(questions, [name for name in names if name in decoders], decoders, loaded, config, paths, console)
     if todo or config.remeasure_flagged or not (run_dir / AUDIT_FILE).is_file():
         audit_run(run_dir, decoders, questions, loaded, log=lambda line: console.print(line, highlight=False, soft_wrap=True))
+    write_run_verdict(run_dir, decoders, loaded, float32, log=lambda line: console.print(line, highlight=False, soft_wrap=True))
     if config.batch_sizes:
         from medusa_bench.bench.batch_sweep import batch_sweep
 
@@ -140,11 +143,12 @@ def run_in_process(config: RunConfig, questions: list[Question], question_file: 
 
 
 def answer_questions(questions: list[Question], answerers: dict, loaded, config: RunConfig, paths: dict, done: dict,
-                     references: dict, reference: Optional[PrecisionReference], console: Console) -> None:
+                     references: dict, reference: Optional[PrecisionReference], console: Console,
+                     float32: Optional[Float32Baseline] = None) -> None:
     """Every missing answer, question by question, each decoder in the question's turn order
     (`answerers`: name → decoder, references first); the float32 reference after the timed answers."""
     wanted_by = {str(q.question_id): [name for name in answerers if str(q.question_id) not in done[name]] for q in questions}
-    float32 = Float32Baseline(loaded, config)
+    float32 = float32 or Float32Baseline(loaded, config)
     reference_todo = [q for q in questions if reference and str(q.question_id) not in reference.done]
     if reference_todo:
         float32.load()  # before timing: no model load (and its garbage) between timed answers

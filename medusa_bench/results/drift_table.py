@@ -9,9 +9,10 @@ import pandas as pd
 
 from medusa_bench.results import drift
 from medusa_bench.results.quality import primary_judge
-from medusa_bench.results.runs import BASELINE, RunData, is_sampled
+from medusa_bench.results.runs import BASELINE, RunData, is_sampled, load_optional_json
 
 PRECISION_FP32_COLUMNS = ["exact_vs_fp32", "divergence_vs_fp32", "baseline_exact_vs_fp32"]
+VERDICT_FILE = "verdict.json"  # bench/run_verdict.py writes it, verdict_notes reads it
 
 
 def precision_table(runs: list[RunData], quality: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
@@ -90,3 +91,11 @@ def precision_notes(run: RunData, speed: pd.DataFrame) -> list[str]:
     return [f"{run.label}: {row.decoder} matched the reference's tokens on only {100 * row.exact_match:.1f}% of turns in float32, "
             "where greedy decoding with draft heads should be exact: check the verify step."
             for _, row in speed.iterrows() if pd.notna(row.exact_match) and row.exact_match < 1.0]
+
+
+def verdict_notes(run: RunData) -> list[str]:
+    """One line per decoder of verdict.json: lossless (100% exact), lossless up to rounding, or NOT lossless with its margins."""
+    verdicts = load_optional_json(run.path / VERDICT_FILE, run.notes) or {}
+    return [f"{run.label}: {decoder} vs {entry.get('reference', BASELINE)}: {entry['verdict']}"
+            + (f" [{entry.get('exact')} of {entry.get('answers')} answers identical]" if entry.get("exact") != entry.get("answers") else "")
+            for decoder, entry in verdicts.items() if isinstance(entry, dict) and entry.get("verdict")]

@@ -19,7 +19,7 @@ from medusa_bench.results.acceptance import acceptance_tables
 from medusa_bench.results.batch import batch_notes, batch_table
 from medusa_bench.results.categories import category_table
 from medusa_bench.results.configuration import config_table
-from medusa_bench.results.drift_table import drift_notes, precision_table
+from medusa_bench.results.drift_table import drift_notes, precision_table, verdict_notes
 from medusa_bench.results.prediction import TITLE as PREDICTION_TITLE
 from medusa_bench.results.prediction import prediction_notes, prediction_table
 from medusa_bench.results.quality import quality_table
@@ -98,7 +98,7 @@ def build_tables(runs: list[RunData]) -> ReportTables:
     batch = batch_table(runs)
     if not batch.empty:  # runs with --batch-size only
         tables["batch"] = batch
-    caveats = notes(runs, speed) + [n for run in runs for n in drift_notes(run, precision)]
+    caveats = notes(runs, speed) + [n for run in runs for n in drift_notes(run, precision) + verdict_notes(run)]
     caveats += [SPEC_BENCH_NOTE] if "spec_bench" in tables else []
     caveats += prediction_notes(tables["prediction"]) if "prediction" in tables else []
     caveats += batch_notes(batch)
