@@ -40,7 +40,7 @@ from medusa_bench.results import files
 from medusa_bench.results.drift_table import VERDICT_FILE  # the report reads what this writes
 
 TAIL = 8  # positions per context the noise is measured on: a verify step's few tokens
-NOISE_CONTEXTS = 4  # contexts (first divergences) the noise is measured on, per decoder
+NOISE_CONTEXTS = 4  # contexts the noise is measured on per decoder (first divergences, then first turns; shared via Measurer)
 EXACT = "lossless (100% exact)"
 
 
