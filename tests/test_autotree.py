@@ -197,8 +197,11 @@ def test_auto_measures_caches_and_fills_the_run_folder(smollm, heads_dir, tmp_pa
     tree = first.tree
     tree.check_fits(num_heads=3)
     assert tree.num_nodes <= 3 and set(first.latency.step_time) == {1, 2, 3}
-    assert first.latency.context_len == 64 and first.latency.device.startswith("cpu")
+    contexts = first.latency.meta["contexts"]  # chat contexts spread around context_len, cut inside an answer
+    assert len(contexts) == 3 and first.latency.context_len == round(sum(contexts) / 3)
+    assert set(first.latency.meta["ratio_ci"]) == {"2", "3"} and first.latency.device.startswith("cpu")
     assert first.calibration.kind == "conditional" and first.calibration.meta["prompts"] == 1
+    assert first.calibration.meta["turns"] == 2 and len(first.calibration.answers) == 2  # turn 1 and its follow-up
     assert lines[-1] == f"tree auto: {first.result.choice.reason}"
     if not first.result.choice.beats_baseline:  # random heads: the empty tree, and it says why
         assert tree.num_nodes == 1 and "no tree beats the baseline" in lines[-1]
@@ -234,8 +237,8 @@ def test_auto_measures_caches_and_fills_the_run_folder(smollm, heads_dir, tmp_pa
     assert json.loads(answers[0])["choices"][0]["exact_match"] == [True, True]
 
 
-def test_tree_command_uses_the_heads_own_calibration(smollm, heads_dir, tmp_path, monkeypatch, capsys):
-    """Heads trained by this tool ship a held-out calibration.json: it is used instead of measuring."""
+def test_tree_command_uses_a_given_calibration_table(smollm, heads_dir, tmp_path, monkeypatch, capsys):
+    """`--calibration calibration.json` (a table, such as the held-out one heads trained here ship) is used as is."""
     import shutil
 
     import medusa_bench.models
@@ -247,7 +250,7 @@ def test_tree_command_uses_the_heads_own_calibration(smollm, heads_dir, tmp_path
     table = good_table(heads / "calibration.json")
     out = tmp_path / "search" / "tree.json"
     code, stdout, stderr = cli(capsys, monkeypatch, "tree", "--medusa-heads", heads, "--max-nodes", 3, "--prompts", 1,
-                               "--repeats", 2, "--context-len", 64, "--device", "cpu", "--out", out)
+                               "--repeats", 2, "--context-len", 64, "--device", "cpu", "--out", out, "--calibration", table)
     assert code == 0, stderr
     saved = json.loads(out.read_text())
     assert saved["autotree"]["calibration"]["file"] == str(table) and f"statistics from {table}" in stderr
@@ -272,3 +275,11 @@ def test_shipped_tables_need_no_data_folder(smollm, tmp_path, monkeypatch):
     assert cal.read_prompts(prompts)
     with pytest.raises(UserError, match="MEDUSA_BENCH_DATA"):
         autotree.calibration_source(None, tmp_path)  # no table: it must measure, on data it cannot find
+
+
+def test_with_the_data_folder_it_calibrates_afresh(smollm, data_dir):
+    """Shipped tables are only the fallback: a fresh two-turn calibration keeps its answers for the replay."""
+    from medusa_bench.heads.common import default_heads
+
+    table, prompts = autotree.calibration_source(None, default_heads(smollm, "medusa"))
+    assert table is None and prompts == cal.default_prompt_file()

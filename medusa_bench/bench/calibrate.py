@@ -24,6 +24,7 @@ very call that drafts; Hydra's with `HydraHeads.true_ranks`.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 import weakref
@@ -126,15 +127,50 @@ def pick(prompts: Sequence[str], count: int) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ calibrate
-def greedy_sequences(loaded, prompts: Sequence[str], max_new_tokens: int) -> list[tuple[list[int], int]]:
-    """(prompt + greedy answer ids, prompt length) per prompt, from the run loop's baseline."""
-    decoder = SpeculativeDecoder("baseline", loaded, Proposer())
-    out = []
-    for text in prompts:
-        ids = build_prompt(loaded, [{"role": "user", "content": text}])
-        answer = decoder.generate(ids, max_new_tokens).token_ids
-        out.append((ids + answer, len(ids)))
+_TEXTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {key: sequences}: one text per run
+GREEDY_BATCH = 16  # prompts answered together: 49.7 against 12.0 tok/s at batch 1 on the Zen 2 EPYC (fp32)
+
+
+def greedy_sequences(loaded, prompts: Sequence[str], max_new_tokens: int, turns: int = 1) -> list[tuple[list[int], int]]:
+    """(prompt + greedy answer ids, prompt length) per prompt and turn, from the run loop's baseline:
+    turn 1 answers each prompt; turn 2 asks a generic follow-up (train/prompts.FOLLOW_UPS) after the
+    model's own first answer, as a benchmark's second turn does. Measured once per process, model,
+    dtype and settings: every auto decoder of a run calibrates on the same text."""
+    from medusa_bench.train.prompts import FOLLOW_UPS
+
+    key = (str(loaded.dtype), tuple(prompts), max_new_tokens, turns)
+    cached = _TEXTS.setdefault(loaded.model, {})
+    if key in cached:
+        return cached[key]
+    chats = [[{"role": "user", "content": text}] for text in prompts]
+    out: list[tuple[list[int], int]] = []
+    for turn in range(turns):
+        if turn:
+            for i, (chat, (ids, prompt_len)) in enumerate(zip(chats, out[-len(chats):])):
+                answer = loaded.tokenizer.decode(ids[prompt_len:], skip_special_tokens=True)
+                chat += [{"role": "assistant", "content": answer}, {"role": "user", "content": FOLLOW_UPS[i % len(FOLLOW_UPS)]}]
+        prompt_ids = [build_prompt(loaded, chat) for chat in chats]
+        answers = greedy_answers(loaded, prompt_ids, max_new_tokens)
+        out += [(ids + answer, len(ids)) for ids, answer in zip(prompt_ids, answers)]
+    cached[key] = out
     return out
+
+
+def greedy_answers(loaded, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """The baseline's greedy answer to each prompt, GREEDY_BATCH prompts decoded together where the
+    model allows it (decoders/batched.py: in fp32 each row is the batch-1 answer), else one by one."""
+    from medusa_bench.decoders.batched import BatchedDecoder, batch_refusal
+
+    decoders = [SpeculativeDecoder("baseline", loaded, Proposer()) for _ in range(min(GREEDY_BATCH, len(prompt_ids)))]
+    if not decoders:
+        return []
+    if batch_refusal(decoders[0]) is not None or len(decoders) == 1:
+        return [decoders[0].generate(ids, max_new_tokens).token_ids for ids in prompt_ids]
+    answers = []
+    for start in range(0, len(prompt_ids), GREEDY_BATCH):
+        chunk = prompt_ids[start:start + GREEDY_BATCH]
+        answers += [g.token_ids for g in BatchedDecoder(decoders[:len(chunk)]).generate(chunk, max_new_tokens)]
+    return answers
 
 
 @torch.inference_mode()
@@ -180,21 +216,27 @@ def rank_table(loaded, proposer, sequences: list[tuple[list[int], int]], depth: 
 
 
 def calibrate(loaded, proposer, prompts: Sequence[str], depth: int, top_k: int = 10, max_new_tokens: int = 64,
-              meta: Optional[dict] = None) -> Calibration:
+              meta: Optional[dict] = None, turns: int = 1) -> Calibration:
     """Greedy answers to `prompts`, then the proposer's acceptance table up to `depth` and `top_k`;
     each answer's rank rows are kept too (`Calibration.answers`), so the search replays decoding
     on them (trees/replay.py) instead of averaging over positions."""
-    sequences = [(ids, p) for ids, p in greedy_sequences(loaded, prompts, max_new_tokens) if len(ids) - p >= 2]
+    sequences = [(ids, p) for ids, p in greedy_sequences(loaded, prompts, max_new_tokens, turns) if len(ids) - p >= 2]
     if not sequences:
         raise UserError("calibration produced no answer tokens to score; use other prompts or more --tokens")
     per_answer = [rank_table(loaded, proposer, [sequence], depth, top_k) for sequence in sequences]
-    info = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "answer_tokens": sum(len(s) - p for s, p in sequences)}
+    info = {"prompts": len(prompts), "turns": turns, "max_new_tokens": max_new_tokens,
+            "answer_tokens": sum(len(s) - p for s, p in sequences)}
     calibration = statistics_of(torch.cat(per_answer), top_k, {**info, **(meta or {})})
     calibration.answers = [(rows.tolist(), len(ids) - p) for rows, (ids, p) in zip(per_answer, sequences)]
     return calibration
 
 
 # ------------------------------------------------------------------------------ profile
+PROFILE_RUN = 4  # steps a profiled state decodes on before it goes back to its context
+CONTEXT_SPREAD = (0.5, 1.0, 1.5)  # profiled context lengths, × the settings' context_len: the run's
+# contexts run from a first turn's prompt to a second turn's prompt plus its answer
+
+
 def context_ids(loaded, prompts: Sequence[str], length: int) -> list[int]:
     """A real-text context of exactly `length` tokens (prompts' chat ids, concatenated and cut)."""
     length = max(2, length)
@@ -208,41 +250,110 @@ def context_ids(loaded, prompts: Sequence[str], length: int) -> list[int]:
     return ids[:length]
 
 
-def time_steps(loaded, decoders: dict[int, SpeculativeDecoder], context: list[int], repeats: int, warmup: int) -> dict[int, list[float]]:
-    """Seconds of `decoder.step` per size, each decoder on its own prefilled state, rewound after each step."""
+def chat_contexts(loaded, prompts: Sequence[str], lengths: Sequence[int], answer_tokens: int) -> list[list[int]]:
+    """Contexts as decoding meets them: one conversation of `prompts`, each answered greedily by the
+    model, cut inside an answer near each of `lengths` (so a profiled step continues the model's own
+    answer and its drafts are accepted as on real text; a context cut inside a user's prompt accepts
+    almost nothing, and then no gather, prefix update or catch-up is ever timed)."""
+    decoder = SpeculativeDecoder("baseline", loaded, Proposer())
+    messages: list[dict] = []
+    turns: list[tuple[int, list[int]]] = []  # (prompt length, prompt + answer ids) per exchange
+    texts = list(prompts) or ["Tell me about yourself."]
+    room = getattr(loaded, "context_length", 1 << 30)
+    while not turns or (len(turns[-1][1]) < max(lengths) and len(turns) < 8 * len(texts)):
+        messages.append({"role": "user", "content": texts[len(turns) % len(texts)]})
+        prompt = build_prompt(loaded, messages)
+        if len(prompt) + answer_tokens >= room:
+            break
+        answer = decoder.generate(prompt, max(2, answer_tokens)).token_ids
+        turns.append((len(prompt), prompt + answer))
+        messages.append({"role": "assistant", "content": loaded.tokenizer.decode(answer, skip_special_tokens=True)})
+    contexts = []
+    for length in lengths:
+        prompt_len, ids = next(((p, ids) for p, ids in turns if len(ids) > length), turns[-1])
+        cut = min(max(length, prompt_len + 1), len(ids) - 1)  # inside the answer: at least its first token
+        contexts.append(ids[:max(2, cut)])
+    return contexts
+
+
+def profile_contexts(loaded, prompts: Sequence[str], length: int, answer_tokens: int, room: int) -> list[list[int]]:
+    """The profile's contexts: chat contexts spread around `length` (CONTEXT_SPREAD), none longer
+    than `room`; for a model without a tokenizer, fixed ids of those lengths."""
+    lengths = sorted({max(8, min(room, round(length * f))) for f in CONTEXT_SPREAD})
+    if getattr(loaded, "tokenizer", None) is None:
+        vocab = loaded.model.config.get_text_config().vocab_size
+        return [[(i * 7919) % (vocab - 1) + 1 for i in range(n)] for n in lengths]
+    return chat_contexts(loaded, prompts, lengths, answer_tokens)
+
+
+def time_steps(loaded, decoders: dict[int, list[SpeculativeDecoder]], contexts: list[list[int]], repeats: int,
+               warmup: int, run: int = PROFILE_RUN) -> dict[int, list[float]]:
+    """Seconds of `step` per size and round. `decoders[n][c]` decodes on context c (a decoder of its
+    own: a proposer follows one generation). Round r steps every size once on context r mod K, in
+    turn (machine drift hits all alike, and round r's baseline step pairs with its tree steps); each
+    state decodes on, accepting what the text accepts, and goes back to its context (`rewind`) after
+    `run` steps, so the rounds visit several positions of real decoding."""
     device = loaded.device
-    states = {n: decoder.prefill(context) for n, decoder in decoders.items()}
-    marks = {n: state.checkpoint() for n, state in states.items()}
+    states = {n: [decoder.prefill(context) for decoder, context in zip(per, contexts)] for n, per in decoders.items()}
+    marks = {n: [state.checkpoint() for state in per] for n, per in states.items()}
+    taken = {n: [0] * len(contexts) for n in decoders}
     times: dict[int, list[float]] = {n: [] for n in decoders}
     for round_ in range(warmup + repeats):
-        for n, decoder in decoders.items():
+        c = round_ % len(contexts)
+        for n, per in decoders.items():
+            if taken[n][c] == run:  # back to the context: the same positions again
+                per[c].rewind(states[n][c], marks[n][c])
+                taken[n][c] = 0
             sync(device)
             start = time.perf_counter()
-            decoder.step(states[n])
+            per[c].step(states[n][c])
             sync(device)
             elapsed = time.perf_counter() - start
-            decoder.rewind(states[n], marks[n])  # drop what the step appended, proposer included
+            taken[n][c] += 1
             if round_ >= warmup:
                 times[n].append(elapsed)
     return times
 
 
-def profile(loaded, make_proposer: MakeProposer, trees: dict[int, Tree], context: list[int], repeats: int = 10,
+def profile(loaded, make_proposer: MakeProposer, trees: dict[int, Tree], contexts, repeats: int = 10,
             warmup: int = 3, meta: Optional[dict] = None) -> Latency:
-    """Median step time per tree size n (nodes incl. the root); n = 1 is the baseline's plain step."""
+    """Step time per tree size n (nodes incl. the root; n = 1 is the baseline's plain step).
+
+    t(n) = median t(1) × the median over rounds of t(n) / t(1) in that round: each tree step is
+    paired with the baseline step timed beside it, so a machine that slows down for a while moves
+    both. `meta["ratio_ci"]`: per n the 95% bootstrap interval of that median ratio over rounds,
+    the profile's own noise (the margin a tree must beat, trees/noise.py)."""
     if repeats < 1 or warmup < 0:
         raise UserError(f"profiling needs repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    if contexts and isinstance(contexts[0], int):  # one context
+        contexts = [contexts]
     decoders = {}
-    for n, tree in sorted(trees.items()):
-        proposer = Proposer() if tree.num_nodes == 1 else make_proposer(tree)
-        decoders[n] = SpeculativeDecoder(f"n{n}", loaded, proposer)
-    times = time_steps(loaded, decoders, context, repeats, warmup)
-    step_time = {n: statistics.median(ts) for n, ts in times.items()}
+    for n, tree in sorted({1: Tree.empty(), **trees}.items()):
+        make = (lambda: Proposer()) if tree.num_nodes == 1 else (lambda: make_proposer(tree))  # noqa: E731
+        decoders[n] = [SpeculativeDecoder(f"n{n}", loaded, make()) for _ in contexts]
+    times = time_steps(loaded, decoders, contexts, repeats, warmup)
+    base = statistics.median(times[1])
+    ratios = {n: [t / b for t, b in zip(ts, times[1])] for n, ts in times.items()}
+    step_time = {n: base * statistics.median(ratios[n]) for n in trees}  # n = 1 timed for pairing either way
     quartiles = {str(n): [_quantile(ts, 0.25), _quantile(ts, 0.75)] for n, ts in times.items()}
-    info = {"repeats": repeats, "warmup": warmup, "statistic": "median", "quartiles": quartiles,
+    ratio_ci = {str(n): list(median_interval(rs)) for n, rs in ratios.items() if n > 1}
+    info = {"repeats": repeats, "warmup": warmup, "statistic": "median t(1) x median paired ratio t(n)/t(1)",
+            "quartiles": quartiles, "ratio_ci": ratio_ci, "contexts": [len(c) for c in contexts], "run": PROFILE_RUN,
             "threads": torch.get_num_threads(), "trees": {str(n): tree.to_list() for n, tree in trees.items()}}
     return Latency(step_time, device=device_name(loaded), dtype=str(loaded.dtype).replace("torch.", ""),
-                   context_len=len(context), baseline_step_time=step_time.get(1), meta={**info, **(meta or {})})
+                   context_len=round(statistics.mean(len(c) for c in contexts)), baseline_step_time=step_time.get(1),
+                   meta={**info, **(meta or {})})
+
+
+def median_interval(values: Sequence[float], resamples: int = 400, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the median of `values` (one value: that value twice)."""
+    import random
+
+    if len(values) < 2:
+        return (values[0], values[0]) if values else (math.nan, math.nan)
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[min(resamples - 1, int(0.975 * resamples))]
 
 
 def device_name(loaded) -> str:

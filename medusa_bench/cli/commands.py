@@ -225,12 +225,13 @@ def tree_command(
     max_nodes: int = typer.Option(64, "--max-nodes", help="Largest tree, root included."),
     max_depth: Optional[int] = typer.Option(None, "--max-depth", help="Deepest path (default: every head)."),
     top_k: int = typer.Option(10, "--top-k", help="Candidates per head that calibration ranks."),
-    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Prompts file (.jsonl / text) to measure on, or a calibration.json to use as is (default: the heads' own held-out calibration.json, else self-instruct prompts)."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Prompts file (.jsonl / text) to measure on, or a calibration.json to use as is (default: the self-instruct prompts, both turns; the heads' own held-out calibration.json where the data folder is absent)."),
     prompts: int = typer.Option(16, "--prompts", help="Calibration prompts."),
-    tokens: int = typer.Option(64, "--tokens", help="Greedy answer tokens per calibration prompt."),
+    tokens: int = typer.Option(64, "--tokens", help="Greedy answer tokens per calibration prompt and turn."),
+    turns: int = typer.Option(2, "--turns", help="Calibration turns: 2 answers a generic follow-up too (a benchmark's turn-2 contexts)."),
     context_len: int = typer.Option(300, "--context-len", help="Cached tokens when a step is timed."),
-    repeats: int = typer.Option(10, "--repeats", help="Timed steps per tree size (median)."),
-    min_speedup: float = typer.Option(1.03, "--min-speedup", help="A tree must predict this much over the baseline, else the empty tree."),
+    repeats: int = typer.Option(10, "--repeats", help="Profile rounds: each times one decoding step per tree size beside the baseline's."),
+    min_speedup: Optional[float] = typer.Option(None, "--min-speedup", help="A tree must predict this much over the baseline, else the empty tree (default: 1 + the 95% half-width of its own prediction, measured)."),
     refresh: bool = typer.Option(False, "--refresh", help="Measure again even if the cache holds these tables."),
     out: Path = typer.Option(Path("tree.json"), "--out", "-o", help="tree.json to write; calibration.json and latency.json go beside it."),
     audit: Optional[Path] = typer.Option(None, "--audit", metavar="RUN_DIR", help="Instead: check a finished run's --tree auto predictions against its own answers (τ replayed on them, step cost, the tree best in hindsight); writes RUN_DIR/prediction.json, which `run` writes itself at its end."),
@@ -254,7 +255,7 @@ def tree_command(
     from medusa_bench.runtime.engine import check_options, use_engine
 
     settings = AutoTreeSettings(max_nodes=max_nodes, max_depth=max_depth, top_k=top_k, prompts=prompts, tokens=tokens,
-                                calibration=str(calibration) if calibration else None, context_len=context_len,
+                                turns=turns, calibration=str(calibration) if calibration else None, context_len=context_len,
                                 repeats=repeats, min_speedup=min_speedup, refresh=refresh)
     options = DecoderOptions(**{**decoder_options, "tree": "auto"}, extra={"autotree": settings})
     check_options(cache, compile)

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Callable, Mapping, NamedTuple, Sequence
 
 from medusa_bench.errors import UserError
+from medusa_bench.trees.noise import prediction_noise
 from medusa_bench.trees.replay import replayed_tau
 from medusa_bench.trees.tree import Tree
 
@@ -228,6 +229,8 @@ class BudgetChoice:
     reason: str
     table: list[dict] = field(default_factory=list)
     tau_statistic: str = "per-position mean"  # or "replayed in decode order over N answers" (best_tree)
+    margin: float | None = None  # the speedup a tree had to beat (best_tree: from the measured noise)
+    noise: dict | None = None  # relative 95% half-widths of the best tree's τ and step ratio, and whence
 
 
 def interpolate_step_time(step_time: Mapping[int, float], n: int) -> float:
@@ -565,11 +568,14 @@ def best_tree(
     max_nodes: int | None = None,
     max_depth: int | None = None,
     num_heads: int | None = None,
-    min_speedup: float = 1.0,
+    min_speedup: float | None = 1.0,
 ) -> SearchResult:
     """Search trees up to `max_nodes` (default: the largest profiled size) and pick the fastest.
 
     Depth is limited by the calibration's depth, `num_heads` and `max_depth`, whichever is least.
+    A tree must predict more than `min_speedup` × the baseline; None: more than 1 + the 95%
+    half-width of its own prediction (`prediction_noise`), so a speedup inside the noise of the
+    tables it comes from is no reason to draft.
     """
     max_nodes = max(latency.step_time) if max_nodes is None else max_nodes
     depth = min(d for d in (calibration.max_depth, num_heads, max_depth) if d is not None)
@@ -579,8 +585,16 @@ def best_tree(
     if calibration.answers:  # decoding replayed on the calibration's answers (trees/replay.py)
         taus = {c.n: replayed_tau(calibration.answers, c.tree, calibration.top_k)[0] for c in candidates}
         statistic = f"replayed in decode order over {len(calibration.answers)} answers"
+    noise = None
+    if min_speedup is None:  # the margin is the prediction's own measured noise
+        best = choose_budget(taus, latency.step_time, latency.baseline_step_time, 1.0)
+        noise = prediction_noise(calibration, latency, candidates[best.n - 1].tree, best.n) if best.n > 1 else None
+        min_speedup = 1.0 + (noise["speedup"] if noise else 0.0)
     choice = choose_budget(taus, latency.step_time, latency.baseline_step_time, min_speedup)
-    choice.tau_statistic = statistic
+    choice.tau_statistic, choice.margin, choice.noise = statistic, min_speedup, noise
+    if noise:
+        choice.reason += (f" (margin {min_speedup:.3f}x: 1 + the 95% noise of n={best.n}'s prediction, "
+                          f"τ ±{noise['tau']:.1%}, step ratio ±{noise['step_ratio']:.1%})")
     if calibration.answers:
         for row in choice.table:
             row["tau_per_position"] = candidates[row["n"] - 1].tau
