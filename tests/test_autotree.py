@@ -198,7 +198,7 @@ def test_auto_measures_caches_and_fills_the_run_folder(smollm, heads_dir, tmp_pa
     tree.check_fits(num_heads=3)
     assert tree.num_nodes <= 3 and set(first.latency.step_time) == {1, 2, 3}
     contexts = first.latency.meta["contexts"]  # chat contexts spread around context_len, cut inside an answer
-    assert len(contexts) == 3 and first.latency.context_len == round(sum(contexts) / 3)
+    assert 1 <= len(contexts) <= 3 and first.latency.context_len == round(sum(contexts) / len(contexts))
     assert set(first.latency.meta["ratio_ci"]) == {"2", "3"} and first.latency.device.startswith("cpu")
     assert first.calibration.kind == "conditional" and first.calibration.meta["prompts"] == 1
     assert first.calibration.meta["turns"] == 2 and len(first.calibration.answers) == 2  # turn 1 and its follow-up

@@ -158,3 +158,32 @@ def cli_args(**kw) -> dict:
                 posterior_alpha=0.3, max_new_tokens=8, warmup=0)
     base.update(kw)
     return base
+
+
+def test_with_native_bf16_the_fastest_predicted_configuration_picks_the_precision(smollm, monkeypatch, tmp_path, data_dir):
+    """Tree and precision chosen together: each precision's optimiser answer (real, tiny settings), the faster wins."""
+    import copy
+    import dataclasses
+
+    from medusa_bench.bench.autotree import AutoTreeSettings
+    from medusa_bench.bench.build import fastest_prediction
+    from medusa_bench.decoders.options import DecoderOptions
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "amx_bf16"})  # as on the Xeon: bf16 is timed
+    settings = AutoTreeSettings(cache_dir=str(tmp_path / "cache"), prompts=1, tokens=4, turns=1, max_nodes=2, sizes=(1, 2),
+                                repeats=1, warmup=0, context_len=16)
+    options = DecoderOptions(extra={"autotree": settings})
+    asked = []
+
+    def predict(candidate):
+        asked.append(str(candidate.dtype))
+        return fastest_prediction(["baseline", "medusa"], candidate, options)
+
+    mine = dataclasses.replace(smollm, model=copy.deepcopy(smollm.model))  # choose_dtype converts in place
+    record = precision.choose_dtype(mine, predict)
+    assert asked == ["torch.float32", "torch.bfloat16"] and set(record["predicted"]) == {"float32", "bfloat16"}
+    rows = record["predicted"]
+    assert record["chosen"] == max(rows, key=lambda dtype: rows[dtype]["tokens_per_s"])
+    assert str(mine.dtype) == f"torch.{record['chosen']}" and "fastest predicted configuration" in record["reason"]
+    for row in rows.values():
+        assert row["decoder"] in ("baseline", "medusa") and row["tokens_per_s"] > 0 and row["nodes"] in (1, 2)

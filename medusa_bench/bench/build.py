@@ -53,6 +53,25 @@ def build_decoder(spec: str, loaded, options: Optional[DecoderOptions] = None, p
     return decoder
 
 
+def fastest_prediction(specs: list[str], loaded, options: Optional[DecoderOptions] = None) -> Optional[dict]:
+    """The optimiser's fastest predicted way to decode on `loaded` among the `--tree auto` decoders of
+    `specs` (`--dtype auto` compares it across precisions: bench/precision.choose_dtype): {"decoder"
+    ("baseline" where no tree pays), "nodes", "speedup", "tokens_per_s", "baseline_tokens_per_s"};
+    None when no decoder of `specs` is sized by the optimiser. The tables land in the cache, so the
+    run's own build reuses them."""
+    best = None
+    for spec in specs:
+        found, sized = registry.spec_options(spec, options)
+        if not (found.tree and sized.tree == "auto"):
+            continue
+        choice = size_tree(spec, loaded, sized).result.choice
+        row = {"decoder": spec if choice.n > 1 else "baseline", "nodes": choice.n, "speedup": round(choice.speedup, 3),
+               "tokens_per_s": round(choice.throughput, 2), "baseline_tokens_per_s": round(choice.baseline_throughput, 2)}
+        if best is None or row["tokens_per_s"] > best["tokens_per_s"]:
+            best = row
+    return best
+
+
 def build_like(spec: str, decoder: Decoder, loaded, options: Optional[DecoderOptions] = None) -> Decoder:
     """Another decoder like `decoder` (built from `spec`): on its tree as it is (no re-sizing) and with
     its step profile (no re-measuring): one per row of a batch (decoders/batched.py)."""

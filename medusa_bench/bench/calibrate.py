@@ -283,7 +283,8 @@ def profile_contexts(loaded, prompts: Sequence[str], length: int, answer_tokens:
     if getattr(loaded, "tokenizer", None) is None:
         vocab = loaded.model.config.get_text_config().vocab_size
         return [[(i * 7919) % (vocab - 1) + 1 for i in range(n)] for n in lengths]
-    return chat_contexts(loaded, prompts, lengths, answer_tokens)
+    contexts = chat_contexts(loaded, prompts, lengths, answer_tokens)
+    return [c for i, c in enumerate(contexts) if c not in contexts[:i]]  # short answers: one cut may serve all
 
 
 def time_steps(loaded, decoders: dict[int, list[SpeculativeDecoder]], contexts: list[list[int]], repeats: int,

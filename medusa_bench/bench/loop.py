@@ -24,6 +24,7 @@ from medusa_bench.bench import precision
 from medusa_bench.bench.audit import AUDIT_FILE, audit_run, early_check
 from medusa_bench.bench.answer import answer_one_question, build_run_decoders, references_first, store_ready, warm_up
 from medusa_bench.bench.autotree import saved_profiles, store_in_run
+from medusa_bench.bench.build import fastest_prediction
 from medusa_bench.bench.config import (RunConfig, check_same_contents, check_same_settings, content_hashes, default_out,
                                        settings_of)
 from medusa_bench.bench.device import device_name
@@ -37,6 +38,7 @@ from medusa_bench.decoders.registry import build_decoder, decoder_names, split_s
 from medusa_bench.errors import UserError
 from medusa_bench.results import files
 from medusa_bench.results.stats import MIN_QUESTIONS_FOR_CI
+from medusa_bench.runtime.engine import use_engine
 
 
 def run_benchmark(config: RunConfig, console: Optional[Console] = None, loaded=None, endpoints=None) -> Path:
@@ -84,6 +86,13 @@ def open_run_endpoints(run, taken: list[str]) -> dict:
     return open_endpoints(run)
 
 
+def predicted_fastest(config: RunConfig, candidate) -> Optional[dict]:
+    """The optimiser's fastest configuration of the run's `--tree auto` decoders on `candidate` (one
+    precision of the model), on the engine the run will use: `--dtype auto` compares precisions by it."""
+    use_engine(candidate, config.cache, config.compile)
+    return fastest_prediction(config.decoders, candidate, config.options)
+
+
 def run_in_process(config: RunConfig, questions: list[Question], question_file: Path, run_dir: Path, dtype_name: str,
                    device, loaded, endpoints, opened: dict, console: Console) -> None:
     """The run on this process's model: settings checked before the slow load, decoders built,
@@ -91,7 +100,8 @@ def run_in_process(config: RunConfig, questions: list[Question], question_file: 
     from medusa_bench.models import load_model, resolve_dtype
 
     if loaded is None and dtype_name == "auto":  # measured on the loaded model: the settings need the answer
-        loaded = precision.load_auto(config.model, config.device, config.trust_remote_code)
+        loaded = precision.load_auto(config.model, config.device, config.trust_remote_code,
+                                     lambda candidate: predicted_fastest(config, candidate))
     dtype = loaded.dtype if loaded is not None else resolve_dtype(dtype_name, device)
     settings = settings_of(config, question_file, device.type, str(dtype).replace("torch.", ""))
     settings["precision_reference"] = precision.reference_dtype(config.precision_reference, settings["dtype"])

@@ -15,10 +15,11 @@ precision itself.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import statistics
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -89,10 +90,16 @@ def time_dtypes(models: dict[str, torch.nn.Module], device: torch.device, runs: 
     return {name: round(statistics.median(values) * 1000, 1) for name, values in times.items()}
 
 
-def choose_dtype(loaded) -> dict:
+def choose_dtype(loaded, predict: Optional[Callable] = None) -> dict:
     """Settle `--dtype auto` for a model loaded in float32 (CPU) or load_model's auto (CUDA); converts it in place.
 
-    Returns run.json's record: {"chosen", "ms_per_forward", "native_bf16", "reason"}.
+    With native bf16 the faster one-token step decides, unless `predict(loaded) -> {"decoder",
+    "tokens_per_s", …} | None` (bench/build.fastest_prediction over the run's `--tree auto`
+    decoders) answers for both precisions: then the faster predicted configuration does, tree and
+    precision chosen together (in bf16 a CPU with AMX verifies big trees nearly for free, so a
+    precision slower by one token can be the faster one with a tree).
+
+    Returns run.json's record: {"chosen", "ms_per_forward", "native_bf16", "reason"[, "predicted"]}.
     """
     if loaded.device.type == "cuda":
         chosen = str(loaded.dtype).replace("torch.", "")
@@ -107,22 +114,34 @@ def choose_dtype(loaded) -> dict:
     with cpu_meter(loaded.device) as usage:
         ms = time_dtypes({"float32": loaded.model, "bfloat16": bf16}, loaded.device)
     chosen = "bfloat16" if ms["bfloat16"] < ms["float32"] else "float32"
+    faster, slower = (ms["bfloat16"], ms["float32"]) if chosen == "bfloat16" else (ms["float32"], ms["bfloat16"])
+    reason = f"{chosen}: {faster} vs {slower} ms per 1-token step at {CONTEXT} cached tokens (CPU has {flag})"
+    predicted = None
+    if predict is not None:
+        predicted = {"float32": predict(loaded), "bfloat16": predict(dataclasses.replace(loaded, model=bf16, dtype=torch.bfloat16))}
+        if all(predicted.values()):
+            chosen = max(predicted, key=lambda name: predicted[name]["tokens_per_s"])
+            best, other = predicted[chosen], predicted["float32" if chosen == "bfloat16" else "bfloat16"]
+            reason = (f"{chosen}: its fastest predicted configuration, {best['decoder']} at {best['tokens_per_s']:.1f} tok/s, "
+                      f"beats {other['decoder']} at {other['tokens_per_s']:.1f} tok/s in the other precision "
+                      f"(one-token step: {ms['float32']} ms fp32, {ms['bfloat16']} ms bf16; CPU has {flag})")
     if chosen == "bfloat16":
         loaded.model, loaded.dtype = bf16, torch.bfloat16
     del bf16
-    faster, slower = (ms["bfloat16"], ms["float32"]) if chosen == "bfloat16" else (ms["float32"], ms["bfloat16"])
-    shared = f"; the CPU was shared while timing (cpu_share {usage['cpu_share']}): measure on a quiet machine or pass --dtype" if usage["contended"] else ""
-    return {"chosen": chosen, "ms_per_forward": ms, "native_bf16": True,
-            "reason": f"{chosen}: {faster} vs {slower} ms per 1-token step at {CONTEXT} cached tokens (CPU has {flag}){shared}"}
+    if usage["contended"]:
+        reason += f"; the CPU was shared while timing (cpu_share {usage['cpu_share']}): measure on a quiet machine or pass --dtype"
+    record = {"chosen": chosen, "ms_per_forward": ms, "native_bf16": True, "reason": reason}
+    return {**record, "predicted": predicted} if predicted and all(predicted.values()) else record
 
 
-def load_auto(spec: str, device: str, trust_remote_code: bool = False):
-    """load_model with `--dtype auto` settled by measurement; the record is in `loaded.dtype_auto`."""
+def load_auto(spec: str, device: str, trust_remote_code: bool = False, predict: Optional[Callable] = None):
+    """load_model with `--dtype auto` settled by measurement (`choose_dtype`, with `predict` where the
+    run sizes trees); the record is in `loaded.dtype_auto`."""
     from medusa_bench.models import load_model, resolve_device
 
     cpu = resolve_device(device).type != "cuda"
     loaded = load_model(spec, device, "float32" if cpu else "auto", trust_remote_code)
-    loaded.dtype_auto = choose_dtype(loaded)
+    loaded.dtype_auto = choose_dtype(loaded, predict)
     return loaded
 
 

@@ -68,6 +68,11 @@ def _dtype_auto_rows(auto: dict) -> dict[str, str]:
         rows["device.dtype_auto.native_bf16"] = _as_text(auto["native_bf16"])
     if auto.get("reason"):
         rows["device.dtype_auto.reason"] = _as_text(auto["reason"])
+    predicted = auto.get("predicted") if isinstance(auto.get("predicted"), dict) else {}
+    words = [f"{dtype}: {row.get('decoder')} at {row.get('tokens_per_s')} tok/s" for dtype, row in predicted.items()
+             if isinstance(row, dict)]
+    if words:  # tree and precision chosen together (bench/precision.choose_dtype)
+        rows["device.dtype_auto.predicted"] = "; ".join(words)
     return rows
 
 
