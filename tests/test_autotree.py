@@ -250,8 +250,13 @@ def test_tree_command_uses_a_given_calibration_table(smollm, heads_dir, tmp_path
     table = good_table(heads / "calibration.json")
     out = tmp_path / "search" / "tree.json"
     code, stdout, stderr = cli(capsys, monkeypatch, "tree", "--medusa-heads", heads, "--max-nodes", 3, "--prompts", 1,
-                               "--repeats", 2, "--context-len", 64, "--device", "cpu", "--out", out, "--calibration", table)
+                               "--repeats", 2, "--context-len", 64, "--device", "cpu", "--out", out, "--calibration", table,
+                               "--export", "vllm,trtllm")
     assert code == 0, stderr
+    exported = {e: json.loads((out.parent / f"{e}-config.json").read_text()) for e in ("vllm", "trtllm")}
+    chosen = json.loads(out.read_text())["tree"]
+    assert exported["trtllm"]["config"] == ({"medusa_choices": chosen} if chosen else None)  # the chosen tree, as it is
+    assert exported["vllm"]["tree"]["nodes"] == len(chosen) + 1
     saved = json.loads(out.read_text())
     assert saved["autotree"]["calibration"]["file"] == str(table) and f"statistics from {table}" in stderr
     assert saved["tree"] in ([], [[0]], [[0], [0, 0]]) and saved["search"]["reason"] in stderr
@@ -260,6 +265,8 @@ def test_tree_command_uses_a_given_calibration_table(smollm, heads_dir, tmp_path
     assert any(p.name.startswith("smollm2-135m-medusa-") for p in (tmp_path / "cache" / "trees").iterdir())
     code, _, stderr = cli(capsys, monkeypatch, "tree", "--decoder", "baseline", "--out", out)
     assert code == 2 and "drafts on no tree" in stderr
+    code, _, stderr = cli(capsys, monkeypatch, "tree", "--decoder", "medusa", "--export", "sglang", "--out", out)
+    assert code == 2 and "sglang has no speculative method for 'medusa'" in stderr  # before any measuring
 
 
 def test_shipped_tables_need_no_data_folder(smollm, tmp_path, monkeypatch):

@@ -414,3 +414,12 @@ def test_batched_plain_decoding_matches_one_at_a_time():
     assert batch[2].token_ids == alone[2].token_ids[:3] and batch[2].finish_reason == "stop"
     assert len(batch[1].logprobs) == 4 and len(batch[1].logprobs[0][1]) == 2
     assert all(g.steps == len(g.token_ids) == sum(g.accept_lengths) for g in batch)
+
+
+def test_steps_from_vllm_counters_count_steps_that_drafted_nothing():
+    """vLLM's ngram drafts only where it finds a match: steps = tokens - accepted, not the drafts."""
+    from medusa_bench.bench.endpoint_client import steps_from_counters
+
+    assert steps_from_counters({"drafts": 7, "accepted": 40}, 64) == 24  # τ 64 / 24 = 2.67, not 64 / 7
+    assert steps_from_counters({"drafts": 47, "accepted": 18}, 64) == 47  # accepted past max_tokens: at least the drafts
+    assert steps_from_counters({"drafts": 0, "accepted": 0}, 64) is None and steps_from_counters(None, 64) is None

@@ -9,7 +9,9 @@ the finish reason, and token ids where the server returns them (vLLM's and our `
 
 Acceptance comes only from the server's own counters: vLLM's Prometheus
 `vllm:spec_decode_num_{drafts,draft_tokens,accepted_tokens}_total` read before and after each
-request (τ = 1 + accepted / drafts; names from vllm/v1/spec_decode/metrics.py), our serve's
+request (names from vllm/v1/spec_decode/metrics.py; τ = tokens / (tokens - accepted), every step
+counted, `steps_from_counters`; the counters' own 1 + accepted / drafts is vLLM's accept length over
+the steps that drafted, kept as `tau_counters`), our serve's
 `usage.decoding_steps`, or `meta_info.spec_verify_ct` (τ = completion tokens / verify steps) where
 a response carries it, which SGLang's streamed chat does not. A server with none of these gets
 τ = n/a (SGLang, llama-cpp-python). A stream that ends without a finish reason was cut and
@@ -86,6 +88,19 @@ def counter_delta(before: Optional[dict], after: Optional[dict]) -> Optional[dic
     delta = {k: (int(v) if isinstance(v, float) and v.is_integer() else v) for k, v in delta.items()}
     delta["tau"] = round(1 + delta["accepted"] / delta["drafts"], 6) if delta["drafts"] else None
     return delta
+
+
+def steps_from_counters(counters: Optional[dict], completion_tokens: Optional[int]) -> Optional[int]:
+    """Forwards a turn took, from vLLM-style counters: every step emits its root plus what it accepted,
+    so steps = tokens - accepted (the prefill's token counts as a step, as ours do). Not the drafts: a
+    step that found nothing to draft (ngram without a match) drafts nothing, and counting drafts only
+    put vLLM ngram's τ at 8.98 where its own counters say 2.91. At least the drafts (vLLM counts
+    drafts accepted past max_tokens)."""
+    if not counters or not counters.get("drafts"):
+        return None
+    if not completion_tokens:
+        return int(counters["drafts"])
+    return max(int(counters["drafts"]), int(completion_tokens - counters.get("accepted", 0)), 1)
 
 
 # ------------------------------------------------------------------------------ one endpoint

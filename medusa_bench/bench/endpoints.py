@@ -24,7 +24,7 @@ from rich.console import Console
 from medusa_bench import __version__
 from medusa_bench.bench.answer import exact_match
 from medusa_bench.bench.config import check_same_settings
-from medusa_bench.bench.endpoint_client import Endpoint, RequestFailed, Turn
+from medusa_bench.bench.endpoint_client import Endpoint, RequestFailed, Turn, steps_from_counters
 from medusa_bench.bench.failed import FAILED_FILE, FailedLog
 from medusa_bench.bench.progress import run_progress
 from medusa_bench.inputs.chat import conversation
@@ -117,7 +117,7 @@ def answer_with_endpoint(endpoint: Endpoint, question: Question, config, count_t
         turns.append(endpoint.chat(messages, config.max_new_tokens, sampling.temperature, sampling.top_p, sampling.seed,
                                    count_tokens, measure_counters=True))
     counters = [t.counters for t in turns]
-    steps = [t.verify_steps if t.verify_steps is not None else (c["drafts"] if c and c["drafts"] else None)
+    steps = [t.verify_steps if t.verify_steps is not None else steps_from_counters(c, t.completion_tokens)
              for t, c in zip(turns, counters)]
     return {
         "index": 0, "turns": [t.text for t in turns], "new_tokens": [t.completion_tokens for t in turns],

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from medusa_bench.bench.endpoint_client import Endpoint, RequestFailed, counter_delta
+from medusa_bench.bench.endpoint_client import Endpoint, RequestFailed, counter_delta, steps_from_counters
 from medusa_bench.inputs.chat import conversation
 from medusa_bench.inputs.questions import Question
 from medusa_bench.results import files
@@ -62,8 +62,8 @@ def sweep_level(endpoint: Endpoint, requests: list, level: int, config, count_to
     counters = counter_delta(before, endpoint.scrape())
     tokens = sum(t.completion_tokens for t in turns)
     verify = [t.verify_steps for t in turns]
-    if counters and counters["tau"] is not None:
-        tau, tau_from = counters["tau"], "metrics"
+    if counters and counters["tau"] is not None and tokens:  # tokens per step, as every τ here (not 1 + accepted / drafts)
+        tau, tau_from = round(tokens / steps_from_counters(counters, tokens), 6), "metrics"
     elif turns and all(v for v in verify):
         tau, tau_from = round(tokens / sum(verify), 6), "per-request"
     else:

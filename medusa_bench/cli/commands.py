@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -234,6 +235,7 @@ def tree_command(
     min_speedup: Optional[float] = typer.Option(None, "--min-speedup", help="A tree must predict this much over the baseline, else the empty tree (default: 1 + the 95% half-width of its own prediction, measured)."),
     refresh: bool = typer.Option(False, "--refresh", help="Measure again even if the cache holds these tables."),
     out: Path = typer.Option(Path("tree.json"), "--out", "-o", help="tree.json to write; calibration.json and latency.json go beside it."),
+    export: Optional[str] = typer.Option(None, "--export", help="vllm,sglang,trtllm: also write the chosen tree as those engines' speculative configuration (<engine>-config.json beside tree.json)."),
     audit: Optional[Path] = typer.Option(None, "--audit", metavar="RUN_DIR", help="Instead: check a finished run's --tree auto predictions against its own answers (τ replayed on them, step cost, the tree best in hindsight); writes RUN_DIR/prediction.json, which `run` writes itself at its end."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | float16 | bfloat16"),
@@ -254,6 +256,12 @@ def tree_command(
     from medusa_bench.models import load_model
     from medusa_bench.runtime.engine import check_options, use_engine
 
+    engines = [name.strip() for name in export.split(",") if name.strip()] if export else []
+    from medusa_bench.trees.engine_config import engine_config
+    from medusa_bench.trees.tree import Tree
+
+    for engine in engines:  # a name or method an engine lacks is one line before the slow part
+        engine_config(Tree.empty(), engine, decoder)
     settings = AutoTreeSettings(max_nodes=max_nodes, max_depth=max_depth, top_k=top_k, prompts=prompts, tokens=tokens,
                                 turns=turns, calibration=str(calibration) if calibration else None, context_len=context_len,
                                 repeats=repeats, min_speedup=min_speedup, refresh=refresh)
@@ -264,4 +272,11 @@ def tree_command(
     auto = size_tree(decoder, loaded, options)
     Console().print(summary_table(auto))
     for path in save_tree_files(auto, out).values():
+        typer.echo(str(path))
+    for engine in engines:
+        config = engine_config(auto.tree, engine, decoder)
+        path = Path(out).parent / f"{engine}-config.json"
+        path.write_text(json.dumps(config, indent=1) + "\n")
+        console.print(f"{engine}: {config['note']}" + (f"\n  {' '.join(config['flags'])}" if config["flags"] else ""),
+                      highlight=False, soft_wrap=True)
         typer.echo(str(path))
