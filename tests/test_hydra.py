@@ -283,11 +283,14 @@ def test_default_heads_ship_and_decode_losslessly(smollm, references):
 
 
 def test_profiler_times_prefix_heads_steps(smollm):
-    """The tree optimiser's profiler repeats one step on a fixed context: Hydra++'s prefix layer must rewind."""
-    from medusa_bench.bench.calibrate import profile
+    """The tree optimiser's profiler decodes on from each context and rewinds to it every few steps:
+    Hydra++'s prefix layer must follow both."""
+    from medusa_bench.bench.calibrate import PROFILE_RUN, profile
 
     heads = random_heads(smollm.model, "prefix-mlp", shared=True, K=2, scale=0.3)
     trees = {1: Tree.parse("empty"), 3: Tree.parse("[[0],[0,0]]")}
-    latency = profile(smollm, lambda t: HydraProposer(heads, t, smollm.device),
-                      trees, context=list(range(100, 160)), repeats=2, warmup=1)
+    contexts = [list(range(100, 160)), list(range(200, 240))]
+    latency = profile(smollm, lambda t: HydraProposer(heads, t, smollm.device), trees, contexts,
+                      repeats=2 * PROFILE_RUN + 1, warmup=1)  # every state rewound at least once
     assert set(latency.step_time) == {1, 3} and all(t > 0 for t in latency.step_time.values())
+    assert latency.meta["contexts"] == [60, 40] and set(latency.meta["ratio_ci"]) == {"3"}
