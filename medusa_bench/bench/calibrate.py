@@ -1,16 +1,17 @@
 """Measure what the tree search needs: how often drafts are right, and what a step costs.
 
-- **Calibrate.** Greedy answers (the run loop's own baseline) to calibration prompts, never
-  benchmark questions; one base forward over prompt + answer gives every hidden state; then
+- **Calibrate.** Greedy answers (the run loop's own baseline) to calibration prompts and their
+  generic follow-ups, never benchmark questions; one base forward over prompt + answer gives every hidden state; then
   the proposer ranks the true future tokens at all answer positions in one batched call.
   A position t drafts from hidden[t] (which predicted the root tokens[t + 1]); its depth-d
   draft is right when it equals tokens[t + 1 + d]. We count the rank sequences, so the
   table is the joint, path-conditional one (`kind: conditional`): exact for Medusa's heads
   (whose depths are correlated: easy text is easy for every head) and what Hydra needs.
 - **Profile.** The run loop's own verify step (`SpeculativeDecoder.step`: root, drafting, the
-  tree forward, acceptance, cache update) on a state prefilled with a typical context length,
-  for each tree size, `rewind` back to the prefill after each; sizes interleaved round by round
-  so machine drift hits all alike; warm-up, device sync, median.
+  tree forward, acceptance, cache update) as decoding meets it: contexts the model answered, cut
+  inside an answer at three lengths; each state decodes on for `PROFILE_RUN` steps, then is
+  rewound to its context; sizes interleaved round by round and each tree step paired with the
+  baseline step of its round, so machine drift cancels; warm-up, device sync, median ratio.
 
 The proposer contract for calibration (`spec.Proposer.true_ranks`, which refuses by default):
     true_ranks(hidden [S, H], tokens [S], positions [T], depth, top_k) -> LongTensor [T, depth]
