@@ -128,7 +128,7 @@ def pick(prompts: Sequence[str], count: int) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ calibrate
-_TEXTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {key: sequences}: one text per run
+_TEXTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {key: sequences or contexts}: one text per run
 GREEDY_BATCH = 16  # prompts answered together: 49.7 against 12.0 tok/s at batch 1 on the Zen 2 EPYC (fp32)
 
 
@@ -255,7 +255,16 @@ def chat_contexts(loaded, prompts: Sequence[str], lengths: Sequence[int], answer
     """Contexts as decoding meets them: one conversation of `prompts`, each answered greedily by the
     model, cut inside an answer near each of `lengths` (so a profiled step continues the model's own
     answer and its drafts are accepted as on real text; a context cut inside a user's prompt accepts
-    almost nothing, and then no gather, prefix update or catch-up is ever timed)."""
+    almost nothing, and then no gather, prefix update or catch-up is ever timed). Generated once per
+    process, model and settings, like `greedy_sequences`: every auto decoder of a run profiles on them."""
+    key = ("contexts", str(loaded.dtype), tuple(prompts), tuple(lengths), answer_tokens)
+    cached = _TEXTS.setdefault(loaded.model, {})
+    if key not in cached:
+        cached[key] = _chat_contexts(loaded, prompts, lengths, answer_tokens)
+    return cached[key]
+
+
+def _chat_contexts(loaded, prompts: Sequence[str], lengths: Sequence[int], answer_tokens: int) -> list[list[int]]:
     decoder = SpeculativeDecoder("baseline", loaded, Proposer())
     messages: list[dict] = []
     turns: list[tuple[int, list[int]]] = []  # (prompt length, prompt + answer ids) per exchange
