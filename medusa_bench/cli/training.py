@@ -96,16 +96,18 @@ _OUT = typer.Option(..., "--out", "-o", help="Output folder for the heads.")
 _MODEL = typer.Option("smollm2-135m", "--model", "-m", help="Hub id, local folder, .gguf file or 'smollm2-135m'.")
 _HEADS = typer.Option(4, "--heads", help="Number of Medusa heads.")
 _HELDOUT = typer.Option(0.05, "--heldout", help="Fraction of sequences held out for accuracy and early stopping.")
-_MAX_MINUTES = typer.Option(None, "--max-minutes", help="Stop optimising after this many minutes (keeps the best weights).")
+_MAX_MINUTES = typer.Option(None, "--max-minutes", help="Optional safety cap: stop optimising after this many minutes (keeps the best weights).")
 _MAX_LENGTH = typer.Option(None, "--max-length", help="Truncate sequences to N tokens (default: the model's context).")
 _SOFTMAX = typer.Option("active", "--softmax", help="active (training softmax over the tokens seen as targets: faster) | full.")
-_SAVE_DTYPE = typer.Option("float16", "--save-dtype", help="float32 | float16 | bfloat16 for the written weights.")
+_SAVE_DTYPE = typer.Option("bfloat16", "--save-dtype", help="float32 | float16 | bfloat16 for the written weights (loading upcasts).")
 _HIDDEN_CACHE = typer.Option(None, "--hidden-cache", help="Folder for cached base hidden states (default: user cache; 'none': off).")
 _LAYERS = typer.Option(1, "--layers", help="ResBlocks per head.")
 _LM_HEAD = typer.Option("shared", "--lm-head", help="shared (heads end in the base lm_head: a few MB) | own.")
-_EPOCHS = typer.Option(10, "--epochs")
+_EPOCHS = typer.Option(50, "--epochs", help="The most epochs: held-out accuracy converging normally stops training first.")
 _LR = typer.Option(1e-3, "--lr")
-_PATIENCE = typer.Option(2, "--patience", help="Epochs without a better held-out loss before stopping.")
+_PATIENCE = typer.Option(3, "--patience", help="Held-out evaluations without a top-1 gain above --min-delta: a plateau (the learning rate drops; the third plateau stops training).")
+_EVAL_EVERY = typer.Option(None, "--eval-every", help="Optimiser steps between held-out evaluations (default: sized so evaluations take ~10% of the time).")
+_MIN_DELTA = typer.Option(0.001, "--min-delta", help="The smallest gain in mean held-out top-1 that counts as progress.")
 _SEED = typer.Option(0, "--seed")
 _DEVICE = typer.Option("auto", "--device")
 _DTYPE = typer.Option("auto", "--dtype")
@@ -126,7 +128,7 @@ def train_medusa(
     data: Path = _DATA, out: Path = _OUT, model: str = _MODEL, heads: int = _HEADS,
     layers: int = _LAYERS, lm_head: str = _LM_HEAD,
     epochs: int = _EPOCHS, batch_size: int = typer.Option(256, "--batch-size", help="Positions per step."),
-    lr: float = _LR, heldout: float = _HELDOUT, patience: int = _PATIENCE,
+    lr: float = _LR, heldout: float = _HELDOUT, patience: int = _PATIENCE, eval_every: Optional[int] = _EVAL_EVERY, min_delta: float = _MIN_DELTA,
     max_minutes: Optional[float] = _MAX_MINUTES, max_length: Optional[int] = _MAX_LENGTH, softmax: str = _SOFTMAX,
     save_dtype: str = _SAVE_DTYPE, seed: int = _SEED, hidden_cache: Optional[str] = _HIDDEN_CACHE,
     device: str = _DEVICE, dtype: str = _DTYPE,
@@ -135,7 +137,7 @@ def train_medusa(
     from medusa_bench.train.fit import FitConfig, train_medusa as fit
 
     config = FitConfig(num_heads=heads, num_layers=layers, lm_head=lm_head, epochs=epochs, batch_size=batch_size, lr=lr,
-                       heldout=heldout, patience=patience, max_minutes=max_minutes, max_length=max_length, softmax=softmax,
+                       heldout=heldout, patience=patience, eval_every=eval_every, min_delta=min_delta, max_minutes=max_minutes, max_length=max_length, softmax=softmax,
                        save_dtype=save_dtype, seed=seed, hidden_cache=hidden_cache)
     _train(fit, config, model, device, dtype, data, out)
 
@@ -145,13 +147,14 @@ def train_medusa2(
     data: Path = _DATA, out: Path = _OUT, model: str = _MODEL, heads: int = _HEADS,
     init_heads: Optional[str] = typer.Option(None, "--init-heads", help="Start from these Medusa-1 heads (else warm up first)."),
     warmup_epochs: int = typer.Option(2, "--warmup-epochs", help="Medusa-1 epochs before joint training (without --init-heads)."),
-    epochs: int = typer.Option(1, "--epochs"), batch_size: int = typer.Option(4, "--batch-size", help="Sequences per step."),
+    epochs: int = typer.Option(10, "--epochs", help="The most joint epochs: held-out head accuracy converging normally stops first."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Sequences per step."),
     lr: float = typer.Option(2e-4, "--lr", help="LoRA learning rate."), heads_lr: float = typer.Option(5e-4, "--heads-lr"),
     lora_r: int = typer.Option(8, "--lora-r"), lora_alpha: int = typer.Option(16, "--lora-alpha"),
     lora_layers: int = typer.Option(0, "--lora-layers", help="Adapt only the last N decoder layers (0: all)."),
     heads_coefficient: float = typer.Option(0.2, "--heads-coefficient", help="lambda: weight of the head losses."),
     heads_decay: float = typer.Option(0.8, "--heads-decay", help="Head k's loss weight is lambda * decay^k."),
-    heldout: float = _HELDOUT, patience: int = typer.Option(1, "--patience"), max_minutes: Optional[float] = _MAX_MINUTES,
+    heldout: float = _HELDOUT, patience: int = _PATIENCE, eval_every: Optional[int] = _EVAL_EVERY, min_delta: float = _MIN_DELTA, max_minutes: Optional[float] = _MAX_MINUTES,
     max_length: Optional[int] = _MAX_LENGTH, softmax: str = _SOFTMAX, save_dtype: str = _SAVE_DTYPE,
     full_model: bool = typer.Option(False, "--full-model", help="Write a full merged model folder instead of the compact adapter."),
     seed: int = _SEED, hidden_cache: Optional[str] = _HIDDEN_CACHE,
@@ -163,7 +166,7 @@ def train_medusa2(
     config = Medusa2Config(num_heads=heads, init_heads=init_heads, warmup_epochs=warmup_epochs, epochs=epochs,
                            batch_size=batch_size, lr=lr, heads_lr=heads_lr, lora_r=lora_r, lora_alpha=lora_alpha,
                            lora_layers=lora_layers, heads_coefficient=heads_coefficient, heads_decay=heads_decay,
-                           heldout=heldout, patience=patience, max_minutes=max_minutes, max_length=max_length,
+                           heldout=heldout, patience=patience, eval_every=eval_every, min_delta=min_delta, max_minutes=max_minutes, max_length=max_length,
                            softmax=softmax, save_dtype=save_dtype, full_model=full_model, seed=seed, hidden_cache=hidden_cache)
     _train(fit, config, model, device, dtype, data, out)
 
@@ -177,7 +180,7 @@ def train_hydra(
     loss: str = typer.Option("teacher", "--loss", help="teacher (the base model's distribution: Hydra++) | data (the data tokens) | both."),
     layers: int = _LAYERS, lm_head: str = _LM_HEAD,
     epochs: int = _EPOCHS, batch_size: int = typer.Option(256, "--batch-size", help="Assistant tokens per step (whole sequences)."),
-    lr: float = _LR, heldout: float = _HELDOUT, patience: int = _PATIENCE,
+    lr: float = _LR, heldout: float = _HELDOUT, patience: int = _PATIENCE, eval_every: Optional[int] = _EVAL_EVERY, min_delta: float = _MIN_DELTA,
     max_minutes: Optional[float] = _MAX_MINUTES, max_length: Optional[int] = _MAX_LENGTH, softmax: str = _SOFTMAX,
     save_dtype: str = _SAVE_DTYPE, seed: int = _SEED, hidden_cache: Optional[str] = _HIDDEN_CACHE,
     device: str = _DEVICE, dtype: str = _DTYPE,
@@ -186,7 +189,7 @@ def train_hydra(
     from medusa_bench.train.hydra import HydraFitConfig, train_hydra as fit
 
     config = HydraFitConfig(num_heads=heads, num_layers=layers, arch=arch, loss=loss, lm_head=lm_head, epochs=epochs,
-                            batch_size=batch_size, lr=lr, heldout=heldout, patience=patience, max_minutes=max_minutes,
+                            batch_size=batch_size, lr=lr, heldout=heldout, patience=patience, eval_every=eval_every, min_delta=min_delta, max_minutes=max_minutes,
                             max_length=max_length, softmax=softmax, save_dtype=save_dtype, seed=seed, hidden_cache=hidden_cache)
     _train(fit, config, model, device, dtype, data, out)
 
@@ -201,7 +204,7 @@ def train_eagle(
     draft_vocab: int = typer.Option(4096, "--draft-vocab", help="EAGLE-3: size of the heads' own vocabulary (most frequent answer tokens)."),
     depth: int = typer.Option(5, "--depth", help="Depths held-out accuracy and calibration.json cover."),
     epochs: int = _EPOCHS, batch_size: int = typer.Option(256, "--batch-size", help="Assistant tokens per step (whole sequences)."),
-    lr: float = typer.Option(5e-4, "--lr"), heldout: float = _HELDOUT, patience: int = _PATIENCE,
+    lr: float = typer.Option(5e-4, "--lr"), heldout: float = _HELDOUT, patience: int = _PATIENCE, eval_every: Optional[int] = _EVAL_EVERY, min_delta: float = _MIN_DELTA,
     max_minutes: Optional[float] = _MAX_MINUTES, max_length: Optional[int] = _MAX_LENGTH, softmax: str = _SOFTMAX,
     save_dtype: str = _SAVE_DTYPE, seed: int = _SEED, hidden_cache: Optional[str] = _HIDDEN_CACHE,
     device: str = _DEVICE, dtype: str = _DTYPE,
@@ -211,6 +214,6 @@ def train_eagle(
 
     config = EagleFitConfig(variant="eagle3" if eagle3 else "eagle", num_heads=depth, ttt_steps=ttt_steps, noise=noise,
                             draft_vocab=draft_vocab, epochs=epochs, batch_size=batch_size, lr=lr, heldout=heldout,
-                            patience=patience, max_minutes=max_minutes, max_length=max_length, softmax=softmax,
+                            patience=patience, eval_every=eval_every, min_delta=min_delta, max_minutes=max_minutes, max_length=max_length, softmax=softmax,
                             save_dtype=save_dtype, seed=seed, hidden_cache=hidden_cache)
     _train(fit, config, model, device, dtype, data, out)
