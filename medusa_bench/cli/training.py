@@ -25,6 +25,7 @@ def distill(
     batch_size: int = typer.Option(16, "--batch-size", help="Prompts per batched generate (left padded, sorted by length)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="At most N prompts from each file."),
     seed: int = typer.Option(0, "--seed"),
+    pack: Optional[Path] = typer.Option(None, "--pack", help="Distillation pack folder: skip what it holds, seal every full group of --out into it."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | float16 | bfloat16"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
@@ -36,11 +37,52 @@ def distill(
     loaded = load_model(model, device, dtype, trust_remote_code)
     result = run_distill(loaded, prompts, out, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                          samples_per_prompt=samples_per_prompt, follow_up=follow_up, extend=tuple(extend),
-                         batch_size=batch_size, limit=limit, seed=seed, console=console)
+                         batch_size=batch_size, limit=limit, seed=seed, pack=pack, console=console)
     console.print(f"{result.written} conversations written ({result.skipped} already there), {result.new_tokens} tokens "
                   f"in {result.seconds:.0f} s ({result.tokens_per_second:.1f} tok/s), {result.truncated} answers cut at the limit, "
                   f"{result.near_benchmark} prompts dropped as close to a benchmark question")
+    if pack:
+        _print_pack(pack, len(result.sealed))
     typer.echo(str(result.out))
+
+
+# ------------------------------------------------------------------------- distillation packs
+pack_app = typer.Typer(help="Distillation packs: distilled conversations as sealed, compressed parts that outlive the machine.", no_args_is_help=True)
+app.add_typer(pack_app, name="pack")
+
+
+@pack_app.command("seal")
+def pack_seal(
+    out: Path = typer.Option(..., "--out", "-o", help="The jsonl `distill --out` wrote."),
+    pack: Path = typer.Option(..., "--pack", help="The pack folder (e.g. data/distill/smollm2-135m)."),
+    final: bool = typer.Option(False, "--final", help="Also seal the last, partial part (when distilling is done)."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Whose answers: hub id, local folder, .gguf file or 'smollm2-135m'."),
+) -> None:
+    """Seal --out's conversations the pack lacks into new parts (sealed parts are never rewritten)."""
+    from transformers import AutoTokenizer
+
+    from medusa_bench.models import resolve_source
+    from medusa_bench.train.distill import seal_pack
+
+    source, name = resolve_source(model)
+    new = seal_pack(AutoTokenizer.from_pretrained(source), out, pack, name, model, final=final)
+    _print_pack(pack, len(new))
+    typer.echo(str(pack))
+
+
+@pack_app.command("info")
+def pack_info(pack: Path = typer.Argument(..., exists=True, file_okay=False, help="A pack folder.")) -> None:
+    """Conversations, answer tokens, parts and bytes on disk of a pack."""
+    _print_pack(pack, None)
+
+
+def _print_pack(pack: Path, sealed: Optional[int]) -> None:
+    from medusa_bench.train.pack import pack_info as info
+
+    tally = info(pack)
+    now = f"{sealed} parts sealed now; " if sealed is not None else ""
+    console.print(f"{now}{pack}: {tally['conversations']} conversations of {tally['model']}, {tally['answer_tokens']} answer tokens, "
+                  f"{tally['parts']} parts, {tally['bytes'] / 1e6:.2f} MB")
 
 
 @datastore_app.command("build")

@@ -62,8 +62,13 @@ class Positions:
 
 
 def read_records(path: Path) -> list[dict]:
-    """Records of a .jsonl file or a .json list (ShareGPT dumps are often one JSON array)."""
+    """Records of a .jsonl file, a .json list (ShareGPT dumps are often one JSON array), or a
+    distillation pack folder (train/pack.py: read back as the ShareGPT records `distill` wrote)."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        from medusa_bench.train.pack import read_pack
+
+        return read_pack(path, user_turns_in)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     text = path.read_text(encoding="utf-8")
@@ -102,6 +107,22 @@ def messages_of(record: dict) -> list[dict]:
         elif role == "system":
             out.append({"role": "system", "content": text})
     return out
+
+
+def record_turns(record: dict) -> list[str]:
+    """The user turns of one record: self_instruct, GSM8K, ShareGPT or OpenAI-style messages."""
+    if "instruction" in record:  # self_instruct: instruction + the first instance's input, if any
+        instances = record.get("instances") or [{}]
+        extra = (instances[0].get("input") or "").strip() if isinstance(instances[0], dict) else ""
+        return [f"{record['instruction'].strip()}\n\n{extra}" if extra else record["instruction"].strip()]
+    if "question" in record:  # GSM8K
+        return [str(record["question"]).strip()]
+    return [m["content"].strip() for m in messages_of(record) if m["role"] == "user" and m["content"].strip()]
+
+
+def user_turns_in(path: Path) -> list[list[str]]:
+    """The user turns of every record of a prompt file (what a pack's references point into)."""
+    return [record_turns(record) for record in read_records(path)]
 
 
 def load_conversations(path: Path) -> list[list[dict]]:

@@ -4,7 +4,10 @@ Heads learn to predict what *this* model will say, so the training answers come 
 model itself (its own chat template, greedy by default). Prompts are sorted by length and
 generated in batches with left padding (~4x faster than one at a time on a CPU). Each
 finished conversation is appended as one JSONL line in the ShareGPT/FastChat format, so a
-killed run resumes where it stopped.
+killed run resumes where it stopped. Each record also keeps the answers' generated token ids
+and, for prompts from the shared data folder, where they came from (`origin`): with `--pack`,
+every full group of conversations is sealed into a distillation pack (train/pack.py), which
+outlives the machine, and a later run skips what the pack holds.
 
 Two-turn data: `follow_up="model"` has the model write the question a user would ask next
 (train/instructions.py) and answers it in context, as MT-Bench's second turns are answered;
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -31,9 +34,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from medusa_bench.errors import UserError
 from medusa_bench.inputs.chat import build_prompt, conversation
 from medusa_bench.results import files
-from medusa_bench.train.data import messages_of, read_records
+from medusa_bench.train.data import messages_of, read_records, user_turns_in
 from medusa_bench.train.generate import generate_batch
 from medusa_bench.train.instructions import BenchmarkOverlap, write_follow_ups
+from medusa_bench.train.pack import PART_SIZE, decode_answer, seal, sealed_ids
 from medusa_bench.train.prompts import FOLLOW_UPS, Prompt, read_prompts
 
 @dataclass
@@ -45,6 +49,7 @@ class DistillResult:
     seconds: float = 0.0
     truncated: int = 0  # answers cut at max_new_tokens
     near_benchmark: int = 0  # prompts dropped as close to a benchmark question
+    sealed: list[Path] = field(default_factory=list)  # pack parts sealed by this call (--pack)
 
     @property
     def tokens_per_second(self) -> float:
@@ -68,9 +73,14 @@ def distill(
     batch_size: int = 16,
     limit: Optional[int] = None,
     seed: int = 0,
+    pack: Optional[Path] = None,
     console: Optional[Console] = None,
 ) -> DistillResult:
-    """Generate (or resume) self-distilled conversations into `out` (ShareGPT jsonl)."""
+    """Generate (or resume) self-distilled conversations into `out` (ShareGPT jsonl).
+
+    `pack`: a distillation pack folder; conversations sealed there are not generated again, and
+    every full PART_SIZE group of `out`'s conversations not yet there is sealed after each batch.
+    """
     if max_new_tokens < 1 or batch_size < 1 or samples_per_prompt < 1:
         raise UserError("--max-new-tokens, --batch-size and --samples-per-prompt must be >= 1")
     if samples_per_prompt > 1 and temperature <= 0:
@@ -84,9 +94,15 @@ def distill(
     prompts = [p for p in prompts if p.id not in near]
     out = Path(out)
     files.ensure_writable_dir(out.parent)
-    done = resume_ids(out, loaded.name)
+    in_out = resume_ids(out, loaded.name)
+    in_pack = sealed_ids(Path(pack), loaded.name) if pack else set()
+    done = in_out | in_pack
+    unsealed = len(in_out - in_pack)
     items = [(p, k) for p in prompts for k in range(samples_per_prompt) if sample_id(p, k, samples_per_prompt) not in done]
     result = DistillResult(out=out, skipped=len(prompts) * samples_per_prompt - len(items), near_benchmark=len(near))
+    if pack and unsealed >= PART_SIZE:  # full groups an earlier run left unsealed
+        result.sealed += seal_pack(loaded.tokenizer, out, pack, loaded.name, loaded.spec)
+        unsealed -= len(result.sealed) * PART_SIZE
     if not items:
         return result
     if samples_per_prompt > 1:  # each sample answers on its own copy of the prompt
@@ -109,9 +125,22 @@ def distill(
                 result.written += 1
                 result.new_tokens += sum(record["new_tokens"][earlier[row]:])
                 result.truncated += record["finish"][earlier[row]:].count("length")
+            unsealed += len(batch)
+            if pack and unsealed >= PART_SIZE:  # sealed now, a lost machine cannot lose them
+                new = seal_pack(loaded.tokenizer, out, pack, loaded.name, loaded.spec)
+                result.sealed += new
+                unsealed -= len(new) * PART_SIZE
             result.seconds = time.perf_counter() - start
             progress.update(task, advance=len(batch), description=f"distilling · {result.tokens_per_second:5.1f} tok/s")
     return result
+
+
+def seal_pack(tokenizer, out: Path, pack: Path, model: str, spec: str, final: bool = False) -> list[Path]:
+    """Seal `out`'s conversations that the pack lacks into new parts (full ones; `final`: the rest too)."""
+    if not Path(out).is_file():
+        raise UserError(f"--out {out}: file not found (the jsonl `medusa-bench distill --out` writes)")
+    records = files.read_jsonl(out)
+    return seal(records, Path(pack), tokenizer, model, spec, user_turns_in, final=final)
 
 
 def sample_id(prompt: Prompt, k: int, samples: int) -> str:
@@ -131,6 +160,9 @@ def resume_ids(out: Path, model_name: str) -> set[str]:
 def answer_batch(loaded, prompts: list[Prompt], max_new_tokens: int, temperature: float, top_p: float,
                  overlap=None) -> list[dict]:
     """Answer every open turn of a batch of prompts (writing model follow-ups first); one ShareGPT record each."""
+    for prompt in prompts:  # answers from --extend without their ids: the tokenizer's ids for them
+        prompt.answer_ids = prompt.answer_ids[: len(prompt.answers)]
+        prompt.answer_ids += [loaded.tokenizer.encode(a, add_special_tokens=False) for a in prompt.answers[len(prompt.answer_ids):]]
     for turn in range(max(len(p.turns) for p in prompts)):
         rows = [i for i, p in enumerate(prompts) if turn < len(p.turns) and len(p.answers) == turn]
         if not rows:
@@ -145,7 +177,8 @@ def answer_batch(loaded, prompts: list[Prompt], max_new_tokens: int, temperature
         room = min(max_new_tokens, loaded.context_length - max(len(x) for x in ids))
         outputs = generate_batch(loaded, ids, max(room, 1), temperature, top_p)
         for i, (tokens, reason) in zip(rows, outputs):
-            prompts[i].answers.append(loaded.tokenizer.decode(tokens, skip_special_tokens=True).strip())
+            prompts[i].answers.append(decode_answer(loaded.tokenizer, tokens))
+            prompts[i].answer_ids.append(list(tokens))
             prompts[i].finish.append(reason)
             prompts[i].new_tokens.append(len(tokens))
     dtype = str(loaded.dtype).removeprefix("torch.")
@@ -155,8 +188,13 @@ def answer_batch(loaded, prompts: list[Prompt], max_new_tokens: int, temperature
         messages = [m for q, a in pairs for m in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
         made_in = dtype if prompt.dtype in (None, dtype) else f"{prompt.dtype}, then {dtype}"
         record = {"source": prompt.source, "model": loaded.name, "dtype": made_in,
-                  "conversations": messages, "finish": prompt.finish, "new_tokens": prompt.new_tokens}
-        records.append({**record, "follow_up": prompt.follow_up} if prompt.follow_up else record)
+                  "conversations": messages, "finish": prompt.finish, "new_tokens": prompt.new_tokens,
+                  "answer_ids": prompt.answer_ids}
+        if prompt.follow_up:
+            record["follow_up"] = prompt.follow_up
+        if prompt.origin:
+            record["origin"] = prompt.origin
+        records.append(record)
     return records
 
 

@@ -17,7 +17,8 @@ from typing import Optional
 
 from medusa_bench.errors import UserError
 from medusa_bench.paths import cache_dir
-from medusa_bench.train.data import messages_of, read_records
+from medusa_bench.train.data import messages_of, read_records, record_turns
+from medusa_bench.train.pack import data_reference
 
 # Generic second turns for two-turn data (--follow-up): they fit any first answer.
 FOLLOW_UPS = (
@@ -45,7 +46,10 @@ class Prompt:
     follow_up: Optional[str] = None  # who wrote the second turn: "model" or "generic"
     model: Optional[str] = None  # whose answers those earlier ones are (--extend)
     dtype: Optional[str] = None  # the dtype those earlier answers were generated in
-
+    answer_ids: list[list[int]] = field(default_factory=list)  # the generated ids of `answers`, where known
+    # [path relative to the shared data folder, record index] where the user turns came from a file
+    # there: a distillation pack stores a reference instead of the text (train/pack.py)
+    origin: Optional[list] = None
 
 
 def read_prompts(paths: list[Path], limit: Optional[int] = None, follow_up: str = "none",
@@ -80,8 +84,8 @@ def read_prompts(paths: list[Path], limit: Optional[int] = None, follow_up: str 
 
 def distilled_in(path: Path) -> list[Prompt]:
     """Conversations a `distill` run wrote, as prompts whose answered turns are kept (for --extend)."""
-    if not path.is_file():
-        raise UserError(f"--extend {path}: file not found (pass a jsonl that `medusa-bench distill` wrote)")
+    if not path.exists():
+        raise UserError(f"--extend {path}: not found (pass a jsonl or a pack folder that `medusa-bench distill` wrote)")
     prompts = []
     for record in read_records(path):
         messages = messages_of(record)
@@ -91,7 +95,8 @@ def distilled_in(path: Path) -> list[Prompt]:
                               record.get("source", path.name),
                               answers=[m["content"] for m in messages if m["role"] == "assistant"],
                               finish=list(record["finish"]), new_tokens=list(record["new_tokens"]), model=record.get("model"),
-                              dtype=record.get("dtype")))
+                              dtype=record.get("dtype"), answer_ids=list(record.get("answer_ids") or []),
+                              origin=record.get("origin")))
     return prompts
 
 
@@ -132,20 +137,11 @@ def _normal(text: str) -> str:
 
 def prompts_in(path: Path) -> list[Prompt]:
     prompts = []
+    shared = data_reference(path)  # a file under the shared data folder: its records are referred to, never copied
     for number, record in enumerate(read_records(path)):
         if "question_id" in record and "turns" in record:
             raise UserError(f"{path} holds benchmark questions (question_id + turns): never train heads on them")
         rid = str(record.get("id", number))
-        prompts.append(Prompt(f"{path.stem}:{rid}", record_turns(record), path.name))
+        prompts.append(Prompt(f"{path.stem}:{rid}", record_turns(record), path.name,
+                              origin=[shared, number] if shared else None))
     return prompts
-
-
-def record_turns(record: dict) -> list[str]:
-    """The user turns of one record: self_instruct, GSM8K, ShareGPT or OpenAI-style messages."""
-    if "instruction" in record:  # self_instruct: instruction + the first instance's input, if any
-        instances = record.get("instances") or [{}]
-        extra = (instances[0].get("input") or "").strip() if isinstance(instances[0], dict) else ""
-        return [f"{record['instruction'].strip()}\n\n{extra}" if extra else record["instruction"].strip()]
-    if "question" in record:  # GSM8K
-        return [str(record["question"]).strip()]
-    return [m["content"].strip() for m in messages_of(record) if m["role"] == "user" and m["content"].strip()]
