@@ -82,7 +82,7 @@ def _print_pack(pack: Path, sealed: Optional[int]) -> None:
     tally = info(pack)
     now = f"{sealed} parts sealed now; " if sealed is not None else ""
     console.print(f"{now}{pack}: {tally['conversations']} conversations of {tally['model']}, {tally['answer_tokens']} answer tokens, "
-                  f"{tally['parts']} parts, {tally['bytes'] / 1e6:.2f} MB")
+                  f"{tally['parts']} parts, {tally['bytes']} bytes ({tally['bytes'] / 1e6:.2f} MB)")
 
 
 @datastore_app.command("build")
