@@ -211,7 +211,7 @@ def test_training_writes_heads_that_decode_losslessly(smollm, references, tmp_pa
                             hidden_cache="none", top_k=4)
     result = train_hydra(smollm, tmp_path / "data.jsonl", tmp_path / "heads", config)
     assert result.curve[-1]["train_loss"] < result.curve[0]["train_loss"]
-    for name in ("hydra_lm_head.pt", "config.json", "calibration.json", "curve.csv", "draft_vocab.json"):
+    for name in ("hydra_lm_head.safetensors", "config.json", "calibration.json", "curve.csv", "draft_vocab.json"):
         assert (tmp_path / "heads" / name).is_file()
     calibration = json.loads((tmp_path / "heads" / "calibration.json").read_text())
     assert calibration["kind"] == "conditional" and calibration["top_k"] == 4

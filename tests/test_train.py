@@ -1,5 +1,7 @@
 """Head training: self-distillation (resume, benchmark refusal), Medusa-1 and Medusa-2 training
-(loss goes down, checkpoints load and decode losslessly), shipped default heads, bad inputs."""
+(loss goes down, checkpoints load and decode losslessly), early stopping on held-out accuracy,
+heads stored in half precision load upcast, EAGLE-3's 7-step training-time test, shipped default
+heads, bad inputs."""
 
 import json
 import time
@@ -11,14 +13,22 @@ from medusa_bench.inputs.chat import build_prompt
 from medusa_bench.decoders.options import DecoderOptions
 from medusa_bench.decoders.registry import build_decoder
 from medusa_bench.errors import UserError
+from rich.console import Console
+
+from medusa_bench.heads import io
 from medusa_bench.heads.common import default_heads
-from medusa_bench.heads.medusa import load_heads
+from medusa_bench.heads.eagle import eagle3_layers, load_eagle_heads, new_eagle_heads, save_eagle_heads
+from medusa_bench.heads.hydra import HydraHeads, load_hydra_heads, save_hydra_heads
+from medusa_bench.heads.medusa import MedusaHeads, load_heads, save_heads
+from medusa_bench.models import text_config
 from medusa_bench.results import files
-from medusa_bench.train.data import head_targets, last_hidden, load_sequences, tokenize
+from medusa_bench.train.data import base_hidden_states, head_targets, last_hidden, load_sequences, tokenize
 from medusa_bench.train.distill import describe_data, distill
 from medusa_bench.train.prompts import read_prompts
 from medusa_bench.train.instructions import BenchmarkOverlap, bootstrap_instructions
-from medusa_bench.train.fit import FitConfig, check_out_folder, head_logits, train_medusa, warmup_cosine
+from medusa_bench.train.eagle import EagleFitConfig, batch_loss
+from medusa_bench.train.fit import (PLATEAU_DROPS, FitConfig, check_out_folder, evaluate, fit_heads, head_logits,
+                                    prepare_positions, summary, train_medusa)
 from medusa_bench.train.medusa2 import Medusa2Config, train_medusa2
 from medusa_bench.trees.search import load_calibration
 
@@ -108,17 +118,6 @@ def test_output_folder_of_another_model_is_refused(smollm, tmp_path):
                                                    "medusa_num_heads": 5, "medusa_num_layers": 1}))
     with pytest.raises(UserError, match="already holds heads for lmsys/vicuna-7b-v1.3"):
         check_out_folder(other, smollm)
-
-
-def test_capped_schedule_decays_by_the_deadline():
-    weight = torch.nn.Parameter(torch.zeros(1))
-    optimiser = torch.optim.AdamW([weight], lr=1.0)
-    schedule = warmup_cosine(optimiser, total=10_000, warmup=1, budget_seconds=1.0)
-    schedule.step()  # warm-up done, far from the step total and (just now) from the deadline
-    assert optimiser.param_groups[0]["lr"] > 0.8
-    time.sleep(1.05)
-    schedule.step()
-    assert optimiser.param_groups[0]["lr"] < 1e-9  # the cap ends the decay, not the 10 000 steps
 
 
 # ------------------------------------------------------------------------------ distill
@@ -238,6 +237,12 @@ def test_medusa1_training_lowers_the_loss_and_writes_a_lossless_checkpoint(smoll
     assert calibration.accuracy[0][0] == pytest.approx(trained.best["top1_head0"], abs=1e-3)
     heads = load_heads(folder, base_model=smollm.model)
     assert heads.num_heads == 3 and heads.shares_lm_head
+    stored = io.load_tensors(folder / "medusa_lm_head.safetensors")
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16}  # the default --save-dtype
+    assert heads.res_weight.dtype == torch.float32  # upcast to the fp32 base on loading
+    training = json.loads((folder / "training.json").read_text())
+    assert training["stopping"]["stopped"] in ("converged", "max epochs")
+    assert training["stopping"]["evaluations"] == len(curve) == len((folder / "curve.csv").read_text().splitlines()) - 1
     baseline = build_decoder("baseline", smollm)
     medusa = build_decoder("medusa", smollm, DecoderOptions(tree="[[0],[1],[0,0],[0,0,0]]", medusa_heads=str(folder)))
     for prompt in ("Count from 30.", "Write one sentence about rain."):
@@ -256,12 +261,83 @@ def test_medusa2_adapter_trains_loads_and_decodes_losslessly(smollm, counting_da
     result = train_medusa2(smollm, counting_data, out, config)
     assert {"adapter_config.json", "adapter_model.safetensors", "medusa_lm_head.safetensors", "calibration.json"} <= {p.name for p in out.iterdir()}
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2-135m"
-    assert result.best["heldout_kl"] >= 0
+    assert result.best["heldout_kl"] >= 0 and result.info["stopping"]["evaluations"] == len(result.curve)
+    assert {t.dtype for t in io.load_tensors(out / "adapter_model.safetensors").values()} == {torch.bfloat16}
     options = DecoderOptions(tree="chain-2", medusa2_model=str(out))
     medusa2, reference = build_decoder("medusa2", smollm, options), build_decoder("medusa2-baseline", smollm, options)
     assert medusa2.loaded.model is not smollm.model  # the LoRA is merged into a copy; the base is untouched
     assert not any(p.requires_grad for p in smollm.model.parameters())
     assert greedy(smollm, medusa2, "Count from 40.") == greedy(smollm, reference, "Count from 40.")
+
+
+def test_early_stopping_stops_on_an_accuracy_plateau_and_keeps_the_best_weights(smollm, counting_data, hidden_dir):
+    # min_delta 1.0: no later evaluation counts as a gain, so the first one (step 2) stays the best;
+    # each plateau (patience 1) drops the learning rate, the plateau after the last drop stops.
+    config = FitConfig(num_heads=2, epochs=50, batch_size=32, lr=3e-3, heldout=0.2, eval_every=2, patience=1,
+                       min_delta=1.0, hidden_cache=hidden_dir)
+    train, held, _ = prepare_positions(smollm, counting_data, config, Console(quiet=True))
+    heads = MedusaHeads.for_model(smollm.model, 2, 1)
+    heads.requires_grad_(True)
+    curve, stopping = fit_heads(heads, train, held, config)
+    assert stopping["stopped"] == "converged" and stopping["best_step"] == 2
+    assert [row["steps"] for row in curve] == [2 * (i + 1) for i in range(PLATEAU_DROPS + 2)]
+    assert curve[-1]["lr"] < curve[1]["lr"] == curve[0]["lr"]  # dropped on each plateau
+    kept = summary(evaluate(heads, held, config.top_k))
+    last = curve[-1]
+    assert kept == {k: curve[0][k] for k in kept}  # the weights of the best (first) evaluation, not the last
+    assert kept["heldout_loss"] != last["heldout_loss"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_heads_stored_in_half_precision_load_upcast_to_the_base_dtype(smollm, tmp_path, dtype):
+    def check(heads, stored: dict):
+        floats = [p for p in heads.state_dict().values() if p.is_floating_point()]
+        assert floats and all(p.dtype == torch.float32 for p in floats)
+        assert all(t.dtype == dtype for t in stored.values() if t.is_floating_point())
+
+    medusa = MedusaHeads.for_model(smollm.model, 2, 1)
+    save_heads(medusa.to(dtype), tmp_path / "medusa")
+    loaded = load_heads(tmp_path / "medusa", base_model=smollm.model)
+    check(loaded, io.load_tensors(tmp_path / "medusa" / "medusa_lm_head.safetensors"))
+    assert torch.equal(loaded.res_weight, medusa.res_weight.float())
+
+    hydra = HydraHeads.for_model(smollm.model, 2, 1, "mlp")
+    path = save_hydra_heads(hydra, tmp_path / "hydra", dtype=dtype)
+    assert path.name == "hydra_lm_head.safetensors"
+    stored = io.load_tensors(path)
+    check(load_hydra_heads(tmp_path / "hydra", base_model=smollm.model), stored)
+    io.save_tensors(tmp_path / "hydra" / "hydra_lm_head.pt", stored)  # the format shipped before: still read
+    path.unlink()
+    old = load_hydra_heads(tmp_path / "hydra", base_model=smollm.model)
+    check(old, stored)
+    assert all(torch.equal(old.hydra_state_dict()[k], v.float()) for k, v in stored.items())
+
+    for variant in ("eagle", "eagle3"):
+        heads = new_eagle_heads(smollm.model, variant, torch.arange(64) if variant == "eagle3" else None)
+        path = save_eagle_heads(heads, tmp_path / variant, dtype=dtype)
+        check(load_eagle_heads(tmp_path / variant, smollm.model), io.load_tensors(path))
+
+
+def test_eagle3_trains_a_step_with_the_papers_seven_ttt_steps(smollm, counting_data):
+    sequences = load_sequences(smollm, counting_data)[:2]
+    layers = (*eagle3_layers(text_config(smollm.model.config).num_hidden_layers), -1)
+    batch = list(zip(sequences, base_hidden_states(smollm, sequences, False, None, layers)))
+    draft = torch.unique(torch.cat([seq.ids for seq in sequences]))  # every token of the data is draftable
+    torch.manual_seed(0)
+    heads = new_eagle_heads(smollm.model, "eagle3", draft)
+    heads.requires_grad_(True)
+    heads.decoder.get_input_embeddings().requires_grad_(False)
+    config = EagleFitConfig(variant="eagle3", ttt_steps=7, draft_vocab=draft.numel())
+    assert config.steps == 7
+    loss = batch_loss(heads, batch, None, config)
+    with torch.no_grad():  # depth 7 adds a term of its own
+        assert batch_loss(heads, batch, None, EagleFitConfig(variant="eagle3", ttt_steps=6)) < loss
+    optimiser = torch.optim.AdamW([p for p in heads.parameters() if p.requires_grad], lr=1e-3)
+    loss.backward()
+    assert torch.isfinite(loss) and heads.fc.weight.grad.abs().sum() > 0 and heads.lm_head.weight.grad.abs().sum() > 0
+    optimiser.step()
+    with torch.no_grad():
+        assert batch_loss(heads, batch, None, config) < loss
 
 
 # ------------------------------------------------------------------------------ shipped defaults

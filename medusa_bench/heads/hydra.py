@@ -25,7 +25,9 @@ Checkpoint (zankner/Hydra): folder with ``config.json`` (``hydra_num_heads``,
 Heads without ``hydra_lm_head.*`` keys share the base model's lm_head (this tool's default:
 a few MB instead of one [V, H] projection per head). The reference repeats one ResBlock
 instance for layers 1..L-1 of a head; here they are separate layers (identical when read
-from such a file). Tensors only are read.
+from such a file). Tensors only are read. This tool writes the same keys to
+``hydra_lm_head.safetensors`` (no pickle; bfloat16 by default for trained heads) and reads either file;
+loading with a base model upcasts the stored tensors to its dtype.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from medusa_bench.heads.layers import embedding_name, prefix_layer
 from medusa_bench.models import cache_kwargs
 
 ARCHS = ("mlp", "prefix-mlp")
-HEAD_FILES = ("hydra_lm_head.pt", "hydra_lm_head.safetensors")  # preference order
+HEAD_FILES = ("hydra_lm_head.safetensors", "hydra_lm_head.pt")  # preference order; saves write the first
 PREFIX_KEY = "prefix_embeding_layer."  # sic: the reference's spelling
 
 _MLP_KEY = re.compile(r"^hydra_mlp\.(\d+)\.(\d+)\.(linear|res_connection)\.(weight|bias)$")
@@ -400,10 +402,10 @@ def _set_buffer(module: nn.Module, name: str, value: Tensor) -> None:
 
 def save_hydra_heads(heads: HydraHeads, folder: str | Path, base_model_name_or_path: str | None = None,
                      dtype: torch.dtype | None = None, **extra_config) -> Path:
-    """Write ``config.json`` + ``hydra_lm_head.pt`` (the reference layout); returns the head file.
+    """Write ``config.json`` + ``hydra_lm_head.safetensors`` (the reference's keys); returns the head file.
 
-    ``dtype`` stores the weights in a smaller type (e.g. float16 for heads kept in a repository);
-    loading casts them to the base model's dtype.
+    ``dtype`` stores the weights in a smaller type (e.g. bfloat16 for heads kept in a repository);
+    loading casts them to the base model's dtype. An older ``hydra_lm_head.pt`` in the folder is removed.
     """
     folder = Path(folder)
     tensors = heads.hydra_state_dict()

@@ -13,7 +13,8 @@ the loss at depth d is weighted 0.8^(d - 1):
 - EAGLE-3 (`eagle3`, Li et al. 2025): token cross-entropy only, against the base model's
   distribution over the draft vocabulary (the `--draft-vocab` most frequent answer tokens),
   on positions whose token the draft vocabulary holds; training-time test over 3 steps by
-  default (the paper's 7; a CPU budget).
+  default (a CPU budget; the paper's 7 with `--ttt-steps 7`, what scripts/train_default_heads.sh
+  runs on a GPU).
 
 The softmax of EAGLE-1/2's token loss runs over the active vocabulary (every target token of
 the data), as the other trainers' does; held-out accuracy and calibration use the drafting
@@ -40,7 +41,8 @@ from medusa_bench.heads import io
 from medusa_bench.heads.eagle import VARIANTS, EagleHeads, eagle3_layers, new_eagle_heads, save_eagle_heads
 from medusa_bench.models import DTYPES, text_config
 from medusa_bench.train.data import Sequence
-from medusa_bench.train.fit import FitConfig, FitResult, active_vocab, check_out_folder, epoch_line, prepare_sequences, summary, train_loop, write_curve
+from medusa_bench.train.fit import (FitConfig, FitResult, active_vocab, check_out_folder, epoch_line, on_device, prepare_sequences,
+                                    summary, train_loop, write_curve)
 from medusa_bench.train.hydra import batches, conditional_ranks
 from medusa_bench.train.vocab import ranked_tokens, write_draft_vocab
 from medusa_bench.trees.ranks import statistics_of
@@ -107,7 +109,8 @@ def train_eagle(loaded, data: Path, out: Path, config: EagleFitConfig = EagleFit
     heads.decoder.get_input_embeddings().requires_grad_(False)  # a stub: the base embeddings are used
     console.print(f"EAGLE ({config.variant}): {config.steps} unrolled step(s), noise {config.noise_width}, "
                   f"{sum(p.numel() for p in heads.parameters() if p.requires_grad) / 1e6:.1f}M parameters")
-    curve = fit(heads, train, held, config, log=lambda row: console.print(epoch_line(row), highlight=False))
+    train, held = on_device(train, loaded.device), on_device(held, loaded.device)
+    curve, info["stopping"] = fit(heads, train, held, config, log=lambda row: console.print(epoch_line(row), highlight=False))
     info["train_seconds"] = round(time.perf_counter() - start, 1)
     result = FitResult(Path(out), curve, info=info)
     result.best = write(heads, loaded, out, held, config, result)
@@ -126,7 +129,7 @@ def split_rows(heads: EagleHeads, rows: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def fit(heads: EagleHeads, train: list[Pair], held: list[Pair], config: EagleFitConfig,
-        log: Optional[Callable[[dict], None]] = None) -> list[dict]:
+        log: Optional[Callable[[dict], None]] = None) -> tuple[list[dict], dict]:
     vocab = active_vocab(torch.cat([seq.ids[seq.mask] for seq, _ in train])) if config.variant == "eagle" and config.softmax == "active" else None
     steps_per_epoch = len(batches(train, config.batch_size, torch.arange(len(train))))
     return train_loop(heads, lambda generator: batches(train, config.batch_size, torch.randperm(len(train), generator=generator)),
@@ -145,8 +148,8 @@ def sequence_loss(heads: EagleHeads, seq: Sequence, rows: torch.Tensor, vocab: O
     if config.noise_width > 0:
         features = features + (torch.rand_like(features) - 0.5) * config.noise_width
     S = len(seq)
-    t = torch.arange(S - 1)
-    total = torch.zeros(())
+    t = torch.arange(S - 1, device=seq.ids.device)
+    total = torch.zeros((), device=rows.device)
     base = heads.base_lm_head if vocab is None or heads.variant == "eagle3" else heads.base_lm_head[vocab]  # [V', H]
     if heads.variant == "eagle3":
         base = base[heads.draft_ids]  # the teacher over the draft vocabulary
@@ -187,7 +190,7 @@ def evaluate(heads: EagleHeads, held: list[Pair], depth: int, top_k: int = 10) -
         S = len(seq)
         if S < 3:
             continue
-        positions = torch.arange(S - 1)[seq.mask[1:]]  # roots inside the answer
+        positions = torch.arange(S - 1, device=seq.ids.device)[seq.mask[1:]]  # roots inside the answer
         outs = heads.unroll(features, seq.ids, depth)  # one unroll for the ranks and the loss
         ranks = heads.ranks_of(outs, seq.ids, positions, top_k)  # [n, depth]
         for d in range(depth):
@@ -195,9 +198,9 @@ def evaluate(heads: EagleHeads, held: list[Pair], depth: int, top_k: int = 10) -
             target = positions + d + 2
             r = r[(r >= 0) & seq.mask[target.clamp(max=S - 1)]]
             valid[d] += r.numel()
-            rank_counts[d] += torch.bincount(r[r < top_k], minlength=top_k)[:top_k]
+            rank_counts[d] += torch.bincount(r[r < top_k].cpu(), minlength=top_k)[:top_k]
         g = outs[0]  # [S - 1, H]: depth 1
-        t = torch.arange(S - 2)
+        t = torch.arange(S - 2, device=seq.ids.device)
         t = t[seq.mask[t + 2]]
         logits = heads.logits(g[t]).float()
         column = heads.column_of(seq.ids[t + 2])

@@ -11,7 +11,8 @@ full vocabulary, so the numbers reported are what decoding will see.
 
 A run writes into its output folder: the heads (v2 format with the shared lm_head, Medusa-1
 with own projections), `calibration.json` (held-out per-head rank accuracy, the tree
-optimiser's format), `curve.csv` (per-epoch losses and accuracies), `training.json`, and
+optimiser's format), `curve.csv` (losses and accuracies at every evaluation), `training.json` (with why
+training stopped), and
 `draft_vocab.json` (answer-token frequencies: decoding may draft among the frequent tokens).
 """
 
@@ -34,7 +35,7 @@ from medusa_bench.heads import io
 from medusa_bench.heads.medusa import MedusaHeads, save_heads
 from medusa_bench.models import DTYPES, model_name
 from medusa_bench.train.distill import describe_data
-from medusa_bench.train.data import IGNORE, Positions, base_hidden_states, load_sequences, positions_of, split_heldout
+from medusa_bench.train.data import IGNORE, Positions, Sequence, base_hidden_states, load_sequences, positions_of, split_heldout
 from medusa_bench.train.vocab import write_draft_vocab
 from medusa_bench.trees.search import Calibration, save_calibration
 
@@ -44,17 +45,19 @@ class FitConfig:
     num_heads: int = 4
     num_layers: int = 1
     lm_head: str = "shared"  # shared: heads end in the base lm_head (a few MB) | own: each head its own copy
-    epochs: int = 10
+    epochs: int = 50  # a maximum: convergence of held-out accuracy normally stops training first
     batch_size: int = 256  # positions per optimiser step
     lr: float = 1e-3
     weight_decay: float = 0.0
     heldout: float = 0.05  # fraction of sequences held out (whole sequences)
-    patience: int = 2  # epochs without held-out improvement before stopping
-    max_minutes: Optional[float] = None  # wall-clock cap on the optimisation (not the caching)
+    eval_every: Optional[int] = None  # optimiser steps between held-out evaluations (None: sized to EVAL_SHARE)
+    patience: int = 3  # evaluations without a held-out top-1 gain above min_delta before a plateau
+    min_delta: float = 0.001  # the smallest gain in mean held-out top-1 that counts as progress
+    max_minutes: Optional[float] = None  # optional safety cap on the optimisation (not the caching)
     max_length: Optional[int] = None  # tokens per sequence (default: the model's context)
     softmax: str = "active"  # active | full
     top_k: int = 10  # ranks per depth in calibration.json
-    save_dtype: str = "float16"  # float32 | float16 | bfloat16 for the written weights
+    save_dtype: str = "bfloat16"  # float32 | float16 | bfloat16 for the written weights (loaders upcast)
     seed: int = 0
     hidden_cache: Optional[str] = None  # folder for the base hidden states (default: user cache; "none": off)
 
@@ -73,12 +76,14 @@ class FitConfig:
             raise UserError("--epochs, --batch-size and --top-k must be >= 1 and --lr > 0")
         if not 0 <= self.heldout < 1:
             raise UserError(f"--heldout must be a fraction in [0, 1), got {self.heldout}")
+        if self.patience < 1 or self.min_delta < 0 or (self.eval_every is not None and self.eval_every < 1):
+            raise UserError("--patience and --eval-every must be >= 1 and --min-delta >= 0")
 
 
 @dataclass
 class FitResult:
     out: Path
-    curve: list[dict] = field(default_factory=list)  # one row per epoch
+    curve: list[dict] = field(default_factory=list)  # one row per held-out evaluation
     best: dict = field(default_factory=dict)  # held-out metrics of the kept weights
     info: dict = field(default_factory=dict)  # data sizes, times, dtype check
 
@@ -95,7 +100,7 @@ def train_medusa(loaded, data: Path, out: Path, config: FitConfig = FitConfig(),
     train_pos, held_pos, info = prepare_positions(loaded, data, config, console)
     heads = MedusaHeads.for_model(loaded.model, config.num_heads, config.num_layers, shared_lm_head=config.lm_head == "shared")
     heads.requires_grad_(True)
-    curve = fit_heads(heads, train_pos, held_pos, config, log=lambda row: console.print(epoch_line(row), highlight=False))
+    curve, info["stopping"] = fit_heads(heads, train_pos, held_pos, config, log=lambda row: console.print(epoch_line(row), highlight=False))
     info["train_seconds"] = round(time.perf_counter() - start, 1)
     result = FitResult(Path(out), curve, info=info)
     result.best = write_heads(heads, loaded, out, held_pos, config, result)
@@ -138,6 +143,14 @@ def prepare_sequences(loaded, data: Path, config: FitConfig, console: Console,
     return train, held, info
 
 
+def on_device(pairs: list, device: torch.device) -> list:
+    """(Sequence, cached rows) pairs moved to `device` once (the heads' device: the GPU path), so every
+    batch and evaluation indexes tensors where the heads are; the CPU path gets the same objects back."""
+    if torch.device(device).type == "cpu":
+        return pairs
+    return [(Sequence(seq.ids.to(device), seq.mask.to(device)), rows.to(device)) for seq, rows in pairs]
+
+
 def check_out_folder(out: Path, loaded, heads_key: str = "medusa_num_heads", kind: str = "") -> None:
     """Refuse an output folder that holds another model's heads, or heads of another kind
     (config.json without `heads_key`); retraining this model's heads of this kind is fine."""
@@ -157,7 +170,7 @@ def check_out_folder(out: Path, loaded, heads_key: str = "medusa_num_heads", kin
 
 
 def fit_heads(heads: MedusaHeads, train: Positions, held: Positions, config: FitConfig,
-              log: Optional[Callable[[dict], None]] = None) -> list[dict]:
+              log: Optional[Callable[[dict], None]] = None) -> tuple[list[dict], dict]:
     """Medusa heads on cached positions: shuffled batches of `batch_size` positions."""
     vocab = active_vocab(train.targets) if config.softmax == "active" else None
 
@@ -170,66 +183,123 @@ def fit_heads(heads: MedusaHeads, train: Positions, held: Positions, config: Fit
                       math.ceil(len(train) / config.batch_size), config, log)
 
 
-def train_loop(heads: torch.nn.Module, epoch_batches: Callable[[torch.Generator], Iterable], loss_of: Callable[[Any], torch.Tensor],
-               held_out: Callable[[], dict], steps_per_epoch: int, config: FitConfig,
-               log: Optional[Callable[[dict], None]] = None) -> list[dict]:
-    """AdamW with warm-up + cosine decay; early stopping on held-out loss; keeps the best weights.
+# The learning rate: a linear warm-up, then constant, dropping to PLATEAU_FACTOR of itself each time
+# held-out accuracy plateaus (`patience` evaluations without a gain above `min_delta`); the plateau
+# after PLATEAU_DROPS drops stops the run ("converged"). A cosine over the maximum epochs would still
+# be near its peak when convergence stops a run early; decaying on plateau ends every run on a small rate.
+PLATEAU_FACTOR = 0.3
+PLATEAU_DROPS = 2
+# eval_every=None sizes the interval after a first evaluation at PROBE_STEPS: evaluations then take
+# about EVAL_SHARE of the training time, whatever the trainer, held-out size and device.
+EVAL_SHARE = 0.1
+PROBE_STEPS = 20
 
-    Shared by every head trainer: `epoch_batches(generator)` gives one epoch's batches,
-    `loss_of(batch)` their loss, `held_out()` the held-out metrics (`evaluate`'s shape).
+
+@dataclass
+class Progress:
+    """train_loop's state between evaluations."""
+
+    step: int = 0
+    since: int = 0  # steps since the last evaluation
+    losses: list = field(default_factory=list)  # training losses since the last evaluation
+    train_seconds: float = 0.0  # optimiser time only (no evaluations)
+    best: float = -math.inf  # best mean held-out top-1 so far
+    best_step: int = 0
+    best_state: Optional[dict] = None
+    stale: int = 0  # evaluations since `best` last improved by more than min_delta
+    drops: int = 0  # plateau drops of the learning rate so far
+    scale: float = 1.0  # PLATEAU_FACTOR ** drops
+
+
+def train_loop(model: torch.nn.Module, epoch_batches: Callable[[torch.Generator], Iterable], loss_of: Callable[[Any], Any],
+               held_out: Callable[[], dict], steps_per_epoch: int, config: FitConfig,
+               log: Optional[Callable[[dict], None]] = None,
+               optimiser: Optional[torch.optim.Optimizer] = None) -> tuple[list[dict], dict]:
+    """AdamW (or `optimiser`) with warm-up and decay on plateau; a held-out evaluation every `eval_every`
+    steps; stops when mean held-out top-1 converges and keeps the weights of the best evaluation.
+
+    Shared by every head trainer: `epoch_batches(generator)` gives one epoch's batches; `loss_of(batch)`
+    their loss, a tensor (train_loop runs backward) or a float (the trainer ran backward itself,
+    accumulating per sequence); `held_out()` the held-out metrics (`evaluate`'s shape). Returns the
+    curve (one row per evaluation) and `stopping` (why and where it stopped, for training.json).
     """
     generator = torch.Generator().manual_seed(config.seed)
-    params = [p for p in heads.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    budget = config.max_minutes * 60 if config.max_minutes else None
-    schedule = warmup_cosine(optimiser, total=config.epochs * steps_per_epoch, budget_seconds=budget)
-    deadline = time.perf_counter() + budget if budget else math.inf
-    curve, best_loss, best_state, stale, step = [], math.inf, None, 0, 0
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    optimiser = optimiser or torch.optim.AdamW(list(trainable.values()), lr=config.lr, weight_decay=config.weight_decay)
+    peaks = [group["lr"] for group in optimiser.param_groups]
+    warmup = max(1, min(100, steps_per_epoch // 20))
+    deadline = time.perf_counter() + config.max_minutes * 60 if config.max_minutes else math.inf
+    every = config.eval_every or min(PROBE_STEPS, steps_per_epoch)
     began = time.perf_counter()
-    for epoch in range(1, config.epochs + 1):
-        losses = []
-        for batch in epoch_batches(generator):
-            loss = loss_of(batch)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-            losses.append(loss.item())
-            step += 1
-            if time.perf_counter() > deadline:
-                break
+    curve: list[dict] = []
+    p = Progress()
+
+    def evaluate_now() -> bool:
+        """One curve row; True when the last plateau is reached (converged)."""
+        nonlocal every
+        clock = time.perf_counter()
         metrics = held_out()
-        row = {"epoch": epoch, "steps": step, "seconds": round(time.perf_counter() - began, 1),
-               "train_loss": round(sum(losses) / max(len(losses), 1), 4), **summary(metrics)}
+        eval_seconds = time.perf_counter() - clock
+        if config.eval_every is None and not curve and p.step:  # the probe: evaluations ~EVAL_SHARE of the time from here on
+            every = max(1, math.ceil(eval_seconds / (EVAL_SHARE * p.train_seconds / p.step)))
+        row = {"epoch": round(p.step / steps_per_epoch, 3), "steps": p.step, "seconds": round(time.perf_counter() - began, 1),
+               "lr": float(f"{optimiser.param_groups[0]['lr']:.3g}"),
+               "train_loss": round(sum(p.losses) / max(len(p.losses), 1), 4), **summary(metrics)}
         curve.append(row)
         if log:
             log(row)
-        if metrics["loss"] < best_loss:
-            best_loss, best_state, stale = metrics["loss"], copy.deepcopy(heads.state_dict()), 0
-        else:
-            stale += 1
-        if stale > config.patience or time.perf_counter() > deadline:
+        p.since, p.losses = 0, []
+        accuracy = mean_top1(metrics)
+        if accuracy > p.best + config.min_delta:
+            p.best, p.best_step, p.stale = accuracy, p.step, 0
+            p.best_state = {name: value.detach().clone() for name, value in trainable.items()}
+            return False
+        p.stale += 1
+        if p.stale < config.patience:
+            return False
+        if p.drops == PLATEAU_DROPS:
+            return True
+        p.drops, p.scale, p.stale = p.drops + 1, p.scale * PLATEAU_FACTOR, 0
+        return False
+
+    stopped = "max epochs"
+    for _ in range(config.epochs):
+        for batch in epoch_batches(generator):
+            clock = time.perf_counter()
+            factor = p.scale * min(1.0, (p.step + 1) / warmup)
+            for group, peak in zip(optimiser.param_groups, peaks):
+                group["lr"] = peak * factor
+            optimiser.zero_grad(set_to_none=True)
+            loss = loss_of(batch)
+            if isinstance(loss, torch.Tensor):
+                loss.backward()
+                loss = loss.item()
+            optimiser.step()
+            p.losses.append(loss)
+            p.step, p.since = p.step + 1, p.since + 1
+            p.train_seconds += time.perf_counter() - clock
+            if p.since >= every and evaluate_now():
+                stopped = "converged"
+                break
+            if time.perf_counter() > deadline:
+                stopped = "time cap"
+                break
+        if stopped != "max epochs":
             break
-    heads.load_state_dict(best_state)
-    return curve
+    if p.since or not curve:  # the steps after the last evaluation count too
+        evaluate_now()
+    with torch.no_grad():
+        for name, value in p.best_state.items():
+            trainable[name].copy_(value)
+    return curve, {"stopped": stopped, "steps": p.step, "epochs": round(p.step / steps_per_epoch, 3),
+                   "best_step": p.best_step, "best_top1_mean": round(p.best, 4), "eval_every": every,
+                   "lr_drops": p.drops, "evaluations": len(curve)}
 
 
-def warmup_cosine(optimiser, total: int, warmup: Optional[int] = None, budget_seconds: Optional[float] = None):
-    """Linear warm-up, then cosine decay to zero at `total` steps or at `budget_seconds` (a
-    --max-minutes cap), whichever comes first: a capped run still ends on a small learning rate
-    instead of being cut at its peak (ten times the data made one epoch outlast the cap)."""
-    warmup = warmup if warmup is not None else max(1, min(100, total // 20))
-    began = time.perf_counter()
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        if budget_seconds:
-            progress = max(progress, (time.perf_counter() - began) / budget_seconds)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
+def mean_top1(metrics: dict) -> float:
+    """Held-out top-1 accuracy averaged over heads (or draft depths): what early stopping watches."""
+    counts, valid = metrics["rank_counts"], metrics["valid"].clamp(min=1)
+    return float((counts[:, 0].double() / valid.double()).mean())
 
 
 def active_vocab(targets: torch.Tensor) -> torch.Tensor:
@@ -243,7 +313,7 @@ def head_features(heads: MedusaHeads, hidden: torch.Tensor) -> torch.Tensor:
     Mirrors the ResBlock part of MedusaHeads._logits, so training can project onto a subset.
     """
     K = heads.num_heads
-    y = hidden.to(heads.res_weight.dtype).unsqueeze(0).expand(K, -1, -1)  # [K, N, H]
+    y = hidden.to(heads.res_weight.device, heads.res_weight.dtype).unsqueeze(0).expand(K, -1, -1)  # [K, N, H]
     for layer in range(heads.num_layers):
         y = y + F.silu(torch.baddbmm(heads.res_bias[layer].unsqueeze(1), y, heads.res_weight[layer].mT))
     return y
@@ -300,12 +370,14 @@ def evaluate(heads: MedusaHeads, positions: Positions, top_k: int = 10, chunk: i
 
 
 def summary(metrics: dict) -> dict:
-    """Loss and per-head top-1 / top-5 accuracy as a flat dict (one CSV row)."""
+    """Loss, mean top-1 and per-head top-1 / top-5 accuracy (and Medusa-2's KL) as a flat dict (one CSV row)."""
     counts, valid = metrics["rank_counts"], metrics["valid"].clamp(min=1)
-    row = {"heldout_loss": round(metrics["loss"], 4)}
+    row = {"heldout_loss": round(metrics["loss"], 4), "top1_mean": round(mean_top1(metrics), 4)}
     for k in range(counts.shape[0]):
         row[f"top1_head{k}"] = round(counts[k, 0].item() / valid[k].item(), 4)
         row[f"top5_head{k}"] = round(counts[k, :5].sum().item() / valid[k].item(), 4)
+    if "kl" in metrics:
+        row["heldout_kl"] = round(metrics["kl"], 5)
     return row
 
 
@@ -313,8 +385,8 @@ def epoch_line(row: dict) -> str:
     heads = sorted(int(k[len("top1_head"):]) for k in row if k.startswith("top1_head"))
     top1 = "/".join(f"{row[f'top1_head{k}']:.3f}" for k in heads)
     top5 = "/".join(f"{row[f'top5_head{k}']:.3f}" for k in heads)
-    return (f"epoch {row['epoch']} ({row['steps']} steps, {row['seconds']:.0f} s): train loss {row['train_loss']:.3f}, "
-            f"held-out loss {row['heldout_loss']:.3f}, top-1 {top1}, top-5 {top5}")
+    return (f"step {row['steps']} (epoch {row['epoch']:.2f}, {row['seconds']:.0f} s, lr {row['lr']:.2g}): "
+            f"train loss {row['train_loss']:.3f}, held-out loss {row['heldout_loss']:.3f}, top-1 {top1}, top-5 {top5}")
 
 
 # ------------------------------------------------------------------------------ writing
@@ -343,7 +415,8 @@ def write_heads(heads: MedusaHeads, loaded, out: Path, held: Positions, config: 
     save_calibration(calibration_of(metrics, config.top_k, meta), out / "calibration.json")
     write_curve(result.curve, out / "curve.csv")
     write_draft_vocab(Path(result.info["data"]), loaded.tokenizer, out, loaded.vocab_size, loaded.eos_token_ids)
-    result.info["saved_dtype_check"] = {"float32_best_epoch": min(result.curve, key=lambda r: r["heldout_loss"]), config.save_dtype: best}
+    kept = next(r for r in result.curve if r["steps"] == result.info["stopping"]["best_step"])
+    result.info["saved_dtype_check"] = {"float32_best_evaluation": kept, config.save_dtype: best}
     io.write_json(out / "training.json", {"kind": "medusa", "model": loaded.spec, "config": asdict(config), **result.info, "heldout": best})
     return best
 

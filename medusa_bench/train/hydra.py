@@ -12,7 +12,7 @@ Hydra++ recipe); `both`, their sum. Data loading, the cached base hidden states,
 split, the active-vocabulary softmax and the learning-rate schedule are the Medusa trainer's
 (`train/data.py`, `train/fit.py`); held-out accuracy and calibration use the full vocabulary.
 
-A run writes: the heads (`hydra_lm_head.pt` + `config.json`), `calibration.json` (held-out
+A run writes: the heads (`hydra_lm_head.safetensors` + `config.json`), `calibration.json` (held-out
 path-conditional statistics: P(rank at depth d | the path above accepted), for `--tree auto`),
 `curve.csv` and `training.json`.
 """
@@ -34,7 +34,8 @@ from medusa_bench.heads import io
 from medusa_bench.heads.hydra import ARCHS, HydraHeads, save_hydra_heads
 from medusa_bench.models import DTYPES
 from medusa_bench.train.data import Sequence
-from medusa_bench.train.fit import FitConfig, FitResult, active_vocab, check_out_folder, epoch_line, prepare_sequences, summary, train_loop, write_curve
+from medusa_bench.train.fit import (FitConfig, FitResult, active_vocab, check_out_folder, epoch_line, on_device, prepare_sequences,
+                                    summary, train_loop, write_curve)
 from medusa_bench.train.vocab import write_draft_vocab
 from medusa_bench.trees.ranks import statistics_of
 from medusa_bench.trees.search import save_calibration
@@ -77,7 +78,8 @@ def train_hydra(loaded, data: Path, out: Path, config: HydraFitConfig = HydraFit
     heads = HydraHeads.for_model(loaded.model, config.num_heads, config.num_layers, config.arch,
                                  shared_lm_head=config.lm_head == "shared")
     heads.requires_grad_(True)
-    curve = fit(heads, train, held, config, log=lambda row: console.print(epoch_line(row), highlight=False))
+    train, held = on_device(train, loaded.device), on_device(held, loaded.device)
+    curve, info["stopping"] = fit(heads, train, held, config, log=lambda row: console.print(epoch_line(row), highlight=False))
     info["train_seconds"] = round(time.perf_counter() - start, 1)
     result = FitResult(Path(out), curve, info=info)
     result.best = write(heads, loaded, out, held, config, result)
@@ -88,7 +90,7 @@ def train_hydra(loaded, data: Path, out: Path, config: HydraFitConfig = HydraFit
 
 
 def fit(heads: HydraHeads, train: list[Pair], held: list[Pair], config: HydraFitConfig,
-        log: Optional[Callable[[dict], None]] = None) -> list[dict]:
+        log: Optional[Callable[[dict], None]] = None) -> tuple[list[dict], dict]:
     """Hydra heads teacher-forced over batches of whole sequences (fit.train_loop's schedule and early stopping)."""
     vocab = active_vocab(torch.cat([seq.ids[seq.mask] for seq, _ in train])) if config.softmax == "active" else None
     steps_per_epoch = len(batches(train, config.batch_size, torch.arange(len(train))))
@@ -120,7 +122,7 @@ def head_examples(heads: HydraHeads, batch: list[Pair], k: int, states: list[tor
     inputs, labels, teacher = [], [], []
     for (seq, hidden), state in zip(batch, states):
         T = len(seq)
-        t = torch.arange(max(T - k - 2, 0))
+        t = torch.arange(max(T - k - 2, 0), device=seq.ids.device)
         t = t[seq.mask[t + k + 2]]  # [n]
         inputs.append(heads.inputs_at(state, seq.ids, t, k))
         labels.append(seq.ids[t + k + 2])
@@ -148,7 +150,7 @@ def batch_loss(heads: HydraHeads, batch: list[Pair], vocab: Optional[torch.Tenso
     """Sum over heads of the mean loss on the batch's assistant tokens (softmax over `vocab` if given)."""
     states = head_states(heads, batch)
     base = heads.base_lm_head if vocab is None else heads.base_lm_head[vocab]  # [V', H]: the teacher
-    total = torch.zeros(())
+    total = torch.zeros((), device=heads.base_lm_head.device)
     for k in range(heads.num_heads):
         inputs, labels, teacher_hidden = head_examples(heads, batch, k, states)
         if labels.numel() == 0:
@@ -185,7 +187,7 @@ def evaluate(heads: HydraHeads, held: list[Pair], top_k: int = 10) -> dict:
                 loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
                 ranks = (logits > logits.gather(1, target[:, None])).sum(1)  # [n]
                 valid[k] += ranks.numel()
-                rank_counts[k] += torch.bincount(ranks[ranks < top_k], minlength=top_k)[:top_k]
+                rank_counts[k] += torch.bincount(ranks[ranks < top_k].cpu(), minlength=top_k)[:top_k]
     return {"loss": loss_sum / max(int(valid.sum()), 1), "rank_counts": rank_counts, "valid": valid}
 
 
@@ -202,7 +204,7 @@ def conditional_ranks(heads, held: list[Pair], split: Optional[Callable] = None)
     rows = []
     for seq, hidden in held:
         T, K = len(seq), heads.num_heads
-        positions = torch.arange(T - 1)[seq.mask[1:]]  # roots t + 1 inside the answer
+        positions = torch.arange(T - 1, device=seq.ids.device)[seq.mask[1:]]  # roots t + 1 inside the answer
         if positions.numel() == 0:
             continue
         features, final = split(hidden) if split is not None else (hidden, hidden)
@@ -215,7 +217,7 @@ def conditional_ranks(heads, held: list[Pair], split: Optional[Callable] = None)
             ok = (s < T) & follows[s.clamp(max=T - 1)]
             ranks[~ok, max(d - 1, 0):] = -1
         rows.append(ranks)
-    return torch.cat(rows) if rows else torch.full((0, heads.num_heads), -1, dtype=torch.long)
+    return torch.cat(rows).cpu() if rows else torch.full((0, heads.num_heads), -1, dtype=torch.long)
 
 
 # ------------------------------------------------------------------------------ writing

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -34,7 +33,7 @@ from medusa_bench.heads.medusa import MedusaHeads, load_heads, save_heads, save_
 from medusa_bench.models import DTYPES
 from medusa_bench.train.data import IGNORE, Sequence, head_targets, positions_of
 from medusa_bench.train.fit import (FitConfig, FitResult, active_vocab, calibration_of, check_out_folder, epoch_line,
-                                    evaluate, fit_heads, head_loss, prepare_sequences, summary, warmup_cosine, write_curve)
+                                    evaluate, fit_heads, head_loss, prepare_sequences, summary, train_loop, write_curve)
 from medusa_bench.train.vocab import write_draft_vocab
 from medusa_bench.trees.search import save_calibration
 
@@ -44,7 +43,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 @dataclass
 class Medusa2Config(FitConfig):
-    epochs: int = 1
+    epochs: int = 10  # a maximum, as for every trainer: held-out head accuracy converging stops it
     batch_size: int = 4  # sequences per optimiser step (gradient accumulation)
     lr: float = 2e-4  # LoRA
     heads_lr: float = 5e-4
@@ -77,8 +76,8 @@ def train_medusa2(loaded, data: Path, out: Path, config: Medusa2Config = Medusa2
     student = make_student(loaded.model, config)
     heads.attach_lm_head(lm_head_of(student))
     heads.requires_grad_(True)
-    curve = joint_fit(student, heads, train, held or train, config,
-                      log=lambda row: console.print(epoch_line(row) + f", KL {row['heldout_kl']:.4f}", highlight=False))
+    curve, info["stopping"] = joint_fit(student, heads, train, held or train, config,
+                                        log=lambda row: console.print(epoch_line(row) + f", KL {row['heldout_kl']:.4f}", highlight=False))
     info["train_seconds"] = round(time.perf_counter() - start, 1)
     result = FitResult(Path(out), curve, info=info)
     result.best = write_medusa2(student, heads, loaded, out, held or train, config, result)
@@ -133,52 +132,34 @@ def decoder_of(student):
 # ------------------------------------------------------------------------------ training
 
 
-def joint_fit(student, heads: MedusaHeads, train: list, held: list, config: Medusa2Config, log=None) -> list[dict]:
-    """AdamW on LoRA (lr) and heads (heads_lr); held-out check per epoch; keeps the best state.
+def joint_fit(student, heads: MedusaHeads, train: list, held: list, config: Medusa2Config, log=None) -> tuple[list[dict], dict]:
+    """AdamW on LoRA (lr) and heads (heads_lr) in fit.train_loop: its schedule, held-out evaluations and
+    early stopping on the heads' mean top-1 on the adapted backbone (the KL is logged beside it).
 
-    `train` and `held` are lists of (Sequence, base hidden [T, H]) pairs.
+    `train` and `held` are lists of (Sequence, base hidden [T, H]) pairs; a step accumulates the
+    gradients of `batch_size` sequences, one backward each (one sequence's graph in memory at a time).
     """
     lora = [p for p in student.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW([{"params": lora, "lr": config.lr}, {"params": list(heads.parameters()), "lr": config.heads_lr}],
                                   weight_decay=config.weight_decay)
-    schedule = warmup_cosine(optimiser, total=config.epochs * math.ceil(len(train) / config.batch_size), warmup=5,
-                             budget_seconds=config.max_minutes * 60 if config.max_minutes else None)
     vocab = active_vocab(torch.cat([head_targets(s, heads.num_heads).flatten() for s, _ in train])) if config.softmax == "active" else None
     weights = [config.heads_coefficient * config.heads_decay**k for k in range(heads.num_heads)]
-    deadline = time.perf_counter() + config.max_minutes * 60 if config.max_minutes else math.inf
-    rng = random.Random(config.seed)
-    curve, best, best_state, stale, step, began = [], math.inf, None, 0, 0, time.perf_counter()
-    for epoch in range(1, config.epochs + 1):
-        order = list(range(len(train)))
-        rng.shuffle(order)
-        losses = []
-        for begin in range(0, len(order), config.batch_size):
-            group = [train[i] for i in order[begin: begin + config.batch_size]]
-            optimiser.zero_grad(set_to_none=True)
-            for seq, base in group:
-                kl, head = joint_loss(student, heads, seq, base, vocab, weights)
-                ((kl + head) / len(group)).backward()
-                losses.append((kl + head).item())
-            optimiser.step()
-            schedule.step()
-            step += 1
-            if time.perf_counter() > deadline:
-                break
-        metrics = evaluate_joint(student, heads, held, config)
-        row = {"epoch": epoch, "steps": step, "seconds": round(time.perf_counter() - began, 1),
-               "train_loss": round(sum(losses) / max(len(losses), 1), 4), **summary(metrics), "heldout_kl": round(metrics["kl"], 5)}
-        curve.append(row)
-        if log:
-            log(row)
-        objective = metrics["kl"] + config.heads_coefficient * metrics["loss"]
-        if objective < best:
-            best, best_state, stale = objective, trainable_state(student, heads), 0
-        else:
-            stale += 1
-        if stale > config.patience or time.perf_counter() > deadline:
-            break
-    load_trainable_state(student, heads, best_state)
-    return curve
+
+    def epoch_batches(generator: torch.Generator):
+        order = torch.randperm(len(train), generator=generator).tolist()
+        return ([train[i] for i in order[begin: begin + config.batch_size]] for begin in range(0, len(order), config.batch_size))
+
+    def backward(group: list) -> float:
+        total = 0.0
+        for seq, base in group:
+            kl, head = joint_loss(student, heads, seq, base, vocab, weights)
+            ((kl + head) / len(group)).backward()
+            total += (kl + head).item() / len(group)
+        return total
+
+    both = torch.nn.ModuleDict({"student": student, "heads": heads})  # train_loop keeps the best trainable weights of both
+    return train_loop(both, epoch_batches, backward, lambda: evaluate_joint(student, heads, held, config),
+                      math.ceil(len(train) / config.batch_size), config, log, optimiser)
 
 
 def joint_loss(student, heads: MedusaHeads, seq: Sequence, base: torch.Tensor, vocab, weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,19 +198,6 @@ def evaluate_joint(student, heads: MedusaHeads, held: list, config: Medusa2Confi
     return metrics
 
 
-def trainable_state(student, heads: MedusaHeads) -> dict:
-    lora = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
-    return {"lora": lora, "heads": copy.deepcopy(heads.state_dict())}
-
-
-def load_trainable_state(student, heads: MedusaHeads, state: dict) -> None:
-    params = dict(student.named_parameters())
-    with torch.no_grad():
-        for name, value in state["lora"].items():
-            params[name].copy_(value)
-    heads.load_state_dict(state["heads"])
-
-
 # ------------------------------------------------------------------------------ writing
 
 
@@ -247,7 +215,7 @@ def write_medusa2(student, heads: MedusaHeads, loaded, out: Path, held: list, co
     dtype = DTYPES[config.save_dtype]
     round_trip(student, heads, dtype)
     metrics = evaluate_joint(student, heads, held, config)
-    best = {**summary(metrics), "heldout_kl": round(metrics["kl"], 5)}
+    best = summary(metrics)
     if config.full_model:
         save_medusa2(out, student.merge_and_unload(), loaded.tokenizer, heads)
     else:
