@@ -16,7 +16,7 @@ from medusa_bench.train import distill as distill_module
 from medusa_bench.train import pack
 from medusa_bench.train.data import read_records, record_turns, user_turns_in
 from medusa_bench.train.distill import describe_data, distill
-from medusa_bench.train.prompts import FOLLOW_UPS
+from medusa_bench.train.prompts import FOLLOW_UPS, distilled_in
 
 REPO_PACKS = REPO / "data" / "distill"
 MAX_REPO_PACK_BYTES = 20_000_000  # issue #36: what the repo keeps of distilled data, in all
@@ -86,6 +86,7 @@ def test_a_pack_reads_back_the_records_distill_wrote(smollm, gsm8k, tmp_path, pa
     assert "ids" in lines[0]["turns"][2]  # a follow-up not in the data file: its token ids
     assert records[0]["conversations"][0]["value"][:30] not in lzma.decompress(sealed[0].read_bytes()).decode()
     assert "ids" in part_lines(sealed[1])[-1]["turns"][0]  # a prompt from outside the data folder: ids
+    assert [p.answer_ids for p in distilled_in(folder)] == [r["answer_ids"] for r in records]  # --extend reads a pack
     info = pack.pack_info(folder)
     assert info["conversations"] == 4 and info["parts"] == 2 and info["answer_tokens"] == sum(sum(r["new_tokens"]) for r in records)
     assert info["bytes"] == sum(p.stat().st_size for p in sealed)
