@@ -13,19 +13,17 @@ from collections import Counter
 from pathlib import Path
 
 from medusa_bench.heads.common import DRAFT_VOCAB_FILE
+from medusa_bench.train.data import messages_of, read_records
 
 
 def count_answer_tokens(data_path: Path, tokenizer) -> Counter:
-    """Counts of the tokens in every assistant turn of a ShareGPT/FastChat jsonl file."""
+    """Counts of the tokens in every assistant turn of the training data (what `--data` takes:
+    ShareGPT/FastChat jsonl, a JSON list, or a distillation pack folder)."""
     counts: Counter = Counter()
-    with open(data_path, encoding="utf-8") as handle:
-        for line in handle:
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            for turn in record.get("conversations", []):
-                if turn.get("from") in ("gpt", "assistant"):
-                    counts.update(tokenizer(turn.get("value", ""), add_special_tokens=False)["input_ids"])
+    for record in read_records(Path(data_path)):
+        for turn in messages_of(record):
+            if turn["role"] == "assistant":
+                counts.update(tokenizer(turn["content"], add_special_tokens=False)["input_ids"])
     return counts
 
 
