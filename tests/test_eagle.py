@@ -330,7 +330,9 @@ def test_training_lowers_the_loss_and_writes_heads_that_decode_losslessly(smollm
         for prompt, answer in zip(PROMPTS * 3, answers * 3):
             handle.write(json.dumps({"conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]}) + "\n")
     config = EagleFitConfig(variant=variant, num_heads=3, ttt_steps=2, epochs=4, batch_size=40, heldout=0.2, patience=5,
-                            hidden_cache="none", top_k=4, draft_vocab=512, lr=2e-3)
+                            hidden_cache="none", top_k=4, draft_vocab=512,
+                            # a constant rate until a plateau: EAGLE-1's feature loss rose 3.5 -> 4.5 at 2e-3 (its default is 5e-4)
+                            lr=5e-4 if variant == "eagle" else 2e-3)
     result = train_eagle(smollm, tmp_path / "data.jsonl", tmp_path / "heads", config)
     assert result.curve[-1]["train_loss"] < result.curve[0]["train_loss"]
     for name in ("model.safetensors", "config.json", "calibration.json", "curve.csv", "training.json"):
