@@ -72,6 +72,27 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags(path: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The CPU's feature flags (empty where /proc/cpuinfo is missing, e.g. macOS)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def native_bf16_flag(flags: set[str] | None = None) -> str | None:
+    """The flag showing the CPU computes bf16 natively, or None (without one torch emulates bf16, far slower)."""
+    flags = cpu_flags() if flags is None else flags
+    return next((flag for flag in NATIVE_BF16_FLAGS if flag in flags), None)
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """auto: fp32 on CPU (fp16 matmuls are slow there; `run` measures bf16: bench/precision.py), bf16 on CUDA when supported, else fp16."""
     if dtype == "auto":

@@ -90,6 +90,40 @@ def test_a_batch_smaller_than_its_decoder_and_uneven_limits(smollm, prompts, alo
     assert [g.token_ids for g in one] == [a[:1] for a in alone[:2]] and all(g.steps == 1 for g in one)
 
 
+@pytest.mark.parametrize("spec, options", [("baseline", {}), ("eagle2", {"tree": "tree-8"})], ids=["baseline", "eagle2"])
+def test_more_prompts_than_slots_stream_through_the_batch(smollm, prompts, alone, spec, options):
+    """Continuous batching: six prompts through two slots, uneven limits, so rows leave at different
+    steps and newcomers join a running batch (realigned columns, leading columns dropped); every row
+    equals its prompt decoded alone (EAGLE-2: each newcomer's draft cache starts afresh)."""
+    order = [0, 1, 2, 3, 1, 0]
+    limits = [NEW, 6, NEW, 9, NEW, 3]
+    out = batched(spec, smollm, 2, **options).generate([prompts[i] for i in order], limits)
+    assert [g.token_ids for g in out] == [alone[i][:limit] for i, limit in zip(order, limits)]
+    assert all(g.wall_time > 0 for g in out)
+
+
+def test_join_right_aligns_both_batches_and_drops_unused_columns():
+    from medusa_bench.runtime.batch import Columns
+
+    mine, theirs = SlotCache(1, 8), SlotCache(1, 4)
+    for cache, rows, length, base in ((mine, 2, 6, 0.0), (theirs, 1, 3, 100.0)):
+        slots = torch.arange(cache.capacity, dtype=torch.float32) + base
+        keys = slots.repeat(rows, 1, 1)[..., None].expand(rows, 1, cache.capacity, 2).clone()  # [B, heads, C, dim]
+        cache.layers[0].lazy_initialization(keys, keys)
+        cache.storage[0, 0].copy_(keys)
+        cache.length = cache.start = length
+    mine.join(theirs, start=2, width=5, capacity=7)  # mine's slots 2..5 and theirs's 0..2 end at slot 5
+    keys = mine.layers[0].keys[:, 0, :, 0]  # [B, C]
+    assert keys.shape == (3, 7) and mine.length == 5
+    assert keys[0].tolist() == [0, 2, 3, 4, 5, 0, 0] and keys[2].tolist() == [0, 0, 100, 101, 102, 0, 0]
+    columns, joining = Columns([4, 2], 8, torch.device("cpu")), Columns([3], 4, torch.device("cpu"))
+    columns.valid[0, :2] = False  # row 0's first two columns are gone (a row that left used them)
+    assert columns.first_used() == 2
+    columns.join(joining, start=2, width=3, capacity=7)
+    assert columns.valid.int().tolist() == [[0, 1, 1, 0, 0, 0, 0], [0, 1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0]]
+    assert columns.lengths.tolist() == [4, 2, 3] and columns.width == 3
+
+
 def test_keep_rows_gathers_each_rows_own_path():
     """Row b keeps slots start + keep[b]: a real SlotCache, written as a forward writes it."""
     cache = SlotCache(num_layers=2, capacity=8)

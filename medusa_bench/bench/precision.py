@@ -24,30 +24,17 @@ from typing import Callable, Optional
 import torch
 
 from medusa_bench.bench.contention import cpu_meter
-from medusa_bench.models import cache_kwargs
+from medusa_bench import models
+from medusa_bench.models import cache_kwargs, cpu_flags
 from medusa_bench.results import files
 
-NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 CONTEXT = 300  # cached tokens when a step is timed: a typical MT-Bench turn-2 context
 RUNS = 7  # timed one-token steps per dtype (median); ~0.3 s each way on SmolLM2
 
 
-def cpu_flags(path: Path = Path("/proc/cpuinfo")) -> set[str]:
-    """The CPU's feature flags (empty where /proc/cpuinfo is missing, e.g. macOS)."""
-    try:
-        text = path.read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
-
-
 def native_bf16_flag(flags: Optional[set[str]] = None) -> Optional[str]:
-    """The flag showing the CPU computes bf16 natively, or None."""
-    flags = cpu_flags() if flags is None else flags
-    return next((flag for flag in NATIVE_BF16_FLAGS if flag in flags), None)
+    """The flag showing the CPU computes bf16 natively, or None (models.native_bf16_flag on this CPU's flags)."""
+    return models.native_bf16_flag(cpu_flags() if flags is None else flags)
 
 
 class StepTimer:

@@ -112,22 +112,38 @@ class BatchedDecoder:
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_new_tokens: Union[int, list[int]],
                  on_steps: Optional[list[Optional[StepCallback]]] = None) -> list[Generation]:
-        """One Generation per prompt (at most `batch_size`); a row's wall time runs from the batch's
-        start to the step it finished at, so its latency includes waiting for the other rows.
-        `max_new_tokens`: one limit for all or one per prompt; `on_steps[i](tokens)` True: prompt i
-        stops there (`serve`'s stop strings and cancellations)."""
+        """One Generation per prompt; a row's wall time runs from the call's start to the step it
+        finished at, so its latency includes waiting for the other rows (and, beyond `batch_size`
+        prompts, for a free slot). `max_new_tokens`: one limit for all or one per prompt;
+        `on_steps[i](tokens)` True: prompt i stops there (`serve`'s stop strings and cancellations).
+
+        More prompts than `batch_size` decode as a stream (continuous batching): whenever enough
+        rows have finished, the next prompts are prefilled and join the running batch."""
         sync(self.device)
         start = time.perf_counter()
-        state = self.prefill(prompts, max_new_tokens, on_steps)
-        walls = [0.0] * len(state.rows)
+        limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+        on_steps = on_steps or [None] * len(prompts)
+        rows = [Row(i, None, prompt, limit, on_step) for i, (prompt, limit, on_step) in enumerate(zip(prompts, limits, on_steps))]
+        waiting = rows[self.batch_size:]
+        state = self.start(rows[: self.batch_size])
+        walls = [0.0] * len(rows)
         while state.active:
             ended = self.step(state)
             if ended:
                 sync(self.device)
                 for row in ended:
                     walls[row.index] = time.perf_counter() - start
+            free = self.batch_size - len(state.active)
+            if waiting and free >= min(self.refill_at, len(waiting)):
+                joining, waiting = waiting[:free], waiting[free:]
+                self.admit(state, joining)
         return [Generation(row.tokens, len(row.accept_lengths), row.accept_lengths, walls[row.index], row.finish, None,
-                           row.drafts, row.draft_tokens) for row in state.rows]
+                           row.drafts, row.draft_tokens) for row in rows]
+
+    @property
+    def refill_at(self) -> int:
+        """Free slots that make newcomers join: each join prefills them and copies the whole cache once."""
+        return max(1, self.batch_size // 4)
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], max_new_tokens: Union[int, list[int]],
@@ -137,12 +153,48 @@ class BatchedDecoder:
             raise ValueError(f"{len(prompts)} prompts for a batch of {self.batch_size}")
         limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
         on_steps = on_steps or [None] * len(prompts)
-        rows = [Row(i, decoder, prompt, limit, on_step) for i, (decoder, prompt, limit, on_step)
-                in enumerate(zip(self.decoders, prompts, limits, on_steps))]
+        return self.start([Row(i, None, prompt, limit, on_step)
+                           for i, (prompt, limit, on_step) in enumerate(zip(prompts, limits, on_steps))])
+
+    def start(self, rows: list[Row]) -> BatchState:
+        """A new batch of these rows (each given a decoder of its own), prefilled."""
+        for row, decoder in zip(rows, self.decoders):
+            row.decoder = decoder
+        cache, columns = self._prefill(rows)
+        return BatchState(list(rows), list(rows), cache, columns)
+
+    @torch.inference_mode()
+    def admit(self, state: BatchState, rows: list[Row]) -> None:
+        """Rows join a running batch (at most the free slots): prefilled on their own, then their cache
+        rows and columns appended, both batches right-aligned at one width; the leading columns that
+        no active row sees any more are dropped, so the width stays near the longest live context."""
+        busy = [row.decoder for row in state.active]
+        free = [d for d in self.decoders if all(d is not b for b in busy)]
+        if len(rows) > len(free):
+            raise ValueError(f"{len(rows)} rows join a batch with {len(free)} free slots")
+        for row, decoder in zip(rows, free):
+            row.decoder = decoder
+        cache, columns = self._prefill(rows)
+        state.rows += rows
+        if not state.active:
+            state.active, state.cache, state.columns = list(rows), cache, columns
+            return
+        first = state.columns.first_used()
+        width = max(state.columns.width - first, columns.width)
+        capacity = width + self._room(state.active + rows)
+        state.cache.join(cache, first, width, capacity)
+        state.columns.join(columns, first, width, capacity)
+        state.active += rows
+
+    def _room(self, rows: list[Row]) -> int:
+        """Cache columns past the context that the rows' remaining tokens and one tree may need."""
+        draft = max(d.draft_size for d in self.decoders) + 1
+        return max(row.limit - len(row.tokens) for row in rows) * (2 if self.drafting else 1) + draft
+
+    def _prefill(self, rows: list[Row]) -> tuple[SlotCache, Columns]:
         lengths = [len(row.prompt_ids) for row in rows]
         width = max(lengths)
-        draft = max(d.draft_size for d in self.decoders) + 1
-        capacity = width + max(limits) * (2 if self.drafting else 1) + draft  # holes: the cache grows if short
+        capacity = width + self._room(rows)  # holes: the cache grows if short
         cache = SlotCache(self.decoders[0].engine.num_layers, capacity)
         columns = Columns(lengths, capacity, self.device)
         ids = torch.zeros(len(rows), width, dtype=torch.long)
@@ -161,7 +213,7 @@ class BatchedDecoder:
                 row.hidden = hidden[b, -1]
             if self.wants_logits:
                 row.decoder.proposer.observe_logits(ids[b, own], logits[b, own])
-        return BatchState(rows, list(rows), cache, columns)
+        return cache, columns
 
     @torch.inference_mode()
     def step(self, state: BatchState) -> list[Row]:

@@ -67,6 +67,21 @@ class Columns:
         self.width += m
         self.lengths = self.lengths + counts
 
+    def first_used(self) -> int:
+        """The first column any row still sees (the columns before it can be dropped)."""
+        used = self.valid[:, : self.width].any(0)  # [W]
+        return int(used.int().argmax()) if bool(used.any()) else self.width
+
+    def join(self, other: "Columns", start: int, width: int, capacity: int) -> None:
+        """`SlotCache.join`'s column map: this batch's columns start … width-1 and `other`'s, both
+        right-aligned to end at `width`; `other`'s rows after this batch's."""
+        mine, theirs = self.width - start, other.width
+        valid = self.valid.new_zeros(len(self.lengths) + len(other.lengths), capacity)  # [B + B', C]
+        valid[: len(self.lengths), width - mine:width] = self.valid[:, start:self.width]
+        valid[len(self.lengths):, width - theirs:width] = other.valid[:, :theirs]
+        self.valid, self.width = valid, width
+        self.lengths = torch.cat([self.lengths, other.lengths])
+
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these rows (finished ones left the batch)."""
         self.valid, self.lengths = self.valid[rows], self.lengths[rows]

@@ -173,6 +173,30 @@ class SlotCache(Cache):
             else:
                 layer.keys, layer.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
 
+    def join(self, other: "SlotCache", start: int, width: int, capacity: int) -> None:
+        """Batched: `other`'s rows join this cache's (continuous batching, decoders/batched.py).
+
+        This cache's slots start … length-1 and `other`'s 0 … other.length-1 are both right-aligned
+        to end at slot `width` (slots before `start` that no row uses any more are dropped), in new
+        zeroed buffers of `capacity` slots: rows of this cache first, then `other`'s. The slots left
+        of a row's context are holes its mask hides; zeros keep them finite (0 × NaN poisons a sum).
+        """
+        if self.storage is not None and other.storage is not None and self.uniform and other.uniform:
+            self.storage = _joined(self.storage, start, self.length, other.storage, other.length, width, capacity, 2, 4)
+        else:
+            for mine, theirs in zip(self.layers, other.layers):
+                if mine.is_initialized and theirs.is_initialized:
+                    for name in ("keys", "values"):  # [B, heads, capacity, dim]
+                        setattr(mine, name, _joined(getattr(mine, name), start, self.length, getattr(theirs, name),
+                                                    other.length, width, capacity, 0, 2))
+            self.storage, self.uniform = None, False
+        for layer in self.layers:
+            if layer.is_initialized and layer.shared:
+                layer.keys, layer.values = self.storage[layer.index, 0], self.storage[layer.index, 1]
+        if self.graphs:
+            self.graphs.clear()  # recorded steps hold the old buffers' addresses
+        self.capacity, self.length, self.start = capacity, width, width
+
     def reserve(self, need: int) -> None:
         """Room for `need` slots: reallocate (doubling) and copy when short; addresses then change."""
         if need <= self.capacity:
@@ -190,6 +214,19 @@ class SlotCache(Cache):
                 layer.keys, layer.values = self.storage[layer.index, 0], self.storage[layer.index, 1]
             else:
                 layer.grow(self.capacity)
+
+
+def _joined(mine: torch.Tensor, start: int, end: int, theirs: torch.Tensor, their_end: int, width: int,
+            capacity: int, batch_dim: int, slot_dim: int) -> torch.Tensor:
+    """mine's slots start … end-1 over theirs's 0 … their_end-1, both ending at slot `width`; rows stacked."""
+    shape = list(mine.shape)
+    shape[batch_dim] += theirs.shape[batch_dim]
+    shape[slot_dim] = capacity
+    out = mine.new_zeros(shape)
+    rows = mine.shape[batch_dim]
+    out.narrow(batch_dim, 0, rows).narrow(slot_dim, width - (end - start), end - start).copy_(mine.narrow(slot_dim, start, end - start))
+    out.narrow(batch_dim, rows, theirs.shape[batch_dim]).narrow(slot_dim, width - their_end, their_end).copy_(theirs.narrow(slot_dim, 0, their_end))
+    return out
 
 
 # ------------------------------------------------------------------------------ keep / crop, either kind
