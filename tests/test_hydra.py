@@ -102,7 +102,7 @@ def test_checkpoint_round_trip(tmp_path, arch, shared):
     assert config["hydra_head_arch"] == arch and config["grounded_heads"] is True
     assert config["base_model_name_or_path"] == "tiny"
 
-    names = io.tensor_names(tmp_path / "hydra_lm_head.pt")
+    names = io.tensor_names(tmp_path / "hydra_lm_head.safetensors")
     first = "hydra_mlp.2.1" if arch == "prefix-mlp" else "hydra_mlp.2.0"
     assert f"{first}.res_connection.weight" in names  # the reference's layout
     projection = "hydra_lm_head.0.1.weight" if arch == "prefix-mlp" else "hydra_lm_head.0.weight"
