@@ -189,6 +189,7 @@ class SlotCache(Cache):
                     for name in ("keys", "values"):  # [B, heads, capacity, dim]
                         setattr(mine, name, _joined(getattr(mine, name), start, self.length, getattr(theirs, name),
                                                     other.length, width, capacity, 0, 2))
+                    mine.shared = False  # its own buffers now, even where it was a view into the old storage
             self.storage, self.uniform = None, False
         for layer in self.layers:
             if layer.is_initialized and layer.shared:
