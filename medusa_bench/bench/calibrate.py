@@ -158,8 +158,9 @@ def greedy_sequences(loaded, prompts: Sequence[str], max_new_tokens: int, turns:
 
 
 def greedy_answers(loaded, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """The baseline's greedy answer to each prompt, GREEDY_BATCH prompts decoded together where the
-    model allows it (decoders/batched.py: in fp32 each row is the batch-1 answer), else one by one."""
+    """The baseline's greedy answer to each prompt, up to GREEDY_BATCH rows decoded together (more
+    prompts stream through them) where the model allows it (decoders/batched.py: in fp32 each row
+    is the batch-1 answer), else one by one."""
     from medusa_bench.decoders.batched import BatchedDecoder, batch_refusal
 
     decoders = [SpeculativeDecoder("baseline", loaded, Proposer()) for _ in range(min(GREEDY_BATCH, len(prompt_ids)))]
@@ -167,11 +168,7 @@ def greedy_answers(loaded, prompt_ids: list[list[int]], max_new_tokens: int) -> 
         return []
     if batch_refusal(decoders[0]) is not None or len(decoders) == 1:
         return [decoders[0].generate(ids, max_new_tokens).token_ids for ids in prompt_ids]
-    answers = []
-    for start in range(0, len(prompt_ids), GREEDY_BATCH):
-        chunk = prompt_ids[start:start + GREEDY_BATCH]
-        answers += [g.token_ids for g in BatchedDecoder(decoders[:len(chunk)]).generate(chunk, max_new_tokens)]
-    return answers
+    return [g.token_ids for g in BatchedDecoder(decoders).generate(prompt_ids, max_new_tokens)]
 
 
 @torch.inference_mode()
