@@ -380,3 +380,57 @@ def test_fingerprint_tracks_the_weight_bytes(tmp_path):
     assert len(fa) == 64
     assert load_heads(tmp_path / "c").fingerprint() != fa
     assert load_heads(tmp_path / "a" / "medusa_lm_head.pt").fingerprint() == fa
+
+
+# ---------------------------------------------------------------------- int8 storage
+
+
+def test_int8_storage_round_trip_is_close_and_half_the_bytes(tmp_path):
+    """Matrices of >= INT8_MIN_SIZE elements go to int8 + a float32 scale per row; loading gives
+    float32 back within half a step of each row's scale; vectors stay bfloat16."""
+    torch.manual_seed(0)
+    tensors = {"w": torch.randn(512, 256), "b": torch.randn(512), "small": torch.randn(8, 8)}
+    stored = io.quantize_int8(tensors)
+    assert stored["w"].dtype == torch.int8 and stored["w_scale"].shape == (512, 1)
+    assert stored["b"].dtype == torch.bfloat16 and stored["small"].dtype == torch.bfloat16
+    io.save_tensors(tmp_path / "int8.safetensors", stored)
+    io.save_tensors(tmp_path / "fp16.safetensors", {k: v.half() for k, v in tensors.items()})
+    back = io.load_tensors(tmp_path / "int8.safetensors")
+    assert set(back) == set(tensors) and all(v.dtype == torch.float32 for v in back.values())
+    step = tensors["w"].abs().amax(1, keepdim=True) / 127
+    assert ((back["w"] - tensors["w"]).abs() <= step / 2 + 1e-6).all()
+    assert (tmp_path / "int8.safetensors").stat().st_size < 0.52 * (tmp_path / "fp16.safetensors").stat().st_size
+    assert set(io.load_tensors(tmp_path / "int8.safetensors", keep=lambda k: k == "w")) == {"w"}  # the scale follows its key
+
+
+def test_compressed_heads_folder_loads_to_the_round_trip_weights(tmp_path):
+    """`heads compress` rewrites a folder in place; the loader then gives exactly what
+    io.round_trip predicts (the trainers measure held-out accuracy on that), drafts unchanged here."""
+    torch.manual_seed(0)
+    heads = MedusaHeads(3, 256, None, 1)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0, 0.05)
+    lm_head = torch.randn(V, 256)
+    heads.attach_lm_head(lm_head)
+    save_heads(heads, tmp_path, base_model_name_or_path="org/base")
+    before = (tmp_path / "medusa_lm_head.safetensors").stat().st_size
+    assert [p.name for p in io.compress_folder(tmp_path)] == ["medusa_lm_head.safetensors"]
+    assert (tmp_path / "medusa_lm_head.safetensors").stat().st_size < 0.3 * before  # fp32 -> int8
+    assert io.compress_folder(tmp_path) == []  # already int8: left alone
+    loaded = load_heads(tmp_path)
+    loaded.attach_lm_head(lm_head)
+    expected = io.round_trip(heads, "int8")
+    assert_same_heads(expected, loaded, torch.randn(2, 3, 256))
+
+
+def test_short_draft_vocab_file_goes_on_with_unseen_ids(tmp_path):
+    """draft_vocab.json lists the seen tokens only; asking for more appends the rest in id order."""
+    from medusa_bench.heads.common import DRAFT_VOCAB_FILE, apply_draft_vocab
+
+    heads = random_heads(K=2, shared=True)
+    (tmp_path / DRAFT_VOCAB_FILE).write_text(json.dumps({"token_ids": [7, 3, 9]}))
+    apply_draft_vocab(heads, tmp_path, 6)
+    assert heads._draft_vocab.tolist() == [7, 3, 9, 0, 1, 2]
+    apply_draft_vocab(heads, tmp_path, 2)
+    assert heads._draft_vocab.tolist() == [7, 3]

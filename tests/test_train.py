@@ -318,6 +318,49 @@ def test_heads_stored_in_half_precision_load_upcast_to_the_base_dtype(smollm, tm
         check(load_eagle_heads(tmp_path / variant, smollm.model), io.load_tensors(path))
 
 
+def test_heads_stored_in_int8_load_as_the_round_trip_predicts(smollm, tmp_path):
+    """`heads compress` on every format at the real model's sizes: the loaders give exactly the
+    weights io.round_trip computes (what trainers measure held-out accuracy on), half the bytes of bf16."""
+    import copy
+
+    def noisy(module):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+        return module
+
+    cases = [
+        (noisy(MedusaHeads.for_model(smollm.model, 2, 1)), save_heads, lambda f: load_heads(f, base_model=smollm.model),
+         lambda h: h.medusa_state_dict()),
+        (noisy(HydraHeads.for_model(smollm.model, 2, 1, "mlp")), save_hydra_heads,
+         lambda f: load_hydra_heads(f, base_model=smollm.model), lambda h: h.hydra_state_dict()),
+        (noisy(new_eagle_heads(smollm.model, "eagle3", torch.arange(64))), save_eagle_heads,
+         lambda f: load_eagle_heads(f, smollm.model), lambda h: h.eagle_state_dict()),
+    ]
+    for k, (heads, save, load, state) in enumerate(cases):
+        folder = tmp_path / str(k)
+        path = save(heads.to(torch.bfloat16), folder)
+        half = path.stat().st_size
+        save(heads.float(), folder)
+        assert io.compress_folder(folder) == [path]
+        assert path.stat().st_size < 0.55 * half
+        expected = state(io.round_trip(copy.deepcopy(heads), "int8"))
+        got = state(load(folder))
+        assert set(got) == set(expected) and all(torch.equal(got[n].float(), expected[n].float()) for n in expected), type(heads).__name__
+
+
+def test_int8_storage_from_a_trainer_reports_the_accuracy_of_what_it_wrote(smollm, counting_data, hidden_dir, tmp_path):
+    from safetensors import safe_open
+
+    config = FitConfig(num_heads=2, epochs=1, batch_size=64, lr=3e-3, heldout=0.2, save_dtype="int8", hidden_cache=hidden_dir)
+    result = train_medusa(smollm, counting_data, tmp_path / "m", config)
+    with safe_open(str(tmp_path / "m" / "medusa_lm_head.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"I8", "F32", "BF16"}  # matrices, scales, biases
+    _, held, _ = prepare_positions(smollm, counting_data, config, Console(quiet=True))
+    assert summary(evaluate(load_heads(tmp_path / "m", base_model=smollm.model), held, config.top_k)) == result.best
+
+
 def test_eagle3_trains_a_step_with_the_papers_seven_ttt_steps(smollm, counting_data):
     sequences = load_sequences(smollm, counting_data)[:2]
     layers = (*eagle3_layers(text_config(smollm.model.config).num_hidden_layers), -1)

@@ -145,6 +145,23 @@ def instructions(
     typer.echo(str(out))
 
 
+heads_app = typer.Typer(help="Heads folders: storage.", no_args_is_help=True)
+app.add_typer(heads_app, name="heads")
+
+
+@heads_app.command("compress")
+def heads_compress(folders: List[Path] = typer.Argument(..., exists=True, file_okay=False, help="Heads folders, rewritten in place.")) -> None:
+    """Store heads' weight matrices as int8 with a scale per row (half of 16-bit; every loader reads it back)."""
+    from medusa_bench.heads.io import compress_folder
+
+    for folder in folders:
+        before = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+        rewritten = compress_folder(folder)
+        after = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+        names = ", ".join(f.name for f in rewritten) or "nothing to rewrite"
+        console.print(f"{folder}: {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB ({names})")
+
+
 _DATA = typer.Option(..., "--data", help="ShareGPT jsonl (e.g. from `medusa-bench distill`).")
 _OUT = typer.Option(..., "--out", "-o", help="Output folder for the heads.")
 _MODEL = typer.Option("smollm2-135m", "--model", "-m", help="Hub id, local folder, .gguf file or 'smollm2-135m'.")
@@ -153,7 +170,7 @@ _HELDOUT = typer.Option(0.05, "--heldout", help="Fraction of sequences held out 
 _MAX_MINUTES = typer.Option(None, "--max-minutes", help="Optional safety cap: stop optimising after this many minutes (keeps the best weights).")
 _MAX_LENGTH = typer.Option(None, "--max-length", help="Truncate sequences to N tokens (default: the model's context).")
 _SOFTMAX = typer.Option("active", "--softmax", help="active (training softmax over the tokens seen as targets: faster) | full.")
-_SAVE_DTYPE = typer.Option("bfloat16", "--save-dtype", help="float32 | float16 | bfloat16 for the written weights (loading upcasts).")
+_SAVE_DTYPE = typer.Option("bfloat16", "--save-dtype", help="float32 | float16 | bfloat16 | int8 (matrices with a scale per row) for the written weights (loading upcasts).")
 _HIDDEN_CACHE = typer.Option(None, "--hidden-cache", help="Folder for cached base hidden states (default: user cache; 'none': off).")
 _LAYERS = typer.Option(1, "--layers", help="ResBlocks per head.")
 _LM_HEAD = typer.Option("shared", "--lm-head", help="shared (heads end in the base lm_head: a few MB) | own.")

@@ -167,7 +167,8 @@ def weights_hash(path: Path) -> str | None:
 
 
 def read_draft_vocab(folder: str | Path | None) -> list[int] | None:
-    """Token ids ordered most frequent first, from the heads folder's draft_vocab.json, if any."""
+    """Token ids ordered most frequent first, from the heads folder's draft_vocab.json, if any
+    (the tokens seen in the training answers; older files go on with the unseen ones in id order)."""
     if folder is None or not (Path(folder) / DRAFT_VOCAB_FILE).is_file():
         return None
     path = Path(folder) / DRAFT_VOCAB_FILE
@@ -196,4 +197,8 @@ def apply_draft_vocab(heads: DraftHeads, folder, size: int) -> None:
                             "heads trained by `medusa-bench train` have one; or pass --draft-vocab 0")
         heads.restrict_draft_vocab(None)
         return
-    heads.restrict_draft_vocab(torch.tensor(ids[: DEFAULT_DRAFT_VOCAB if size < 0 else size]))
+    wanted = DEFAULT_DRAFT_VOCAB if size < 0 else size
+    if wanted > len(ids) and heads.vocab_size:  # files list the seen tokens only: the rest follow in id order
+        listed = set(ids)
+        ids = ids + [t for t in range(heads.vocab_size) if t not in listed]
+    heads.restrict_draft_vocab(torch.tensor(ids[:wanted]))

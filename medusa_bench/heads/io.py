@@ -29,6 +29,18 @@ MODEL_WEIGHT_NAMES = (
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
+# Heads kept in a repository can store their weight matrices as int8 with one float32 scale per
+# output row: `name` holds round(w / s) and `name_scale` [rows, 1] holds s = max|row| / 127, the
+# `weight` / `weight_scale` pair of compressed-tensors' W8A16 channel scheme. load_tensors gives back
+# w = q * s in float32, so every loader reads such a file unchanged. Only matrices of at least
+# INT8_MIN_SIZE elements are quantised; vectors (biases, norms) and small tensors stay in bfloat16.
+# On the shipped SmolLM2 heads this halves the bytes of 16-bit storage (30.5M parameters: 61 MB in
+# fp16, 31 MB in int8); what it costs in τ is measured in docs/results (heads-int8).
+INT8 = "int8"
+SCALE_SUFFIX = "_scale"
+INT8_MIN_SIZE = 1 << 16
+STORAGE_DTYPES = ("float32", "float16", "bfloat16", INT8)
+
 
 def read_json(path: Path) -> dict:
     """A JSON object from `path`, or a UserError saying which file is broken."""
@@ -52,9 +64,86 @@ def load_tensors(path: Path, keep: Callable[[str], bool] | None = None) -> dict[
     shard costs only the head tensors). Torch files are memory-mapped where the format allows.
     """
     path = Path(path)
+    keep_with_scales = None if keep is None else (lambda k: keep(k.removesuffix(SCALE_SUFFIX)))
     if path.suffix == ".safetensors":
-        return _load_safetensors(path, keep)
-    return _load_torch(path, keep)
+        return dequantize_int8(_load_safetensors(path, keep_with_scales))
+    return dequantize_int8(_load_torch(path, keep_with_scales))
+
+
+# --------------------------------------------------------------------------- int8 storage
+
+
+def quantizable(tensor: torch.Tensor) -> bool:
+    """A matrix (or a stack of them, [..., rows, cols]) big enough to store in int8."""
+    return tensor.is_floating_point() and tensor.ndim >= 2 and tensor.shape[-2] * tensor.shape[-1] >= INT8_MIN_SIZE
+
+
+def int8_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [..., rows, cols], scale float32 [..., rows, 1]) with tensor ~= q * scale, row by row."""
+    w = tensor.detach().float()
+    scale = (w.abs().amax(dim=-1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    return (w / scale).round().clamp(-127, 127).to(torch.int8), scale
+
+
+def quantize_int8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors for int8 storage: big matrices as int8 + per-row float32 scales, the rest bfloat16."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if tensor.ndim == 2 and quantizable(tensor) and not name.endswith(SCALE_SUFFIX):
+            out[name], out[name + SCALE_SUFFIX] = int8_rows(tensor)
+        else:
+            out[name] = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
+    return out
+
+
+def dequantize_int8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """int8 matrices with their `_scale` back as float32, and then every float tensor in float32
+    (one dtype, as from any other file); tensors without int8 pairs are returned as they are."""
+    pairs = [k for k, v in tensors.items() if v.dtype == torch.int8 and k + SCALE_SUFFIX in tensors]
+    if not pairs:
+        return tensors
+    out = {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items()}
+    for name in pairs:
+        out[name] = out[name].float() * out.pop(name + SCALE_SUFFIX)
+    return out
+
+
+def round_trip(module: torch.nn.Module, save_dtype: str) -> torch.nn.Module:
+    """`module` (changed in place) holding what loading it back from `save_dtype` storage gives."""
+    if save_dtype != INT8:
+        dtype = getattr(torch, save_dtype)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.copy_(p.to(dtype))
+        return module
+    with torch.no_grad():  # a module may stack its matrices ([layers, heads, H, H]); files hold them one by one
+        for p in module.parameters():
+            if quantizable(p):
+                q, scale = int8_rows(p)
+                p.copy_(q.float() * scale)
+            elif p.is_floating_point():
+                p.copy_(p.to(torch.bfloat16))
+    return module
+
+
+def compress_folder(folder: Path, skip: Iterable[str] = ("adapter_model.safetensors",)) -> list[Path]:
+    """Rewrite a heads folder's weight files (*.safetensors, *.pt) for int8 storage, in place.
+
+    `skip`: files other code reads itself (peft reads its adapter; it is cast to bfloat16 instead).
+    Returns the files rewritten; a file already in int8 is left alone.
+    """
+    rewritten = []
+    for path in sorted(Path(folder).glob("*.safetensors")) + sorted(Path(folder).glob("*.pt")):
+        if path.name in skip:
+            tensors = _load_safetensors(path, None)
+            save_tensors(path, {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()})
+            continue
+        raw = _load_safetensors(path, None) if path.suffix == ".safetensors" else _load_torch(path, None)
+        if any(v.dtype == torch.int8 for v in raw.values()):
+            continue
+        save_tensors(path, quantize_int8(raw), metadata={"storage": "int8 per-row scales (name_scale)"})
+        rewritten.append(path)
+    return rewritten
 
 
 def tensor_names(path: Path) -> list[str]:

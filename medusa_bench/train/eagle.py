@@ -218,12 +218,14 @@ def write(heads: EagleHeads, loaded, out: Path, held: list[Pair], config: EagleF
     """Save the heads in `config.save_dtype` (metrics re-measured on the stored weights), calibration, curve, log."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    dtype = DTYPES[config.save_dtype]
-    check = copy.deepcopy(heads).to(dtype).to(loaded.dtype)  # what loading the stored weights gives
+    dtype = DTYPES.get(config.save_dtype, torch.float32)  # int8: compressed from fp32 once saved
+    check = io.round_trip(copy.deepcopy(heads), config.save_dtype).to(loaded.dtype)  # what loading the stored weights gives
     check.attach_base(loaded.model)
     metrics = evaluate(check, held, config.num_heads, config.top_k)
     best = {k.replace("_head", "_depth"): v for k, v in summary(metrics).items()}
     save_eagle_heads(heads, out, base_model_name_or_path=loaded.spec, dtype=dtype)
+    if config.save_dtype == io.INT8:
+        io.compress_folder(out)
     meta = {"source": "held-out split of the training data", "model": loaded.spec, "heads_dtype": config.save_dtype,
             "variant": config.variant}
     ranks = conditional_ranks(check, held, lambda rows: split_rows(check, rows))

@@ -70,8 +70,8 @@ class FitConfig:
             raise UserError(f"--lm-head must be 'shared' or 'own', got {self.lm_head!r}")
         if self.softmax not in ("active", "full"):
             raise UserError(f"--softmax must be 'active' or 'full', got {self.softmax!r}")
-        if self.save_dtype not in DTYPES:
-            raise UserError(f"--save-dtype must be one of {', '.join(DTYPES)}, got {self.save_dtype!r}")
+        if self.save_dtype not in io.STORAGE_DTYPES:
+            raise UserError(f"--save-dtype must be one of {', '.join(io.STORAGE_DTYPES)}, got {self.save_dtype!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.top_k < 1 or self.lr <= 0:
             raise UserError("--epochs, --batch-size and --top-k must be >= 1 and --lr > 0")
         if not 0 <= self.heldout < 1:
@@ -190,7 +190,10 @@ def fit_heads(heads: MedusaHeads, train: Positions, held: Positions, config: Fit
 PLATEAU_FACTOR = 0.3
 PLATEAU_DROPS = 2
 # eval_every=None sizes the interval after a first evaluation at PROBE_STEPS: evaluations then take
-# about EVAL_SHARE of the training time, whatever the trainer, held-out size and device.
+# about EVAL_SHARE of the training time, whatever the trainer, held-out size and device, and come
+# at least once an epoch: Medusa-1 on 103 conversations (fp32, Zen 4) evaluated in ~7.5 s against
+# 0.075 s a step, which alone spaced evaluations 990 steps (11 epochs) apart; the heads overfitted
+# from epoch ~5 and ran to the 50-epoch maximum between evaluations.
 EVAL_SHARE = 0.1
 PROBE_STEPS = 20
 
@@ -241,7 +244,7 @@ def train_loop(model: torch.nn.Module, epoch_batches: Callable[[torch.Generator]
         metrics = held_out()
         eval_seconds = time.perf_counter() - clock
         if config.eval_every is None and not curve and p.step:  # the probe: evaluations ~EVAL_SHARE of the time from here on
-            every = max(1, math.ceil(eval_seconds / (EVAL_SHARE * p.train_seconds / p.step)))
+            every = min(steps_per_epoch, max(1, math.ceil(eval_seconds / (EVAL_SHARE * p.train_seconds / p.step))))
         row = {"epoch": round(p.step / steps_per_epoch, 3), "steps": p.step, "seconds": round(time.perf_counter() - began, 1),
                "lr": float(f"{optimiser.param_groups[0]['lr']:.3g}"),
                "train_loss": round(sum(p.losses) / max(len(p.losses), 1), 4), **summary(metrics)}
@@ -403,14 +406,16 @@ def write_heads(heads: MedusaHeads, loaded, out: Path, held: Positions, config: 
     """Save the heads in `config.save_dtype` (checked on held-out data), calibration, curve and log; return metrics."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stored = heads.to(DTYPES[config.save_dtype])
+    stored = heads.to(DTYPES.get(config.save_dtype, torch.float32))  # int8: compressed from fp32 once saved
     stored.attach_base(loaded.model)
     # The metrics of what is written: the stored weights, computed in the base model's dtype.
-    check = copy.deepcopy(stored).to(loaded.dtype)
+    check = io.round_trip(copy.deepcopy(stored), config.save_dtype).to(loaded.dtype)
     check.attach_base(loaded.model)
     metrics = evaluate(check, held, config.top_k)
     best = summary(metrics)
     save_heads(stored, out, format="v2" if stored.shares_lm_head else "medusa1", base_model_name_or_path=loaded.spec)
+    if config.save_dtype == io.INT8:
+        io.compress_folder(out)
     meta = {"source": "held-out split of the training data", "model": loaded.spec, "heads_dtype": config.save_dtype}
     save_calibration(calibration_of(metrics, config.top_k, meta), out / "calibration.json")
     write_curve(result.curve, out / "curve.csv")

@@ -227,12 +227,14 @@ def write(heads: HydraHeads, loaded, out: Path, held: list[Pair], config: HydraF
     """Save the heads in `config.save_dtype` (metrics re-measured on the stored weights), calibration, curve, log."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    dtype = DTYPES[config.save_dtype]
-    check = copy.deepcopy(heads).to(dtype).to(loaded.dtype)  # what loading the stored weights gives
+    dtype = DTYPES.get(config.save_dtype, torch.float32)  # int8: compressed from fp32 once saved
+    check = io.round_trip(copy.deepcopy(heads), config.save_dtype).to(loaded.dtype)  # what loading the stored weights gives
     check.attach_base(loaded.model)
     metrics = evaluate(check, held, config.top_k)
     best = summary(metrics)
     save_hydra_heads(heads, out, base_model_name_or_path=loaded.spec, dtype=dtype)
+    if config.save_dtype == io.INT8:
+        io.compress_folder(out)
     meta = {"source": "held-out split of the training data", "model": loaded.spec, "heads_dtype": config.save_dtype,
             "arch": config.arch}
     save_calibration(statistics_of(conditional_ranks(check, held), config.top_k, meta), out / "calibration.json")

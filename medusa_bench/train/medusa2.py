@@ -212,7 +212,9 @@ def write_medusa2(student, heads: MedusaHeads, loaded, out: Path, held: list, co
     """The adapter folder (or a full model folder), calibration.json, curve.csv and training.json."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    dtype = DTYPES[config.save_dtype]
+    # int8: the adapter in bfloat16 (peft reads it) and the heads compressed once saved; the
+    # held-out check runs on bfloat16 weights, which int8's rounding differs from slightly.
+    dtype = DTYPES.get(config.save_dtype, torch.bfloat16)
     round_trip(student, heads, dtype)
     metrics = evaluate_joint(student, heads, held, config)
     best = summary(metrics)
@@ -220,6 +222,8 @@ def write_medusa2(student, heads: MedusaHeads, loaded, out: Path, held: list, co
         save_medusa2(out, student.merge_and_unload(), loaded.tokenizer, heads)
     else:
         save_adapter(student, heads.to(dtype), loaded, out, dtype)
+        if config.save_dtype == io.INT8:
+            io.compress_folder(out)
     meta = {"source": "held-out split of the training data, on the adapted backbone", "model": loaded.spec, "heads_dtype": config.save_dtype}
     save_calibration(calibration_of(metrics, config.top_k, meta), out / "calibration.json")
     write_curve(result.curve, out / "curve.csv")

@@ -2,8 +2,10 @@
 
 Drafting cost is dominated by the heads' vocab projection; drafting only among frequent
 tokens (FR-Spec, Zhao et al. 2025) makes it several times cheaper, and verification keeps
-decoding lossless. The list is ordered most frequent first, then the unseen ids in id order,
-so any prefix of it is a valid draft vocabulary.
+decoding lossless. The file lists the tokens seen in the answers, most frequent first; a
+reader wanting more goes on with the unseen ids in id order (heads/common.apply_draft_vocab),
+so any prefix is a valid draft vocabulary. Listing only the seen ones keeps the file ~70 KB
+instead of 333 KB for SmolLM2's 49,152 tokens.
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ def ranked_tokens(data_path: Path, tokenizer, vocab_size: int, eos_token_ids=())
 
 
 def write_draft_vocab(data_path: Path, tokenizer, folder: Path, vocab_size: int, eos_token_ids=()) -> Path:
-    """Write `draft_vocab.json` (all ids, most frequent first) into a heads folder."""
+    """Write `draft_vocab.json` (the ids seen in the answers, most frequent first) into a heads folder."""
     ids, counts = ranked_tokens(data_path, tokenizer, vocab_size, eos_token_ids)
+    ids = ids[: len(counts)]
     path = Path(folder) / DRAFT_VOCAB_FILE
     path.write_text(json.dumps({"source": str(data_path), "distinct_tokens_seen": len(counts),
                                 "answer_tokens": sum(counts.values()), "token_ids": ids}) + "\n")
