@@ -275,7 +275,7 @@ def test_default_heads_ship_and_decode_losslessly(smollm, references):
     if default_heads(smollm, "hydra") is None:
         pytest.skip("no default Hydra heads in medusa_bench/data/heads")
     decoder = build_decoder("hydra", smollm, DecoderOptions(tree="tree-16"))
-    assert decoder.proposer.heads.arch == "prefix-mlp" and decoder.proposer.heads.num_heads == 4
+    assert decoder.proposer.heads.arch == "prefix-mlp" and decoder.proposer.heads.num_heads == 3  # the fourth is not shipped (train_default_heads.sh)
     ids, expected = references[0]
     result = decoder.generate(ids, 24)
     assert result.token_ids == expected

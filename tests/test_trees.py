@@ -124,7 +124,7 @@ def test_bad_chain_names(name):
 def test_depth_and_rank_limits():
     assert Tree.parse("chain-3", num_heads=3, top_k=1).depth == 3
     with pytest.raises(UserError, match="depth 4 but only 3 draft heads"):
-        Tree.parse("mc_sim_7b_63", num_heads=3)
+        Tree.parse(get_preset("mc_sim_7b_63"), num_heads=3)  # written out: an error (a named preset is cut: below)
     with pytest.raises(UserError, match=r"rank 9 but heads propose only top-5"):
         Tree.parse("mc_sim_7b_63", num_heads=4, top_k=5)
 
@@ -290,3 +290,20 @@ def test_preset_names_win_over_files_without_suffix(tmp_path, monkeypatch):
     (tmp_path / "mytree").write_text(json.dumps(SMALL))
     assert Tree.parse("chain-2") == Tree.chain(2)
     assert Tree.parse("mytree") == Tree(SMALL)
+
+
+def test_a_preset_deeper_than_the_heads_keeps_its_paths_within_their_depth():
+    """Presets are generic shapes (the shipped Hydra drafts 3 deep; `hydra:sweep` has chain-4 and
+    mc_sim_7b_63); a tree the user wrote out stays an error."""
+    import warnings
+
+    from medusa_bench.trees.presets import get_preset
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tree = Tree.parse("mc_sim_7b_63", num_heads=3)
+    assert tree.depth == 3 and "depth 3" in str(caught[0].message)
+    assert sorted(tree.to_list()) == sorted(p for p in get_preset("mc_sim_7b_63") if len(p) <= 3)
+    assert Tree.parse("chain-4", num_heads=3).to_list() == [[0], [0, 0], [0, 0, 0]]
+    with pytest.raises(UserError, match="depth 4"):
+        Tree.parse("[[0],[0,0],[0,0,0],[0,0,0,0]]", num_heads=3)

@@ -129,14 +129,13 @@ def round_trip(module: torch.nn.Module, save_dtype: str) -> torch.nn.Module:
 def compress_folder(folder: Path, skip: Iterable[str] = ("adapter_model.safetensors",)) -> list[Path]:
     """Rewrite a heads folder's weight files (*.safetensors, *.pt) for int8 storage, in place.
 
-    `skip`: files other code reads itself (peft reads its adapter; it is cast to bfloat16 instead).
-    Returns the files rewritten; a file already in int8 is left alone.
+    `skip`: files other code reads itself, left as they are (peft reads its adapter: Medusa-2's
+    trainer writes it in bfloat16 when asked for int8). Returns the files rewritten; a file
+    already in int8 is left alone.
     """
     rewritten = []
     for path in sorted(Path(folder).glob("*.safetensors")) + sorted(Path(folder).glob("*.pt")):
         if path.name in skip:
-            tensors = _load_safetensors(path, None)
-            save_tensors(path, {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()})
             continue
         raw = _load_safetensors(path, None) if path.suffix == ".safetensors" else _load_torch(path, None)
         if any(v.dtype == torch.int8 for v in raw.values()):

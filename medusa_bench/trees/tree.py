@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor
 
 from medusa_bench.errors import UserError
-from medusa_bench.trees.presets import get_preset
+from medusa_bench.trees.presets import PRESETS, get_preset
 
 Path_ = tuple[int, ...]
 
@@ -114,9 +115,16 @@ class Tree:
         """A tree from a preset name, a JSON file, an inline JSON list, a list, or a Tree.
 
         `num_heads` / `top_k`, when given, are what the proposer can draft: a deeper tree or a
-        higher rank is a UserError rather than an index error mid-run.
+        higher rank is a UserError rather than an index error mid-run. A *preset* deeper than the
+        heads is a generic shape: its paths within their depth are used, with a warning (the
+        shipped Hydra has 3 heads; `hydra:sweep` includes chain-4 and mc_sim_7b_63).
         """
         tree = _resolve(spec)
+        if num_heads is not None and tree.depth > num_heads and _is_preset(tree.name):
+            kept = [p for p in tree.paths if len(p) <= num_heads]
+            warnings.warn(f"tree {tree.name} has depth {tree.depth} and these heads draft {num_heads} deep: "
+                          f"its {len(kept) + 1} nodes within depth {num_heads} are used", stacklevel=2)
+            tree = cls(kept, name=f"{tree.name}@depth{num_heads}")
         tree.check_fits(num_heads=num_heads, top_k=top_k)
         return tree
 
@@ -147,6 +155,10 @@ class Tree:
             ranks = [0] + [p[-1] for p in self.paths]
             self._buffers[key] = TreeBuffers.from_parents(parents, ranks=ranks, top_k=top_k, device=device)
         return self._buffers[key]
+
+
+def _is_preset(name: str | None) -> bool:
+    return bool(name) and (name in PRESETS or name.startswith("chain-"))
 
 
 def _resolve(spec) -> Tree:
