@@ -34,8 +34,8 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # `weight` / `weight_scale` pair of compressed-tensors' W8A16 channel scheme. load_tensors gives back
 # w = q * s in float32, so every loader reads such a file unchanged. Only matrices of at least
 # INT8_MIN_SIZE elements are quantised; vectors (biases, norms) and small tensors stay in bfloat16.
-# On the shipped SmolLM2 heads this halves the bytes of 16-bit storage (30.5M parameters: 61 MB in
-# fp16, 31 MB in int8); what it costs in τ is measured in docs/results (heads-int8).
+# On the shipped SmolLM2 heads it halves 16-bit storage (61 MB in fp16, 31 MB in int8) and moves τ
+# at 16 nodes by -0.003 to +0.002, EAGLE-1's by -0.014 (docs/results/cpu-heads-int8-data-curve.md).
 INT8 = "int8"
 SCALE_SUFFIX = "_scale"
 INT8_MIN_SIZE = 1 << 16
