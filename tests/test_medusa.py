@@ -138,7 +138,7 @@ def test_medusa2_drafts_among_its_heads_draft_vocabulary(smollm, references):
 
 def test_bad_tree_and_heads_errors(smollm, random_heads, tmp_path):
     with pytest.raises(UserError, match="depth"):
-        build_decoder("medusa", smollm, DecoderOptions(tree="chain-6", medusa_heads=str(random_heads)))
+        build_decoder("medusa", smollm, DecoderOptions(tree=str([[0] * d for d in range(1, 7)]), medusa_heads=str(random_heads)))
     with pytest.raises(UserError, match="prefix"):
         build_decoder("medusa", smollm, DecoderOptions(tree="[[0,0]]", medusa_heads=str(random_heads)))
     with pytest.raises(UserError, match="heads"):
