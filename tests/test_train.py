@@ -361,6 +361,31 @@ def test_int8_storage_from_a_trainer_reports_the_accuracy_of_what_it_wrote(smoll
     assert summary(evaluate(load_heads(tmp_path / "m", base_model=smollm.model), held, config.top_k)) == result.best
 
 
+def test_medusa2_int8_checks_the_heads_it_writes(smollm, counting_data, tmp_path, monkeypatch):
+    """Medusa-2's held-out check runs on the int8 round trip of its heads (it used to run on bf16):
+    exactly the heads loading its folder gives (#36)."""
+    from medusa_bench.train import medusa2
+    from medusa_bench.train.fit import FitResult
+
+    config = Medusa2Config(num_heads=2, lora_layers=1, save_dtype="int8")
+    sequences = load_sequences(smollm, counting_data)[:2]
+    held = list(zip(sequences, base_hidden_states(smollm, sequences, False, None)))
+    student = medusa2.make_student(smollm.model, config)
+    heads = MedusaHeads.for_model(smollm.model, 2, 1)
+    torch.manual_seed(0)
+    with torch.no_grad():  # trained-looking weights: int8 and bf16 round them differently
+        heads.res_weight.add_(torch.randn_like(heads.res_weight) * 0.02)
+    heads.attach_lm_head(medusa2.lm_head_of(student))
+    checked = []
+    evaluate_joint = medusa2.evaluate_joint
+    monkeypatch.setattr(medusa2, "evaluate_joint", lambda s, h, *rest: checked.append(h) or evaluate_joint(s, h, *rest))
+    result = FitResult(tmp_path / "m2", [], info={"data": str(counting_data)})
+    medusa2.write_medusa2(student, heads, smollm, tmp_path / "m2", held, config, result)
+    written = load_heads(tmp_path / "m2", base_model=smollm.model).medusa_state_dict()
+    measured = checked[0].medusa_state_dict()
+    assert set(written) == set(measured) and all(torch.equal(written[k], measured[k].float()) for k in written)
+
+
 def test_eagle3_trains_a_step_with_the_papers_seven_ttt_steps(smollm, counting_data):
     sequences = load_sequences(smollm, counting_data)[:2]
     layers = (*eagle3_layers(text_config(smollm.model.config).num_hidden_layers), -1)

@@ -179,6 +179,14 @@ def read_draft_vocab(folder: str | Path | None) -> list[int] | None:
     return ids
 
 
+def with_unlisted_ids(ids: list[int], vocab_size: int) -> list[int]:
+    """`ids`, then every other id below `vocab_size` in id order. draft_vocab.json lists only the
+    tokens seen in the training answers; writer (train/vocab.ranked_tokens) and reader
+    (apply_draft_vocab) both go on this way, so any prefix of the full ranking reads back the same."""
+    listed = set(ids)
+    return ids + [token for token in range(vocab_size) if token not in listed]
+
+
 def apply_draft_vocab(heads: DraftHeads, folder, size: int) -> None:
     """Restrict drafting to the heads' most frequent tokens (see DraftHeads.restrict_draft_vocab).
 
@@ -198,7 +206,6 @@ def apply_draft_vocab(heads: DraftHeads, folder, size: int) -> None:
         heads.restrict_draft_vocab(None)
         return
     wanted = DEFAULT_DRAFT_VOCAB if size < 0 else size
-    if wanted > len(ids) and heads.vocab_size:  # files list the seen tokens only: the rest follow in id order
-        listed = set(ids)
-        ids = ids + [t for t in range(heads.vocab_size) if t not in listed]
+    if wanted > len(ids) and heads.vocab_size:  # files list the seen tokens only
+        ids = with_unlisted_ids(ids, heads.vocab_size)
     heads.restrict_draft_vocab(torch.tensor(ids[:wanted]))

@@ -6,6 +6,7 @@ Downloaded checkpoints are untrusted; unpickling arbitrary objects from them wou
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import pickle
@@ -124,6 +125,25 @@ def round_trip(module: torch.nn.Module, save_dtype: str) -> torch.nn.Module:
             elif p.is_floating_point():
                 p.copy_(p.to(torch.bfloat16))
     return module
+
+
+def storage_torch_dtype(save_dtype: str) -> torch.dtype:
+    """The dtype a trainer writes its weights in for `save_dtype` storage. int8 is written in
+    float32 and quantised afterwards (finish_folder), so its rows come from the trained weights
+    rather than from a 16-bit rounding of them, and match what `loaded_copy` computes."""
+    return torch.float32 if save_dtype == INT8 else getattr(torch, save_dtype)
+
+
+def loaded_copy(module: torch.nn.Module, save_dtype: str) -> torch.nn.Module:
+    """A copy of `module` holding what loading it back from `save_dtype` storage gives (`module`
+    is untouched). Trainers measure held-out metrics on it, so the numbers they report are the files'."""
+    return round_trip(copy.deepcopy(module), save_dtype)
+
+
+def finish_folder(folder: Path, save_dtype: str) -> list[Path]:
+    """The last step of writing a heads folder in `save_dtype`: int8 compresses the float32 files
+    just written (compress_folder); the other dtypes are already stored as they are. Returns the files rewritten."""
+    return compress_folder(folder) if save_dtype == INT8 else []
 
 
 def compress_folder(folder: Path, skip: Iterable[str] = ("adapter_model.safetensors",)) -> list[Path]:

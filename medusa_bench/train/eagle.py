@@ -26,7 +26,6 @@ layout), `calibration.json` (held-out path-conditional statistics for `--tree au
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from rich.console import Console
 from medusa_bench.errors import UserError
 from medusa_bench.heads import io
 from medusa_bench.heads.eagle import VARIANTS, EagleHeads, eagle3_layers, new_eagle_heads, save_eagle_heads
-from medusa_bench.models import DTYPES, text_config
+from medusa_bench.models import text_config
 from medusa_bench.train.data import Sequence
 from medusa_bench.train.fit import (FitConfig, FitResult, active_vocab, check_out_folder, epoch_line, on_device, prepare_sequences,
                                     summary, train_loop, write_curve)
@@ -218,14 +217,12 @@ def write(heads: EagleHeads, loaded, out: Path, held: list[Pair], config: EagleF
     """Save the heads in `config.save_dtype` (metrics re-measured on the stored weights), calibration, curve, log."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    dtype = DTYPES.get(config.save_dtype, torch.float32)  # int8: compressed from fp32 once saved
-    check = io.round_trip(copy.deepcopy(heads), config.save_dtype).to(loaded.dtype)  # what loading the stored weights gives
+    check = io.loaded_copy(heads, config.save_dtype).to(loaded.dtype)  # what loading the stored weights gives
     check.attach_base(loaded.model)
     metrics = evaluate(check, held, config.num_heads, config.top_k)
     best = {k.replace("_head", "_depth"): v for k, v in summary(metrics).items()}
-    save_eagle_heads(heads, out, base_model_name_or_path=loaded.spec, dtype=dtype)
-    if config.save_dtype == io.INT8:
-        io.compress_folder(out)
+    save_eagle_heads(heads, out, base_model_name_or_path=loaded.spec, dtype=io.storage_torch_dtype(config.save_dtype))
+    io.finish_folder(out, config.save_dtype)
     meta = {"source": "held-out split of the training data", "model": loaded.spec, "heads_dtype": config.save_dtype,
             "variant": config.variant}
     ranks = conditional_ranks(check, held, lambda rows: split_rows(check, rows))

@@ -18,7 +18,6 @@ training stopped), and
 
 from __future__ import annotations
 
-import copy
 import csv
 import math
 import time
@@ -33,7 +32,7 @@ from rich.console import Console
 from medusa_bench.errors import UserError
 from medusa_bench.heads import io
 from medusa_bench.heads.medusa import MedusaHeads, save_heads
-from medusa_bench.models import DTYPES, model_name
+from medusa_bench.models import model_name
 from medusa_bench.train.distill import describe_data
 from medusa_bench.train.data import IGNORE, Positions, Sequence, base_hidden_states, load_sequences, positions_of, split_heldout
 from medusa_bench.train.vocab import write_draft_vocab
@@ -406,16 +405,15 @@ def write_heads(heads: MedusaHeads, loaded, out: Path, held: Positions, config: 
     """Save the heads in `config.save_dtype` (checked on held-out data), calibration, curve and log; return metrics."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stored = heads.to(DTYPES.get(config.save_dtype, torch.float32))  # int8: compressed from fp32 once saved
+    stored = heads.to(io.storage_torch_dtype(config.save_dtype))
     stored.attach_base(loaded.model)
     # The metrics of what is written: the stored weights, computed in the base model's dtype.
-    check = io.round_trip(copy.deepcopy(stored), config.save_dtype).to(loaded.dtype)
+    check = io.loaded_copy(stored, config.save_dtype).to(loaded.dtype)
     check.attach_base(loaded.model)
     metrics = evaluate(check, held, config.top_k)
     best = summary(metrics)
     save_heads(stored, out, format="v2" if stored.shares_lm_head else "medusa1", base_model_name_or_path=loaded.spec)
-    if config.save_dtype == io.INT8:
-        io.compress_folder(out)
+    io.finish_folder(out, config.save_dtype)
     meta = {"source": "held-out split of the training data", "model": loaded.spec, "heads_dtype": config.save_dtype}
     save_calibration(calibration_of(metrics, config.top_k, meta), out / "calibration.json")
     write_curve(result.curve, out / "curve.csv")

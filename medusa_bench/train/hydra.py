@@ -19,7 +19,6 @@ path-conditional statistics: P(rank at depth d | the path above accepted), for `
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +31,6 @@ from rich.console import Console
 from medusa_bench.errors import UserError
 from medusa_bench.heads import io
 from medusa_bench.heads.hydra import ARCHS, HydraHeads, save_hydra_heads
-from medusa_bench.models import DTYPES
 from medusa_bench.train.data import Sequence
 from medusa_bench.train.fit import (FitConfig, FitResult, active_vocab, check_out_folder, epoch_line, on_device, prepare_sequences,
                                     summary, train_loop, write_curve)
@@ -227,14 +225,12 @@ def write(heads: HydraHeads, loaded, out: Path, held: list[Pair], config: HydraF
     """Save the heads in `config.save_dtype` (metrics re-measured on the stored weights), calibration, curve, log."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    dtype = DTYPES.get(config.save_dtype, torch.float32)  # int8: compressed from fp32 once saved
-    check = io.round_trip(copy.deepcopy(heads), config.save_dtype).to(loaded.dtype)  # what loading the stored weights gives
+    check = io.loaded_copy(heads, config.save_dtype).to(loaded.dtype)  # what loading the stored weights gives
     check.attach_base(loaded.model)
     metrics = evaluate(check, held, config.top_k)
     best = summary(metrics)
-    save_hydra_heads(heads, out, base_model_name_or_path=loaded.spec, dtype=dtype)
-    if config.save_dtype == io.INT8:
-        io.compress_folder(out)
+    save_hydra_heads(heads, out, base_model_name_or_path=loaded.spec, dtype=io.storage_torch_dtype(config.save_dtype))
+    io.finish_folder(out, config.save_dtype)
     meta = {"source": "held-out split of the training data", "model": loaded.spec, "heads_dtype": config.save_dtype,
             "arch": config.arch}
     save_calibration(statistics_of(conditional_ranks(check, held), config.top_k, meta), out / "calibration.json")

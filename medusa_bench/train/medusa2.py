@@ -30,7 +30,6 @@ from rich.console import Console
 from medusa_bench.errors import UserError
 from medusa_bench.heads import io
 from medusa_bench.heads.medusa import MedusaHeads, load_heads, save_heads, save_medusa2
-from medusa_bench.models import DTYPES
 from medusa_bench.train.data import IGNORE, Sequence, head_targets, positions_of
 from medusa_bench.train.fit import (FitConfig, FitResult, active_vocab, calibration_of, check_out_folder, epoch_line,
                                     evaluate, fit_heads, head_loss, prepare_sequences, summary, train_loop, write_curve)
@@ -201,29 +200,30 @@ def evaluate_joint(student, heads: MedusaHeads, held: list, config: Medusa2Confi
 # ------------------------------------------------------------------------------ writing
 
 
-def round_trip(student, heads: MedusaHeads, dtype: torch.dtype) -> None:
-    """Round the trained weights through the stored dtype, so the reported metrics are the files'."""
+def round_adapter(student, dtype: torch.dtype) -> None:
+    """Round the trained LoRA weights through the dtype they are written in, so the reported metrics are the files'."""
     with torch.no_grad():
-        for p in [p for p in student.parameters() if p.requires_grad] + list(heads.parameters()):
-            p.copy_(p.to(dtype).to(p.dtype))
+        for p in student.parameters():
+            if p.requires_grad:
+                p.copy_(p.to(dtype).to(p.dtype))
 
 
 def write_medusa2(student, heads: MedusaHeads, loaded, out: Path, held: list, config: Medusa2Config, result: FitResult) -> dict:
     """The adapter folder (or a full model folder), calibration.json, curve.csv and training.json."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    # int8: the adapter in bfloat16 (peft reads it) and the heads compressed once saved; the
-    # held-out check runs on bfloat16 weights, which int8's rounding differs from slightly.
-    dtype = DTYPES.get(config.save_dtype, torch.bfloat16)
-    round_trip(student, heads, dtype)
-    metrics = evaluate_joint(student, heads, held, config)
+    # int8 keeps the adapter in bfloat16: peft reads it itself, and compress_folder leaves it alone.
+    adapter_dtype = torch.bfloat16 if config.save_dtype == io.INT8 else io.storage_torch_dtype(config.save_dtype)
+    round_adapter(student, adapter_dtype)
+    check = io.loaded_copy(heads, config.save_dtype)  # what loading the stored heads gives, int8 included
+    check.attach_lm_head(lm_head_of(student))  # share the student's lm_head, not the copy deepcopy made of it
+    metrics = evaluate_joint(student, check, held, config)
     best = summary(metrics)
-    if config.full_model:
-        save_medusa2(out, student.merge_and_unload(), loaded.tokenizer, heads)
+    if config.full_model:  # the heads go into the model's own weights, in the training dtype: write the checked values
+        save_medusa2(out, student.merge_and_unload(), loaded.tokenizer, check)
     else:
-        save_adapter(student, heads.to(dtype), loaded, out, dtype)
-        if config.save_dtype == io.INT8:
-            io.compress_folder(out)
+        save_adapter(student, heads.to(io.storage_torch_dtype(config.save_dtype)), loaded, out, adapter_dtype)
+        io.finish_folder(out, config.save_dtype)
     meta = {"source": "held-out split of the training data, on the adapted backbone", "model": loaded.spec, "heads_dtype": config.save_dtype}
     save_calibration(calibration_of(metrics, config.top_k, meta), out / "calibration.json")
     write_curve(result.curve, out / "curve.csv")

@@ -3,7 +3,7 @@
 Drafting cost is dominated by the heads' vocab projection; drafting only among frequent
 tokens (FR-Spec, Zhao et al. 2025) makes it several times cheaper, and verification keeps
 decoding lossless. The file lists the tokens seen in the answers, most frequent first; a
-reader wanting more goes on with the unseen ids in id order (heads/common.apply_draft_vocab),
+reader wanting more goes on with the unseen ids in id order (heads/common.with_unlisted_ids),
 so any prefix is a valid draft vocabulary. Listing only the seen ones keeps the file ~70 KB
 instead of 333 KB for SmolLM2's 49,152 tokens.
 """
@@ -14,7 +14,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from medusa_bench.heads.common import DRAFT_VOCAB_FILE
+from medusa_bench.heads.common import DRAFT_VOCAB_FILE, with_unlisted_ids
 from medusa_bench.train.data import messages_of, read_records
 
 
@@ -35,7 +35,7 @@ def ranked_tokens(data_path: Path, tokenizer, vocab_size: int, eos_token_ids=())
     for token in eos_token_ids:  # answers always end with EOS: keep it draftable
         counts[token] += 1 + max(counts.values(), default=0)
     seen = [token for token, _ in counts.most_common()]
-    return seen + [token for token in range(vocab_size) if token not in counts], counts
+    return with_unlisted_ids(seen, vocab_size), counts
 
 
 def write_draft_vocab(data_path: Path, tokenizer, folder: Path, vocab_size: int, eos_token_ids=()) -> Path:
