@@ -10,6 +10,8 @@ with, so it exercises the engine's draft-model path; it is not a draft anyone wo
 What it took (openvino-genai 2026.4.1, optimum-intel 2.2.0, a 2-core AMD EPYC Zen 4):
 - pip resolves torchvision from PyPI as a CUDA build, and importing transformers' modeling code then
   dies with "operator torchvision::nms does not exist" (the same as vLLM's venv): uninstalled.
+- the CPU plugin computes in bf16 by default where the CPU has it, and keeps the KV cache in u8:
+  the servers run with f32 hints, which makes all three token-identical to our fp32 baseline.
 - torch is pinned to the project's CPU build (2.13.0): an unpinned one is a multi-GB CUDA build.
 """
 
@@ -59,7 +61,8 @@ def export(python: Path, base: str, out: Path, weights: str) -> Path:
 
 def server(method: str, context: dict) -> Server | str:
     argv = [str(context["python"]), str(SERVER), "--model", str(context["fp32"]), "--served-model-name", SERVED_NAME,
-            "--port", "{port}", "--num-assistant-tokens", str(ASSISTANT_TOKENS), "--max-ngram-size", str(MAX_NGRAM)]
+            "--port", "{port}", "--num-assistant-tokens", str(ASSISTANT_TOKENS), "--max-ngram-size", str(MAX_NGRAM),
+            "--precision", "f32"]  # the plugin's default is bf16 with a u8 KV cache: see openvino_server.PRECISIONS
     config: dict = {}
     if method == "pld":
         argv.append("--prompt-lookup")

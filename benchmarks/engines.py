@@ -11,7 +11,9 @@ For each engine and method it
    reference venvs: each engine pins its own torch/transformers) and exports the embedded model;
 2. starts the server on 127.0.0.1, a free port;
 3. runs `medusa-bench run --endpoint <engine>-<method>=URL` (answers, then the `--concurrency`
-   sweep) into `<out>/<engine>/<method>/`; τ comes from the server's own counters;
+   sweep) into `<out>/<engine>/<method>/`; τ comes from the server's own counters; the answers'
+   token ids are compared with the same engine's plain server and with our own fp32 greedy
+   baseline on the same questions (`<out>/ours/`, run once in-process);
 4. stops the server (always, in a `finally`), and at the end prints one table per engine and
    writes `<out>/engines.json`.
 
@@ -50,6 +52,42 @@ def run_client(name: str, url: str, out: Path, args) -> int:
                "--concurrency", args.concurrency, "--out", str(out)]
     print("$", " ".join(command), flush=True)
     return subprocess.run(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}).returncode
+
+
+def answer_ids(out: Path) -> dict:
+    """{(question id, turn): token ids} of a method's answers, where the server returned ids."""
+    ids = {}
+    for path in (out / "model_answer").glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                answer = json.loads(line)
+                for turn, turn_ids in enumerate(answer["choices"][0].get("token_ids") or []):
+                    if turn_ids is not None:
+                        ids[(answer["question_id"], turn)] = turn_ids
+    return ids
+
+
+def identity(method_ids: dict, plain_ids: dict) -> dict | None:
+    """Turns token-identical to the same engine's plain server, and the first differing position of the others."""
+    shared = sorted(set(method_ids) & set(plain_ids))
+    if not shared:
+        return None
+    first = {}
+    for key in shared:
+        a, b = method_ids[key], plain_ids[key]
+        if a != b:
+            first[f"{key[0]}/{key[1] + 1}"] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return {"identical": len(shared) - len(first), "turns": len(shared), "first_difference": first}
+
+
+def our_baseline(out: Path, args) -> dict:
+    """Our own fp32 greedy baseline on the same questions, in-process: the token ids every engine is checked against."""
+    if not (out / "model_answer").is_dir():
+        command = [sys.executable, "-m", "medusa_bench.cli", "run", "--decoders", "baseline", "--dtype", "float32",
+                   "--device", "cpu", "--limit", str(args.limit), "--max-new-tokens", str(args.max_new_tokens), "--out", str(out)]
+        print("$", " ".join(command), flush=True)
+        subprocess.run(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True)
+    return answer_ids(out)
 
 
 def summarise(method: str, out: Path, startup: float) -> dict:
@@ -95,7 +133,7 @@ def run_method(engine, engine_name: str, method: str, context, out: Path, args) 
 
 def print_table(name: str, results: list[dict], levels: list[int]) -> None:
     plain = next((r for r in results if r["method"] == "plain" and "sweep" in r), None)
-    print(f"\n{name}\n{'method':14} {'tau':>5} {'tok/s':>6} " + " ".join(f"{'c=' + str(c):>13}" for c in levels))
+    print(f"\n{name}\n{'method':14} {'tau':>5} {'tok/s':>6} " + " ".join(f"{'c=' + str(c):>13}" for c in levels) + "  same tokens as: plain, ours")
     for r in results:
         if "sweep" not in r:
             print(f"{r['method']:14} {'refused' if 'refused' in r else 'failed'}: {r.get('refused') or r.get('error')}")
@@ -106,7 +144,8 @@ def print_table(name: str, results: list[dict], levels: list[int]) -> None:
             base = plain["sweep"].get(c, {}).get("tokens_per_s") if plain else None
             cells.append(f"{rate:6.1f} ({rate / base:.2f}x)" if rate and base else f"{rate or 0:13.1f}")
         tau = f"{r['tau']:5.2f}" if r["tau"] else "  n/a"
-        print(f"{r['method']:14} {tau} {r['tokens_per_s'] or 0:6.1f} " + " ".join(f"{c:>13}" for c in cells))
+        same = [f"{r[k]['identical']}/{r[k]['turns']}" if r.get(k) else "-" for k in ("vs_plain", "vs_ours")]
+        print(f"{r['method']:14} {tau} {r['tokens_per_s'] or 0:6.1f} " + " ".join(f"{c:>13}" for c in cells) + f"  {', '.join(same)}")
 
 
 def main() -> None:
@@ -130,6 +169,7 @@ def main() -> None:
         raise SystemExit(f"unknown method {', '.join(m for m in wanted if m not in every)}; valid names are: {', '.join(every)}")
 
     args.out.mkdir(parents=True, exist_ok=True)
+    ours = our_baseline(args.out / "ours", args)
     summary_path = args.out / "engines.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     for name, engine in modules.items():
@@ -145,7 +185,13 @@ def main() -> None:
             continue
         results = []
         for method in methods:  # written after each method: an interrupted run keeps what it measured
-            results.append(run_method(engine, name, method, context, args.out / name / method, args))
+            result = run_method(engine, name, method, context, args.out / name / method, args)
+            if "sweep" in result:
+                ids = answer_ids(args.out / name / method)
+                result["vs_ours"] = identity(ids, ours)
+                if method != "plain" and (args.out / name / "plain" / "model_answer").is_dir():
+                    result["vs_plain"] = identity(ids, answer_ids(args.out / name / "plain"))
+            results.append(result)
             summary[name] = {"engine": engine.NAME, "install": engine_server.install_record(context["root"]), "results": results}
             summary_path.write_text(json.dumps(summary, indent=1))
         print_table(engine.NAME, results, [int(c) for c in args.concurrency.split(",")])
