@@ -54,17 +54,26 @@ def run_client(name: str, url: str, out: Path, args) -> int:
     return subprocess.run(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}).returncode
 
 
-def answer_ids(out: Path) -> dict:
+def answers(out: Path, pattern: str = "*.jsonl") -> list[dict]:
+    return [json.loads(line) for path in (out / "model_answer").glob(pattern)
+            for line in path.read_text().splitlines() if line.strip()]
+
+
+def answer_ids(out: Path, pattern: str = "*.jsonl") -> dict:
     """{(question id, turn): token ids} of a method's answers, where the server returned ids."""
     ids = {}
-    for path in (out / "model_answer").glob("*.jsonl"):
-        for line in path.read_text().splitlines():
-            if line.strip():
-                answer = json.loads(line)
-                for turn, turn_ids in enumerate(answer["choices"][0].get("token_ids") or []):
-                    if turn_ids is not None:
-                        ids[(answer["question_id"], turn)] = turn_ids
+    for answer in answers(out, pattern):
+        for turn, turn_ids in enumerate(answer["choices"][0].get("token_ids") or []):
+            if turn_ids is not None:
+                ids[(answer["question_id"], turn)] = turn_ids
     return ids
+
+
+def tau_of(choices: list[dict]) -> float | None:
+    """τ in this project's convention: tokens over every step (README); None where a turn has no count."""
+    tokens = sum(sum(choice["new_tokens"]) for choice in choices)
+    steps = [s for choice in choices for s in (choice.get("decoding_steps") or [])]
+    return round(tokens / sum(steps), 3) if steps and all(steps) and len(steps) == 2 * len(choices) else None
 
 
 def identity(method_ids: dict, plain_ids: dict) -> dict | None:
@@ -80,14 +89,21 @@ def identity(method_ids: dict, plain_ids: dict) -> dict | None:
     return {"identical": len(shared) - len(first), "turns": len(shared), "first_difference": first}
 
 
-def our_baseline(out: Path, args) -> dict:
-    """Our own fp32 greedy baseline on the same questions, in-process: the token ids every engine is checked against."""
+# Ours beside the engines: our fp32 greedy baseline (the token ids every engine is checked against) and
+# our Medusa with the same heads and chain vLLM drafts (its full vocabulary, as vLLM's export has it).
+OURS = ["--decoders", "baseline,medusa:chain-4", "--draft-vocab", "0"]
+
+
+def run_ours(out: Path, args) -> dict:
+    """Our decoders on the same questions, in-process: {"ids": baseline's ids, "tau": {decoder: τ}}."""
     if not (out / "model_answer").is_dir():
-        command = [sys.executable, "-m", "medusa_bench.cli", "run", "--decoders", "baseline", "--dtype", "float32",
-                   "--device", "cpu", "--limit", str(args.limit), "--max-new-tokens", str(args.max_new_tokens), "--out", str(out)]
+        command = [sys.executable, "-m", "medusa_bench.cli", "run", *OURS, "--dtype", "float32", "--device", "cpu",
+                   "--limit", str(args.limit), "--max-new-tokens", str(args.max_new_tokens), "--out", str(out)]
         print("$", " ".join(command), flush=True)
         subprocess.run(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True)
-    return answer_ids(out)
+    taus = {path.stem.removeprefix("smollm2-135m-"): tau_of([a["choices"][0] for a in answers(out, path.name)])
+            for path in (out / "model_answer").glob("*.jsonl")}
+    return {"ids": answer_ids(out, "*-baseline.jsonl"), "tau": taus}
 
 
 def summarise(method: str, out: Path, startup: float) -> dict:
@@ -97,14 +113,10 @@ def summarise(method: str, out: Path, startup: float) -> dict:
         row = json.loads(line)
         levels[row["concurrency"]] = {"tokens_per_s": row["output_tokens_per_s"], "tau": row.get("tau"),
                                       "completed": row["completed"], "requests": row["requests"]}
-    choices = []
-    for path in (out / "model_answer").glob("*.jsonl"):
-        choices += [json.loads(line)["choices"][0] for line in path.read_text().splitlines() if line.strip()]
+    choices = [answer["choices"][0] for answer in answers(out)]
     tokens = sum(sum(choice["new_tokens"]) for choice in choices)
     seconds = sum(sum(choice["wall_time"]) for choice in choices)
-    steps = [s for choice in choices for s in (choice.get("decoding_steps") or []) if s]
-    # τ in this project's convention: tokens over every step, the server's count (README)
-    tau = round(tokens / sum(steps), 3) if steps and len(steps) == 2 * len(choices) else None
+    tau = tau_of(choices) or (1.0 if method == "plain" else None)  # a plain server without counters drafts nothing
     return {"method": method, "startup_s": round(startup), "turns": 2 * len(choices), "tokens": tokens,
             "tokens_per_s": round(tokens / seconds, 2) if seconds else None, "tau": tau, "sweep": levels}
 
@@ -157,6 +169,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,2,4,8")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "engines")
     parser.add_argument("--startup-timeout", type=float, default=900.0, help="seconds for a server to come up (vLLM's torch.compile on 2 cores: ~4 min)")
+    parser.add_argument("--redo", action="store_true", help="measure again the methods --out already holds")
     args = parser.parse_args()
     names = [e.strip() for e in args.engines.split(",") if e.strip()]
     unknown = [e for e in names if e not in ENGINES]
@@ -169,9 +182,10 @@ def main() -> None:
         raise SystemExit(f"unknown method {', '.join(m for m in wanted if m not in every)}; valid names are: {', '.join(every)}")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    ours = our_baseline(args.out / "ours", args)
     summary_path = args.out / "engines.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    ours = run_ours(args.out / "ours", args)
+    summary["ours"] = {"decoders": OURS, "tau": ours["tau"]}
     for name, engine in modules.items():
         methods = [m for m in engine.METHODS if not wanted or m in wanted]
         if not methods:
@@ -183,12 +197,17 @@ def main() -> None:
             summary[name] = {"engine": engine.NAME, "error": f"set-up failed: {error}"}
             summary_path.write_text(json.dumps(summary, indent=1))
             continue
+        done = {r["method"]: r for r in (summary.get(name) or {}).get("results", []) if "sweep" in r}
         results = []
-        for method in methods:  # written after each method: an interrupted run keeps what it measured
+        for method in methods:  # written after each method: a run started again skips what it measured
+            if method in done and not args.redo:
+                print(f"{name} {method}: measured already in {summary_path} (--redo measures it again)")
+                results.append(done[method])
+                continue
             result = run_method(engine, name, method, context, args.out / name / method, args)
             if "sweep" in result:
                 ids = answer_ids(args.out / name / method)
-                result["vs_ours"] = identity(ids, ours)
+                result["vs_ours"] = identity(ids, ours["ids"])
                 if method != "plain" and (args.out / name / "plain" / "model_answer").is_dir():
                     result["vs_plain"] = identity(ids, answer_ids(args.out / name / "plain"))
             results.append(result)
