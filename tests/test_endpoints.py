@@ -423,3 +423,80 @@ def test_steps_from_vllm_counters_count_steps_that_drafted_nothing():
     assert steps_from_counters({"drafts": 7, "accepted": 40}, 64) == 24  # τ 64 / 24 = 2.67, not 64 / 7
     assert steps_from_counters({"drafts": 47, "accepted": 18}, 64) == 47  # accepted past max_tokens: at least the drafts
     assert steps_from_counters({"drafts": 0, "accepted": 0}, 64) is None and steps_from_counters(None, 64) is None
+
+
+# ------------------------------------------------------------------------------ llama.cpp's llama-server
+class LlamaServerFake(BaseHTTPRequestHandler):
+    """llama-server b11312's answers as captured from the real one (benchmarks/engine_llamacpp.py):
+    /props with build_info, /slots saying whether each slot speculates, and a stream whose last chunk
+    (usage, empty choices) carries `timings`, with draft_n/draft_n_accepted once something was drafted."""
+
+    speculative = True
+    timings = {"cache_n": 0, "prompt_n": 38, "predicted_n": 12, "draft_n": 8, "draft_n_accepted": 8}
+
+    def log_message(self, *args):
+        pass
+
+    def _json(self, body) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path == "/v1/models":
+            self._json({"object": "list", "data": [{"id": "smollm2-135m", "object": "model", "owned_by": "llamacpp"}]})
+        elif self.path == "/props":
+            self._json({"build_info": "b11312-0c1e57098", "total_slots": 2, "model_alias": "smollm2-135m"})
+        elif self.path == "/slots":
+            self._json([{"id": i, "n_ctx": 2048, "speculative": self.speculative, "is_processing": False} for i in range(2)])
+        else:
+            self.send_response(404)
+            self.end_headers()
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        base = {"created": 1, "id": "chatcmpl-x", "model": "smollm2-135m", "system_fingerprint": "b11312-0c1e57098",
+                "object": "chat.completion.chunk"}
+        chunks = [{"choices": [{"finish_reason": None, "index": 0, "delta": {"role": "assistant", "content": None}}]}]
+        chunks += [{"choices": [{"finish_reason": None, "index": 0, "delta": {"content": word}}]} for word in ["The", " sea"] * 6]
+        chunks.append({"choices": [{"finish_reason": "length", "index": 0, "delta": {}}]})
+        chunks.append({"choices": [], "usage": {"completion_tokens": 12, "prompt_tokens": 38, "total_tokens": 50},
+                       "timings": self.timings})
+        for chunk in chunks:
+            self.wfile.write(("data: " + json.dumps({**chunk, **base}) + "\n\n").encode())
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+
+
+@pytest.mark.parametrize("speculative, timings, steps", [
+    (True, {"predicted_n": 12, "draft_n": 8, "draft_n_accepted": 8}, 4),  # 12 tokens in 4 steps: τ 3
+    (True, {"predicted_n": 12, "draft_n": 6, "draft_n_accepted": 2}, 10),
+    (True, {"predicted_n": 12}, 12),  # speculating, nothing drafted (no n-gram matched): a step a token
+    (False, {"predicted_n": 12}, None),  # the plain server: no τ, as vLLM's plain server
+])
+def test_llama_server_timings_give_the_steps(speculative, timings, steps):
+    from medusa_bench.bench.endpoint_client import Endpoint, steps_from_timings
+
+    handler = type("Handler", (LlamaServerFake,), {"speculative": speculative, "timings": timings})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = Endpoint("llama", f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="unused")
+        assert endpoint.connect(None) == "smollm2-135m"
+        assert {k: endpoint.info.get(k) for k in ("engine", "version", "slots", "speculative")} == \
+            {"engine": "llama.cpp", "version": "b11312-0c1e57098", "slots": 2, "speculative": speculative}
+        turn = endpoint.chat([{"role": "user", "content": "hi"}], 12, 0.0, 1.0, None)
+        assert (turn.completion_tokens, turn.tokens_from, turn.finish_reason) == (12, "usage", "length")
+        assert turn.verify_steps == steps and turn.text == "The sea" * 6
+        endpoint.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert steps_from_timings(None, 12, True) is None and steps_from_timings(timings, 0, True) is None
+    assert steps_from_timings({"draft_n": 4, "draft_n_accepted": 4}, 3, True) == 1  # never below one step

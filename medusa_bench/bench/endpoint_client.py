@@ -5,16 +5,20 @@ chunks (inter-token latency), `usage` (asked for with `stream_options.include_us
 text is counted with the model's tokenizer and the answer says so; a server that streams
 logprobs but no usage, as llama-cpp-python, is counted by its logprobs entries, one per token),
 the finish reason, and token ids where the server returns them (vLLM's and our `token_ids` with
-`return_token_ids`, or `token_id:N` logprob tokens).
+`return_token_ids`, or `token_id:N` logprob tokens; llama-server returns neither, and asked for
+logprobs while drafting it gives them only for the tokens it decoded without a draft).
 
 Acceptance comes only from the server's own counters: vLLM's Prometheus
 `vllm:spec_decode_num_{drafts,draft_tokens,accepted_tokens}_total` read before and after each
 request (names from vllm/v1/spec_decode/metrics.py; τ = tokens / (tokens - accepted), every step
 counted, `steps_from_counters`; the counters' own 1 + accepted / drafts is vLLM's accept length over
 the steps that drafted, kept as `tau_counters`), our serve's
-`usage.decoding_steps`, or `meta_info.spec_verify_ct` (τ = completion tokens / verify steps) where
-a response carries it, which SGLang's streamed chat does not. A server with none of these gets
-τ = n/a (SGLang, llama-cpp-python). A stream that ends without a finish reason was cut and
+`usage.decoding_steps`, `meta_info.spec_verify_ct` (τ = completion tokens / verify steps) where
+a response carries it, which SGLang's streamed chat does not, or llama.cpp's `llama-server`
+`timings.draft_n_accepted` in its last streamed chunk (steps = completion tokens - accepted,
+`steps_from_timings`; a server whose /slots say it speculates but whose timings carry no draft
+counts drafted nothing: one step a token). A server with none of these gets τ = n/a (SGLang,
+llama-cpp-python, a plain llama-server). A stream that ends without a finish reason was cut and
 counts as failed; requests that fail are retried with backoff (`RequestFailed` once they run out).
 """
 
@@ -103,6 +107,20 @@ def steps_from_counters(counters: Optional[dict], completion_tokens: Optional[in
     return max(int(counters["drafts"]), int(completion_tokens - counters.get("accepted", 0)), 1)
 
 
+def steps_from_timings(timings: Optional[dict], completion_tokens: Optional[int], speculative: bool) -> Optional[int]:
+    """Forwards a turn took, from llama.cpp's llama-server: its last streamed chunk carries `timings`
+    with `draft_n` and `draft_n_accepted` (tools/server/server-common.cpp, server_slot_stats::to_json),
+    set only once the slot drafted something. Every step emits one token plus what it accepted, so
+    steps = tokens - accepted (the prefill's token a step, as above). A speculating server (its
+    /slots say so) whose timings have no draft counts drafted nothing: one step a token. None for
+    a plain server, or without timings."""
+    if not isinstance(timings, dict) or not completion_tokens:
+        return None
+    if timings.get("draft_n_accepted") is not None:
+        return max(int(completion_tokens - timings["draft_n_accepted"]), 1)
+    return int(completion_tokens) if speculative else None
+
+
 # ------------------------------------------------------------------------------ one endpoint
 @dataclass
 class Turn:
@@ -175,7 +193,7 @@ class Endpoint:
     def _server_info(self) -> dict:
         """What the engine says about itself: version, speculative configuration (best effort)."""
         root, info = server_root(self.base_url), {"model": self.model}
-        for path in ("/version", "/server_info", "/get_server_info", "/health", "/info"):
+        for path in ("/version", "/server_info", "/get_server_info", "/health", "/info", "/props"):
             body = self._get_json(root + path)
             if body is None:
                 continue
@@ -198,6 +216,15 @@ class Endpoint:
                     info["speculative_config"] = {"speculate": body["speculate"]}
             elif path == "/health" and "decoder" in body:  # our serve
                 info.setdefault("decoder", body["decoder"])
+            elif path == "/props" and "build_info" in body and "total_slots" in body and "engine" not in info:
+                # llama.cpp's llama-server (tools/server/server-context.cpp, get_res_props): build_info is
+                # "b<number>-<commit>"; whether it speculates is per slot, in /slots (on by default)
+                info["engine"] = "llama.cpp"
+                info["version"] = body["build_info"]
+                info["slots"] = body["total_slots"]
+                slots = self._get_json(root + "/slots", list)
+                if slots is not None:
+                    info["speculative"] = any(isinstance(s, dict) and s.get("speculative") for s in slots)
         if "engine" not in info:  # FastAPI servers with none of the above name themselves here (llama-cpp-python)
             described = (self._get_json(root + "/openapi.json") or {}).get("info") or {}
             if described.get("title"):
@@ -206,14 +233,14 @@ class Endpoint:
         info["counters"] = VLLM_COUNTERS["drafts"] in (self.scrape() or {})
         return info
 
-    def _get_json(self, url: str) -> Optional[dict]:
-        """GET a JSON object, or None when the path is missing or answers something else."""
+    def _get_json(self, url: str, kind: type = dict):
+        """GET a JSON object (or `kind`), or None when the path is missing or answers something else."""
         try:
             response = self._http.get(url, timeout=5)
             body = response.json() if response.status_code == 200 else None
         except (httpx.HTTPError, ValueError):
             return None
-        return body if isinstance(body, dict) else None
+        return body if isinstance(body, kind) else None
 
     def server_accept_length(self) -> Optional[float]:
         """SGLang's own mean accept length (`internal_states[].avg_spec_accept_length`): an average over
@@ -268,7 +295,7 @@ class Endpoint:
         body = self._body(messages, max_tokens, temperature, top_p, seed)
         start = time.perf_counter()
         text, chunk_times, token_ids, logprob_ids = [], [], [], []  # logprob_ids: one entry per generated token
-        usage, finish, verify, done, saw_ids = None, None, None, False, False
+        usage, finish, verify, done, saw_ids, timings = None, None, None, False, False, None
         try:
             with self._http.stream("POST", self.base_url + "/chat/completions", json=body) as response:
                 if response.status_code != 200:
@@ -288,6 +315,7 @@ class Endpoint:
                     now = time.perf_counter()
                     usage = chunk.get("usage") or usage
                     verify = _verify_steps(chunk) or verify
+                    timings = chunk.get("timings") or timings  # llama-server: in its last chunk
                     for choice in chunk.get("choices") or []:
                         delta = choice.get("delta") or {}
                         if delta.get("content"):
@@ -320,7 +348,7 @@ class Endpoint:
         ids = token_ids if saw_ids else (logprob_ids if logprob_ids and None not in logprob_ids else None)
         if usage and usage.get("completion_tokens") is not None:
             tokens, source = int(usage["completion_tokens"]), "usage"
-            verify = verify or usage.get("decoding_steps")
+            verify = verify or usage.get("decoding_steps") or steps_from_timings(timings, tokens, bool(self.info.get("speculative")))
         elif ids is not None:
             tokens, source = len(ids), "token_ids"
         elif logprob_ids:  # one logprobs entry per generated token, even where its token is text (llama-cpp-python)
