@@ -65,8 +65,11 @@ def cached_venv(root: Path, install: list[list[str]], label: str) -> Path:
 
 
 def install_record(root: Path) -> dict:
-    marker = root / "venv" / ".medusa-bench-ready"
-    return json.loads(marker.read_text()) if marker.is_file() else {}
+    """What installing took: a venv's record, or a build's (`root/.medusa-bench-ready`, llama-server's)."""
+    for marker in (root / "venv" / ".medusa-bench-ready", root / ".medusa-bench-ready"):
+        if marker.is_file():
+            return json.loads(marker.read_text())
+    return {}
 
 
 def free_port() -> int:

@@ -59,14 +59,16 @@ def answers(out: Path, pattern: str = "*.jsonl") -> list[dict]:
             for line in path.read_text().splitlines() if line.strip()]
 
 
-def answer_ids(out: Path, pattern: str = "*.jsonl") -> dict:
-    """{(question id, turn): token ids} of a method's answers, where the server returned ids."""
-    ids = {}
+def answer_turns(out: Path, pattern: str = "*.jsonl") -> dict:
+    """{(question id, turn): {"ids": token ids or None, "text": str}} of a method's answers
+    (llama-server's chat stream returns no ids: its answers are compared by text)."""
+    turns = {}
     for answer in answers(out, pattern):
-        for turn, turn_ids in enumerate(answer["choices"][0].get("token_ids") or []):
-            if turn_ids is not None:
-                ids[(answer["question_id"], turn)] = turn_ids
-    return ids
+        choice = answer["choices"][0]
+        ids = choice.get("token_ids") or [None] * len(choice["turns"])
+        for turn, (text, turn_ids) in enumerate(zip(choice["turns"], ids)):
+            turns[(answer["question_id"], turn)] = {"ids": turn_ids, "text": text}
+    return turns
 
 
 def tau_of(choices: list[dict]) -> float | None:
@@ -76,17 +78,22 @@ def tau_of(choices: list[dict]) -> float | None:
     return round(tokens / sum(steps), 3) if steps and all(steps) and len(steps) == 2 * len(choices) else None
 
 
-def identity(method_ids: dict, plain_ids: dict) -> dict | None:
-    """Turns token-identical to the same engine's plain server, and the first differing position of the others."""
-    shared = sorted(set(method_ids) & set(plain_ids))
+def identity(turns: dict, reference: dict) -> dict | None:
+    """Turns identical to the reference's (by token ids where both have them, else by text), and where
+    each other turn first differs ("token N" or "character N")."""
+    shared = sorted(set(turns) & set(reference))
     if not shared:
         return None
-    first = {}
+    first, by_text = {}, 0
     for key in shared:
-        a, b = method_ids[key], plain_ids[key]
+        mine, theirs = turns[key], reference[key]
+        unit = "token" if mine["ids"] is not None and theirs["ids"] is not None else "character"
+        a, b = (mine["ids"], theirs["ids"]) if unit == "token" else (mine["text"], theirs["text"])
+        by_text += unit == "character"
         if a != b:
-            first[f"{key[0]}/{key[1] + 1}"] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    return {"identical": len(shared) - len(first), "turns": len(shared), "first_difference": first}
+            at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            first[f"{key[0]}/{key[1] + 1}"] = f"{unit} {at}"
+    return {"identical": len(shared) - len(first), "turns": len(shared), "compared_by_text": by_text, "first_difference": first}
 
 
 # Ours beside the engines: our fp32 greedy baseline (the token ids every engine is checked against) and
@@ -95,7 +102,7 @@ OURS = ["--decoders", "baseline,medusa:chain-4", "--draft-vocab", "0"]
 
 
 def run_ours(out: Path, args) -> dict:
-    """Our decoders on the same questions, in-process: {"ids": baseline's ids, "tau": {decoder: τ}}."""
+    """Our decoders on the same questions, in-process: {"turns": the baseline's answers, "tau": {decoder: τ}}."""
     if not (out / "model_answer").is_dir():
         command = [sys.executable, "-m", "medusa_bench.cli", "run", *OURS, "--dtype", "float32", "--device", "cpu",
                    "--limit", str(args.limit), "--max-new-tokens", str(args.max_new_tokens), "--out", str(out)]
@@ -103,7 +110,7 @@ def run_ours(out: Path, args) -> dict:
         subprocess.run(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True)
     taus = {path.stem.removeprefix("smollm2-135m-"): tau_of([a["choices"][0] for a in answers(out, path.name)])
             for path in (out / "model_answer").glob("*.jsonl")}
-    return {"ids": answer_ids(out, "*-baseline.jsonl"), "tau": taus}
+    return {"turns": answer_turns(out, "*-baseline.jsonl"), "tau": taus}
 
 
 def summarise(method: str, out: Path, startup: float) -> dict:
@@ -206,10 +213,10 @@ def main() -> None:
                 continue
             result = run_method(engine, name, method, context, args.out / name / method, args)
             if "sweep" in result:
-                ids = answer_ids(args.out / name / method)
-                result["vs_ours"] = identity(ids, ours["ids"])
+                ids = answer_turns(args.out / name / method)
+                result["vs_ours"] = identity(ids, ours["turns"])
                 if method != "plain" and (args.out / name / "plain" / "model_answer").is_dir():
-                    result["vs_plain"] = identity(ids, answer_ids(args.out / name / "plain"))
+                    result["vs_plain"] = identity(ids, answer_turns(args.out / name / "plain"))
             results.append(result)
             summary[name] = {"engine": engine.NAME, "install": engine_server.install_record(context["root"]), "results": results}
             summary_path.write_text(json.dumps(summary, indent=1))
