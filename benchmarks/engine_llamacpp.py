@@ -204,6 +204,7 @@ def server(method: str, context: dict) -> Server | str:
     elif method != "plain":
         return f"unknown method {method}"
     models = {"model": context["model"], **({"draft": context["draft"]} if method == "draft" else {})}
-    config = {"args": argv[1:], "version": context["version"], "build": context["build"],
+    speculative = argv[argv.index("-md"):] if "-md" in argv else argv[argv.index("--spec-type"):] if "--spec-type" in argv else []
+    config = {"speculative": [Path(a).name if a == str(context["draft"]) else a for a in speculative], "args": argv[1:], "version": context["version"], "build": context["build"],
               "models": {k: {"file": Path(v).name, "mb": round(Path(v).stat().st_size / 2**20, 1)} for k, v in models.items()}}
     return Server(argv, {}, "/health", config)
