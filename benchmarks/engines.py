@@ -13,7 +13,7 @@ For each engine and method it
 3. runs `medusa-bench run --endpoint <engine>-<method>=URL` (answers, then the `--concurrency`
    sweep) into `<out>/<engine>/<method>/`; τ comes from the server's own counters; the answers'
    token ids are compared with the same engine's plain server and with our own fp32 greedy
-   baseline on the same questions (`<out>/ours/`, run once in-process);
+   baseline on the same questions (`<out>/ours*/`, run once in-process, see OURS);
 4. stops the server (always, in a `finally`), and at the end prints one table per engine and
    writes `<out>/engines.json`.
 
@@ -97,21 +97,27 @@ def identity(turns: dict, reference: dict) -> dict | None:
     return {"identical": len(shared) - len(first), "turns": len(shared), "compared_by_text": by_text, "first_difference": first}
 
 
-# Ours beside the engines: our fp32 greedy baseline (the token ids every engine is checked against) and
-# our Medusa with the same heads and chain vLLM drafts (its full vocabulary, as vLLM's export has it).
-OURS = ["--decoders", "baseline,medusa:chain-4", "--draft-vocab", "0"]
+# Ours beside the engines, each run once into <out>/<name>/: our fp32 greedy baseline (the answers every
+# engine is checked against), our Medusa with the same heads and chain vLLM drafts (its full vocabulary,
+# as vLLM's export has it), and our sps with the draft OpenVINO's `sps` method gets (the same skipped
+# layers, the same fixed chain of 4).
+OURS = {"ours": ["--decoders", "baseline,medusa:chain-4", "--draft-vocab", "0"],
+        "ours-sps": ["--decoders", "sps", "--sps-threshold", "0", "--sps-max-draft", "4"]}
 
 
-def run_ours(out: Path, args) -> dict:
+def run_ours(root: Path, args) -> dict:
     """Our decoders on the same questions, in-process: {"turns": the baseline's answers, "tau": {decoder: τ}}."""
-    if not (out / "model_answer").is_dir():
-        command = [sys.executable, "-m", "medusa_bench.cli", "run", *OURS, "--dtype", "float32", "--device", "cpu",
-                   "--limit", str(args.limit), "--max-new-tokens", str(args.max_new_tokens), "--out", str(out)]
-        print("$", " ".join(command), flush=True)
-        subprocess.run(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True)
-    taus = {path.stem.removeprefix("smollm2-135m-"): tau_of([a["choices"][0] for a in answers(out, path.name)])
-            for path in (out / "model_answer").glob("*.jsonl")}
-    return {"turns": answer_turns(out, "*-baseline.jsonl"), "tau": taus}
+    taus = {}
+    for name, decoders in OURS.items():
+        out = root / name
+        if not (out / "model_answer").is_dir():
+            command = [sys.executable, "-m", "medusa_bench.cli", "run", *decoders, "--dtype", "float32", "--device", "cpu",
+                       "--limit", str(args.limit), "--max-new-tokens", str(args.max_new_tokens), "--out", str(out)]
+            print("$", " ".join(command), flush=True)
+            subprocess.run(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True)
+        for path in (out / "model_answer").glob("*.jsonl"):
+            taus.setdefault(path.stem.removeprefix("smollm2-135m-"), tau_of([a["choices"][0] for a in answers(out, path.name)]))
+    return {"turns": answer_turns(root / "ours", "*-baseline.jsonl"), "tau": taus}
 
 
 def summarise(method: str, out: Path, startup: float) -> dict:
@@ -184,7 +190,7 @@ def print_table(name: str, results: list[dict], levels: list[int]) -> None:
 
 # our decoder whose τ an engine's method is checked against (same heads, same chain)
 OURS_FOR = {("vllm", "plain"): "baseline", ("vllm", "medusa"): "medusa-chain-4",
-            ("openvino", "plain"): "baseline", ("llamacpp", "plain"): "baseline"}
+            ("openvino", "plain"): "baseline", ("openvino", "sps"): "sps", ("llamacpp", "plain"): "baseline"}
 
 
 def speculation_asked(config: dict):
@@ -277,7 +283,7 @@ def main() -> None:
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     if args.page_only:
         return write_page(summary, args)
-    ours = run_ours(args.out / "ours", args)
+    ours = run_ours(args.out, args)
     summary["ours"] = {"decoders": OURS, "tau": ours["tau"]}
     for name, engine in modules.items():
         methods = [m for m in engine.METHODS if not wanted or m in wanted]
@@ -290,12 +296,11 @@ def main() -> None:
             summary[name] = {"engine": engine.NAME, "error": f"set-up failed: {error}"}
             summary_path.write_text(json.dumps(summary, indent=1))
             continue
-        done = {r["method"]: r for r in (summary.get(name) or {}).get("results", []) if "sweep" in r}
-        results = []
+        # what --out holds already, kept for the engine's methods this run does not measure
+        done = {r["method"]: r for r in (summary.get(name) or {}).get("results", []) if r["method"] in engine.METHODS}
         for method in methods:  # written after each method: a run started again skips what it measured
-            if method in done and not args.redo:
+            if "sweep" in done.get(method, {}) and not args.redo:
                 print(f"{name} {method}: measured already in {summary_path} (--redo measures it again)")
-                results.append(done[method])
                 continue
             result = run_method(engine, name, method, context, args.out / name / method, args)
             if "sweep" in result:
@@ -303,11 +308,17 @@ def main() -> None:
                 result["vs_ours"] = identity(ids, ours["turns"])
                 if method != "plain" and (args.out / name / "plain" / "model_answer").is_dir():
                     result["vs_plain"] = identity(ids, answer_turns(args.out / name / "plain"))
-            results.append(result)
-            summary[name] = {"engine": engine.NAME, "install": engine_server.install_record(context["root"]), "results": results}
-            summary_path.write_text(json.dumps(summary, indent=1))
-        print_table(engine.NAME, results, [int(c) for c in args.concurrency.split(",")])
+            done[method] = result
+            save_engine(summary, summary_path, name, engine, context, done)
+        save_engine(summary, summary_path, name, engine, context, done)
+        print_table(engine.NAME, summary[name]["results"], [int(c) for c in args.concurrency.split(",")])
     write_page(summary, args)
+
+
+def save_engine(summary: dict, path: Path, name: str, engine, context: dict, done: dict) -> None:
+    results = [done[m] for m in engine.METHODS if m in done]  # the engine's order; methods it no longer has dropped
+    summary[name] = {"engine": engine.NAME, "install": engine_server.install_record(context["root"]), "results": results}
+    path.write_text(json.dumps(summary, indent=1))
 
 
 def write_page(summary: dict, args) -> None:
