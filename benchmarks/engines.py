@@ -105,10 +105,12 @@ OURS = {"ours": ["--decoders", "baseline,medusa:chain-4", "--draft-vocab", "0"],
         "ours-sps": ["--decoders", "sps", "--sps-threshold", "0", "--sps-max-draft", "4"]}
 
 
-def run_ours(root: Path, args) -> dict:
-    """Our decoders on the same questions, in-process: {"turns": the baseline's answers, "tau": {decoder: τ}}."""
+def run_ours(root: Path, args, names: list[str]) -> dict:
+    """Our decoders on the same questions, in-process: {"turns": the baseline's answers, "tau": {decoder: τ}}.
+    `names`: which of OURS (the baseline's "ours" always)."""
     taus = {}
-    for name, decoders in OURS.items():
+    for name in ["ours", *[n for n in names if n != "ours"]]:
+        decoders = OURS[name]
         out = root / name
         if not (out / "model_answer").is_dir():
             command = [sys.executable, "-m", "medusa_bench.cli", "run", *decoders, "--dtype", "float32", "--device", "cpu",
@@ -283,8 +285,9 @@ def main() -> None:
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     if args.page_only:
         return write_page(summary, args)
-    ours = run_ours(args.out, args)
-    summary["ours"] = {"decoders": OURS, "tau": ours["tau"]}
+    wants_sps = "openvino" in modules and (not wanted or "sps" in wanted)
+    ours = run_ours(args.out, args, ["ours", *(["ours-sps"] if wants_sps else [])])
+    summary["ours"] = {"decoders": OURS, "tau": {**(summary.get("ours") or {}).get("tau", {}), **ours["tau"]}}
     for name, engine in modules.items():
         methods = [m for m in engine.METHODS if not wanted or m in wanted]
         if not methods:
