@@ -89,7 +89,7 @@ class Engine:
         return out
 
     def _loop(self) -> None:
-        active = {}  # request id -> (handle, asyncio queue, loop)
+        active = {}  # request id -> (handle, its asyncio queue, that queue's event loop, prompt tokens)
         while True:
             # wait for work when idle; otherwise take whatever arrived since the last step
             block = not active
@@ -101,7 +101,13 @@ class Engine:
                 handle = self.pipeline.add_request(request_id, input_ids, config)
                 active[request_id] = (handle, out, loop, input_ids.get_shape()[-1])
                 block = False
-            self.pipeline.step()
+            try:
+                self.pipeline.step()
+            except Exception as error:  # the engine failed: fail every request in flight, keep serving
+                for _, out, loop, _ in active.values():
+                    loop.call_soon_threadsafe(out.put_nowait, ("error", f"{type(error).__name__}: {error}"))
+                active.clear()
+                continue
             for request_id, (handle, out, loop, prompt_tokens) in list(active.items()):
                 if handle.can_read():
                     for output in handle.read().values():
@@ -158,6 +164,9 @@ def make_app(engine: Engine, name: str) -> FastAPI:
         async def events():
             while True:
                 kind, value = await out.get()
+                if kind == "error":
+                    yield f"data: {json.dumps({'error': {'message': value}})}\n\n"
+                    return
                 if kind == "tokens":
                     text = decoder.add(value)
                     if text or with_ids:
@@ -175,6 +184,8 @@ def make_app(engine: Engine, name: str) -> FastAPI:
         async for event in events():
             if event.startswith("data: {"):
                 data = json.loads(event[6:])
+                if "error" in data:
+                    return JSONResponse(data, 500)
                 choice = data["choices"][0]
                 text.append(choice["delta"].get("content", ""))
                 ids += choice.get("token_ids") or []
