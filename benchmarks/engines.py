@@ -99,18 +99,22 @@ def identity(turns: dict, reference: dict) -> dict | None:
 
 # Ours beside the engines, each run once into <out>/<name>/: our fp32 greedy baseline (the answers every
 # engine is checked against), our Medusa with the same heads and chain vLLM drafts (its full vocabulary,
-# as vLLM's export has it), and our sps with the draft OpenVINO's `sps` method gets (the same skipped
-# layers, the same fixed chain of 4).
+# as vLLM's export has it), our sps with the draft OpenVINO's `sps` method gets (the same skipped
+# layers, the same fixed chain of 4), and (ours_eagle) our EAGLE-1/EAGLE-3 on the very folders
+# exported for vLLM (EAGLE-1's fc.bias dropped there), static chains, full vocabulary.
 OURS = {"ours": ["--decoders", "baseline,medusa:chain-4", "--draft-vocab", "0"],
         "ours-sps": ["--decoders", "sps", "--sps-threshold", "0", "--sps-max-draft", "4"]}
 
 
-def run_ours(root: Path, args, names: list[str]) -> dict:
-    """Our decoders on the same questions, in-process: {"turns": the baseline's answers, "tau": {decoder: τ}}.
-    `names`: which of OURS (the baseline's "ours" always)."""
+def ours_eagle(exported: Path) -> list[str]:
+    return ["--decoders", "eagle:chain-4,eagle3:chain-4", "--eagle-heads", str(exported / "eagle"),
+            "--eagle3-heads", str(exported / "eagle3"), "--eagle3-tree", "static", "--draft-vocab", "0"]
+
+
+def run_ours(root: Path, args, runs: dict[str, list[str]]) -> dict:
+    """Our decoders on the same questions, in-process, each of `runs` once: {decoder: τ}."""
     taus = {}
-    for name in ["ours", *[n for n in names if n != "ours"]]:
-        decoders = OURS[name]
+    for name, decoders in runs.items():
         out = root / name
         if not (out / "model_answer").is_dir():
             command = [sys.executable, "-m", "medusa_bench.cli", "run", *decoders, "--dtype", "float32", "--device", "cpu",
@@ -119,7 +123,7 @@ def run_ours(root: Path, args, names: list[str]) -> dict:
             subprocess.run(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True)
         for path in (out / "model_answer").glob("*.jsonl"):
             taus.setdefault(path.stem.removeprefix("smollm2-135m-"), tau_of([a["choices"][0] for a in answers(out, path.name)]))
-    return {"turns": answer_turns(root / "ours", "*-baseline.jsonl"), "tau": taus}
+    return taus
 
 
 def summarise(method: str, out: Path, startup: float) -> dict:
@@ -192,6 +196,7 @@ def print_table(name: str, results: list[dict], levels: list[int]) -> None:
 
 # our decoder whose τ an engine's method is checked against (same heads, same chain)
 OURS_FOR = {("vllm", "plain"): "baseline", ("vllm", "medusa"): "medusa-chain-4",
+            ("vllm", "eagle"): "eagle-chain-4", ("vllm", "eagle3"): "eagle3-chain-4",
             ("openvino", "plain"): "baseline", ("openvino", "sps"): "sps", ("llamacpp", "plain"): "baseline"}
 
 
@@ -286,8 +291,9 @@ def main() -> None:
     if args.page_only:
         return write_page(summary, args)
     wants_sps = "openvino" in modules and (not wanted or "sps" in wanted)
-    ours = run_ours(args.out, args, ["ours", *(["ours-sps"] if wants_sps else [])])
-    summary["ours"] = {"decoders": OURS, "tau": {**(summary.get("ours") or {}).get("tau", {}), **ours["tau"]}}
+    runs = {name: OURS[name] for name in ["ours", *(["ours-sps"] if wants_sps else [])]}
+    summary["ours"] = {"tau": {**(summary.get("ours") or {}).get("tau", {}), **run_ours(args.out, args, runs)}}
+    baseline = answer_turns(args.out / "ours", "*-baseline.jsonl")
     for name, engine in modules.items():
         methods = [m for m in engine.METHODS if not wanted or m in wanted]
         if not methods:
@@ -308,11 +314,14 @@ def main() -> None:
             result = run_method(engine, name, method, context, args.out / name / method, args)
             if "sweep" in result:
                 ids = answer_turns(args.out / name / method)
-                result["vs_ours"] = identity(ids, ours["turns"])
+                result["vs_ours"] = identity(ids, baseline)
                 if method != "plain" and (args.out / name / "plain" / "model_answer").is_dir():
                     result["vs_plain"] = identity(ids, answer_turns(args.out / name / "plain"))
             done[method] = result
             save_engine(summary, summary_path, name, engine, context, done)
+        exported = context["root"] / "heads"
+        if name == "vllm" and (exported / "eagle").is_dir() and (exported / "eagle3").is_dir():
+            summary["ours"]["tau"].update(run_ours(args.out, args, {"ours-eagle": ours_eagle(exported)}))
         save_engine(summary, summary_path, name, engine, context, done)
         print_table(engine.NAME, summary[name]["results"], [int(c) for c in args.concurrency.split(",")])
     write_page(summary, args)
