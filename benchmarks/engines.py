@@ -1,14 +1,16 @@
 """Real serving engines speculating here, measured through `medusa-bench run --endpoint` (issue #35).
 
 Engines (one module each; the contract is in benchmarks/engine_server.py):
-- `vllm`: vLLM's CPU build, plain, ngram, our Medusa/EAGLE/EAGLE-3 heads (engine_vllm.py);
-- `openvino`: OpenVINO GenAI, plain, prompt lookup, a draft model (engine_openvino.py);
-- `llamacpp`: llama.cpp's llama-server (portable build), plain, a draft model, and
-  llama-cpp-python's prompt lookup (engine_llamacpp.py).
+- `vllm`: vLLM's CPU build: plain, ngram, our Medusa/EAGLE/EAGLE-3 heads at vLLM's default chain and
+  at what `medusa-bench tree --export vllm` chose (engine_vllm.py);
+- `openvino`: OpenVINO GenAI: plain, prompt lookup, our sps self-speculative draft, an int8 self-draft
+  (engine_openvino.py, served by openvino_server.py);
+- `llamacpp`: llama.cpp's llama-server (portable build): plain, a Q4_1 self-draft, n-gram lookup
+  (engine_llamacpp.py).
 
 For each engine and method it
-1. makes the engine's venv once (cached in the user cache, like benchmarks/vs_reference.py's
-   reference venvs: each engine pins its own torch/transformers) and exports the embedded model;
+1. makes the engine's venv (or build) once, cached in the user cache like benchmarks/vs_reference.py's
+   reference venvs (each engine pins its own torch/transformers), and exports the embedded model;
 2. starts the server on 127.0.0.1, a free port;
 3. runs `medusa-bench run --endpoint <engine>-<method>=URL` (answers, then the `--concurrency`
    sweep) into `<out>/<engine>/<method>/`; τ comes from the server's own counters; the answers'
