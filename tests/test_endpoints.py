@@ -12,12 +12,13 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
 
+from json_handler import JsonHandler
 from medusa_bench.bench.endpoint_client import parse_prometheus
 from medusa_bench.bench.failed import ANSWERS_MISSING_EXIT
 from test_judge import DATA
@@ -192,7 +193,7 @@ def test_endpoint_errors_are_one_line(servers, tmp_path):
 
 
 # ------------------------------------------------------------------------------ servers that misbehave
-class Misbehaving(BaseHTTPRequestHandler):
+class Misbehaving(JsonHandler):
     """An OpenAI-style server that cuts its stream after one chunk ("cut") or streams a whole
     answer without usage or token ids ("no-usage"), as some engines do; with `answers_left` set,
     it cuts every stream once it has answered that many (a server that went away mid-run)."""
@@ -201,21 +202,11 @@ class Misbehaving(BaseHTTPRequestHandler):
     answers_left = None
     requests: list = []
 
-    def log_message(self, *args):
-        pass
-
-    def _send(self, status: int, body: bytes, kind: str = "application/json") -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
     def do_GET(self):
         if self.path == "/v1/models":
-            self._send(200, json.dumps({"object": "list", "data": [{"id": "tiny", "object": "model"}]}).encode())
+            self.send_json(200, {"object": "list", "data": [{"id": "tiny", "object": "model"}]})
         else:
-            self._send(404, b'{"error": {"message": "no route"}}')
+            self.send_json(404, {"error": {"message": "no route"}})
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -426,7 +417,7 @@ def test_steps_from_vllm_counters_count_steps_that_drafted_nothing():
 
 
 # ------------------------------------------------------------------------------ llama.cpp's llama-server
-class LlamaServerFake(BaseHTTPRequestHandler):
+class LlamaServerFake(JsonHandler):
     """llama-server b11312's answers as captured from the real one (benchmarks/engine_llamacpp.py):
     /props with build_info, /slots saying whether each slot speculates, and a stream whose last chunk
     (usage, empty choices) carries `timings`, with draft_n/draft_n_accepted once something was drafted."""
@@ -434,24 +425,13 @@ class LlamaServerFake(BaseHTTPRequestHandler):
     speculative = True
     timings = {"cache_n": 0, "prompt_n": 38, "predicted_n": 12, "draft_n": 8, "draft_n_accepted": 8}
 
-    def log_message(self, *args):
-        pass
-
-    def _json(self, body) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
     def do_GET(self):
         if self.path == "/v1/models":
-            self._json({"object": "list", "data": [{"id": "smollm2-135m", "object": "model", "owned_by": "llamacpp"}]})
+            self.send_json(200, {"object": "list", "data": [{"id": "smollm2-135m", "object": "model", "owned_by": "llamacpp"}]})
         elif self.path == "/props":
-            self._json({"build_info": "b11312-0c1e57098", "total_slots": 2, "model_alias": "smollm2-135m"})
+            self.send_json(200, {"build_info": "b11312-0c1e57098", "total_slots": 2, "model_alias": "smollm2-135m"})
         elif self.path == "/slots":
-            self._json([{"id": i, "n_ctx": 2048, "speculative": self.speculative, "is_processing": False} for i in range(2)])
+            self.send_json(200, [{"id": i, "n_ctx": 2048, "speculative": self.speculative, "is_processing": False} for i in range(2)])
         else:
             self.send_response(404)
             self.end_headers()

@@ -14,11 +14,12 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from json_handler import JsonHandler
 from medusa_bench.errors import UserError
 from medusa_bench.judge import mtbench
 from medusa_bench.judge.client import (
@@ -62,10 +63,7 @@ class FakeJudge:
         self._lock = threading.Lock()
         judge = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # quiet
-                pass
-
+        class Handler(JsonHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
                 with judge._lock:
@@ -88,15 +86,15 @@ class FakeJudge:
                     else:
                         message = f"scripted {action}"
                     if isinstance(action, int):
-                        self._send(action, {"error": {"message": message, "type": "test", "param": None, "code": None}},
-                                   {"Retry-After": "0"} if action == 429 else {})
+                        self.send_json(action, {"error": {"message": message, "type": "test", "param": None, "code": None}},
+                                       {"Retry-After": "0"} if action == 429 else {})
                         return
                     time.sleep(0.02)
                     out = judge.reply(body)
                     text, logprobs = out if isinstance(out, tuple) else (out, None)
                     with judge._lock:
                         judge.successes += 1
-                    self._send(200, {
+                    self.send_json(200, {
                         "id": "chatcmpl-test", "object": "chat.completion", "created": int(time.time()), "model": body.get("model"),
                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop",
                                      "logprobs": {"content": logprobs} if logprobs is not None else None}],
@@ -105,16 +103,6 @@ class FakeJudge:
                 finally:
                     with judge._lock:
                         judge.in_flight -= 1
-
-            def _send(self, status, payload, headers=None):
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for key, value in (headers or {}).items():
-                    self.send_header(key, value)
-                self.end_headers()
-                self.wfile.write(data)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True

@@ -27,12 +27,13 @@ import sys
 from pathlib import Path
 
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import httpx
 import pytest
 
 import processes
+from json_handler import JsonHandler
 from medusa_bench.bench.failed import ANSWERS_MISSING_EXIT
 from test_endpoints import lines, medusa_bench
 from test_serve import free_port, stop_server
@@ -138,33 +139,22 @@ def test_llamacpp_plain_and_prompt_lookup(servers, tmp_path):
 
 
 # ------------------------------------------------------------------------------ fakes
-class Fake(BaseHTTPRequestHandler):
+class Fake(JsonHandler):
     """An OpenAI-style server that streams one answer. "interrupted": a content chunk, then [DONE]
     with no finish reason, as llama-cpp-python does when another request arrives; "sglang": a whole
     answer, plus SGLang's /get_server_info (server args, internal_states, version)."""
 
     mode = "interrupted"
 
-    def log_message(self, *args):
-        pass
-
-    def _send(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
     def do_GET(self):
         if self.path == "/v1/models":
-            self._send(200, {"object": "list", "data": [{"id": "tiny", "object": "model"}]})
+            self.send_json(200, {"object": "list", "data": [{"id": "tiny", "object": "model"}]})
         elif self.path == "/get_server_info" and self.mode == "sglang":
-            self._send(200, {"model_path": "tiny", "speculative_algorithm": "EAGLE", "speculative_num_steps": 3,
-                             "speculative_eagle_topk": 4, "speculative_num_draft_tokens": 16, "version": "0.0.test",
-                             "internal_states": [{"avg_spec_accept_length": 2.5}, {"avg_spec_accept_length": 3.5}]})
+            self.send_json(200, {"model_path": "tiny", "speculative_algorithm": "EAGLE", "speculative_num_steps": 3,
+                                 "speculative_eagle_topk": 4, "speculative_num_draft_tokens": 16, "version": "0.0.test",
+                                 "internal_states": [{"avg_spec_accept_length": 2.5}, {"avg_spec_accept_length": 3.5}]})
         else:
-            self._send(404, {"error": {"message": "no route"}})
+            self.send_json(404, {"error": {"message": "no route"}})
 
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
