@@ -57,16 +57,19 @@ def run_client(name: str, url: str, out: Path, args) -> int:
     return subprocess.run(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}).returncode
 
 
-def answers(out: Path, pattern: str = "*.jsonl") -> list[dict]:
-    return [json.loads(line) for path in (out / "model_answer").glob(pattern)
-            for line in path.read_text().splitlines() if line.strip()]
+def answers(out: Path, decoder: str | None = None) -> list[dict]:
+    """A run folder's answers (all its answer files, or the one whose model id ends in `-decoder`)."""
+    from medusa_bench.results.files import load_answers
+
+    return [answer for model_id, rows in load_answers(out).items()
+            if decoder is None or model_id.endswith(f"-{decoder}") for answer in rows]
 
 
-def answer_turns(out: Path, pattern: str = "*.jsonl") -> dict:
+def answer_turns(out: Path, decoder: str | None = None) -> dict:
     """{(question id, turn): {"ids": token ids or None, "text": str}} of a method's answers
     (llama-server's chat stream returns no ids: its answers are compared by text)."""
     turns = {}
-    for answer in answers(out, pattern):
+    for answer in answers(out, decoder):
         choice = answer["choices"][0]
         ids = choice.get("token_ids") or [None] * len(choice["turns"])
         for turn, (text, turn_ids) in enumerate(zip(choice["turns"], ids)):
@@ -123,8 +126,10 @@ def run_ours(root: Path, args, runs: dict[str, list[str]]) -> dict:
                        "--limit", str(args.limit), "--max-new-tokens", str(args.max_new_tokens), "--out", str(out)]
             print("$", " ".join(command), flush=True)
             subprocess.run(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True)
-        for path in (out / "model_answer").glob("*.jsonl"):
-            taus.setdefault(path.stem.removeprefix("smollm2-135m-"), tau_of([a["choices"][0] for a in answers(out, path.name)]))
+        from medusa_bench.results.files import load_answers
+
+        for model_id, rows in load_answers(out).items():
+            taus.setdefault(model_id.removeprefix("smollm2-135m-"), tau_of([a["choices"][0] for a in rows]))
     return taus
 
 
@@ -295,7 +300,7 @@ def main() -> None:
     wants_sps = "openvino" in modules and (not wanted or "sps" in wanted)
     runs = {name: OURS[name] for name in ["ours", *(["ours-sps"] if wants_sps else [])]}
     summary["ours"] = {"tau": {**(summary.get("ours") or {}).get("tau", {}), **run_ours(args.out, args, runs)}}
-    baseline = answer_turns(args.out / "ours", "*-baseline.jsonl")
+    baseline = answer_turns(args.out / "ours", "baseline")
     for name, engine in modules.items():
         methods = [m for m in engine.METHODS if not wanted or m in wanted]
         if not methods:
