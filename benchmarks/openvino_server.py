@@ -90,6 +90,7 @@ class Engine:
 
     def _loop(self) -> None:
         active = {}  # request id -> (handle, its asyncio queue, that queue's event loop, prompt tokens)
+        finish = {}  # request id -> the engine's finish reason so far ("length" | "stop")
         while True:
             # wait for work when idle; otherwise take whatever arrived since the last step
             block = not active
@@ -107,14 +108,18 @@ class Engine:
                 for _, out, loop, _ in active.values():
                     loop.call_soon_threadsafe(out.put_nowait, ("error", f"{type(error).__name__}: {error}"))
                 active.clear()
+                finish.clear()
                 continue
             for request_id, (handle, out, loop, prompt_tokens) in list(active.items()):
                 if handle.can_read():
                     for output in handle.read().values():
                         loop.call_soon_threadsafe(out.put_nowait, ("tokens", list(output.generated_ids)))
+                        if output.finish_reason == ov_genai.GenerationFinishReason.LENGTH:
+                            finish[request_id] = "length"
                 status = handle.get_status()
                 if status != ov_genai.GenerationStatus.RUNNING:
-                    loop.call_soon_threadsafe(out.put_nowait, ("done", self._usage(handle, status, prompt_tokens)))
+                    usage = self._usage(handle, status, prompt_tokens)
+                    loop.call_soon_threadsafe(out.put_nowait, ("done", (finish.pop(request_id, "stop"), usage)))
                     del active[request_id]
 
     @staticmethod
@@ -172,9 +177,9 @@ def make_app(engine: Engine, name: str) -> FastAPI:
                     if text or with_ids:
                         yield chunk({"content": text}, ids=value if with_ids else None)
                     continue
-                finish = "length" if value["completion_tokens"] >= int(body.get("max_tokens") or 256) else "stop"
+                finish, usage = value
                 rest = decoder.flush()
-                yield chunk({"content": rest} if rest else {}, finish, value)
+                yield chunk({"content": rest} if rest else {}, finish, usage)
                 yield "data: [DONE]\n\n"
                 return
 
