@@ -11,16 +11,15 @@ latency.json and tree.json (`medusa_bench.models.cache_dir()`).
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from medusa_bench import __version__
 from medusa_bench.bench import calibrate as cal
+from medusa_bench.bench.dynamic_search import search_dynamic
+from medusa_bench.bench.tree_cache import (  # calibration_source: also this module's name for it
+    cache_folder, cache_info, calibration_source, partial_folder, publish, read_json, write_json,
+)
 from medusa_bench.decoders.registry import build_decoder, needs_step_profile, spec_options, tree_decoders
 from medusa_bench.errors import UserError
 from medusa_bench.trees.search import (
@@ -31,10 +30,6 @@ from medusa_bench.trees.tree import Tree
 
 DEFAULT_MIN_SPEEDUP = None  # a tree must beat 1 + its prediction's measured noise (trees/search.prediction_noise)
 RUN_FILES = ("tree", "calibration", "latency")
-# The code that shapes the tables, with the proposer's and its heads' own modules: a change measures again.
-CODE_FILES = ("bench/calibrate.py", "bench/autotree.py", "trees/search.py", "trees/tree.py", "decoders/spec.py",
-              "decoders/acceptance.py", "runtime/forward.py", "runtime/cache.py", "trees/levels.py",
-              "trees/replay.py")
 
 
 @dataclass
@@ -84,9 +79,9 @@ class AutoTree:
     def write(self, paths: dict[str, Path]) -> dict[str, Path]:
         for path in paths.values():
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        _write(paths["tree"], self.tree_json())
-        _write(paths["calibration"], self.calibration.to_json())
-        _write(paths["latency"], self.latency.to_json())
+        write_json(paths["tree"], self.tree_json())
+        write_json(paths["calibration"], self.calibration.to_json())
+        write_json(paths["latency"], self.latency.to_json())
         return paths
 
 
@@ -101,7 +96,19 @@ def size_tree(spec: str, loaded, options) -> AutoTree:
     if not found.tree:
         raise UserError(f"decoder {spec!r} drafts on no tree; the tree optimiser sizes trees for {', '.join(tree_decoders())}")
     sizing = build_decoder(found.name, loaded, options.replace(tree=Tree.empty())).sizing
+    if sizing.dynamic is not None:  # EAGLE-2/3: nodes, depth and top-k of the tree it drafts anew each step
+        return dynamic_tree(loaded, sizing, options.extra.get("autotree") or AutoTreeSettings())
     return auto_tree(loaded, sizing.make_proposer, sizing.heads_path, sizing.depth, sizing.kind, options.extra.get("autotree"))
+
+
+def dynamic_tree(loaded, sizing, settings: AutoTreeSettings, log: Optional[Callable[[str], None]] = None) -> AutoTree:
+    """The dynamic search (bench/dynamic_search.py) as an AutoTree: its tree is the chosen knobs' stand-in,
+    named by them (`dynamic-n16-d5-k4`, what the decoder is built on), or the empty tree."""
+    found = search_dynamic(loaded, sizing, settings, log or _stderr)
+    auto = AutoTree(found.tree, SearchResult(found.tree, found.choice, []), found.calibration, found.latency,
+                    found.folder, found.reused, found.info)
+    write_json(found.folder / "tree.json", auto.tree_json())
+    return auto
 
 
 def save_tree_files(auto: AutoTree, out: Path) -> dict[str, Path]:
@@ -121,20 +128,20 @@ def auto_tree(loaded, make_proposer: cal.MakeProposer, heads_path, num_heads: in
     info = cache_info(loaded, heads_path, kind, settings, depth, table_file or prompt_file, probe)
     folder = cache_folder(loaded, kind, info, settings)
     calibration = latency = None
-    if not settings.refresh and (folder / "key.json").is_file() and _read(folder / "key.json") == info:
+    if not settings.refresh and (folder / "key.json").is_file() and read_json(folder / "key.json") == info:
         calibration = load_calibration(folder / "calibration.json")
         latency = load_latency(folder / "latency.json")
         log(f"tree auto: reusing the {kind} tables measured on this device ({folder})")
     reused = calibration is not None
     if not reused:
         calibration, latency = measure_tables(loaded, probe, make_proposer, depth, settings, table_file, prompt_file, log)
-        save_calibration(calibration, _partial(folder) / "calibration.json")
-        save_latency(latency, _partial(folder) / "latency.json")
-        _write(_partial(folder) / "key.json", info)
-        _publish(folder)
+        save_calibration(calibration, partial_folder(folder) / "calibration.json")
+        save_latency(latency, partial_folder(folder) / "latency.json")
+        write_json(partial_folder(folder) / "key.json", info)
+        publish(folder)
     result = best_tree(calibration, latency, min(settings.max_nodes, max(latency.step_time)), depth, num_heads, settings.min_speedup)
     auto = AutoTree(result.tree, result, calibration, latency, folder, reused, info)
-    _write(folder / "tree.json", auto.tree_json())
+    write_json(folder / "tree.json", auto.tree_json())
     log(f"tree auto: {result.choice.reason}")
     return auto
 
@@ -172,95 +179,6 @@ def profile_trees(calibration: Calibration, settings: AutoTreeSettings, depth: i
     candidates = greedy_tree(calibration.prob_fn(), settings.max_nodes, depth, calibration.top_k)
     sizes = sorted({n for n in (*settings.sizes, len(candidates)) if 1 <= n <= len(candidates)} | {1})
     return {n: candidates[n - 1].tree for n in sizes}
-
-
-def calibration_source(option: Optional[str], heads_path=None) -> tuple[Optional[Path], Path]:
-    """(calibration.json to use as is, or None to measure; the prompts file) for `--calibration`.
-
-    Default: measure on the self-distillation prompts, both turns, and replay decoding on those
-    answers (trees/replay.py). The heads' own calibration.json (`medusa-bench train`, held out from
-    their training conversations) is the fallback where the data folder is absent: it keeps no
-    answers, and on the Zen 2 EPYC it promised hydra's 6-node tree τ 1.93 where 16 MT-Bench
-    questions gave 1.64 (+18%), while a fresh two-turn calibration on the self-instruct prompts
-    promised 1.72 (+4%, 16 prompts × 128 tokens; docs/results/cpu-prediction-check-mt-bench-16q.md).
-    Most of that held-out split is instructions the model wrote itself, easier for its heads than
-    people's questions.
-    """
-    if option is None:
-        try:
-            return None, cal.default_prompt_file()
-        except UserError:
-            shipped = Path(heads_path) / "calibration.json" if heads_path is not None else None
-            if shipped is not None and shipped.is_file():
-                return shipped, cal.profiling_prompt_file()
-            raise
-    path = Path(option).expanduser()
-    if not path.is_file():
-        raise UserError(f"--calibration {path}: file not found; pass a prompts file (.jsonl or text) or a calibration.json")
-    if path.suffix.lower() == ".json":  # a measured table: still needs prompts for the profiling context
-        return path, cal.profiling_prompt_file()
-    return None, path
-
-
-# ------------------------------------------------------------------------------ cache
-def cache_info(loaded, heads_path, kind: str, settings: AutoTreeSettings, depth: int, source: Path, proposer) -> dict:
-    """Everything the measured tables depend on (JSON-plain: compared as is on reuse)."""
-    import torch
-
-    measured = {k: v for k, v in asdict(settings).items() if k not in ("refresh", "cache_dir", "min_speedup", "calibration")}
-    measured["sizes"] = list(measured["sizes"])
-    return {
-        "kind": kind, "model": loaded.spec, "model_source": str(loaded.source), "heads": proposer.fingerprint(),
-        "device": cal.device_name(loaded), "dtype": str(loaded.dtype).replace("torch.", ""),
-        "threads": torch.get_num_threads(), "code": code_version(proposer), "depth": depth,
-        "draft_vocab": proposer.draft_vocab_size,  # restricted drafting
-        "calibration": {"file": str(source), "sha256": _file_hash(source)}, "settings": measured,
-    }
-
-
-def code_version(proposer=None) -> str:
-    """Package version + a hash of the files that shape the tables (another decoder's edits don't count)."""
-    root = Path(__file__).resolve().parents[1]
-    files = [root / name for name in CODE_FILES]
-    for obj in (proposer, proposer.heads if proposer is not None else None):
-        module = sys.modules.get(type(obj).__module__) if obj is not None else None
-        if getattr(module, "__file__", None):
-            files.append(Path(module.__file__))
-    digest = hashlib.sha256()
-    for file in files:
-        if file.is_file():
-            digest.update(file.read_bytes())
-    return f"{__version__}+{digest.hexdigest()[:12]}"
-
-
-def cache_folder(loaded, kind: str, info: dict, settings: AutoTreeSettings) -> Path:
-    from medusa_bench.models import cache_dir
-
-    root = Path(settings.cache_dir) if settings.cache_dir else cache_dir() / "trees"
-    key = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16]
-    return root / f"{loaded.name}-{kind}-{key}"
-
-
-def _partial(folder: Path) -> Path:
-    partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
-    partial.mkdir(parents=True, exist_ok=True)
-    return partial
-
-
-def _publish(folder: Path) -> None:
-    """Move the freshly measured tables into place in one rename (a killed run leaves no half cache)."""
-    import shutil
-
-    partial = _partial(folder)
-    shutil.rmtree(folder, ignore_errors=True)
-    try:
-        partial.rename(folder)
-    except OSError:  # another process published the same tables first
-        shutil.rmtree(partial, ignore_errors=True)
-
-
-def _file_hash(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------ run folders
@@ -304,7 +222,7 @@ def store_in_run(run_dir: Path, decoders: dict, previous: Optional[dict]) -> Non
     for name, file in profile_files(decoders).items():
         path = Path(run_dir) / file
         if not path.is_file():  # a resume built its decoders with the file's profile (saved_profiles)
-            _write(path, decoders[name].step_profile)
+            write_json(path, decoders[name].step_profile)
 
 
 def profile_files(decoders: dict) -> dict[str, str]:
@@ -325,13 +243,15 @@ def saved_profiles(run_dir: Path, specs: list[str], options) -> dict[str, dict]:
     """{spec: profile} a run folder keeps for the decoders that decide by one (a resume decides as the
     run did: with its own profile, not a fresh measurement); bench/build.py takes them as a plan's."""
     deciding = [spec for spec in specs if needs_step_profile(spec, options)]
-    profiles = {spec: _read(Path(run_dir) / file) for spec, file in profile_file_names(deciding).items()}
+    profiles = {spec: read_json(Path(run_dir) / file) for spec, file in profile_file_names(deciding).items()}
     return {spec: profile for spec, profile in profiles.items() if profile is not None}
 
 
 # ------------------------------------------------------------------------------ output
 def summary_rows(auto: AutoTree) -> list[dict]:
     """The profiled budgets (and the chosen one): n, depth, τ, step ms, tokens/s, × baseline."""
+    if not auto.result.candidates:  # a dynamic search: its rows are knob sets, the best first
+        return [{**row, "chosen": row["knobs"] == auto.tree.name} for row in auto.result.choice.table[:12]]
     profiled = set(auto.latency.step_time) | {auto.result.choice.n}
     rows = []
     for row in auto.result.choice.table:
@@ -346,10 +266,10 @@ def summary_table(auto: AutoTree):
 
     table = Table(title=f"tree search ({auto.latency.device}, {auto.latency.dtype}, {auto.latency.context_len} cached tokens; "
                         f"τ {auto.result.choice.tau_statistic})")
-    for column in ("nodes", "depth", "pred. τ", "step ms", "pred. tok/s", "× baseline", ""):
+    for column in ("nodes", "depth", "top-k", "pred. τ", "step ms", "pred. tok/s", "× baseline", ""):
         table.add_column(column, justify="right")
     for row in summary_rows(auto):
-        table.add_row(str(row["n"]), str(row["depth"]), f"{row['tau']:.3f}", f"{row['step_time'] * 1e3:.1f}",
+        table.add_row(str(row["n"]), str(row["depth"]), str(row.get("top_k", "")), f"{row['tau']:.3f}", f"{row['step_time'] * 1e3:.1f}",
                       f"{row['throughput']:.1f}", f"{row['speedup']:.3f}", "← chosen" if row["chosen"] else "")
     return table
 
@@ -358,18 +278,3 @@ def _stderr(line: str) -> None:
     from rich.console import Console
 
     Console(stderr=True).print(line, highlight=False, soft_wrap=True)
-
-
-def _write(path: Path, data) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-def _read(path: Path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-

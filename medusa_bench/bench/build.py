@@ -39,7 +39,7 @@ def build_decoder(spec: str, loaded, options: Optional[DecoderOptions] = None, p
     if found.tree and options.tree == "auto":
         planned = (plan.get("trees") or {}).get(spec) or {}
         if planned.get("auto"):  # the tree this device type's first worker chose
-            options = options.replace(tree=Tree(planned["paths"]))
+            options = options.replace(tree=Tree(planned["paths"], name=planned.get("name")))  # dynamic knobs: by name
         else:
             auto = size_tree(spec, loaded, options)
             options = options.replace(tree=auto.tree)

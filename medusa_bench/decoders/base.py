@@ -73,3 +73,6 @@ class TreeSizing:
     depth: int  # the deepest tree it drafts (its heads)
     kind: str  # the optimiser's cache name: decoders drafting alike share tables (eagle, eagle2)
     heads_path: Optional[Path | str] = None  # heads folder: its shipped calibration.json, if any
+    # Dynamic trees (EAGLE-2/3): a proposer drafting one of given knobs (trees/dynamic.DynamicKnobs); the
+    # optimiser then searches nodes, depth and top-k (bench/dynamic_search.py) instead of a static tree.
+    dynamic: Optional[Callable[["DynamicKnobs"], "Proposer"]] = None  # noqa: F821

@@ -37,6 +37,7 @@ from medusa_bench.decoders.spec import Draft, SpeculativeDecoder
 from medusa_bench.errors import UserError
 from medusa_bench.heads.common import apply_draft_vocab
 from medusa_bench.runtime.cache import crop_cache
+from medusa_bench.trees.dynamic import DynamicKnobs, Expansion
 from medusa_bench.trees.levels import level_plan
 from medusa_bench.trees.tree import Tree, TreeBuffers
 
@@ -166,6 +167,76 @@ class EagleProposer(HeadsProposer):
         buffers = TreeBuffers.from_parents([-1] + [index[parents[v]] for v in chosen], device=device)
         return Draft(torch.tensor([token_list[v] for v in order], device=device), buffers)
 
+    @torch.no_grad()
+    def expansion(self, hidden: Tensor, tokens: Tensor, positions: Tensor, depth: int, top_k: int) -> Expansion:
+        """Calibration of dynamic trees: `dynamic_tree`'s drafting at every position of one known sequence
+        at once, each on its true context, every node kept (trees/dynamic.py reads any tree size off it).
+
+        hidden [S, W] base features, tokens [S], positions [T] (position t drafts under the root
+        tokens[t + 1], as `calibrate.rank_table` numbers them). Per depth one draft forward over all
+        positions' frontiers (T × top_k rows): each row sees its context rows 0 … t, its frontier
+        ancestors and itself, at position t + its depth, exactly the rows `tree_rows` gives it.
+        """
+        heads, K = self.heads, top_k
+        S, T, device = tokens.shape[0], positions.shape[0], tokens.device
+        cache = DynamicCache()
+        rows = torch.arange(S - 1, device=device)
+        context = heads.step(hidden[: S - 1].to(heads.dtype), tokens[1:], rows, cache, rows[:, None] >= rows[None, :])
+        visible = rows[None, :] <= positions[:, None]  # [T, S - 1]: the context rows each position sees
+
+        def truth(d: int) -> Tensor:  # [T] the true token at depth d (-1 past the end)
+            at = positions + 1 + d
+            return torch.where(at < S, tokens[at.clamp(max=S - 1)], -1)
+
+        def true_column(ids: Tensor, parent_rank: Optional[Tensor], d: int) -> Tensor:
+            """Column (within this depth's [T, m·K] block) of the true node, -1 if not drafted."""
+            hit = ids == truth(d)[:, None, None]  # [T, m, K]
+            if parent_rank is not None:  # only the children of the true parent, if it was expanded
+                hit &= torch.arange(ids.shape[1], device=device)[None, :, None] == parent_rank[:, None, None]
+            hit = hit.flatten(1)
+            return torch.where(hit.any(1), hit.float().argmax(1), -1)
+
+        ids, logp = heads.draft_top(context[positions], K)  # [T, K]: depth 1, under the root
+        level_scores, level_ids = logp.clamp(max=0), ids
+        all_scores, all_depths, truths = [level_scores], [1] * K, [true_column(ids[:, None], None, 1)]
+        outputs = context[positions][:, None]  # [T, 1, H]: the root's output, parent of depth 1
+        parent_of = torch.zeros(T, K, dtype=torch.long, device=device)  # each node's parent, a row of `outputs`
+        ancestors = torch.empty(T, K, 0, dtype=torch.long, device=device)  # cache rows of frontier ancestors
+        tree_start = S - 1
+        for d in range(2, depth + 1):
+            frontier = torch.sort(-level_scores, dim=1, stable=True).indices[:, :K]  # [T, K] columns of depth d - 1
+            parents = parent_of.gather(1, frontier)  # [T, K]
+            features = outputs.gather(1, parents[..., None].expand(-1, -1, outputs.shape[-1]))  # [T, K, H]
+            own_rows = tree_start + (d - 2) * T * K + torch.arange(T * K, device=device).view(T, K)  # [T, K]
+            if d > 2:
+                ancestors = torch.cat([ancestors.gather(1, parents[..., None].expand(-1, -1, ancestors.shape[-1])),
+                                       previous_rows.gather(1, parents)[..., None]], dim=2)
+            past = tree_start + (d - 2) * T * K
+            allowed = torch.zeros(T, K, past + T * K, dtype=torch.bool, device=device)
+            allowed[..., : S - 1] = visible[:, None]
+            allowed.scatter_(2, torch.cat([ancestors, own_rows[..., None]], dim=2), True)
+            pos = (positions + d - 1)[:, None].expand(T, K).reshape(-1)
+            out = heads.step(features.reshape(T * K, -1), level_ids.gather(1, frontier).reshape(-1), pos, cache,
+                             allowed.view(T * K, -1)).view(T, K, -1)  # [T, K, H]
+            expanded = frontier == truths[-1][:, None]  # [T, K]: the true node of depth d - 1, if in the frontier
+            true_rank = torch.where(expanded.any(1), expanded.float().argmax(1), -1)
+            ids, logp = heads.draft_top(out.reshape(T * K, -1), K)
+            ids, logp = ids.view(T, K, K), logp.view(T, K, K)
+            parent_scores = level_scores.gather(1, frontier)  # [T, K]
+            level_scores = (parent_scores[..., None] + logp.clamp(max=0)).flatten(1)  # [T, K·K]
+            level_ids = ids.flatten(1)
+            truths.append(torch.where(true_rank >= 0, true_column(ids, true_rank, d), -1))
+            outputs, previous_rows = out, own_rows
+            parent_of = torch.arange(K, device=device).repeat_interleave(K)[None].expand(T, -1)  # [T, K·K]
+            all_scores.append(level_scores)
+            all_depths += [d] * (K * K)
+        offsets, truth_columns = 0, []
+        for block, column in zip(all_scores, truths):  # level columns → expansion columns
+            truth_columns.append(torch.where(column >= 0, column + offsets, -1))
+            offsets += block.shape[1]
+        return Expansion(torch.cat(all_scores, dim=1).float().cpu(), torch.tensor(all_depths),
+                         torch.stack(truth_columns, dim=1).cpu(), K)
+
     def true_ranks(self, hidden: Tensor, tokens: Tensor, positions: Tensor, depth: int, top_k: int = 10) -> Tensor:
         """Calibration: the draft chained along the true tokens (its own outputs as features below depth 1)."""
         return self.heads.true_ranks(hidden, tokens, positions, depth, top_k)
@@ -190,6 +261,13 @@ def eagle_decoder(name: str, loaded, options: DecoderOptions, path, dynamic: boo
 
     heads = load_eagle_heads(path, base_model=loaded.model)
     heads.depth = options.eagle_depth
+    knobs = DynamicKnobs.parse(options.tree)  # `dynamic-n16-d5-k4`: the dynamic tree's own knobs (--tree auto's choice)
+    if knobs is not None:
+        if not dynamic:
+            raise UserError(f"{name} drafts on the static tree --tree; {knobs.name} sizes a dynamic one: use eagle2, "
+                            "or eagle3 with --eagle3-tree dynamic")
+        options = options.replace(tree=knobs.tree(), eagle_top_k=knobs.top_k)
+        heads.depth = max(heads.depth, knobs.depth)
     if heads.variant == "eagle":
         apply_draft_vocab(heads, path, options.draft_vocab)
     elif options.draft_vocab > 0:
@@ -201,7 +279,12 @@ def eagle_decoder(name: str, loaded, options: DecoderOptions, path, dynamic: boo
     def proposer(tree: Tree) -> EagleProposer:
         return EagleProposer(heads, tree, loaded.device, dynamic=dynamic, top_k=options.eagle_top_k)
 
-    sizing = TreeSizing(make_proposer, heads.depth, heads.variant, path)  # eagle and eagle2 share tables
+    def dynamic_proposer(knobs: DynamicKnobs) -> EagleProposer:  # the optimiser sizes dynamic trees by their knobs
+        heads.depth = max(heads.depth, knobs.depth)
+        return EagleProposer(heads, knobs.tree(), loaded.device, dynamic=True, top_k=knobs.top_k)
+
+    sizing = TreeSizing(make_proposer, heads.depth, heads.variant, path,  # eagle and eagle2 share static tables
+                        dynamic=dynamic_proposer if dynamic else None)
     return tree_decoder(name, loaded, options, sizing, proposer)
 
 

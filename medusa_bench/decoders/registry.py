@@ -24,6 +24,7 @@ from medusa_bench.decoders.discovery import load_decoders
 from medusa_bench.decoders.options import DecoderOptions
 from medusa_bench.decoders.spec import SpeculativeDecoder
 from medusa_bench.errors import UserError, unknown_name
+from medusa_bench.trees.dynamic import DynamicKnobs
 from medusa_bench.trees.tree import Tree
 
 DecoderFactory = Callable[["LoadedModel", DecoderOptions], Decoder]  # noqa: F821 (models.LoadedModel)
@@ -172,7 +173,8 @@ def build_decoder(spec: str, loaded, options: Optional[DecoderOptions] = None) -
         if isinstance(options.tree, str) and options.tree.strip().lower() == "auto":
             raise UserError(f"decoder {spec!r}: --tree auto is measured on the loaded model by the bench layer "
                             "(medusa_bench.bench.build.build_decoder); here pass a fixed tree, e.g. tree='chain-3'")
-        options = options.replace(tree=Tree.parse(options.tree))
+        if DynamicKnobs.parse(options.tree) is None:  # a dynamic tree's knobs stay a name: its factory reads them
+            options = options.replace(tree=Tree.parse(options.tree))
     decoder = found.factory(loaded, options)
     use_acceptance(decoder, acceptance_of(options), found.name)
     if spec != found.name:

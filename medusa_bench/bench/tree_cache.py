@@ -1,0 +1,126 @@
+"""The optimiser's cache: measured tables keyed by everything they depend on, published in one rename.
+
+Used by the static tree search (bench/autotree.py), the dynamic one (bench/dynamic_search.py)
+and prompt lookup's knob search: a cached answer is reused only where it would be measured again the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+from medusa_bench import __version__
+from medusa_bench.bench import calibrate as cal
+from medusa_bench.errors import UserError
+
+# The code that shapes the tables, with the proposer's and its heads' own modules: a change measures again.
+CODE_FILES = ("bench/calibrate.py", "bench/autotree.py", "trees/search.py", "trees/tree.py", "decoders/spec.py",
+              "decoders/acceptance.py", "runtime/forward.py", "runtime/cache.py", "trees/levels.py",
+              "trees/replay.py", "trees/dynamic.py", "bench/dynamic_search.py", "bench/tree_cache.py")
+
+
+def calibration_source(option: Optional[str], heads_path=None) -> tuple[Optional[Path], Path]:
+    """(calibration.json to use as is, or None to measure; the prompts file) for `--calibration`.
+
+    Default: measure on the self-distillation prompts, both turns, and replay decoding on those
+    answers (trees/replay.py). The heads' own calibration.json (`medusa-bench train`, held out from
+    their training conversations) is the fallback where the data folder is absent: it keeps no
+    answers, and on the Zen 2 EPYC it promised hydra's 6-node tree τ 1.93 where 16 MT-Bench
+    questions gave 1.64 (+18%), while a fresh two-turn calibration on the self-instruct prompts
+    promised 1.72 (+4%, 16 prompts × 128 tokens; docs/results/cpu-prediction-check-mt-bench-16q.md).
+    Most of that held-out split is instructions the model wrote itself, easier for its heads than
+    people's questions.
+    """
+    if option is None:
+        try:
+            return None, cal.default_prompt_file()
+        except UserError:
+            shipped = Path(heads_path) / "calibration.json" if heads_path is not None else None
+            if shipped is not None and shipped.is_file():
+                return shipped, cal.profiling_prompt_file()
+            raise
+    path = Path(option).expanduser()
+    if not path.is_file():
+        raise UserError(f"--calibration {path}: file not found; pass a prompts file (.jsonl or text) or a calibration.json")
+    if path.suffix.lower() == ".json":  # a measured table: still needs prompts for the profiling context
+        return path, cal.profiling_prompt_file()
+    return None, path
+
+
+def cache_info(loaded, heads_path, kind: str, settings, depth: int, source: Path, proposer) -> dict:
+    """Everything the measured tables depend on (JSON-plain: compared as is on reuse)."""
+    import torch
+
+    measured = {k: v for k, v in asdict(settings).items() if k not in ("refresh", "cache_dir", "min_speedup", "calibration")}
+    measured["sizes"] = list(measured["sizes"])
+    return {
+        "kind": kind, "model": loaded.spec, "model_source": str(loaded.source), "heads": proposer.fingerprint(),
+        "device": cal.device_name(loaded), "dtype": str(loaded.dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(), "code": code_version(proposer), "depth": depth,
+        "draft_vocab": proposer.draft_vocab_size,  # restricted drafting
+        "calibration": {"file": str(source), "sha256": file_hash(source)}, "settings": measured,
+    }
+
+
+def code_version(proposer=None) -> str:
+    """Package version + a hash of the files that shape the tables (another decoder's edits don't count)."""
+    root = Path(__file__).resolve().parents[1]
+    files = [root / name for name in CODE_FILES]
+    for obj in (proposer, proposer.heads if proposer is not None else None):
+        module = sys.modules.get(type(obj).__module__) if obj is not None else None
+        if getattr(module, "__file__", None):
+            files.append(Path(module.__file__))
+    digest = hashlib.sha256()
+    for file in files:
+        if file.is_file():
+            digest.update(file.read_bytes())
+    return f"{__version__}+{digest.hexdigest()[:12]}"
+
+
+def cache_folder(loaded, kind: str, info: dict, settings) -> Path:
+    from medusa_bench.models import cache_dir
+
+    root = Path(settings.cache_dir) if settings.cache_dir else cache_dir() / "trees"
+    key = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16]
+    return root / f"{loaded.name}-{kind}-{key}"
+
+
+def partial_folder(folder: Path) -> Path:
+    partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
+    partial.mkdir(parents=True, exist_ok=True)
+    return partial
+
+
+def publish(folder: Path) -> None:
+    """Move the freshly measured tables into place in one rename (a killed run leaves no half cache)."""
+    import shutil
+
+    partial = partial_folder(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        partial.rename(folder)
+    except OSError:  # another process published the same tables first
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def write_json(path: Path, data) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None

@@ -1,0 +1,100 @@
+"""Dynamic trees under `--tree auto` (EAGLE-2/3): the expansion the search reads τ from is the proposer's own
+drafting, the knobs round-trip through specs and run folders, and the chosen knobs decode losslessly.
+
+Shipped EAGLE heads on the real model; tiny settings (a couple of prompts, a few tokens, 2 profile rounds).
+"""
+
+import torch
+import pytest
+
+from medusa_bench.bench import calibrate as cal
+from medusa_bench.bench.autotree import AutoTreeSettings, size_tree, summary_rows, tree_records
+from medusa_bench.bench.build import build_decoder
+from medusa_bench.bench.dynamic_search import DynamicTables, choose, knob_grid
+from medusa_bench.decoders import registry
+from medusa_bench.decoders.options import DecoderOptions
+from medusa_bench.errors import UserError
+from medusa_bench.inputs.chat import build_prompt
+from medusa_bench.trees.dynamic import DynamicKnobs, accepted
+
+TINY = dict(prompts=2, tokens=12, max_nodes=10, max_depth=3, repeats=2, warmup=0, context_len=48)
+
+
+def walk(tokens: list[int], parents: list[int], truth: list[int]) -> int:
+    """Drafts greedy decoding accepts from one drafted tree: its longest path equal to `truth`."""
+    node = count = 0
+    while count < len(truth):
+        children = [c for c in range(len(tokens)) if parents[c] == node and tokens[c] == truth[count]]
+        if not children:
+            break
+        node, count = children[0], count + 1
+    return count
+
+
+@pytest.mark.parametrize("name", ["eagle2", "eagle3"])
+def test_expansion_accepts_what_the_proposer_drafts(smollm, name):
+    """At every answer position, the τ the search reads off one expansion equals what `propose` drafts there."""
+    decoder = registry.build_decoder(name, smollm, DecoderOptions(tree="dynamic-n9-d3-k2"))
+    prompts = cal.pick(cal.read_prompts(cal.default_prompt_file()), 2)
+    (ids, prompt_len), = cal.greedy_sequences(smollm, prompts[:1], 16, turns=1)
+    hidden = cal.last_hidden(smollm, ids, decoder.proposer.feature_layers)
+    positions = torch.arange(prompt_len - 1, len(ids) - 2)
+    for knobs in (DynamicKnobs(9, 3, 2), DynamicKnobs(6, 2, 4), DynamicKnobs(4, 3, 1)):
+        proposer = decoder.sizing.dynamic(knobs)
+        drafted = accepted(proposer.expansion(hidden, torch.tensor(ids), positions, knobs.depth, knobs.top_k),
+                           knobs.nodes, knobs.depth).tolist()
+        for i, t in enumerate(positions.tolist()):
+            proposer.reset([])
+            proposer.observe(hidden[:t])
+            draft = proposer.propose(ids[t + 1], hidden[t], ids[: t + 1])
+            assert draft.tokens.shape[0] == min(knobs.nodes, draft.tokens.shape[0])
+            assert walk(draft.tokens.tolist(), draft.buffers.parents.tolist(), ids[t + 2:]) == drafted[i], (knobs, t)
+
+
+def test_knob_specs_and_grid():
+    knobs = DynamicKnobs.parse("dynamic-n60-d5-k10")
+    assert (knobs.nodes, knobs.depth, knobs.top_k) == (60, 5, 10) and knobs.tree().num_nodes == 60
+    assert knobs.tree().depth == 5 and DynamicKnobs.parse(knobs.tree()) == knobs and DynamicKnobs.parse("chain-3") is None
+    with pytest.raises(UserError, match="depth of at most 3"):
+        DynamicKnobs.parse("dynamic-n4-d5-k2")
+    grid = knob_grid(16, 4)
+    assert all(k.nodes <= 16 and k.depth <= 4 and k.nodes - 1 <= k.top_k + (k.depth - 1) * k.top_k ** 2 for k in grid)
+    assert {k.top_k for k in grid} == {1, 2, 4, 8} and DynamicKnobs(5, 4, 1) in grid
+
+
+def test_choice_needs_to_beat_its_noise():
+    """The fastest knobs are taken only when they beat 1 + their own noise."""
+    grid = [DynamicKnobs(3, 2, 1), DynamicKnobs(5, 2, 2)]
+    tables = DynamicTables([10] * 8, {grid[0].name: [6] * 8, grid[1].name: [5] * 8},
+                           {grid[0].name: [1.2, 1.19, 1.21], grid[1].name: [1.4, 1.3, 1.5]}, 0.05)
+    search = choose(tables, grid)
+    assert search.knobs == grid[1] and search.choice.speedup == pytest.approx(2.0 / 1.4)  # τ 2.0 per 1.4× the step
+    slow = DynamicTables([10] * 8, {grid[0].name: [9] * 8, grid[1].name: [9] * 8},
+                         {grid[0].name: [1.1, 1.0, 1.2], grid[1].name: [1.2, 1.1, 1.3]}, 0.05)
+    assert choose(slow, grid).knobs is None and choose(slow, grid).tree.num_nodes == 1
+
+
+def test_auto_sizes_the_dynamic_tree_and_decodes_losslessly(smollm, tmp_path):
+    settings = AutoTreeSettings(**TINY, cache_dir=str(tmp_path), min_speedup=0.0)  # margin 0: a tree is chosen
+    options = DecoderOptions(extra={"autotree": settings})
+    auto = size_tree("eagle2", smollm, options)
+    knobs = DynamicKnobs.parse(auto.tree)
+    assert knobs is not None and auto.tree.num_nodes == knobs.nodes <= 10 and knobs.depth <= 3
+    assert (auto.folder / "dynamic.json").is_file() and not auto.reused
+    assert auto.tree_json()["search"]["tau_statistic"].startswith("dynamic trees replayed")
+    assert summary_rows(auto)[0]["knobs"] == knobs.name  # the table's best row is the chosen one (margin 0)
+    assert size_tree("eagle2", smollm, options).reused  # cached
+
+    decoder = build_decoder("eagle2", smollm, options)  # the bench layer builds on the knobs it chose
+    assert decoder.proposer.dynamic and decoder.proposer.top_k == knobs.top_k and decoder.proposer.tree.depth == knobs.depth
+    record = tree_records({"eagle2": decoder})["eagle2"]
+    assert record["name"] == knobs.name and record["auto"]
+    again = build_decoder("eagle2", smollm, options, plan={"trees": {"eagle2": {**record, "paths": auto.tree.to_list()}}})
+    assert again.proposer.top_k == knobs.top_k  # a resumed run or a Ray worker builds the same knobs
+    prompt = build_prompt(smollm, [{"role": "user", "content": "List three fruits."}])
+    assert decoder.generate(prompt, 24).token_ids == build_decoder("baseline", smollm).generate(prompt, 24).token_ids
+
+
+def test_static_eagle_refuses_dynamic_knobs(smollm):
+    with pytest.raises(UserError, match="use eagle2"):
+        registry.build_decoder("eagle", smollm, DecoderOptions(tree="dynamic-n9-d3-k2"))
