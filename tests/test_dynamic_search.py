@@ -17,7 +17,13 @@ from medusa_bench.errors import UserError
 from medusa_bench.inputs.chat import build_prompt
 from medusa_bench.trees.dynamic import DynamicKnobs, accepted
 
-TINY = dict(prompts=2, tokens=12, max_nodes=10, max_depth=3, repeats=2, warmup=0, context_len=48)
+TINY = dict(prompts=1, tokens=10, turns=1, max_nodes=6, max_depth=2, repeats=2, warmup=0, context_len=48)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> AutoTreeSettings:
+    """Tiny search settings, one cache for the module: measured once, reused after (min_speedup 0: knobs are chosen)."""
+    return AutoTreeSettings(**TINY, cache_dir=str(tmp_path_factory.mktemp("trees")), min_speedup=0.0)
 
 
 def walk(tokens: list[int], parents: list[int], truth: list[int]) -> int:
@@ -74,13 +80,12 @@ def test_choice_needs_to_beat_its_noise():
     assert choose(slow, grid).knobs is None and choose(slow, grid).tree.num_nodes == 1
 
 
-def test_auto_sizes_the_dynamic_tree_and_decodes_losslessly(smollm, tmp_path):
-    settings = AutoTreeSettings(**TINY, cache_dir=str(tmp_path), min_speedup=0.0)  # margin 0: a tree is chosen
-    options = DecoderOptions(extra={"autotree": settings})
+def test_auto_sizes_the_dynamic_tree_and_decodes_losslessly(smollm, tiny):
+    options = DecoderOptions(extra={"autotree": tiny})
     auto = size_tree("eagle2", smollm, options)
     knobs = DynamicKnobs.parse(auto.tree)
-    assert knobs is not None and auto.tree.num_nodes == knobs.nodes <= 10 and knobs.depth <= 3
-    assert (auto.folder / "dynamic.json").is_file() and not auto.reused
+    assert knobs is not None and auto.tree.num_nodes == knobs.nodes <= 6 and knobs.depth <= 2
+    assert (auto.folder / "dynamic.json").is_file()
     assert auto.tree_json()["search"]["tau_statistic"].startswith("dynamic trees replayed")
     assert summary_rows(auto)[0]["knobs"] == knobs.name  # the table's best row is the chosen one (margin 0)
     assert size_tree("eagle2", smollm, options).reused  # cached
@@ -98,3 +103,33 @@ def test_auto_sizes_the_dynamic_tree_and_decodes_losslessly(smollm, tmp_path):
 def test_static_eagle_refuses_dynamic_knobs(smollm):
     with pytest.raises(UserError, match="use eagle2"):
         registry.build_decoder("eagle", smollm, DecoderOptions(tree="dynamic-n9-d3-k2"))
+
+
+def test_a_run_replays_its_dynamic_tree_on_its_own_text(smollm, tiny, tmp_path, capsys, monkeypatch):
+    """prediction.json for eagle2:auto: the chosen knobs' τ replayed on the run's answers is the run's τ (a
+    lossless greedy decoder drafts exactly the expansion's trees), and `tree --audit` rebuilds the same."""
+    import json
+
+    import medusa_bench.models
+    from conftest import run_cli
+    from medusa_bench.bench.loop import RunConfig, run_benchmark
+    from medusa_bench.results.prediction import AUDIT_FILE
+
+    out = tmp_path / "run"
+    config = RunConfig(bench="quick", question_ids=["1001", "1004"], max_new_tokens=24, warmup=0, out=out, device="cpu",
+                       decoders=["baseline", "eagle2:auto"], options=DecoderOptions(extra={"autotree": tiny}))
+    run_benchmark(config, loaded=smollm)
+    audit = json.loads((out / AUDIT_FILE).read_text())["eagle2:auto"]
+    run = json.loads((out / "run.json").read_text())
+    assert run["trees"]["eagle2:auto"]["name"] == audit["knobs"] and audit["knobs"].startswith("dynamic-")
+    answers = [json.loads(line)["choices"][0] for line in (out / "model_answer" / "smollm2-135m-eagle2-auto.jsonl").read_text().splitlines()]
+    tau = sum(sum(c["new_tokens"]) for c in answers) / sum(sum(c["decoding_steps"]) for c in answers)
+    assert audit["replay"]["tau"] == pytest.approx(tau, rel=0.05) and audit["measured"]["tau"] == pytest.approx(tau, abs=1e-4)
+    assert {row["knobs"] for row in audit["replay"]["sizes"]} >= {"empty", audit["knobs"]}
+
+    monkeypatch.setattr(medusa_bench.models, "load_model", lambda *args, **kwargs: smollm)
+    in_run = json.loads((out / AUDIT_FILE).read_text())
+    (out / AUDIT_FILE).unlink()
+    code, _, stderr = run_cli(capsys, monkeypatch, "tree", "--audit", out)
+    assert code == 0, stderr
+    assert json.loads((out / AUDIT_FILE).read_text()) == in_run

@@ -22,8 +22,10 @@ between the two into its causes, so a miss is explained, not only seen:
   the tree the search would have chosen had it known this text's τ. It explains; nothing is
   tuned on benchmark questions (the run's tree stays what the optimiser chose beforehand).
 
-Dynamic trees (EAGLE-2/3) draft a different tree each step: no static replay; measured against
-predicted only. Sampled runs likewise (acceptance is random).
+Dynamic trees (EAGLE-2/3) draft a different tree each step: sized by the dynamic search, they are
+replayed from the draft's expansion at every position of the run's answers (`dynamic_replay`), the
+search's best knob sets beside the chosen ones; otherwise measured against predicted only. Sampled
+runs likewise (acceptance is random).
 
 Also here: the in-run check (`early_check`), after the first questions, and `audit_folder`: the
 same for a finished run folder, from the optimiser's files it keeps (`medusa-bench tree --audit`).
@@ -103,6 +105,12 @@ def audit_decoder(loaded, decoder, questions: list, choices: dict[str, dict], ba
                     "step": out["measured"]["step_ratio"] / out["predicted"]["step_ratio"] - 1}  # each: measured / predicted - 1
     # Drafting dynamic trees whenever it drafts (EAGLE-2/3; on the empty tree `proposer.dynamic` is False).
     dynamic = bool(getattr(decoder.proposer, "dynamic_trees", getattr(decoder.proposer, "dynamic", False)))
+    if dynamic and out["greedy"] and auto.calibration.meta.get("kind") == "dynamic":  # sized by the dynamic search
+        out["knobs"] = auto.tree.name if auto.tree.num_nodes > 1 else "empty"
+        out["replay"] = dynamic_replay(loaded, decoder, auto, answer_texts(loaded, questions, choices))
+        out["error"]["tau"] = out["replay"]["tau"] / choice.tau - 1
+        out["verdict"] = verdict(out)
+        return out
     if dynamic or not out["greedy"]:
         out["replay"] = None
         out["why_no_replay"] = "dynamic trees draft a new tree each step" if dynamic else "sampled answers: acceptance is random"
@@ -134,6 +142,33 @@ def audit_decoder(loaded, decoder, questions: list, choices: dict[str, dict], ba
     return out
 
 
+def dynamic_replay(loaded, decoder, auto, sequences: list[tuple[list[int], int]], rows: int = 12) -> dict:
+    """τ on this text of the chosen dynamic knobs and of the search's best `rows` others: the decoder's draft
+    expanded at every position of the run's own answers (bench/dynamic_search.measure_tau), replayed."""
+    from medusa_bench.bench.dynamic_search import measure_tau
+    from medusa_bench.trees.dynamic import DynamicKnobs
+
+    table = auto.result.choice.table
+    chosen = DynamicKnobs.parse(auto.tree)
+    knobs = [DynamicKnobs.parse(row["knobs"]) for row in table[:rows]]
+    knobs += [chosen] if chosen is not None and chosen not in knobs else []
+    ratios = auto.latency.meta.get("dynamic_ratios") or {}
+    tokens, steps = measure_tau(loaded, decoder.sizing.dynamic, sequences, knobs, max(k.depth for k in knobs))
+    predicted = {row["knobs"]: row["tau"] for row in table}
+    out = [{"n": 1, "depth": 0, "top_k": 0, "knobs": "empty", "tau_predicted": 1.0, "tau_replayed": 1.0,
+            "tau_per_position": None, "step_ratio": 1.0, "speedup_predicted": 1.0, "speedup_on_text": 1.0}]
+    for k in knobs:
+        tau, ratio = sum(tokens) / sum(steps[k.name]), ratios[k.name][0]
+        out.append({"n": k.nodes, "depth": k.depth, "top_k": k.top_k, "knobs": k.name, "tau_predicted": predicted[k.name],
+                    "tau_replayed": tau, "tau_per_position": None, "step_ratio": ratio,
+                    "speedup_predicted": predicted[k.name] / ratio, "speedup_on_text": tau / ratio})
+    mine = next(row for row in out if row["knobs"] == (chosen.name if chosen else "empty"))
+    best = max(out, key=lambda row: (row["speedup_on_text"], -row["n"]))
+    return {"tau": mine["tau_replayed"], "tau_per_position": None, "sizes": out,
+            "hindsight_best": {"n": best["n"], "knobs": best["knobs"], "speedup_on_text": best["speedup_on_text"],
+                               "chosen_on_text": mine["speedup_on_text"]}}
+
+
 def verdict(audit: dict) -> str:
     """One line: predicted and measured, and what moved them apart."""
     p, m, e = audit["predicted"], audit["measured"], {k: round(v, 2) + 0.0 for k, v in audit["error"].items()}  # + 0.0: no "-0%"
@@ -147,8 +182,9 @@ def verdict(audit: dict) -> str:
     replay = audit.get("replay")
     if replay:
         best = replay["hindsight_best"]
-        if best["n"] != audit["tree_nodes"]:
-            line += f"; in hindsight n={best['n']} at {best['speedup_on_text']:.2f}× (chosen n={audit['tree_nodes']}: {best['chosen_on_text']:.2f}×)"
+        named = best.get("knobs") or f"n={best['n']}"  # a dynamic search's rows are knob sets
+        if best["speedup_on_text"] > best["chosen_on_text"] and named != audit.get("knobs", f"n={audit['tree_nodes']}"):
+            line += f"; in hindsight {named} at {best['speedup_on_text']:.2f}× (chosen n={audit['tree_nodes']}: {best['chosen_on_text']:.2f}×)"
         else:
             line += "; in hindsight the chosen size was the best profiled one"
     return line
@@ -194,7 +230,8 @@ def audit_folder(run_dir: Path, log=print) -> Optional[dict]:
     from medusa_bench.errors import UserError
     from medusa_bench.inputs.questions import read_questions
     from medusa_bench.models import load_model
-    from medusa_bench.trees.search import SearchResult, best_tree, load_calibration, load_latency
+    from medusa_bench.bench.dynamic_search import DynamicCalibration
+    from medusa_bench.trees.search import BudgetChoice, SearchResult, best_tree, load_calibration, load_latency
 
     run_dir = Path(run_dir)
     info = files.load_run(run_dir)
@@ -208,11 +245,19 @@ def audit_folder(run_dir: Path, log=print) -> Optional[dict]:
     for name, record in autos.items():
         names = record.get("files") or {}
         tree_file = files.read_json(run_dir / names.get("tree", "tree.json"))
-        calibration = load_calibration(run_dir / names.get("calibration", "calibration.json"))
         latency = load_latency(run_dir / names.get("latency", "latency.json"))
-        tree = Tree(tree_file["tree"])
-        decoder = build_decoder(name, loaded, options, plan={"trees": {name: {"auto": True, "paths": tree.to_list()}}})
+        tree = Tree(tree_file["tree"], name=tree_file.get("name"))
+        decoder = build_decoder(name, loaded, options, plan={"trees": {name: {"auto": True, "paths": tree.to_list(),
+                                                                              "name": tree.name}}})
         auto_info = tree_file.get("autotree") or {}
+        calibration_data = files.read_json(run_dir / names.get("calibration", "calibration.json"))
+        if (calibration_data or {}).get("kind") == "dynamic":  # the dynamic search's files: its table is the choice's
+            choice = BudgetChoice(**{**tree_file["search"], "table": tree_file.get("candidates") or []})
+            decoder.autotree = AutoTree(tree, SearchResult(tree, choice, []), DynamicCalibration(calibration_data),
+                                        latency, run_dir, True, auto_info)
+            decoders[name] = decoder
+            continue
+        calibration = load_calibration(run_dir / names.get("calibration", "calibration.json"))
         limit = min((auto_info.get("settings") or {}).get("max_nodes", 64), max(latency.step_time))
         search = best_tree(calibration, latency, limit, auto_info.get("depth"), decoder.sizing.depth)
         if search.candidates[tree.num_nodes - 1].tree.paths != tree.paths:
