@@ -7,10 +7,13 @@ leave open is measured here, then the registry (decoders/registry.py) builds fro
 - A step-time profile for decoders that decide by one (`register(..., step_profile=...)`: prompt
   lookup), measured once per model (bench/calibrate.step_profile), given as
   `options.extra["step_profile"]`.
+- `pld:auto`: prompt lookup's knobs searched on the calibration answers with that profile
+  (bench/pld_search.py); `decoder.knob_search` keeps the search for the run folder (pld-search.json).
 
-A `plan` gives either instead of measuring it: `{"trees": {spec: {"auto": True, "paths": [...]}},
-"profiles": {spec: profile}}`, the shape of run.json's `device_plans`: a Ray worker builds its
-device type's plan (bench/distributed.py), a resumed run its own profiles (autotree.saved_profiles).
+A `plan` gives these instead of measuring them: `{"trees": {spec: {"auto": True, "paths": [...]}},
+"profiles": {spec: profile}, "searches": {spec: pld-search.json's record}}`, the shape of run.json's
+`device_plans`: a Ray worker builds its device type's plan (bench/distributed.py), a resumed run its
+own profiles and searches (autotree.saved_profiles, pld_search.saved_searches).
 """
 
 from __future__ import annotations
@@ -46,10 +49,17 @@ def build_decoder(spec: str, loaded, options: Optional[DecoderOptions] = None, p
     if found.needs_step_profile(options):
         profile = (plan.get("profiles") or {}).get(spec) or cal.step_profile(loaded)
         options = options.replace(extra={**options.extra, "step_profile": profile})
+    search = None
+    if options.extra.get(registry.AUTO_KNOBS):  # `pld:auto`: knobs searched on calibration text with that profile, or the plan's
+        from medusa_bench.bench.pld_search import choose_knobs
+
+        options, search = choose_knobs(spec, loaded, options, plan)
     decoder = registry.build_decoder(found.name, loaded, options)
     decoder.name = spec
     if auto is not None:
         decoder.autotree = auto  # the run folder keeps the optimiser's files (autotree.store_in_run)
+    if search is not None:
+        decoder.knob_search = search  # the run folder keeps it as pld-search.json (pld_search.store_searches)
     return decoder
 
 

@@ -142,14 +142,18 @@ def expand_groups(names: list[str]) -> list[str]:
 
 
 def expand_sweep(spec: str) -> list[str]:
-    """'hydra:sweep' → ['hydra:auto', 'hydra:chain-1', …]; any other spec as it is."""
+    """'hydra:sweep' → ['hydra:auto', 'hydra:chain-1', …]; 'pld:sweep' → the decoder at each of its
+    declared knob settings (registry.Knobs.sweep: 'pld:auto', 'pld', 'pld:tokens5', …); any other spec as it is."""
     name, tree = split_spec(spec)
     if tree != SWEEP:
         return [spec]
-    if not entry(name).tree:
-        raise UserError(f"{spec}: {name} drafts on no tree, so there is nothing to sweep; "
-                        f"sweep one of {', '.join(tree_decoders())}")
-    return [f"{name}:{tree}" for tree in SWEEP_TREES]
+    found = entry(name)
+    if found.tree:
+        return [f"{name}:{tree}" for tree in SWEEP_TREES]
+    if found.knobs is not None and found.knobs.sweep:
+        return [f"{name}:{suffix}" if suffix else name for suffix in found.knobs.sweep]
+    knobbed = [n for n in decoder_names() if entry(n).knobs is not None and entry(n).knobs.sweep]
+    raise UserError(f"{spec}: {name} has no tree and no knobs to sweep; sweep one of {', '.join(tree_decoders() + knobbed)}")
 
 
 def check_cluster_options(options: dict) -> None:

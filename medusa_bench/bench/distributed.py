@@ -103,9 +103,11 @@ class QuestionWorker:
         return {"plan": plan, "measured": measured, "files": files, "facts": facts}
 
     def measured_plan(self, decoders: dict) -> tuple[dict, dict]:
-        """(plan, files): each drafting decoder's tree (an auto tree's paths included) and prompt lookup's
-        profiles; the optimiser's and the profiles' run-folder files, named as in-process runs name them."""
+        """(plan, files): each drafting decoder's tree (an auto tree's paths included), prompt lookup's
+        profiles and knob searches (pld:auto); the optimiser's, the profiles' and the searches' run-folder
+        files, named as in-process runs name them."""
         from medusa_bench.bench.autotree import RUN_FILES, profile_files, tree_of, tree_records
+        from medusa_bench.bench.pld_search import plan_record, search_files
 
         trees, files = {}, {}
         for name, record in tree_records(decoders).items():
@@ -115,10 +117,13 @@ class QuestionWorker:
                 auto = decoders[name].autotree
                 data = {"tree": auto.tree_json(), "calibration": auto.calibration.to_json(), "latency": auto.latency.to_json()}
                 files.update({record["files"][kind]: data[kind] for kind in RUN_FILES})
-        profiles = {}
+        profiles, searches = {}, {}
         for name, file in profile_files(decoders).items():
             profiles[name] = files[file] = decoders[name].step_profile
-        return {"trees": trees, "profiles": profiles, "measured_by": self.id}, files
+        for name, file in search_files(decoders).items():  # pld:auto's knob search (bench/pld_search.py)
+            files[file] = {**decoders[name].knob_search, "decoder": name}
+            searches[name] = plan_record(files[file])  # run.json keeps the choice, the file the grid
+        return {"trees": trees, "profiles": profiles, "searches": searches, "measured_by": self.id}, files
 
     def answer(self, question, index: int, wanted: list[str], with_reference: bool) -> list[dict]:
         """Every wanted decoder's answer to one question (and the float32 reference's), labelled with this worker."""

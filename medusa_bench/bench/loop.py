@@ -24,6 +24,7 @@ from medusa_bench.bench import precision
 from medusa_bench.bench.audit import AUDIT_FILE, audit_run, early_check
 from medusa_bench.bench.answer import answer_one_question, build_run_decoders, references_first, store_ready, warm_up
 from medusa_bench.bench.autotree import saved_profiles, store_in_run
+from medusa_bench.bench.pld_search import saved_searches, store_searches
 from medusa_bench.bench.build import fastest_prediction
 from medusa_bench.bench.config import (RunConfig, check_same_contents, check_same_settings, content_hashes, default_out,
                                        settings_of)
@@ -110,7 +111,8 @@ def run_in_process(config: RunConfig, questions: list[Question], question_file: 
     previous = check_same_settings(run_dir, settings)  # refuse before the slow model load
     hashes = check_same_contents(previous, content_hashes(config, questions), question_file)
     loaded = loaded or load_model(config.model, config.device, dtype_name, config.trust_remote_code)
-    decoders = build_run_decoders(config.decoders, loaded, config, {"profiles": saved_profiles(run_dir, config.decoders, config.options)})
+    plan = {"profiles": saved_profiles(run_dir, config.decoders, config.options), "searches": saved_searches(run_dir, config.decoders)}
+    decoders = build_run_decoders(config.decoders, loaded, config, plan)  # a resume decides as the run did
     served = {}
     if opened:
         from medusa_bench.bench.endpoints import endpoint_decoders
@@ -120,6 +122,7 @@ def run_in_process(config: RunConfig, questions: list[Question], question_file: 
     names = references_first(answerers)
     files.ensure_writable_dir(run_dir / files.ANSWER_DIR)
     store_in_run(run_dir, decoders, previous)  # --tree auto: tree.json, calibration.json, latency.json
+    store_searches(run_dir, decoders)  # pld:auto: pld-search.json
     write_run_file(run_dir, config, settings, local_source(loaded, decoders, served), previous, hashes)
     keep_questions(run_dir, questions)
 

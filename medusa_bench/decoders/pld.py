@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from medusa_bench.decoders.options import DecoderOptions, Option, declare, within
-from medusa_bench.decoders.registry import DraftsWhatPays, register
+from medusa_bench.decoders.registry import DraftsWhatPays, Knobs, register
 from medusa_bench.decoders.spec import Draft, Proposer, SpeculativeDecoder
 from medusa_bench.trees.tree import TreeBuffers
 
@@ -347,9 +347,14 @@ declare(
 
 
 uses_step_profile = DraftsWhatPays("pld")
+# `pld:ngram3-tokens10-branches1` (any of them) sets these knobs for that decoder only; `pld:auto` has the
+# bench layer choose them for this model and machine (bench/pld_search.py); `pld:sweep` runs auto beside the
+# defaults and one step out along each knob (shorter and longer drafts, shorter and longer n-grams, a tree).
+KNOBS = Knobs((("ngram", "pld_max_ngram"), ("tokens", "pld_tokens"), ("branches", "pld_branches")),
+              sweep=("auto", "", "tokens5", "tokens20", "ngram1", "ngram5", "branches2"))
 
 
-@register("pld", step_profile=uses_step_profile)
+@register("pld", step_profile=uses_step_profile, knobs=KNOBS)
 def build_pld(loaded, options: DecoderOptions):
     """Prompt lookup; its step costs from `options.extra["step_profile"]` (the bench layer measures it
     once per model: bench/calibrate.step_profile), the prior curve without one."""

@@ -11,6 +11,10 @@ choose).
 Where the run swept fixed trees beside the auto one (`--decoders hydra:sweep`), the row also names
 the fastest fixed tree of the same decoder and says whether auto kept up with it, within the A/A
 control's noise band.
+
+Prompt lookup's `pld:auto` has a row too (`search_rows`): its knob search (pld-search.json,
+bench/pld_search.py) predicted τ and speedup by replaying its drafting on the calibration answers;
+measured from the run's speed table, against the fixed knobs of `pld:sweep` where they ran.
 """
 
 from __future__ import annotations
@@ -23,11 +27,14 @@ from medusa_bench.results.runs import RunData, load_optional_json
 from medusa_bench.results.speed import noise_band
 
 AUDIT_FILE = "prediction.json"  # bench/audit.py writes it, this reads it
+SEARCH_FILE = "pld-search.json"  # bench/pld_search.py writes pld:auto's knob search (then pld-search-<decoder>.json)
+SEARCH_FILES = "pld-search*.json"
 TITLE = "Tree optimiser: predicted against measured"
 NOTE = ("Predicted: the tree optimiser's numbers for the tree it chose, before the run. τ on this text: the run's own "
         "answers scored by the decoder's heads and decoding replayed on them (for greedy static trees this reproduces "
         "the measured τ), so τ error is the calibration text's share and step error the profile's. Hindsight: the profiled tree "
-        "size fastest on this text with the profiled step times; it explains, it never chooses.")
+        "size fastest on this text with the profiled step times; it explains, it never chooses. pld:auto: its knob search's "
+        "prediction, prompt lookup replayed on the calibration answers (pld-search.json); no replay on this text.")
 
 
 def prediction_table(runs: list[RunData], speed: pd.DataFrame) -> pd.DataFrame:
@@ -38,18 +45,48 @@ def prediction_table(runs: list[RunData], speed: pd.DataFrame) -> pd.DataFrame:
         for decoder, audit in audits.items():
             if isinstance(audit, dict):
                 rows.append({**prediction_row(run.label, decoder, audit), **against_fixed(run, decoder, run_speed)})
+        rows += search_rows(run, run_speed)
     table = pd.DataFrame(rows)
     if not table.empty and table["best_fixed"].isna().all():
         table = table.drop(columns=["best_fixed", "best_fixed_speedup", "auto_vs_fixed"])  # no sweep in these runs
+    if "knobs" in table and table["knobs"].isna().all():
+        table = table.drop(columns=["knobs"])
     return table
 
 
-def against_fixed(run: RunData, decoder: str, speed: pd.DataFrame) -> dict:
-    """The fastest fixed tree of the same decoder in this run, and auto's standing against it."""
+def search_rows(run: RunData, speed: pd.DataFrame) -> list[dict]:
+    """A row per knob search the run folder keeps (pld:auto): its prediction, and the run's measurement."""
+    rows = []
+    for path in sorted(run.path.glob(SEARCH_FILES)):
+        record = load_optional_json(path, run.notes)
+        if not isinstance(record, dict) or not isinstance(record.get("decoder"), str):
+            continue
+        decoder, predicted = record["decoder"], record.get("predicted") or {}
+        mine = speed[speed.decoder == decoder] if not speed.empty else speed
+        got = mine.iloc[0] if len(mine) else pd.Series(dtype=object)  # several device types: the run's first
+        tau, speedup = _num(predicted.get("tau")), _num(predicted.get("speedup"))
+        measured_tau, measured = _num(got.get("tau")), _num(got.get("speedup"))
+        family = decoder.split(":")[0]
+        fixed = [name for name in run.info.get("decoders") or [] if name.split(":")[0] == family and name != decoder]
+        rows.append({
+            "run": run.label, "decoder": decoder, "knobs": record.get("spec"), "tree_nodes": None,
+            "n_compared": got.get("n_compared"), "speedup_predicted": speedup, "speedup": measured,
+            "speedup_ci_low": _num(got.get("speedup_ci_low")), "speedup_ci_high": _num(got.get("speedup_ci_high")),
+            "speedup_error": _ratio_error(measured, speedup), "tau_predicted": tau, "tau_on_text": math.nan, "tau": measured_tau,
+            "tau_error": _ratio_error(measured_tau, tau), "step_predicted": _ratio(tau, speedup),
+            "step_measured": _ratio(measured_tau, measured), "step_error": _ratio_error(_ratio(measured_tau, measured), _ratio(tau, speedup)),
+            "hindsight_nodes": None, "hindsight_speedup": math.nan, **against_fixed(run, decoder, speed, fixed),
+        })
+    return rows
+
+
+def against_fixed(run: RunData, decoder: str, speed: pd.DataFrame, fixed: list[str] | None = None) -> dict:
+    """The fastest fixed tree (or `fixed` decoders) of the same decoder in this run, and auto's standing against it."""
     none = {"best_fixed": None, "best_fixed_speedup": math.nan, "auto_vs_fixed": None}
     trees = run.info.get("trees") or {}
     family = decoder.split(":")[0]
-    fixed = [name for name, record in trees.items() if name.split(":")[0] == family and not record.get("auto")]
+    if fixed is None:
+        fixed = [name for name, record in trees.items() if name.split(":")[0] == family and not record.get("auto")]
     rows = speed[speed.decoder.isin(fixed)].dropna(subset=["speedup"]) if not speed.empty else speed
     mine = speed[speed.decoder == decoder].speedup if not speed.empty else []
     if rows.empty or not len(mine) or pd.isna(mine.iloc[0]):
@@ -102,6 +139,11 @@ def prediction_row(label: str, decoder: str, audit: dict) -> dict:
 
 def _num(value) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def _ratio(numerator, denominator) -> float:
+    n, d = _num(numerator), _num(denominator)
+    return n / d if d and not math.isnan(n) and not math.isnan(d) else math.nan
 
 
 def _ratio_error(measured, predicted) -> float:
