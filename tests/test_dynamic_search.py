@@ -133,3 +133,12 @@ def test_a_run_replays_its_dynamic_tree_on_its_own_text(smollm, tiny, tmp_path, 
     code, _, stderr = run_cli(capsys, monkeypatch, "tree", "--audit", out)
     assert code == 0, stderr
     assert json.loads((out / AUDIT_FILE).read_text()) == in_run
+
+
+def test_a_dynamic_sweep_runs_knob_sets_beside_auto(smollm):
+    from medusa_bench.bench.config import DYNAMIC_SWEEP, expand_sweep
+
+    swept = expand_sweep("eagle3:sweep")
+    assert swept[0] == "eagle3:auto" and "eagle3:dynamic-n61-d7-k10" in swept and len(swept) == len(DYNAMIC_SWEEP)
+    decoder = registry.build_decoder("eagle3:dynamic-n61-d7-k10", smollm)  # EAGLE-3's own default, deeper than --eagle-depth
+    assert decoder.proposer.tree.num_nodes == 61 and decoder.proposer.depth == 7 and decoder.proposer.top_k == 10

@@ -37,6 +37,11 @@ DECODER_GROUPS = {"spec-bench": ("baseline", *LEADERBOARD_DECODERS)}
 # mc_sim_7b_63) and Medusa's published 64-node tree (EAGLE-2's own default, 60 tokens, is as large).
 SWEEP = "sweep"
 SWEEP_TREES = ("auto", "chain-1", "chain-2", "chain-3", "chain-4", "tree-8", "tree-16", "tree-32", "mc_sim_7b_63")
+# Dynamic trees (eagle2, eagle3) sweep knob sets (trees/dynamic.DynamicKnobs): chains of 1-3, small trees of
+# top-k 2-8, and the EAGLE code's own defaults, 60 draft tokens at top-k 10, depth 5 (EAGLE-2) and 7 (EAGLE-3).
+DYNAMIC_SWEEP_DECODERS = ("eagle2", "eagle3")
+DYNAMIC_SWEEP = ("auto", "dynamic-n2-d1-k1", "dynamic-n3-d2-k1", "dynamic-n4-d3-k1", "dynamic-n5-d2-k2",
+                 "dynamic-n9-d3-k4", "dynamic-n16-d4-k8", "dynamic-n61-d5-k10", "dynamic-n61-d7-k10")
 
 
 def setting_keys() -> tuple:
@@ -142,14 +147,14 @@ def expand_groups(names: list[str]) -> list[str]:
 
 
 def expand_sweep(spec: str) -> list[str]:
-    """'hydra:sweep' → ['hydra:auto', 'hydra:chain-1', …]; 'pld:sweep' → the decoder at each of its
+    """'hydra:sweep' → ['hydra:auto', 'hydra:chain-1', …] ('eagle2:sweep': DYNAMIC_SWEEP's knob sets); 'pld:sweep' → the decoder at each of its
     declared knob settings (registry.Knobs.sweep: 'pld:auto', 'pld', 'pld:tokens5', …); any other spec as it is."""
     name, tree = split_spec(spec)
     if tree != SWEEP:
         return [spec]
     found = entry(name)
     if found.tree:
-        return [f"{name}:{tree}" for tree in SWEEP_TREES]
+        return [f"{name}:{tree}" for tree in (DYNAMIC_SWEEP if name in DYNAMIC_SWEEP_DECODERS else SWEEP_TREES)]
     if found.knobs is not None and found.knobs.sweep:
         return [f"{name}:{suffix}" if suffix else name for suffix in found.knobs.sweep]
     knobbed = [n for n in decoder_names() if entry(n).knobs is not None and entry(n).knobs.sweep]
