@@ -125,7 +125,8 @@ def prediction_row(label: str, decoder: str, audit: dict) -> dict:
     best = replay.get("hindsight_best") or {}
     low, high = (measured.get("speedup_ci") or [None, None])[:2]
     return {
-        "run": label, "decoder": decoder, "tree_nodes": audit.get("tree_nodes"), "n_compared": measured.get("compared"),
+        "run": label, "decoder": decoder, "knobs": audit.get("knobs"),  # a dynamic tree's knobs (dynamic-n8-d2-k4)
+        "tree_nodes": audit.get("tree_nodes"), "n_compared": measured.get("compared"),
         "speedup_predicted": _num(predicted.get("speedup")), "speedup": _num(measured.get("speedup")),
         "speedup_ci_low": _num(low), "speedup_ci_high": _num(high),  # one '95% CI' cell, as every table shows it (display.py)
         "speedup_error": _ratio_error(measured.get("speedup"), predicted.get("speedup")),
