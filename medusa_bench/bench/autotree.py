@@ -96,8 +96,14 @@ def size_tree(spec: str, loaded, options) -> AutoTree:
     if not found.tree:
         raise UserError(f"decoder {spec!r} drafts on no tree; the tree optimiser sizes trees for {', '.join(tree_decoders())}")
     sizing = build_decoder(found.name, loaded, options.replace(tree=Tree.empty())).sizing
+    settings = options.extra.get("autotree") or AutoTreeSettings()
     if sizing.dynamic is not None:  # EAGLE-2/3: nodes, depth and top-k of the tree it drafts anew each step
-        return dynamic_tree(loaded, sizing, options.extra.get("autotree") or AutoTreeSettings())
+        if calibration_source(settings.calibration, sizing.heads_path)[0] is None:
+            return dynamic_tree(loaded, sizing, settings)
+        # A measured table (--calibration X.json, or the heads' shipped one without the data folder) has no
+        # text to expand the draft on: the static search sizes the dynamic tree, as it did before.
+        _stderr("tree auto: no calibration text for a dynamic search (a measured table); sizing the dynamic tree "
+                "by the static search")
     return auto_tree(loaded, sizing.make_proposer, sizing.heads_path, sizing.depth, sizing.kind, options.extra.get("autotree"))
 
 
