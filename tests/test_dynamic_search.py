@@ -142,3 +142,14 @@ def test_a_dynamic_sweep_runs_knob_sets_beside_auto(smollm):
     assert swept[0] == "eagle3:auto" and "eagle3:dynamic-n61-d7-k10" in swept and len(swept) == len(DYNAMIC_SWEEP)
     decoder = registry.build_decoder("eagle3:dynamic-n61-d7-k10", smollm)  # EAGLE-3's own default, deeper than --eagle-depth
     assert decoder.proposer.tree.num_nodes == 61 and decoder.proposer.depth == 7 and decoder.proposer.top_k == 10
+
+
+def test_a_measured_table_sizes_the_dynamic_tree_by_the_static_search(smollm, tmp_path):
+    """--calibration X.json has no text to expand the draft on: the static search sizes eagle2's tree, as before."""
+    import json
+
+    table = tmp_path / "calibration.json"
+    table.write_text(json.dumps({"kind": "independent", "top_k": 2, "accuracy": [[0.6, 0.2], [0.5, 0.1]]}))
+    settings = AutoTreeSettings(**TINY, cache_dir=str(tmp_path / "trees"), calibration=str(table))
+    auto = size_tree("eagle2", smollm, DecoderOptions(extra={"autotree": settings}))
+    assert auto.result.candidates and DynamicKnobs.parse(auto.tree) is None and not (auto.folder / "dynamic.json").exists()
