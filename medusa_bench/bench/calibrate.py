@@ -361,11 +361,11 @@ def profile(loaded, make_proposer: MakeProposer, trees: dict[int, Tree], context
 
 def bootstrap_interval(values: Sequence[float], statistic: Callable[[Sequence[float]], float] = statistics.median,
                        resamples: int = 400, seed: int = 0) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of `statistic` over `values` (one value: that value twice)."""
+    """95% percentile-bootstrap interval of `statistic` over `values` (one value: its statistic twice)."""
     import random
 
     if len(values) < 2:
-        return (values[0], values[0]) if values else (math.nan, math.nan)
+        return (statistic(values),) * 2 if values else (math.nan, math.nan)
     rng = random.Random(seed)
     stats = sorted(statistic(rng.choices(values, k=len(values))) for _ in range(resamples))
     return stats[int(0.025 * resamples)], stats[min(resamples - 1, int(0.975 * resamples))]

@@ -22,7 +22,6 @@ Cache: `<user cache>/trees/<model>-<kind>-dynamic-<key>/` (bench/tree_cache.py),
 from __future__ import annotations
 
 import math
-import random
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from medusa_bench.bench.tree_cache import (
 )
 from medusa_bench.decoders.spec import Proposer, SpeculativeDecoder
 from medusa_bench.trees.dynamic import DynamicKnobs, accepted
+from medusa_bench.trees.noise import tau_of_answers
 from medusa_bench.trees.replay import replay_steps
 from medusa_bench.trees.search import BudgetChoice, Latency
 from medusa_bench.trees.tree import Tree
@@ -74,8 +74,6 @@ class DynamicCalibration:
     """calibration.json of a dynamic search: the replayed τ of every knob set (duck-types trees/search.Calibration)."""
 
     meta: dict
-    top_k: int = max(TOP_KS)
-    answers: Optional[list] = None
 
     def to_json(self) -> dict:
         return self.meta
@@ -224,11 +222,9 @@ def choose(tables: DynamicTables, grid: list[DynamicKnobs], min_speedup: Optiona
 def prediction_noise(tables: DynamicTables, knobs: DynamicKnobs, resamples: int = 400, seed: int = 0) -> dict:
     """Relative 95% half-widths of the knobs' predicted speedup (as trees/noise.prediction_noise): τ's from a
     bootstrap over the calibration answers, the step ratio's from its profile rounds."""
-    pairs = list(zip(tables.steps[knobs.name], tables.answer_tokens))
-    rng = random.Random(seed)
-    taus = sorted(sum(t for _, t in sample) / sum(s for s, _ in sample)
-                  for sample in (rng.choices(pairs, k=len(pairs)) for _ in range(resamples)))
-    tau_noise = (taus[int(0.975 * resamples)] - taus[int(0.025 * resamples)]) / 2 / tables.tau(knobs.name)
+    pairs = list(zip(tables.steps[knobs.name], tables.answer_tokens))  # (steps, tokens) per answer
+    low, high = cal.bootstrap_interval(pairs, tau_of_answers, resamples, seed)
+    tau_noise = (high - low) / 2 / tables.tau(knobs.name)
     ratio, low, high = tables.ratios[knobs.name]
     ratio_noise = (high - low) / 2 / ratio
     return {"speedup": round(math.hypot(tau_noise, ratio_noise), 4), "tau": round(tau_noise, 4),

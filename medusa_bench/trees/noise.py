@@ -32,8 +32,8 @@ def prediction_noise(calibration, latency, tree: Tree, n: int, resamples: int = 
         accepted = [(replay_steps(accepted_drafts(rows, tree, calibration.top_k), length), length)
                     for rows, length in calibration.answers]
         rng = random.Random(seed)
-        taus = sorted(_tau_of(rng.choices(accepted, k=len(accepted))) for _ in range(resamples))
-        tau = _tau_of(accepted)
+        taus = sorted(tau_of_answers(rng.choices(accepted, k=len(accepted))) for _ in range(resamples))
+        tau = tau_of_answers(accepted)
         tau_noise = (taus[min(resamples - 1, int(0.975 * resamples))] - taus[int(0.025 * resamples)]) / 2 / tau
     intervals = {int(k): v for k, v in (latency.meta.get("ratio_ci") or {}).items()}
     if intervals and 1 in latency.step_time:
@@ -50,6 +50,7 @@ def prediction_noise(calibration, latency, tree: Tree, n: int, resamples: int = 
             "from": "bootstrap over " + " and ".join(measured) if measured else f"no measured noise: {FALLBACK_NOISE} each"}
 
 
-def _tau_of(answers: Sequence[tuple[int, int]]) -> float:
+def tau_of_answers(answers: Sequence[tuple[int, int]]) -> float:
+    """τ over (steps, tokens) per answer: Σ tokens / Σ steps."""
     steps = sum(s for s, _ in answers)
     return sum(t for _, t in answers) / steps if steps else 1.0
