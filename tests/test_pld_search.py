@@ -11,6 +11,7 @@ from io import StringIO
 import pytest
 from rich.console import Console
 
+from medusa_bench.bench import build
 from medusa_bench.bench import calibrate as cal
 from medusa_bench.bench.autotree import AutoTreeSettings
 from medusa_bench.bench.config import RunConfig, expand_groups
@@ -94,13 +95,59 @@ def test_the_choice_is_at_least_the_defaults_and_its_interval_holds_it(answers):
     assert len(record["grid"]) == 90 and all(len(row["steps"]) == len(answers) for row in record["grid"])
     best = max(record["grid"], key=lambda row: row["speedup"])
     assert record["best"]["speedup"] == best["speedup"]
-    if record["taken_over_defaults"]:  # beyond the noise: the paired interval lies above 1
-        assert record["chosen"] == record["best"]["knobs"] and record["best"]["vs_defaults_ci"][0] > 1
+    tied = record["tied_with_best"]
+    assert record["spec"] in tied and best["spec"] in tied
+    if record["taken_over_defaults"]:  # the fastest beats the defaults beyond the noise: the paired interval lies above 1
+        assert record["best"]["vs_defaults_ci"][0] > 1 and default_knobs() != record["chosen"]
+        moved = lambda knobs: sum(knobs[k] != v for k, v in default_knobs().items())  # noqa: E731
+        rows = {row["spec"]: row for row in record["grid"]}
+        assert moved(record["chosen"]) == min(moved(rows[spec]["knobs"]) for spec in tied)  # the nearest of the tied
     else:
         assert record["chosen"] == default_knobs() and record["reason"].startswith(("kept the defaults", "the defaults"))
     # a tie goes to the smaller draft
     fastest = [row for row in record["grid"] if row["speedup"] == best["speedup"]]
     assert record["best"]["knobs"] == min(fastest, key=lambda row: (row["draft"], row["knobs"]["pld_max_ngram"]))["knobs"]
+
+
+def test_the_profile_noise_widens_the_interval_the_choice_must_clear(answers):
+    """The replay's step shapes price exactly its cost; a profile whose timed rounds disagree widens every
+    interval, one whose rounds agree changes nothing (it is the same profile as one without rounds)."""
+    from medusa_bench.decoders.pld import StepCosts
+
+    replayed = replay(answers, default_knobs(), PROFILE)
+    costs = StepCosts(PROFILE)
+    for shapes, cost in zip(replayed.shapes, replayed.cost):
+        assert sum(count * costs.relative(*shape) for shape, count in shapes.items()) == pytest.approx(cost)
+    axes = {"pld_max_ngram": (3,), "pld_tokens": (5, 10), "pld_branches": (1, 2)}
+    quiet = {"chain": {n: [1.0 + 0.1 * int(n)] * 6 for n in ("2", "4", "8", "16")}, "tree": {n: [1.2] * 6 for n in ("4", "8", "16")}}
+    noisy = {"chain": {n: [0.7, 1.3, 0.9, 1.2, 0.8, 1.1] for n in ("2", "4", "8", "16")},
+             "tree": {n: [1.4, 0.6, 1.0, 1.3, 0.7, 1.0] for n in ("4", "8", "16")}}
+    plain, agreed, spread = (search(answers, {**PROFILE, **extra}, axes=axes) for extra in ({}, {"ratios": quiet}, {"ratios": noisy}))
+    assert "profile" not in plain["bootstrap"]["over"] and "step profile's rounds" in spread["bootstrap"]["over"]
+    assert agreed["predicted"] == plain["predicted"] and agreed["best"] == plain["best"]
+    assert [row["speedup"] for row in spread["grid"]] == [row["speedup"] for row in plain["grid"]]  # the point costs stay
+    width = lambda record: [row["speedup_ci"][1] - row["speedup_ci"][0] for row in record["grid"]]  # noqa: E731
+    assert all(w > v for w, v in zip(width(spread), width(plain)))
+    assert spread["best"]["vs_defaults_ci"][0] <= plain["best"]["vs_defaults_ci"][0]
+
+
+def test_the_step_profile_is_measured_once_per_machine_and_kept_beside_the_tree_tables(smollm, tmp_path, monkeypatch):
+    from medusa_bench.bench import tree_cache
+
+    settings = AutoTreeSettings(cache_dir=str(tmp_path))
+    profile = tree_cache.cached_step_profile(smollm, settings)
+    rounds = profile["ratios"]["chain"]["16"]
+    assert len(rounds) == profile["repeats"] and profile["chain"]["16"] / profile["chain"]["1"] > 1
+    assert set(profile["ratios"]["tree"]) == set(profile["tree"]) - {"1"}
+    assert tree_cache.cached_step_profile(smollm, settings) is profile  # this process: the same object
+    monkeypatch.setattr(tree_cache, "_PROFILES", {})  # another process on this machine: the file
+    monkeypatch.setattr(cal, "shape_profile", lambda *args, **kwargs: pytest.fail("measured again"))
+    assert tree_cache.cached_step_profile(smollm, settings) == profile
+    (folder,) = tmp_path.glob("*-pld-profile-*")
+    assert json.loads((folder / "key.json").read_text())["sizes"] == list(cal.STEP_PROFILE_SIZES)
+    monkeypatch.setattr(cal, "shape_profile", lambda *args, **kwargs: {"chain": {"1": 0.01}, "again": True})
+    refreshed = AutoTreeSettings(cache_dir=str(tmp_path), refresh=True)
+    assert tree_cache.cached_step_profile(smollm, refreshed)["again"]
 
 
 # ------------------------------------------------------------------------------ the run folder
@@ -139,7 +186,7 @@ def test_a_run_keeps_the_search_and_the_report_shows_it(smollm, tmp_path, monkey
     from medusa_bench.bench.loop import run_benchmark
     from medusa_bench.results.report import collect
 
-    monkeypatch.setattr(cal, "step_profile", lambda loaded: PROFILE)  # no timing here: the fixed profile
+    monkeypatch.setattr(build, "cached_step_profile", lambda loaded, settings: PROFILE)  # no timing here: the fixed profile
     out = tmp_path / "run"
     config = RunConfig(bench="quick", question_ids=["1001"], max_new_tokens=16, warmup=0, out=out, device="cpu",
                        decoders=["baseline", "pld:auto", "pld:tokens5"], options=DecoderOptions(extra={"autotree": SETTINGS}))
@@ -160,7 +207,7 @@ def test_ray_workers_search_once_per_device_type_and_the_driver_keeps_the_file(s
     from medusa_bench.bench.run_folder import AnswerSource
     from medusa_bench.inputs.questions import load_questions
 
-    monkeypatch.setattr(cal, "step_profile", lambda loaded: PROFILE)
+    monkeypatch.setattr(build, "cached_step_profile", lambda loaded, settings: PROFILE)
     searched = []
     real = pld_search.search_for
     monkeypatch.setattr(pld_search, "search_for", lambda *args: searched.append(1) or real(*args))

@@ -177,7 +177,7 @@ def test_with_native_bf16_the_fastest_predicted_configuration_picks_the_precisio
 
     def predict(candidate):
         asked.append(str(candidate.dtype))
-        return fastest_prediction(["baseline", "medusa"], candidate, options)
+        return fastest_prediction(["baseline", "medusa", "pld:auto"], candidate, options)
 
     mine = dataclasses.replace(smollm, model=copy.deepcopy(smollm.model))  # choose_dtype converts in place
     record = precision.choose_dtype(mine, predict)
@@ -186,4 +186,16 @@ def test_with_native_bf16_the_fastest_predicted_configuration_picks_the_precisio
     assert record["chosen"] == max(rows, key=lambda dtype: rows[dtype]["tokens_per_s"])
     assert str(mine.dtype) == f"torch.{record['chosen']}" and "fastest predicted configuration" in record["reason"]
     for row in rows.values():
-        assert row["decoder"] in ("baseline", "medusa") and row["tokens_per_s"] > 0 and row["nodes"] in (1, 2)
+        assert row["decoder"] in ("baseline", "medusa", "pld:auto") and row["tokens_per_s"] > 0
+        assert row["nodes"] in (1, 2) if row["decoder"] == "medusa" else True
+    # prompt lookup's knob search is weighed too: its speedup over its own profile's one-token step
+    from medusa_bench.bench.build import knob_prediction
+    from medusa_bench.bench.tree_cache import cached_step_profile
+
+    from medusa_bench.decoders.registry import spec_options
+
+    row = knob_prediction("pld:auto", mine, spec_options("pld:auto", options)[1])
+    one = cached_step_profile(mine, settings)["chain"]["1"]
+    assert row["baseline_tokens_per_s"] == pytest.approx(1 / one, rel=1e-3) and row["knobs"].startswith("ngram")
+    assert row["tokens_per_s"] == pytest.approx(row["speedup"] * row["baseline_tokens_per_s"], rel=1e-2)
+    assert fastest_prediction(["pld:auto"], mine, options)["tokens_per_s"] == row["tokens_per_s"]

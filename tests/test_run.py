@@ -92,6 +92,20 @@ def test_bad_input_is_one_clear_line(args, message, tmp_path, capsys, monkeypatc
     assert not (tmp_path / "o").exists()  # a refused run leaves nothing behind (not even its .lock)
 
 
+def test_dtype_takes_the_short_names_people_type(tmp_path, capsys, monkeypatch):
+    """`--dtype bf16` is bfloat16 from the command line on (run.json and every comparison use that name)."""
+    from medusa_bench.bench import loop
+    from medusa_bench.errors import UserError
+
+    def stop(config, **kwargs):
+        raise UserError(f"would run in {config.dtype}")
+
+    monkeypatch.setattr(loop, "run_benchmark", stop)
+    for typed, name in (("bf16", "bfloat16"), ("FP32", "float32"), ("fp16", "float16"), ("bfloat16", "bfloat16")):
+        code, err = cli(capsys, monkeypatch, "run", "--bench", "quick", "--dtype", typed, "--out", tmp_path / "o")
+        assert code == 2 and f"would run in {name}" in err
+
+
 def test_refused_resume_keeps_the_folder_and_a_refused_run_in_a_new_one_leaves_none(smollm, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     run_benchmark(quick_config(out, question_ids=["1005"]), loaded=smollm)

@@ -5,8 +5,8 @@ leave open is measured here, then the registry (decoders/registry.py) builds fro
   the optimiser sizes a tree for the decoder's own heads (bench/autotree.size_tree), the registry
   builds the decoder on it, and `decoder.autotree` keeps the search for the run folder.
 - A step-time profile for decoders that decide by one (`register(..., step_profile=...)`: prompt
-  lookup), measured once per model (bench/calibrate.step_profile), given as
-  `options.extra["step_profile"]`.
+  lookup), measured once per model, device, dtype and code and cached beside the tree tables
+  (bench/tree_cache.cached_step_profile), given as `options.extra["step_profile"]`.
 - `pld:auto`: prompt lookup's knobs searched on the calibration answers with that profile
   (bench/pld_search.py); `decoder.knob_search` keeps the search for the run folder (pld-search.json).
 
@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from medusa_bench.bench import calibrate as cal
-from medusa_bench.bench.autotree import size_tree
+from medusa_bench.bench.autotree import AutoTreeSettings, size_tree
+from medusa_bench.bench.tree_cache import cached_step_profile
 from medusa_bench.decoders import registry
 from medusa_bench.decoders.base import Decoder
 from medusa_bench.decoders.options import DecoderOptions
@@ -47,7 +47,7 @@ def build_decoder(spec: str, loaded, options: Optional[DecoderOptions] = None, p
             auto = size_tree(spec, loaded, options)
             options = options.replace(tree=auto.tree)
     if found.needs_step_profile(options):
-        profile = (plan.get("profiles") or {}).get(spec) or cal.step_profile(loaded)
+        profile = (plan.get("profiles") or {}).get(spec) or cached_step_profile(loaded, options.extra.get("autotree") or AutoTreeSettings())
         options = options.replace(extra={**options.extra, "step_profile": profile})
     search = None
     if options.extra.get(registry.AUTO_KNOBS):  # `pld:auto`: knobs searched on calibration text with that profile, or the plan's
@@ -64,22 +64,33 @@ def build_decoder(spec: str, loaded, options: Optional[DecoderOptions] = None, p
 
 
 def fastest_prediction(specs: list[str], loaded, options: Optional[DecoderOptions] = None) -> Optional[dict]:
-    """The optimiser's fastest predicted way to decode on `loaded` among the `--tree auto` decoders of
-    `specs` (`--dtype auto` compares it across precisions: bench/precision.choose_dtype): {"decoder"
-    ("baseline" where no tree pays), "nodes", "speedup", "tokens_per_s", "baseline_tokens_per_s"};
-    None when no decoder of `specs` is sized by the optimiser. The tables land in the cache, so the
-    run's own build reuses them."""
-    best = None
+    """The optimiser's fastest predicted way to decode on `loaded` among the decoders of `specs` it
+    predicts (`--tree auto` decoders, and `pld:auto` by its knob search): {"decoder" ("baseline" where
+    none pays), "nodes", "speedup", "tokens_per_s", "baseline_tokens_per_s"}; None when it predicts
+    none of them. `--dtype auto` compares it across precisions (bench/precision.choose_dtype). The
+    tables, profile and search land in their caches, so the run's own build reuses them."""
+    rows = []
     for spec in specs:
         found, sized = registry.spec_options(spec, options)
-        if not (found.tree and sized.tree == "auto"):
-            continue
-        choice = size_tree(spec, loaded, sized).result.choice
-        row = {"decoder": spec if choice.n > 1 else "baseline", "nodes": choice.n, "speedup": round(choice.speedup, 3),
-               "tokens_per_s": round(choice.throughput, 2), "baseline_tokens_per_s": round(choice.baseline_throughput, 2)}
-        if best is None or row["tokens_per_s"] > best["tokens_per_s"]:
-            best = row
-    return best
+        if found.tree and sized.tree == "auto":
+            choice = size_tree(spec, loaded, sized).result.choice
+            rows.append({"decoder": spec if choice.n > 1 else "baseline", "nodes": choice.n, "speedup": round(choice.speedup, 3),
+                         "tokens_per_s": round(choice.throughput, 2), "baseline_tokens_per_s": round(choice.baseline_throughput, 2)})
+        elif sized.extra.get(registry.AUTO_KNOBS):
+            rows.append(knob_prediction(spec, loaded, sized))
+    return max(rows, key=lambda row: row["tokens_per_s"], default=None)
+
+
+def knob_prediction(spec: str, loaded, options: DecoderOptions) -> dict:
+    """`pld:auto`'s prediction as a `fastest_prediction` row: its searched speedup over the one-token
+    step of its own step profile (the baseline it predicts against)."""
+    from medusa_bench.bench.pld_search import choose_knobs
+
+    profile = cached_step_profile(loaded, options.extra.get("autotree") or AutoTreeSettings())
+    _, record = choose_knobs(spec, loaded, options.replace(extra={**options.extra, "step_profile": profile}))
+    speedup, baseline = record["predicted"]["speedup"], 1.0 / profile["chain"]["1"]
+    return {"decoder": spec if speedup > 1 else "baseline", "nodes": None, "knobs": record["spec"], "speedup": round(speedup, 3),
+            "tokens_per_s": round(speedup * baseline, 2), "baseline_tokens_per_s": round(baseline, 2)}
 
 
 def build_like(spec: str, decoder: Decoder, loaded, options: Optional[DecoderOptions] = None) -> Decoder:

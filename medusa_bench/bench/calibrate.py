@@ -352,7 +352,9 @@ def profile(loaded, make_proposer: MakeProposer, trees: dict[int, Tree], context
     quartiles = {str(n): [_quantile(ts, 0.25), _quantile(ts, 0.75)] for n, ts in times.items()}
     ratio_ci = {str(n): list(bootstrap_interval(rs, statistics.fmean)) for n, rs in ratios.items() if n > 1}
     info = {"repeats": repeats, "warmup": warmup, "statistic": "median t(1) x mean paired ratio t(n)/t(1)",
-            "quartiles": quartiles, "ratio_ci": ratio_ci, "contexts": [len(c) for c in contexts], "run": PROFILE_RUN,
+            "quartiles": quartiles, "ratio_ci": ratio_ci,
+            "ratios": {str(n): [round(r, 5) for r in rs] for n, rs in ratios.items() if n > 1},  # per round (bench/pld_search.cost_draws)
+            "contexts": [len(c) for c in contexts], "run": PROFILE_RUN,
             "threads": torch.get_num_threads(), "trees": {str(n): tree.to_list() for n, tree in trees.items()}}
     return Latency(step_time, device=device_name(loaded), dtype=str(loaded.dtype).replace("torch.", ""),
                    context_len=round(statistics.mean(len(c) for c in contexts)), baseline_step_time=step_time.get(1),
@@ -402,10 +404,14 @@ def branched(n: int, branches: int = 2) -> Tree:
     return Tree([(b,) + (0,) * (d - 1) for b, length in enumerate(lengths) for d in range(1, length + 1)])
 
 
-def shape_profile(loaded, context: list[int], sizes: Sequence[int], repeats: int = 5, warmup: int = 2) -> dict:
-    """Median seconds of a verify step per size, for chains and for two-branch trees (pld-profile.json).
+def shape_profile(loaded, context: list[int], sizes: Sequence[int], repeats: int = 10, warmup: int = 2) -> dict:
+    """Seconds of a verify step per size, for chains and for two-branch trees (pld-profile.json), each
+    `profile`'s median one-token step × the mean of its paired ratios; "ratios" keeps those per round
+    (round r of every size paired with one baseline step), so a search can resample the profile's noise
+    (bench/pld_search.py).
 
-    {"device", "dtype", "threads", "context_len", "repeats", "warmup", "chain": {n: s}, "tree": {n: s}}
+    {"device", "dtype", "threads", "context_len", "repeats", "warmup", "chain": {n: s}, "tree": {n: s},
+     "ratios": {"chain": {n: [t(n) / t(1) per round]}, "tree": {n: [...]}}}
     """
     chains = {n: Tree.chain(n - 1) for n in sizes}
     trees = {n: branched(n) for n in sizes if n >= 3}
@@ -415,22 +421,12 @@ def shape_profile(loaded, context: list[int], sizes: Sequence[int], repeats: int
     return {"device": device_name(loaded), "dtype": str(loaded.dtype).replace("torch.", ""),
             "threads": torch.get_num_threads(), "context_len": len(context), "repeats": repeats, "warmup": warmup,
             "chain": {str(n): t for n, t in sorted(chain.step_time.items())},
-            "tree": {str(n): t for n, t in sorted(tree.step_time.items())}}
+            "tree": {str(n): t for n, t in sorted(tree.step_time.items())},
+            "ratios": {"chain": chain.meta["ratios"], "tree": tree.meta["ratios"]}}
 
 
 STEP_PROFILE_SIZES = (1, 2, 4, 8, 16)  # prompt lookup's steps: between, interpolated; larger, the prior scaled
 STEP_PROFILE_CONTEXT = 300  # cached tokens, as `--tree auto` profiles
-_STEP_PROFILES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {(device, dtype, threads): profile}
-
-
-def step_profile(loaded) -> dict:
-    """The step-time profile prompt lookup decides by (decoders/pld.py, pld-profile.json), measured
-    once per process, model, device, dtype and thread count: a run's pld decoders share it."""
-    measured = _STEP_PROFILES.setdefault(loaded.model, {})
-    key = (str(loaded.device), str(loaded.dtype), torch.get_num_threads())
-    if key not in measured:
-        measured[key] = shape_profile(loaded, profile_context(loaded), STEP_PROFILE_SIZES)
-    return measured[key]
 
 
 def profile_context(loaded) -> list[int]:

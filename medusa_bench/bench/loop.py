@@ -88,7 +88,7 @@ def open_run_endpoints(run, taken: list[str]) -> dict:
 
 
 def predicted_fastest(config: RunConfig, candidate) -> Optional[dict]:
-    """The optimiser's fastest configuration of the run's `--tree auto` decoders on `candidate` (one
+    """The optimiser's fastest configuration of the run's `--tree auto` decoders and `pld:auto` on `candidate` (one
     precision of the model), on the engine the run will use: `--dtype auto` compares precisions by it."""
     use_engine(candidate, config.cache, config.compile)
     return fastest_prediction(config.decoders, candidate, config.options)

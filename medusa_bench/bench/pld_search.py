@@ -14,9 +14,13 @@ decodes the answers in turn, so its acceptance statistics carry over as in a run
 Predicted τ = answer tokens / steps. Predicted speedup = tokens / Σ step cost, a step's cost
 `StepCosts.relative(nodes, chain)` from the profile the decoder decides by (a plain step 1.0, the
 baseline's step; the answer's last root counts 1.0 in both, as it counts one step in τ). The
-choice is the fastest prediction (ties: the smaller draft); it replaces the defaults only if it
-beats them by more than the calibration's noise: the 95% interval of its speedup over theirs,
-from a paired bootstrap over the answers, must lie above 1.
+noise is a paired bootstrap over the answers and the step profile's timed rounds (`cost_draws`).
+The choice is, of the configurations not slower than the fastest beyond that noise (the 95%
+interval of their speedup over its reaches 1), the one with the fewest knobs moved from the
+defaults, then the smaller draft: so the defaults stay unless the fastest beats them beyond the
+noise, and a near-tie between n-gram sizes does not flip the choice from one profile to the next.
+The profile is cached beside the tree tables (bench/tree_cache.cached_step_profile), so two runs
+on one machine decide on the same one.
 
 The run folder keeps the search as pld-search.json (`store_searches`; further pld:auto decoders
 pld-search-<decoder>.json): the grid (knobs, τ, speedup and its interval, steps and cost per
@@ -29,7 +33,8 @@ from __future__ import annotations
 import hashlib
 import json
 import weakref
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -37,7 +42,7 @@ import numpy as np
 
 from medusa_bench.bench import calibrate as cal
 from medusa_bench.decoders.options import DecoderOptions, declared
-from medusa_bench.decoders.pld import KNOBS, PromptLookupProposer
+from medusa_bench.decoders.pld import KNOBS, PromptLookupProposer, StepCosts
 from medusa_bench.decoders.registry import AUTO_KNOBS, split_spec
 from medusa_bench.errors import UserError
 from medusa_bench.results import files
@@ -57,12 +62,14 @@ _SEARCHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model ->
 # ------------------------------------------------------------------------------ replay
 @dataclass
 class Replay:
-    """One configuration decoded over the calibration answers: per answer its tokens, steps and Σ step cost."""
+    """One configuration decoded over the calibration answers: per answer its tokens, steps, Σ step cost,
+    and how many steps of each shape ((nodes, chain?) → count: a plain step is (1, True)) made that cost."""
 
     knobs: dict
     tokens: list[int]
     steps: list[int]
     cost: list[float]
+    shapes: list[dict] = field(default_factory=list)
 
     @property
     def tau(self) -> float:
@@ -80,26 +87,61 @@ def replay(answers: list[tuple[list[int], int]], knobs: dict, profile: Optional[
     out = Replay(dict(knobs), [], [], [])
     for ids, prompt_len in answers:
         proposer.reset(ids[:prompt_len])
-        i, end, steps, cost = prompt_len, len(ids), 0, 0.0
+        i, end, steps, cost, shapes = prompt_len, len(ids), 0, 0.0, Counter()
         while i < end:
             steps += 1
             if i == end - 1:  # the last root ends the answer: emitted without a forward (a plain step's worth)
                 cost += 1.0
+                shapes[PLAIN] += 1
                 break
             draft = proposer.propose(ids[i], None, ids[:i])  # the root ids[i] after the true context
             accepted = 0
             if draft is None:  # a plain one-token step: the baseline's
                 cost += 1.0
+                shapes[PLAIN] += 1
             else:
-                nodes = draft.buffers.num_nodes
-                cost += proposer.costs.relative(nodes, chain=draft.buffers.max_depth == nodes - 1)
+                shape = (draft.buffers.num_nodes, draft.buffers.max_depth == draft.buffers.num_nodes - 1)
+                cost += proposer.costs.relative(*shape)
+                shapes[shape if shape[0] > 1 else PLAIN] += 1
                 accepted = accepted_of(draft, ids, i)
             proposer.update(accepted)
             i += 1 + accepted
         out.tokens.append(end - prompt_len)
         out.steps.append(steps)
         out.cost.append(cost)
+        out.shapes.append(dict(shapes))
     return out
+
+
+PLAIN = (1, True)  # a one-token step's shape
+
+
+def cost_draws(profile: Optional[dict], shapes: list[tuple[int, bool]], resamples: int,
+               rng: np.random.Generator) -> tuple[np.ndarray, bool]:
+    """([R, S] relative cost of each shape under each bootstrap draw of the profile's rounds, resampled?).
+
+    A draw resamples the profile's rounds (`calibrate.shape_profile`'s "ratios"; the same rounds for
+    every size of a kind, as each round paired them with one baseline step) and scales each size's
+    time by its resampled mean ratio over the measured one. The draft policy's choices stay those it
+    made on the measured profile: this prices the steps it took, not the ones it would take. A profile
+    without rounds (an older pld-profile.json, the prior) gives its point costs in every draw."""
+    point = StepCosts(profile)
+    fixed = np.array([[point.relative(*shape) for shape in shapes]] * resamples)  # [R, S]
+    ratios = (profile or {}).get("ratios") or {}
+    rounds = {kind: {n: np.array(values) for n, values in (ratios.get(kind) or {}).items() if values}
+              for kind in ("chain", "tree")}
+    counts = {kind: {len(values) for values in per.values()} for kind, per in rounds.items() if per}
+    if not profile or not counts or any(len(c) != 1 or min(c) < 2 for c in counts.values()):
+        return fixed, False
+    draws = np.empty((resamples, len(shapes)))
+    for r in range(resamples):
+        drawn = {}
+        for kind, (count,) in counts.items():  # chains and trees were timed apart: drawn apart
+            picks = rng.integers(0, count, size=count)
+            drawn[kind] = {n: float(profile[kind][n]) * values[picks].mean() / values.mean() for n, values in rounds[kind].items()}
+        costs = StepCosts({**profile, **{kind: {**profile.get(kind, {}), **drawn[kind]} for kind in drawn}})
+        draws[r] = [costs.relative(*shape) for shape in shapes]
+    return draws, True
 
 
 def accepted_of(draft, ids: list[int], i: int) -> int:
@@ -146,34 +188,50 @@ def search(answers: list[tuple[list[int], int]], profile: Optional[dict], defaul
     defaults = defaults or default_knobs()
     replays = [replay(answers, knobs, profile) for knobs in grid(defaults, axes)]
     tokens = np.array(replays[0].tokens, dtype=float)  # [A]
-    cost = np.array([r.cost for r in replays])  # [K, A]
-    picks = np.random.default_rng(seed).integers(0, len(tokens), size=(resamples, len(tokens)))  # [R, A]: shared, so paired
-    speedups = tokens[picks].sum(axis=1) / cost[:, picks].sum(axis=2)  # [K, R]
+    shapes = sorted({shape for r in replays for per in r.shapes for shape in per})  # [S]: (nodes, chain?)
+    counts = np.array([[[per.get(shape, 0) for shape in shapes] for per in r.shapes] for r in replays], dtype=float)  # [K, A, S]
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(tokens), size=(resamples, len(tokens)))  # [R, A]: shared, so paired
+    draws, profile_noise = cost_draws(profile, shapes, resamples, rng)  # [R, S]: shared too
+    cost = np.einsum("kas,rs->kra", counts, draws)  # [K, R, A]: each answer's cost under each draw of the profile
+    picked = np.take_along_axis(cost, picks[None], axis=2).sum(axis=2)  # [K, R]
+    speedups = tokens[picks].sum(axis=1) / picked  # [K, R]
     low, high = np.quantile(speedups, [0.025, 0.975], axis=1)  # [K] each
     d = next(k for k, r in enumerate(replays) if r.knobs == defaults)
     b = max(range(len(replays)), key=lambda k: (round(replays[k].speedup, 9), -draft_size(replays[k].knobs),
                                                  -replays[k].knobs["pld_max_ngram"]))
     ratio_low, ratio_high = np.quantile(speedups[b] / speedups[d], [0.025, 0.975])
-    taken = bool(b != d and ratio_low > 1)
-    chosen = b if taken else d
+    # Tied with the fastest: not slower than it beyond the noise. Of those, the fewest knobs moved from the
+    # defaults, then the smaller draft: n-grams 3, 4 and 5 predict within 0.1% of each other, and three fresh
+    # step profiles on one quiet machine made each of them "the fastest" once (Zen 4 EPYC, bf16).
+    tied = [k for k in range(len(replays)) if k == b or np.quantile(speedups[k] / speedups[b], 0.975) >= 1]
+    moved = lambda k: sum(replays[k].knobs[option] != defaults[option] for option in defaults)  # noqa: E731
+    chosen = min(tied, key=lambda k: (moved(k), draft_size(replays[k].knobs), replays[k].knobs["pld_max_ngram"]))
+    taken = chosen != d
     rows = [{"knobs": r.knobs, "spec": knob_suffix(r.knobs), "tau": round(r.tau, 4), "speedup": round(r.speedup, 4),
              "speedup_ci": [round(float(low[k]), 4), round(float(high[k]), 4)], "draft": draft_size(r.knobs),
              "steps": r.steps, "cost": [round(c, 4) for c in r.cost]} for k, r in enumerate(replays)]
-    best, default = rows[b], rows[d]
+    best, default, pick = rows[b], rows[d], rows[chosen]
     gain = f"{best['speedup'] / default['speedup'] - 1:+.1%} (95% {ratio_low - 1:+.1%}…{ratio_high - 1:+.1%})"
     if b == d:
         reason = f"the defaults {default['spec']} predict fastest"
-    elif taken:
+    elif chosen == b:
         reason = f"{best['spec']} beats the defaults {default['spec']} by {gain}"
+    elif taken:
+        reason = (f"{pick['spec']}: within the noise of the fastest, {best['spec']} ({pick['speedup'] / best['speedup'] - 1:+.1%}), "
+                  f"with fewer knobs moved from the defaults {default['spec']}, which the fastest beats by {gain}")
     else:
-        reason = f"kept the defaults {default['spec']}: the fastest, {best['spec']}, beats them by only {gain}, within the answers' noise"
-    pick = rows[chosen]
+        reason = (f"kept the defaults {default['spec']}: the fastest, {best['spec']}, beats them by only {gain}, within the "
+                  + ("answers' and the step profile's noise" if profile_noise else "answers' noise"))
     return {"method": "pld", "chosen": pick["knobs"], "spec": pick["spec"], "taken_over_defaults": taken, "reason": reason,
             "predicted": {"tau": pick["tau"], "speedup": pick["speedup"], "speedup_ci": pick["speedup_ci"]},
             "best": {"knobs": best["knobs"], "speedup": best["speedup"], "vs_defaults": round(best["speedup"] / default["speedup"], 4),
                      "vs_defaults_ci": [round(float(ratio_low), 4), round(float(ratio_high), 4)]},
             "defaults": {"knobs": default["knobs"], "tau": default["tau"], "speedup": default["speedup"]},
-            "bootstrap": {"resamples": resamples, "seed": seed, "over": "calibration answers (paired: the same draws for every row)"},
+            "tied_with_best": [rows[k]["spec"] for k in tied],
+            "bootstrap": {"resamples": resamples, "seed": seed,
+                          "over": ("calibration answers and the step profile's rounds" if profile_noise else "calibration answers")
+                          + " (paired: the same draws for every row)"},
             "answers": {"count": len(tokens), "tokens": replays[0].tokens}, "grid": rows}
 
 

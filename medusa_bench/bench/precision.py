@@ -82,7 +82,7 @@ def choose_dtype(loaded, predict: Optional[Callable] = None) -> dict:
 
     With native bf16 the faster one-token step decides, unless `predict(loaded) -> {"decoder",
     "tokens_per_s", …} | None` (bench/build.fastest_prediction over the run's `--tree auto`
-    decoders) answers for both precisions: then the faster predicted configuration does, tree and
+    decoders and `pld:auto`) answers for both precisions: then the faster predicted configuration does, tree and
     precision chosen together (in bf16 a CPU with AMX verifies big trees nearly for free, so a
     precision slower by one token can be the faster one with a tree).
 

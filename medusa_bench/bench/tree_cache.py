@@ -124,3 +124,40 @@ def read_json(path: Path):
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+PROFILE_FILE = "pld-profile.json"
+
+
+def cached_step_profile(loaded, settings) -> dict:
+    """Prompt lookup's step-time profile (`calibrate.shape_profile` at STEP_PROFILE_SIZES on the profiling
+    text), measured once per model, device, dtype, threads and code, and kept beside the tree tables.
+
+    Why cached: measured again in each process, it moved enough between two quiet runs to flip
+    `pld:auto`'s knobs (ngram5-tokens15-branches2, 1.80× predicted and 1.75× measured; then
+    ngram3-tokens15-branches3, 2.08× predicted and 1.49× measured; Zen 4 EPYC, bf16,
+    docs/results/cpu-optimiser-zen4-bf16-16q.md). Keyed like the tables (model, device, dtype,
+    threads, code, the profiled sizes and context); `AutoTreeSettings.refresh` measures it again.
+    """
+    import torch
+
+    context = cal.profile_context(loaded)
+    info = {"kind": "pld-profile", "model": loaded.spec, "model_source": str(loaded.source), "device": cal.device_name(loaded),
+            "dtype": str(loaded.dtype).replace("torch.", ""), "threads": torch.get_num_threads(), "code": code_version(),
+            "sizes": list(cal.STEP_PROFILE_SIZES),
+            "context": hashlib.sha256(json.dumps(context).encode()).hexdigest()[:16]}
+    folder = cache_folder(loaded, "pld-profile", info, settings)
+    if not settings.refresh and str(folder) in _PROFILES:  # one process: one object for every decoder
+        return _PROFILES[str(folder)]
+    profile = read_json(folder / PROFILE_FILE) if not settings.refresh and read_json(folder / "key.json") == info else None
+    if not isinstance(profile, dict):
+        profile = cal.shape_profile(loaded, context, cal.STEP_PROFILE_SIZES)
+        partial = partial_folder(folder)
+        write_json(partial / "key.json", info)
+        write_json(partial / PROFILE_FILE, profile)
+        publish(folder)
+    _PROFILES[str(folder)] = profile
+    return profile
+
+
+_PROFILES: dict[str, dict] = {}  # cache folder -> the profile read or measured there in this process

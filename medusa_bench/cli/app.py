@@ -22,6 +22,12 @@ app.add_typer(train_app, name="train")
 datastore_app = typer.Typer(help="REST's retrieval datastore: a corpus's token ids and their suffix array.", no_args_is_help=True)
 app.add_typer(datastore_app, name="datastore")
 console = Console(stderr=True)
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}  # what people type
+
+
+def canonical_dtype(name: Optional[str]) -> Optional[str]:
+    """`--dtype bf16` → 'bfloat16', the name run.json and every comparison use (a typer callback)."""
+    return DTYPE_ALIASES.get(name.strip().lower(), name) if isinstance(name, str) else name
 
 
 def _version(value: bool) -> None:

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from medusa_bench.bench.failed import ANSWERS_MISSING_EXIT
 from medusa_bench.errors import UserError
-from medusa_bench.cli.app import _CACHE, _COMPILE, _cache_option, _compile_option, app, console, decoder_options
+from medusa_bench.cli.app import _CACHE, _COMPILE, _cache_option, _compile_option, app, canonical_dtype, console, decoder_options
 
 
 # ---------------------------------------------------------------------------------------- run
@@ -48,7 +48,7 @@ def run(
     control: bool = typer.Option(False, "--control", help="Add the A/A control: the baseline's work timed again as decoder 'control' (the noise floor).", rich_help_panel=_WHAT),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Hub id, local folder, .gguf file or 'smollm2-135m'.", rich_help_panel=_MODEL),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda", rich_help_panel=_MODEL),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (CPU: bf16 if it is native and measures faster, else fp32; CUDA: bf16, else fp16) | float32 | float16 | bfloat16", rich_help_panel=_MODEL),
+    dtype: str = typer.Option("auto", "--dtype", callback=canonical_dtype, help="auto (CPU: bf16 if it is native and measures faster, else fp32; CUDA: bf16, else fp16) | float32 | float16 | bfloat16 (or fp32, fp16, bf16)", rich_help_panel=_MODEL),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default).", rich_help_panel=_MODEL),
     precision_reference: str = typer.Option("auto", "--precision-reference", help="float32 | none: decode the baseline again in fp32 (untimed) to show what the precision changes; auto: float32 unless the run is fp32.", rich_help_panel=_MODEL),
     cache: str = _cache_option(_MODEL),
@@ -192,7 +192,7 @@ def serve(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Hub id, local folder, .gguf file or 'smollm2-135m'."),
     decoder: str = typer.Option("baseline", "--decoder", "-d", help="{decoders}"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | float16 | bfloat16"),
+    dtype: str = typer.Option("auto", "--dtype", callback=canonical_dtype, help="auto | float32 | float16 | bfloat16 (or fp32, fp16, bf16)"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (this machine only by default)."),
     port: int = typer.Option(8000, "--port", help="TCP port."),
@@ -238,7 +238,7 @@ def tree_command(
     export: Optional[str] = typer.Option(None, "--export", help="vllm,sglang,trtllm: also write the chosen tree as those engines' speculative configuration (<engine>-config.json beside tree.json)."),
     audit: Optional[Path] = typer.Option(None, "--audit", metavar="RUN_DIR", help="Instead: check a finished run's --tree auto predictions against its own answers (τ replayed on them, step cost, the tree best in hindsight); writes RUN_DIR/prediction.json, which `run` writes itself at its end."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | float16 | bfloat16"),
+    dtype: str = typer.Option("auto", "--dtype", callback=canonical_dtype, help="auto | float32 | float16 | bfloat16 (or fp32, fp16, bf16)"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
     cache: str = _CACHE,
     compile: str = _COMPILE,

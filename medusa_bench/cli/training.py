@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from medusa_bench.cli.app import app, console, datastore_app, train_app
+from medusa_bench.cli.app import app, canonical_dtype, console, datastore_app, train_app
 
 
 # ------------------------------------------------------------------------- distill and train
@@ -27,7 +27,7 @@ def distill(
     seed: int = typer.Option(0, "--seed"),
     pack: Optional[Path] = typer.Option(None, "--pack", help="Distillation pack folder: skip what it holds, seal every full group of --out into it."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (on a CPU: bf16 where a 64-row step measures faster, else fp32) | float32 | float16 | bfloat16"),
+    dtype: str = typer.Option("auto", "--dtype", callback=canonical_dtype, help="auto (on a CPU: bf16 where a 64-row step measures faster, else fp32) | float32 | float16 | bfloat16 (or fp32, fp16, bf16)"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
 ) -> None:
     """Self-distillation: the model answers training prompts (never benchmark questions); ShareGPT jsonl out."""
@@ -126,7 +126,7 @@ def instructions(
     temperature: float = typer.Option(0.9, "--temperature"),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | float16 | bfloat16"),
+    dtype: str = typer.Option("auto", "--dtype", callback=canonical_dtype, help="auto | float32 | float16 | bfloat16 (or fp32, fp16, bf16)"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
 ) -> None:
     """New training instructions written by the model from seed tasks (self-instruct bootstrapping), for `distill`."""
@@ -181,7 +181,7 @@ _EVAL_EVERY = typer.Option(None, "--eval-every", help="Optimiser steps between h
 _MIN_DELTA = typer.Option(0.001, "--min-delta", help="The smallest gain in mean held-out top-1 that counts as progress.")
 _SEED = typer.Option(0, "--seed")
 _DEVICE = typer.Option("auto", "--device")
-_DTYPE = typer.Option("auto", "--dtype")
+_DTYPE = typer.Option("auto", "--dtype", callback=canonical_dtype, help="auto | float32 | float16 | bfloat16 (or fp32, fp16, bf16)")
 
 
 def _train(fit, config, model: str, device: str, dtype: str, data: Path, out: Path) -> None:

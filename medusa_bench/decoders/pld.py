@@ -11,7 +11,7 @@ so drafting blindly is slower than plain decoding. Each step therefore drafts on
 that pay for themselves: a node's chance of acceptance comes from the acceptance measured on
 earlier drafts of similar strength (how long the match is), the cost of a step of k tokens from
 a step-time profile the bench layer measures once per model and hands to the factory
-(`options.extra["step_profile"]`, `bench/calibrate.step_profile`; the registry's `step_profile`
+(`options.extra["step_profile"]`, `bench/tree_cache.cached_step_profile`; the registry's `step_profile`
 declares it), kept in the run folder as pld-profile.json, so a run's choices depend on tokens and that file
 only, never on how busy the machine was mid-answer), and the draft is the set of nodes that
 maximises expected tokens per second, possibly none (a plain one-token step, the baseline's
@@ -357,7 +357,7 @@ KNOBS = Knobs((("ngram", "pld_max_ngram"), ("tokens", "pld_tokens"), ("branches"
 @register("pld", step_profile=uses_step_profile, knobs=KNOBS)
 def build_pld(loaded, options: DecoderOptions):
     """Prompt lookup; its step costs from `options.extra["step_profile"]` (the bench layer measures it
-    once per model: bench/calibrate.step_profile), the prior curve without one."""
+    once per model and machine: bench/tree_cache.cached_step_profile), the prior curve without one."""
     profile = options.extra.get("step_profile") if uses_step_profile(options) else None
     proposer = PromptLookupProposer(options.pld_max_ngram, options.pld_tokens, options.pld_branches,
                                     adaptive=uses_step_profile(options), device=loaded.device, profile=profile)
