@@ -68,6 +68,7 @@ def test_a_run_checks_its_auto_tree_on_its_own_text(smollm, tmp_path, capsys, mo
     row = collect([out]).tables["prediction"].iloc[0]  # the fixed tree ran beside it: named, and auto judged against it
     assert row.decoder == "hydra:auto" and row.best_fixed == "hydra:chain-1"
     assert row.auto_vs_fixed in ("auto fastest", "fixed faster")  # no --control: no noise band to be within
+    assert row.auto_over_fixed.endswith("× (n=2, no CI)")  # paired over the two questions: too few for an interval
 
     # `tree --audit` on the finished folder rebuilds the decoder from the run's own files: the same figures.
     import medusa_bench.models

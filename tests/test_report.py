@@ -581,3 +581,35 @@ def test_report_renders_in_headless_chromium(full_run, tmp_path):
     assert int(attrs["images"]) == 7 and attrs["images-ok"] == attrs["images"], attrs
     assert json.loads(attrs["errors"].replace("&quot;", '"')) == []
     assert attrs["scripts"] == "1" and attrs["text"] == "true"
+
+
+def test_auto_against_the_fastest_fixed_tree_is_paired_over_questions():
+    """Auto 5% slower than the fixed tree on every question, while questions differ 3× in speed: the two speedup
+    intervals overlap, the paired ratio's interval does not reach 1, and the standing says so."""
+    from types import SimpleNamespace
+
+    from medusa_bench.results.prediction import against_fixed
+
+    tokens = [100, 120, 90, 110, 100, 130, 95, 105]
+    base = [t / 10 for t in tokens]  # seconds: the baseline decodes 10 tok/s on every question
+    fixed_s = [b / s for b, s in zip(base, [1.2, 2.4, 3.6, 1.3, 2.5, 3.5, 1.4, 2.6])]  # 1.2×–3.6× by question
+    auto_s = [s / 0.95 for s in fixed_s]  # 5% slower than the fixed tree on each question
+    rows = [{"model_id": model_id, "question_id": q, "new_tokens": t, "wall_time": s}
+            for model_id, seconds in (("m-baseline", base), ("m-fixed", fixed_s), ("m-auto", auto_s))
+            for q, (t, s) in enumerate(zip(tokens, seconds))]
+    questions = pd.DataFrame(rows)
+    speed = pd.DataFrame([
+        {"decoder": "control", "model_id": "m-control", "speedup": 1.0, "speedup_ci_low": 0.97, "speedup_ci_high": 1.03},
+        {"decoder": "hydra:chain-2", "model_id": "m-fixed", "speedup": 2.0, "speedup_ci_low": 1.4, "speedup_ci_high": 2.8},
+        {"decoder": "hydra:auto", "model_id": "m-auto", "speedup": 1.9, "speedup_ci_low": 1.3, "speedup_ci_high": 2.7}])
+    row = against_fixed(SimpleNamespace(info={}), "hydra:auto", speed, ["hydra:chain-2"], questions)
+    assert row["best_fixed"] == "hydra:chain-2" and row["auto_over_fixed"] == "0.950× (0.95–0.95)"
+    assert row["auto_vs_fixed"] == "fixed faster"  # 0.95 is below 1 − the A/A half-width (0.03)
+    swings = [0.80, 1.10] * 4  # auto over the fixed tree by question: 6% behind overall, the interval reaching past 1
+    noisy = questions.copy()
+    for q, speed_ratio in enumerate(swings):
+        noisy.loc[(noisy.model_id == "m-auto") & (noisy.question_id == q), "wall_time"] = fixed_s[q] / speed_ratio
+    swing = against_fixed(SimpleNamespace(info={}), "hydra:auto", speed, ["hydra:chain-2"], noisy)
+    assert swing["auto_vs_fixed"] == "fixed ahead, inside the paired interval", swing
+    without = against_fixed(SimpleNamespace(info={}), "hydra:auto", speed, ["hydra:chain-2"])
+    assert without["auto_over_fixed"] is None and without["auto_vs_fixed"] == "fixed faster"  # 1.9 / 2.0

@@ -46,7 +46,7 @@ LABELS = {
     "tree_nodes": "tree nodes", "speedup_error": "speedup error", "tau_on_text": "τ on this text", "tau_error": "τ error",
     "step_predicted": "step × baseline predicted", "step_measured": "step × baseline measured", "step_error": "step error",
     "hindsight_nodes": "hindsight nodes", "hindsight_speedup": "hindsight speedup",
-    "best_fixed": "fastest fixed tree or knobs", "knobs": "knobs chosen", "best_fixed_speedup": "its speedup", "auto_vs_fixed": "auto against it",
+    "best_fixed": "fastest fixed tree or knobs", "knobs": "knobs chosen", "best_fixed_speedup": "its speedup", "auto_over_fixed": "auto / it, paired (95% CI)", "auto_vs_fixed": "auto against it",
     "batch_size": "batch", "tok_s": "tokens/s", "latency_p50_ms": "latency p50 (ms)", "latency_p90_ms": "latency p90 (ms)",
     "same_as_batched_baseline": "= same-B baseline", "predicted_speedup": "predicted", "verdict": "vs batch 1",
 }

@@ -9,7 +9,9 @@ this text's τ and the profile's step times, would have been fastest (hindsight,
 choose).
 
 Where the run swept fixed trees beside the auto one (`--decoders hydra:sweep`), the row also names
-the fastest fixed tree of the same decoder and says whether auto kept up with it, within the A/A
+the fastest fixed tree of the same decoder, auto's speed over it paired over their common questions
+(with its bootstrap interval: the two decoders' question-to-question swings cancel, which the two
+speedup intervals side by side do not show), and whether auto kept up with it within the A/A
 control's noise band.
 
 Prompt lookup's `pld:auto` has a row too (`search_rows`): its knob search (pld-search.json,
@@ -25,6 +27,7 @@ import pandas as pd
 
 from medusa_bench.results.runs import RunData, load_optional_json
 from medusa_bench.results.speed import noise_band
+from medusa_bench.results.stats import interval_text, paired_speedup
 
 AUDIT_FILE = "prediction.json"  # bench/audit.py writes it, this reads it
 SEARCH_FILE = "pld-search.json"  # bench/pld_search.py writes pld:auto's knob search (then pld-search-<decoder>.json)
@@ -37,24 +40,26 @@ NOTE = ("Predicted: the tree optimiser's numbers for the tree it chose, before t
         "prediction, prompt lookup replayed on the calibration answers (pld-search.json); no replay on this text.")
 
 
-def prediction_table(runs: list[RunData], speed: pd.DataFrame) -> pd.DataFrame:
+def prediction_table(runs: list[RunData], speed: pd.DataFrame, frames: dict[str, pd.DataFrame] | None = None) -> pd.DataFrame:
+    """`frames`: each run's per-question frame (runs.question_frame), for auto against the fixed trees, paired."""
     rows = []
     for run in runs:
         audits = load_optional_json(run.path / AUDIT_FILE, run.notes) or {}
         run_speed = speed[speed.run == run.label] if not speed.empty else speed
+        questions = (frames or {}).get(run.label)
         for decoder, audit in audits.items():
             if isinstance(audit, dict):
-                rows.append({**prediction_row(run.label, decoder, audit), **against_fixed(run, decoder, run_speed)})
-        rows += search_rows(run, run_speed)
+                rows.append({**prediction_row(run.label, decoder, audit), **against_fixed(run, decoder, run_speed, questions=questions)})
+        rows += search_rows(run, run_speed, questions)
     table = pd.DataFrame(rows)
     if not table.empty and table["best_fixed"].isna().all():
-        table = table.drop(columns=["best_fixed", "best_fixed_speedup", "auto_vs_fixed"])  # no sweep in these runs
+        table = table.drop(columns=["best_fixed", "best_fixed_speedup", "auto_over_fixed", "auto_vs_fixed"])  # no sweep in these runs
     if "knobs" in table and table["knobs"].isna().all():
         table = table.drop(columns=["knobs"])
     return table
 
 
-def search_rows(run: RunData, speed: pd.DataFrame) -> list[dict]:
+def search_rows(run: RunData, speed: pd.DataFrame, questions: pd.DataFrame | None = None) -> list[dict]:
     """A row per knob search the run folder keeps (pld:auto): its prediction, and the run's measurement."""
     rows = []
     for path in sorted(run.path.glob(SEARCH_FILES)):
@@ -75,33 +80,45 @@ def search_rows(run: RunData, speed: pd.DataFrame) -> list[dict]:
             "speedup_error": _ratio_error(measured, speedup), "tau_predicted": tau, "tau_on_text": math.nan, "tau": measured_tau,
             "tau_error": _ratio_error(measured_tau, tau), "step_predicted": _ratio(tau, speedup),
             "step_measured": _ratio(measured_tau, measured), "step_error": _ratio_error(_ratio(measured_tau, measured), _ratio(tau, speedup)),
-            "hindsight_nodes": None, "hindsight_speedup": math.nan, **against_fixed(run, decoder, speed, fixed),
+            "hindsight_nodes": None, "hindsight_speedup": math.nan, **against_fixed(run, decoder, speed, fixed, questions),
         })
     return rows
 
 
-def against_fixed(run: RunData, decoder: str, speed: pd.DataFrame, fixed: list[str] | None = None) -> dict:
-    """The fastest fixed tree (or `fixed` decoders) of the same decoder in this run, and auto's standing against it."""
-    none = {"best_fixed": None, "best_fixed_speedup": math.nan, "auto_vs_fixed": None}
+def against_fixed(run: RunData, decoder: str, speed: pd.DataFrame, fixed: list[str] | None = None,
+                  questions: pd.DataFrame | None = None) -> dict:
+    """The fastest fixed tree (or `fixed` decoders) of the same decoder in this run, auto's speed over it
+    paired over their common questions where `questions` (the run's question frame) is given, and auto's
+    standing: at least as fast, within the A/A control's half-width, behind but inside the paired
+    interval, or slower."""
+    none = {"best_fixed": None, "best_fixed_speedup": math.nan, "auto_over_fixed": None, "auto_vs_fixed": None}
     trees = run.info.get("trees") or {}
     family = decoder.split(":")[0]
     if fixed is None:
         fixed = [name for name, record in trees.items() if name.split(":")[0] == family and not record.get("auto")]
     rows = speed[speed.decoder.isin(fixed)].dropna(subset=["speedup"]) if not speed.empty else speed
-    mine = speed[speed.decoder == decoder].speedup if not speed.empty else []
-    if rows.empty or not len(mine) or pd.isna(mine.iloc[0]):
+    mine = speed[speed.decoder == decoder] if not speed.empty else speed
+    if rows.empty or not len(mine) or pd.isna(mine.speedup.iloc[0]):
         return none
     best = rows.loc[rows.speedup.idxmax()]
+    auto = float(mine.speedup.iloc[0])
+    over, paired, high = auto / float(best.speedup), None, math.nan
+    if questions is not None and "model_id" in speed:
+        pair = paired_speedup(questions[questions.model_id == mine.model_id.iloc[0]], questions[questions.model_id == best.model_id])
+        if pair["n_compared"]:
+            over, high = pair["speedup"], pair["speedup_ci_high"]
+            paired = f"{over:.3f}× ({interval_text(pair['speedup_ci_low'], high, pair['n_compared'])})"
     band = noise_band(speed) or (1.0, 1.0)
     margin = max(1.0 - band[0], band[1] - 1.0)  # the A/A control's half-width: differences inside it are noise
-    auto = float(mine.iloc[0])
-    if auto >= best.speedup:
+    if over >= 1.0:
         standing = "auto fastest"
-    elif auto >= best.speedup - margin:
+    elif over >= 1.0 - margin:
         standing = f"within noise ({margin:.2f})"
+    elif high >= 1.0:  # NaN (no interval) compares False
+        standing = "fixed ahead, inside the paired interval"
     else:
         standing = "fixed faster"
-    return {"best_fixed": best.decoder, "best_fixed_speedup": float(best.speedup), "auto_vs_fixed": standing}
+    return {"best_fixed": best.decoder, "best_fixed_speedup": float(best.speedup), "auto_over_fixed": paired, "auto_vs_fixed": standing}
 
 
 def prediction_notes(table: pd.DataFrame) -> list[str]:

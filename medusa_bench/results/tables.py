@@ -83,7 +83,7 @@ def build_tables(runs: list[RunData]) -> ReportTables:
         "precision": precision,
         "acceptance": acceptance,
         "tokens_per_step": histogram,
-        "prediction": prediction_table(runs, speed),  # --tree auto decoders (prediction.json; dropped below when empty)
+        "prediction": prediction_table(runs, speed, frames),  # --tree auto decoders (prediction.json; dropped below when empty)
         "quality": quality,
         "spec_bench": spec_bench_table(runs, frames),  # runs over Spec-Bench's questions only (dropped below when empty)
         "categories": category_table(runs, frames),
