@@ -103,7 +103,8 @@ def against_fixed(run: RunData, decoder: str, speed: pd.DataFrame, fixed: list[s
     best = rows.loc[rows.speedup.idxmax()]
     auto = float(mine.speedup.iloc[0])
     over, paired, high = auto / float(best.speedup), None, math.nan
-    if questions is not None and "model_id" in speed:
+    one_device = "device" not in speed or speed.device.nunique() <= 1  # device types are never pooled (speed.by_device)
+    if questions is not None and "model_id" in speed and one_device:
         pair = paired_speedup(questions[questions.model_id == mine.model_id.iloc[0]], questions[questions.model_id == best.model_id])
         if pair["n_compared"]:
             over, high = pair["speedup"], pair["speedup_ci_high"]
