@@ -85,6 +85,11 @@ class AutoTree:
         return paths
 
 
+def settings_of(options) -> AutoTreeSettings:
+    """The optimiser's settings a decoder's options carry (`options.extra["autotree"]`), else the defaults."""
+    return options.extra.get("autotree") or AutoTreeSettings()
+
+
 def size_tree(spec: str, loaded, options) -> AutoTree:
     """`--tree auto` for the decoder `spec` (and `medusa-bench tree`): the optimiser's search over
     proposers on the decoder's own heads.
@@ -96,7 +101,7 @@ def size_tree(spec: str, loaded, options) -> AutoTree:
     if not found.tree:
         raise UserError(f"decoder {spec!r} drafts on no tree; the tree optimiser sizes trees for {', '.join(tree_decoders())}")
     sizing = build_decoder(found.name, loaded, options.replace(tree=Tree.empty())).sizing
-    settings = options.extra.get("autotree") or AutoTreeSettings()
+    settings = settings_of(options)
     if sizing.dynamic is not None:  # EAGLE-2/3: nodes, depth and top-k of the tree it drafts anew each step
         if calibration_source(settings.calibration, sizing.heads_path)[0] is None:
             return dynamic_tree(loaded, sizing, settings)
@@ -104,7 +109,7 @@ def size_tree(spec: str, loaded, options) -> AutoTree:
         # text to expand the draft on: the static search sizes the dynamic tree, as it did before.
         _stderr("tree auto: no calibration text for a dynamic search (a measured table); sizing the dynamic tree "
                 "by the static search")
-    return auto_tree(loaded, sizing.make_proposer, sizing.heads_path, sizing.depth, sizing.kind, options.extra.get("autotree"))
+    return auto_tree(loaded, sizing.make_proposer, sizing.heads_path, sizing.depth, sizing.kind, settings)
 
 
 def dynamic_tree(loaded, sizing, settings: AutoTreeSettings, log: Optional[Callable[[str], None]] = None) -> AutoTree:

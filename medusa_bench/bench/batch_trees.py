@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from medusa_bench.bench import calibrate as cal
-from medusa_bench.bench.autotree import AutoTree, AutoTreeSettings, profile_trees, size_tree
+from medusa_bench.bench.autotree import AutoTree, profile_trees, settings_of, size_tree
 from medusa_bench.decoders.batched import BatchedDecoder
 from medusa_bench.decoders.options import DecoderOptions
 from medusa_bench.decoders.registry import build_decoder, spec_options
@@ -82,7 +82,7 @@ def tree_for_batch(spec: str, loaded, batch_size: int, options: Optional[Decoder
     options = options.replace(tree="auto")
     single = size_tree(found.name, loaded, options)
     sizing = build_decoder(found.name, loaded, options.replace(tree=Tree.empty())).sizing
-    settings = options.extra.get("autotree") or AutoTreeSettings()
+    settings = settings_of(options)
     depth = min(sizing.depth, settings.max_depth or sizing.depth)
     trees = profile_trees(single.calibration, settings, depth)
     latency = batch_latency(loaded, sizing.make_proposer, trees, cal.profile_context(loaded), batch_size, repeats, warmup)

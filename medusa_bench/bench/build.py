@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from medusa_bench.bench.autotree import AutoTreeSettings, size_tree
+from medusa_bench.bench.autotree import settings_of, size_tree
 from medusa_bench.bench.tree_cache import cached_step_profile
 from medusa_bench.decoders import registry
 from medusa_bench.decoders.base import Decoder
@@ -47,7 +47,7 @@ def build_decoder(spec: str, loaded, options: Optional[DecoderOptions] = None, p
             auto = size_tree(spec, loaded, options)
             options = options.replace(tree=auto.tree)
     if found.needs_step_profile(options):
-        profile = (plan.get("profiles") or {}).get(spec) or cached_step_profile(loaded, options.extra.get("autotree") or AutoTreeSettings())
+        profile = (plan.get("profiles") or {}).get(spec) or cached_step_profile(loaded, settings_of(options))
         options = options.replace(extra={**options.extra, "step_profile": profile})
     search = None
     if options.extra.get(registry.AUTO_KNOBS):  # `pld:auto`: knobs searched on calibration text with that profile, or the plan's
@@ -86,7 +86,7 @@ def knob_prediction(spec: str, loaded, options: DecoderOptions) -> dict:
     step of its own step profile (the baseline it predicts against)."""
     from medusa_bench.bench.pld_search import choose_knobs
 
-    profile = cached_step_profile(loaded, options.extra.get("autotree") or AutoTreeSettings())
+    profile = cached_step_profile(loaded, settings_of(options))
     _, record = choose_knobs(spec, loaded, options.replace(extra={**options.extra, "step_profile": profile}))
     speedup, baseline = record["predicted"]["speedup"], 1.0 / profile["chain"]["1"]
     return {"decoder": spec if speedup > 1 else "baseline", "nodes": None, "knobs": record["spec"], "speedup": round(speedup, 3),

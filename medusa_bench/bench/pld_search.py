@@ -125,14 +125,13 @@ def cost_draws(profile: Optional[dict], shapes: list[tuple[int, bool]], resample
     time by its resampled mean ratio over the measured one. The draft policy's choices stay those it
     made on the measured profile: this prices the steps it took, not the ones it would take. A profile
     without rounds (an older pld-profile.json, the prior) gives its point costs in every draw."""
-    point = StepCosts(profile)
-    fixed = np.array([[point.relative(*shape) for shape in shapes]] * resamples)  # [R, S]
     ratios = (profile or {}).get("ratios") or {}
     rounds = {kind: {n: np.array(values) for n, values in (ratios.get(kind) or {}).items() if values}
               for kind in ("chain", "tree")}
     counts = {kind: {len(values) for values in per.values()} for kind, per in rounds.items() if per}
     if not profile or not counts or any(len(c) != 1 or min(c) < 2 for c in counts.values()):
-        return fixed, False
+        point = StepCosts(profile)
+        return np.array([[point.relative(*shape) for shape in shapes]] * resamples), False  # [R, S]
     draws = np.empty((resamples, len(shapes)))
     for r in range(resamples):
         drawn = {}
@@ -259,9 +258,9 @@ def choose_knobs(spec: str, loaded, options: DecoderOptions, plan: Optional[dict
 
 def search_for(loaded, options: DecoderOptions, log: Callable[[str], None]) -> dict:
     """The search on this model's calibration answers and step profile (once per process and inputs)."""
-    from medusa_bench.bench.autotree import AutoTreeSettings
+    from medusa_bench.bench.autotree import settings_of
 
-    settings = options.extra.get("autotree") or AutoTreeSettings()
+    settings = settings_of(options)
     profile = options.extra.get("step_profile")
     defaults = {option: getattr(options, option) for option in default_knobs()}
     answers, calibration = calibration_answers(loaded, settings)
