@@ -127,7 +127,8 @@ def test_only_decoders_whose_tree_is_all_their_drafting_are_checked(smollm):
     # eagle2 on the empty tree still drafts dynamically whenever it drafts: its hindsight is no static replay
     from medusa_bench.bench.audit import audit_decoder
     from medusa_bench.bench.autotree import AutoTree
-    from medusa_bench.trees.search import Calibration, Latency, best_tree
+    from medusa_bench.trees.search import best_tree
+    from medusa_bench.trees.tables import Calibration, Latency
 
     eagle2 = build_decoder("eagle2", smollm, DecoderOptions(tree="empty"))
     calibration, latency = Calibration("independent", 2, accuracy=[[0.3, 0.1]]), Latency({1: 0.05, 2: 0.09})

@@ -24,7 +24,7 @@ from medusa_bench.errors import UserError
 from medusa_bench.heads.medusa import MedusaHeads, load_heads, save_heads
 from medusa_bench.inputs.chat import build_prompt
 from medusa_bench.trees.ranks import statistics_of
-from medusa_bench.trees.search import conditional_prob, load_calibration, load_latency
+from medusa_bench.trees.tables import conditional_prob, load_calibration, load_latency
 from medusa_bench.trees.tree import Tree
 
 TINY = dict(prompts=1, tokens=8, max_nodes=3, repeats=2, warmup=0, context_len=64)
@@ -200,6 +200,11 @@ def test_auto_measures_caches_and_fills_the_run_folder(smollm, heads_dir, tmp_pa
     contexts = first.latency.meta["contexts"]  # chat contexts spread around context_len, cut inside an answer
     assert 1 <= len(contexts) <= 3 and first.latency.context_len == round(sum(contexts) / len(contexts))
     assert set(first.latency.meta["ratio_ci"]) == {"2", "3"} and first.latency.device.startswith("cpu")
+    confirmed = first.latency.meta["confirmed"]  # the screen's best sizes timed again: they choose and predict
+    assert set(confirmed["ratios"]) == {"2", "3"} and confirmed["repeats"] == 3 * settings.repeats
+    if first.result.choice.n > 1:
+        ratio = confirmed["ratios"][str(first.result.choice.n)][0]
+        assert first.result.choice.step_time == pytest.approx(first.latency.baseline_step_time * ratio)
     assert first.calibration.kind == "conditional" and first.calibration.meta["prompts"] == 1
     assert first.calibration.meta["turns"] == 2 and len(first.calibration.answers) == 2  # turn 1 and its follow-up
     assert lines[-1] == f"tree auto: {first.result.choice.reason}"

@@ -4,6 +4,8 @@ drafting, the knobs round-trip through specs and run folders, and the chosen kno
 Shipped EAGLE heads on the real model; tiny settings (a couple of prompts, a few tokens, 2 profile rounds).
 """
 
+import json
+
 import torch
 import pytest
 
@@ -80,6 +82,25 @@ def test_choice_needs_to_beat_its_noise():
     assert choose(slow, grid).knobs is None and choose(slow, grid).tree.num_nodes == 1
 
 
+def test_the_screens_best_timed_again_choose_and_predict():
+    """The winner's curse: a knob set the screen timed cheap by chance loses on its fresh rounds, and the
+    prediction is read from those rounds, the screen's figure kept beside."""
+    grid = [DynamicKnobs(3, 2, 1), DynamicKnobs(5, 2, 2), DynamicKnobs(9, 3, 2)]
+    steps = {grid[0].name: [6] * 8, grid[1].name: [5] * 8, grid[2].name: [5] * 8}  # τ 1.67, 2.0, 2.0
+    screen = {grid[0].name: [1.2, 1.19, 1.21], grid[1].name: [1.25, 1.2, 1.3], grid[2].name: [1.9, 1.8, 2.0]}
+    confirmed = {grid[0].name: [1.21, 1.2, 1.22], grid[1].name: [1.6, 1.55, 1.65]}
+    tables = DynamicTables([10] * 8, steps, screen, 0.05, {"confirm_repeats": 30}, confirmed)
+    assert choose(DynamicTables([10] * 8, steps, screen, 0.05), grid).knobs == grid[1]  # the screen alone: 1.6×
+    search = choose(tables, grid)
+    assert search.knobs == grid[0] and search.choice.speedup == pytest.approx((10 / 6) / 1.21)
+    assert search.choice.noise["step_ratio"] == pytest.approx(0.01 / 1.21, abs=1e-4)  # the fresh rounds' interval
+    assert "timed again on 30 fresh rounds" in search.choice.reason
+    best, second, third = search.choice.table
+    assert (best["knobs"], best["screen_speedup"]) == (grid[0].name, pytest.approx((10 / 6) / 1.2))
+    assert second["knobs"] == grid[1].name and second["speedup"] == pytest.approx(2.0 / 1.6) and "confirmed" not in third
+    assert DynamicTables.from_json(tables.to_json()) == tables
+
+
 def test_auto_sizes_the_dynamic_tree_and_decodes_losslessly(smollm, tiny):
     options = DecoderOptions(extra={"autotree": tiny})
     auto = size_tree("eagle2", smollm, options)
@@ -88,6 +109,9 @@ def test_auto_sizes_the_dynamic_tree_and_decodes_losslessly(smollm, tiny):
     assert (auto.folder / "dynamic.json").is_file()
     assert auto.tree_json()["search"]["tau_statistic"].startswith("dynamic trees replayed")
     assert summary_rows(auto)[0]["knobs"] == knobs.name  # the table's best row is the chosen one (margin 0)
+    tables = DynamicTables.from_json(json.loads((auto.folder / "dynamic.json").read_text()))
+    assert len(tables.confirmed) == 4 and knobs.name in tables.confirmed  # the screen's best 4, timed again
+    assert auto.result.choice.step_time == pytest.approx(tables.baseline_step_time * tables.confirmed[knobs.name][0])
     assert size_tree("eagle2", smollm, options).reused  # cached
 
     decoder = build_decoder("eagle2", smollm, options)  # the bench layer builds on the knobs it chose

@@ -30,7 +30,7 @@ from medusa_bench.train.eagle import EagleFitConfig, batch_loss
 from medusa_bench.train.fit import (PLATEAU_DROPS, FitConfig, check_out_folder, evaluate, fit_heads, head_logits,
                                     prepare_positions, summary, train_medusa)
 from medusa_bench.train.medusa2 import Medusa2Config, train_medusa2
-from medusa_bench.trees.search import load_calibration
+from medusa_bench.trees.tables import load_calibration
 
 # Head 0 of the shipped heads must reach this top-1 on the base model's answers to prompts they
 # never saw. Measured: 0.156 on UNSEEN_PROMPTS (0.18 on the training run's held-out split, see

@@ -7,23 +7,10 @@ import random
 import pytest
 
 from medusa_bench.errors import UserError
-from medusa_bench.trees.search import (
-    Calibration,
-    Latency,
-    best_tree,
-    calibration_from_json,
-    choose_budget,
-    conditional_prob,
-    expected_length,
-    greedy_tree,
-    independent_prob,
-    interpolate_step_time,
-    latency_from_json,
-    load_calibration,
-    load_latency,
-    save_calibration,
-    save_latency,
-    sequoia_tree,
+from medusa_bench.trees.search import best_tree, choose_budget, expected_length, greedy_tree, sequoia_tree
+from medusa_bench.trees.tables import (
+    Calibration, Latency, calibration_from_json, conditional_prob, independent_prob, interpolate_step_time,
+    latency_from_json, load_calibration, load_latency, save_calibration, save_latency,
 )
 from medusa_bench.trees.tree import Tree
 
@@ -345,6 +332,26 @@ def test_best_tree_picks_and_explains():
     assert Tree.parse(json.loads(json.dumps(data))["tree"]) == result.tree
     assert len(result.candidates) == 16
     assert best_tree(cal, lat, num_heads=1).tree.depth <= 1
+
+
+def test_sizes_timed_again_choose_and_predict():
+    """The screen's best sizes timed again on fresh rounds (latency.json "confirmed"): only they compete, their
+    ratios predict and set the noise, and the table keeps every size with the screen's figure beside."""
+    cal = Calibration("independent", 3, accuracy=[[0.7, 0.1, 0.05], [0.6, 0.1, 0.05], [0.5, 0.1, 0.05]])
+    screen = {1: 0.010, 2: 0.0102, 4: 0.0104, 8: 0.012, 16: 0.020}
+    lat = Latency(screen, baseline_step_time=0.010)
+    lucky = best_tree(cal, lat, max_nodes=16, min_speedup=1.0).choice.n
+    assert lucky == 5  # the screen: beside n = 4, timed cheap
+    lat.meta["confirmed"] = {"ratios": {"2": [1.02, 1.01, 1.03], "4": [1.25, 1.2, 1.3], "8": [1.21, 1.2, 1.22]}, "repeats": 30}
+    result = best_tree(cal, lat, max_nodes=16, min_speedup=None)
+    rows = {row["n"]: row for row in result.choice.table}
+    assert result.choice.n in (2, 8) and result.choice.n == max((2, 4, 8), key=lambda n: rows[n]["speedup"])
+    chosen = rows[result.choice.n]
+    assert result.choice.step_time == pytest.approx(0.010 * {2: 1.02, 8: 1.21}[result.choice.n])
+    assert chosen["confirmed"] and chosen["screen_speedup"] == pytest.approx(chosen["tau"] * 0.010 / screen[result.choice.n])
+    assert len(rows) == 16 and "confirmed" not in rows[3] and rows[3]["step_time"] == pytest.approx(0.0103)
+    assert result.choice.noise["step_ratio"] == pytest.approx(0.01 / {2: 1.02, 8: 1.21}[result.choice.n], abs=1e-4)
+    assert "sizes 2, 4, 8 (the screen's best) timed again on 30 fresh rounds" in result.choice.reason
 
 
 def test_best_tree_with_conditional_calibration_falls_back_to_baseline():

@@ -123,11 +123,12 @@ def audit_decoder(loaded, decoder, questions: list, choices: dict[str, dict], ba
     ranked = text_ranks(loaded, probe, answer_texts(loaded, questions, choices), max(depth, 1), top_k)
     sizes = sorted(set(latency.step_time) | {choice.n})
     predicted_tau = {row["n"]: row["tau"] for row in choice.table}  # the search's τ (replayed, where it could)
+    step_time = {row["n"]: row["step_time"] for row in choice.table}  # the search's: the fresh rounds' where timed again
     rows = []
     for n in sizes:
         candidate = auto.result.candidates[n - 1]
         replayed, mean = replayed_tau(ranked, candidate.tree, top_k)
-        ratio = latency.at(n) / base_t if n > 1 else 1.0
+        ratio = step_time.get(n, latency.at(n)) / base_t if n > 1 else 1.0
         tau = predicted_tau.get(n, candidate.tau) if n > 1 else 1.0
         rows.append({"n": n, "depth": candidate.tree.depth, "tau_predicted": tau, "tau_replayed": replayed,
                      "tau_per_position": mean, "step_ratio": ratio, "speedup_predicted": tau / ratio,
@@ -231,7 +232,8 @@ def audit_folder(run_dir: Path, log=print) -> Optional[dict]:
     from medusa_bench.inputs.questions import read_questions
     from medusa_bench.models import load_model
     from medusa_bench.bench.dynamic_search import DynamicCalibration
-    from medusa_bench.trees.search import BudgetChoice, SearchResult, best_tree, load_calibration, load_latency
+    from medusa_bench.trees.search import BudgetChoice, SearchResult, best_tree
+    from medusa_bench.trees.tables import load_calibration, load_latency
 
     run_dir = Path(run_dir)
     info = files.load_run(run_dir)

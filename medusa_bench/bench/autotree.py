@@ -11,6 +11,7 @@ latency.json and tree.json (`medusa_bench.models.cache_dir()`).
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -22,9 +23,9 @@ from medusa_bench.bench.tree_cache import (  # calibration_source: also this mod
 )
 from medusa_bench.decoders.registry import build_decoder, needs_step_profile, spec_options, tree_decoders
 from medusa_bench.errors import UserError
-from medusa_bench.trees.search import (
-    Calibration, Latency, SearchResult, best_tree, greedy_tree, load_calibration, load_latency,
-    save_calibration, save_latency,
+from medusa_bench.trees.search import SearchResult, best_tree, greedy_tree
+from medusa_bench.trees.tables import (
+    Calibration, Latency, load_calibration, load_latency, save_calibration, save_latency,
 )
 from medusa_bench.trees.tree import Tree
 
@@ -171,7 +172,32 @@ def measure_tables(loaded, probe, make_proposer, depth: int, settings: AutoTreeS
     contexts = cal.profile_contexts(loaded, prompts, min(settings.context_len, room), settings.tokens, room)
     log(f"tree auto: profiling decoding steps for tree sizes {', '.join(map(str, trees))} "
         f"at {' / '.join(str(len(c)) for c in contexts)} cached tokens ({settings.repeats} rounds) …")
-    return calibration, cal.profile(loaded, make_proposer, trees, contexts, settings.repeats, settings.warmup)
+    latency = cal.profile(loaded, make_proposer, trees, contexts, settings.repeats, settings.warmup)
+    return calibration, confirm_sizes(loaded, calibration, latency, make_proposer, depth, settings, contexts, log)
+
+
+def confirm_sizes(loaded, calibration: Calibration, latency: Latency, make_proposer, depth: int,
+                  settings: AutoTreeSettings, contexts, log) -> Latency:
+    """The screen's best few sizes timed again, on fresh decoders and `CONFIRM_ROUNDS` times the rounds:
+    the `CONFIRM_TOP` fastest profiled sizes and the screen's own best (maybe an interpolated size). Their
+    rounds alone choose among them and predict (trees/search.confirmed_ratios says why);
+    latency.meta["confirmed"] keeps them."""
+    screen = best_tree(calibration, latency, min(settings.max_nodes, max(latency.step_time)), depth, depth, 1.0)
+    rows = [row for row in screen.choice.table if row["n"] > 1]
+    if not rows:
+        return latency
+    profiled = sorted((row for row in rows if row["n"] in latency.step_time), key=lambda row: -row["throughput"])
+    sizes = sorted({row["n"] for row in profiled[:cal.CONFIRM_TOP]} | {max(rows, key=lambda row: row["throughput"])["n"]})
+    trees = {n: screen.candidates[n - 1].tree for n in sizes}
+    rounds = settings.repeats * cal.CONFIRM_ROUNDS
+    log(f"tree auto: timing the screen's best sizes {', '.join(map(str, sizes))} again on {rounds} fresh rounds …")
+    again = cal.profile(loaded, make_proposer, trees, contexts, rounds, settings.warmup)
+    latency.meta["confirmed"] = {
+        "ratios": {str(n): [round(statistics.fmean(again.meta["ratios"][str(n)]), 5), *again.meta["ratio_ci"][str(n)]]
+                   for n in sizes},
+        "repeats": rounds, "statistic": "mean paired ratio t(n)/t(1) over fresh rounds, 95% bootstrap interval",
+        "trees": {str(n): tree.to_list() for n, tree in trees.items()}}
+    return latency
 
 
 def measure_calibration(loaded, proposer, prompts: list[str], depth: int, settings: AutoTreeSettings, log) -> Calibration:

@@ -25,7 +25,8 @@ from medusa_bench.decoders.registry import build_decoder, spec_options
 from medusa_bench.decoders.spec import Proposer, SpeculativeDecoder
 from medusa_bench.errors import UserError
 from medusa_bench.runtime.forward import sync
-from medusa_bench.trees.search import Latency, SearchResult, best_tree
+from medusa_bench.trees.search import SearchResult, best_tree
+from medusa_bench.trees.tables import Latency
 from medusa_bench.trees.tree import Tree
 
 

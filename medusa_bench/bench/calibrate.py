@@ -39,11 +39,15 @@ from medusa_bench.decoders.spec import Draft, Proposer, SpeculativeDecoder
 from medusa_bench.errors import UserError
 from medusa_bench.runtime.forward import body_and_layers, sync
 from medusa_bench.trees.ranks import statistics_of
-from medusa_bench.trees.search import Calibration, Latency
+from medusa_bench.trees.tables import Calibration, Latency
 from medusa_bench.trees.tree import Tree
 
 DEFAULT_PROMPTS = ("self_instruct", "user_oriented_instructions.jsonl")  # self-distillation prompts
 PROFILE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+# After the screen (every size or knob set, `repeats` rounds), the few best are timed again on fresh rounds that
+# alone choose among them and predict (trees/search.confirmed_ratios: the winner's curse).
+CONFIRM_TOP = 3  # the screen's fastest profiled sizes (knob sets: + 1) timed again
+CONFIRM_ROUNDS = 3  # × repeats: 30 rounds of 5 steps cost about 8 s (Zen 4 EPYC, bf16)
 
 MakeProposer = Callable[[Tree], Proposer]
 

@@ -12,9 +12,12 @@ every step from three knobs (trees/dynamic.DynamicKnobs), so it is sized by what
    depth draft forwards, the verify forward, acceptance) of every knob set of the grid (`knob_grid`),
    interleaved round by round with the baseline step as the static profile is (`calibrate.time_steps`),
    as the mean paired ratio.
-3. **Choice.** The knobs with the most tokens per second, taken when they beat the baseline by more than
-   1 + their own noise (τ bootstrapped over the answers, the ratio's interval from the profile rounds),
-   else the empty tree.
+3. **Confirmation.** The screen takes the best of 42 noisy step ratios, so its best was often timed cheap by
+   chance (s18: eagle3's chosen step 9% dearer in the run than profiled, τ exact). Its `CONFIRM_TOP` + 1
+   best knob sets are timed again on fresh decoders and `CONFIRM_ROUNDS` × the rounds (`tables.confirmed`).
+4. **Choice.** Of those, the knobs with the most tokens per second on their fresh rounds, taken when they
+   beat the baseline by more than 1 + their own noise (τ bootstrapped over the answers, the ratio's
+   interval from the fresh rounds), else the empty tree.
 
 Cache: `<user cache>/trees/<model>-<kind>-dynamic-<key>/` (bench/tree_cache.py), dynamic.json holding both tables.
 """
@@ -37,7 +40,8 @@ from medusa_bench.decoders.spec import Proposer, SpeculativeDecoder
 from medusa_bench.trees.dynamic import DynamicKnobs, accepted
 from medusa_bench.trees.noise import tau_of_answers
 from medusa_bench.trees.replay import replay_steps
-from medusa_bench.trees.search import BudgetChoice, Latency
+from medusa_bench.trees.search import BudgetChoice
+from medusa_bench.trees.tables import Latency
 from medusa_bench.trees.tree import Tree
 
 TOP_KS = (1, 2, 4, 8)  # EAGLE-2's default is 10 at 60 nodes: on a CPU the fastest trees are far smaller
@@ -55,15 +59,19 @@ class DynamicTables:
     ratios: dict[str, list[float]]  # knobs name -> [mean t/t(1), 95% low, high]
     baseline_step_time: float
     meta: dict = field(default_factory=dict)
+    # The screen's best few knob sets timed again on fresh rounds: these choose among them and predict.
+    confirmed: dict[str, list[float]] = field(default_factory=dict)  # knobs name -> [mean t/t(1), 95% low, high]
 
     def to_json(self) -> dict:
         return {**self.meta, "answer_tokens": self.answer_tokens, "baseline_step_time": self.baseline_step_time,
-                "steps": self.steps, "ratios": self.ratios}
+                "steps": self.steps, "ratios": self.ratios, "confirmed": self.confirmed}
 
     @classmethod
     def from_json(cls, data: dict) -> "DynamicTables":
-        meta = {k: v for k, v in data.items() if k not in ("answer_tokens", "baseline_step_time", "steps", "ratios")}
-        return cls(data["answer_tokens"], data["steps"], data["ratios"], data["baseline_step_time"], meta)
+        tables = ("answer_tokens", "baseline_step_time", "steps", "ratios", "confirmed")
+        meta = {k: v for k, v in data.items() if k not in tables}
+        return cls(data["answer_tokens"], data["steps"], data["ratios"], data["baseline_step_time"], meta,
+                   data.get("confirmed") or {})
 
     def tau(self, name: str) -> float:
         return sum(self.answer_tokens) / sum(self.steps[name])
@@ -71,7 +79,7 @@ class DynamicTables:
 
 @dataclass
 class DynamicCalibration:
-    """calibration.json of a dynamic search: the replayed τ of every knob set (duck-types trees/search.Calibration)."""
+    """calibration.json of a dynamic search: the replayed τ of every knob set (duck-types trees/tables.Calibration)."""
 
     meta: dict
 
@@ -172,7 +180,13 @@ def search_dynamic(loaded, sizing, settings, log: Callable[[str], None]) -> Dyna
         tables = DynamicTables(tokens, steps, ratios, base, {
             "device": cal.device_name(loaded), "dtype": str(loaded.dtype).replace("torch.", ""),
             "contexts": [len(c) for c in contexts], "repeats": settings.repeats, "warmup": settings.warmup,
+            "confirm_repeats": settings.repeats * cal.CONFIRM_ROUNDS,
             "statistic": "τ replayed in decode order; median t(1) x mean paired ratio t/t(1)", "source": str(prompt_file)})
+        shortlist = screen_best(tables, grid)
+        log(f"tree auto: timing the screen's best {len(shortlist)} knob sets again on "
+            f"{settings.repeats * cal.CONFIRM_ROUNDS} fresh rounds …")
+        _, tables.confirmed = measure_ratios(loaded, sizing.dynamic, shortlist, contexts,
+                                             settings.repeats * cal.CONFIRM_ROUNDS, settings.warmup)
         write_json(partial_folder(folder) / "dynamic.json", tables.to_json())
         write_json(partial_folder(folder) / "key.json", info)
         publish(folder)
@@ -182,23 +196,39 @@ def search_dynamic(loaded, sizing, settings, log: Callable[[str], None]) -> Dyna
     return search
 
 
+def screen_best(tables: DynamicTables, grid: list[DynamicKnobs]) -> list[DynamicKnobs]:
+    """The `CONFIRM_TOP` + 1 knob sets the screen (every set, `repeats` rounds) predicts fastest."""
+    speedup = {knobs.name: tables.tau(knobs.name) / tables.ratios[knobs.name][0] for knobs in grid}
+    return sorted(grid, key=lambda knobs: (-speedup[knobs.name], knobs.nodes))[:cal.CONFIRM_TOP + 1]
+
+
 def choose(tables: DynamicTables, grid: list[DynamicKnobs], min_speedup: Optional[float] = None) -> DynamicSearch:
-    """The knobs with the most predicted tokens/s; the empty tree unless they beat 1 + their noise (or `min_speedup`)."""
+    """The knobs with the most predicted tokens/s; the empty tree unless they beat 1 + their noise (or `min_speedup`).
+
+    Where the screen's best few were timed again (`tables.confirmed`), only those compete, on their fresh
+    rounds (the winner's curse, trees/search.confirmed_ratios); the table keeps the screen's figure beside."""
     base_t = tables.baseline_step_time
     rows = []
     for knobs in grid:
         tau, ratio = tables.tau(knobs.name), tables.ratios[knobs.name][0]
-        rows.append({"n": knobs.nodes, "depth": knobs.depth, "top_k": knobs.top_k, "knobs": knobs.name, "tau": tau,
-                     "step_time": base_t * ratio, "throughput": tau / (base_t * ratio), "speedup": tau / ratio})
-    best = max(rows, key=lambda row: (row["speedup"], -row["n"]))
+        row = {"n": knobs.nodes, "depth": knobs.depth, "top_k": knobs.top_k, "knobs": knobs.name, "tau": tau}
+        if knobs.name in tables.confirmed:
+            row["screen_speedup"], row["confirmed"] = tau / ratio, True
+            ratio = tables.confirmed[knobs.name][0]
+        rows.append({**row, "step_time": base_t * ratio, "throughput": tau / (base_t * ratio), "speedup": tau / ratio})
+    contenders = [row for row in rows if row.get("confirmed")] or rows
+    best = max(contenders, key=lambda row: (row["speedup"], -row["n"]))
     noise = prediction_noise(tables, DynamicKnobs.parse(best["knobs"]))
     margin = 1.0 + noise["speedup"] if min_speedup is None else min_speedup
-    table = sorted(rows, key=lambda row: (-row["speedup"], row["n"]))
+    table = sorted(rows, key=lambda row: (not row.get("confirmed"), -row["speedup"], row["n"]))  # the contenders first
     if best["speedup"] > margin:
         knobs = DynamicKnobs.parse(best["knobs"])
         reason = (f"dynamic tree {knobs.name} predicts {best['speedup']:.2f}x the baseline: tau {best['tau']:.2f} per "
                   f"{best['step_time'] * 1e3:.1f} ms step = {best['throughput']:.1f} tok/s vs {1 / base_t:.1f} "
                   f"(margin {margin:.3f}x: 1 + its 95% noise, τ ±{noise['tau']:.1%}, step ratio ±{noise['step_ratio']:.1%})")
+        if tables.confirmed:
+            reason += (f"; chosen among the screen's best {len(tables.confirmed)}, timed again on "
+                       f"{tables.meta.get('confirm_repeats')} fresh rounds")
         row, tree = best, knobs.tree()
     else:
         knobs = None
@@ -225,7 +255,7 @@ def prediction_noise(tables: DynamicTables, knobs: DynamicKnobs, resamples: int 
     pairs = list(zip(tables.steps[knobs.name], tables.answer_tokens))  # (steps, tokens) per answer
     low, high = cal.bootstrap_interval(pairs, tau_of_answers, resamples, seed)
     tau_noise = (high - low) / 2 / tables.tau(knobs.name)
-    ratio, low, high = tables.ratios[knobs.name]
+    ratio, low, high = tables.confirmed.get(knobs.name) or tables.ratios[knobs.name]
     ratio_noise = (high - low) / 2 / ratio
     return {"speedup": round(math.hypot(tau_noise, ratio_noise), 4), "tau": round(tau_noise, 4),
             "step_ratio": round(ratio_noise, 4), "from": "bootstrap over calibration answers and profile rounds"}

@@ -45,7 +45,7 @@ from medusa_bench.train.fit import (FitConfig, FitResult, active_vocab, check_ou
 from medusa_bench.train.hydra import batches, conditional_ranks
 from medusa_bench.train.vocab import ranked_tokens, write_draft_vocab
 from medusa_bench.trees.ranks import statistics_of
-from medusa_bench.trees.search import save_calibration
+from medusa_bench.trees.tables import save_calibration
 
 Pair = tuple[Sequence, torch.Tensor]  # a sequence and its cached base rows [T, W]
 DEPTH_DECAY = 0.8  # loss weight per depth (EAGLE-3's training-time test)

@@ -36,7 +36,7 @@ from medusa_bench.models import model_name
 from medusa_bench.train.distill import describe_data
 from medusa_bench.train.data import IGNORE, Positions, Sequence, base_hidden_states, load_sequences, positions_of, split_heldout
 from medusa_bench.train.vocab import write_draft_vocab
-from medusa_bench.trees.search import Calibration, save_calibration
+from medusa_bench.trees.tables import Calibration, save_calibration
 
 
 @dataclass

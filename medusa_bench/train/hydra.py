@@ -36,7 +36,7 @@ from medusa_bench.train.fit import (FitConfig, FitResult, active_vocab, check_ou
                                     summary, train_loop, write_curve)
 from medusa_bench.train.vocab import write_draft_vocab
 from medusa_bench.trees.ranks import statistics_of
-from medusa_bench.trees.search import save_calibration
+from medusa_bench.trees.tables import save_calibration
 
 LOSSES = ("data", "teacher", "both")
 Pair = tuple[Sequence, torch.Tensor]  # a sequence and its base hidden states [T, H]

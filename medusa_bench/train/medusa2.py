@@ -34,7 +34,7 @@ from medusa_bench.train.data import IGNORE, Sequence, head_targets, positions_of
 from medusa_bench.train.fit import (FitConfig, FitResult, active_vocab, calibration_of, check_out_folder, epoch_line,
                                     evaluate, fit_heads, head_loss, prepare_sequences, summary, train_loop, write_curve)
 from medusa_bench.train.vocab import write_draft_vocab
-from medusa_bench.trees.search import save_calibration
+from medusa_bench.trees.tables import save_calibration
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from medusa_bench.errors import UserError
-from medusa_bench.trees.search import Calibration
+from medusa_bench.trees.tables import Calibration
 
 
 def statistics_of(ranks: torch.Tensor, top_k: int, meta: Optional[dict] = None) -> Calibration:
