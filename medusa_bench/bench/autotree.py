@@ -286,13 +286,13 @@ def saved_profiles(run_dir: Path, specs: list[str], options) -> dict[str, dict]:
 
 # ------------------------------------------------------------------------------ output
 def summary_rows(auto: AutoTree) -> list[dict]:
-    """The profiled budgets (and the chosen one): n, depth, τ, step ms, tokens/s, × baseline."""
+    """The profiled budgets (and the chosen one, and those timed again): n, depth, τ, step ms, tokens/s, × baseline."""
     if not auto.result.candidates:  # a dynamic search: its rows are knob sets, the best first
         return [{**row, "chosen": row["knobs"] == auto.tree.name} for row in auto.result.choice.table[:12]]
     profiled = set(auto.latency.step_time) | {auto.result.choice.n}
     rows = []
     for row in auto.result.choice.table:
-        if row["n"] in profiled:
+        if row["n"] in profiled or row.get("confirmed"):
             tree = auto.result.candidates[row["n"] - 1].tree
             rows.append({**row, "depth": tree.depth, "chosen": row["n"] == auto.result.choice.n})
     return rows
@@ -303,11 +303,12 @@ def summary_table(auto: AutoTree):
 
     table = Table(title=f"tree search ({auto.latency.device}, {auto.latency.dtype}, {auto.latency.context_len} cached tokens; "
                         f"τ {auto.result.choice.tau_statistic})")
-    for column in ("nodes", "depth", "top-k", "pred. τ", "step ms", "pred. tok/s", "× baseline", ""):
+    for column in ("nodes", "depth", "top-k", "pred. τ", "step ms", "pred. tok/s", "× baseline", "screen ×", ""):
         table.add_column(column, justify="right")
-    for row in summary_rows(auto):
+    for row in summary_rows(auto):  # "screen ×": the screen's figure of a size (knob set) timed again
+        screen = f"{row['screen_speedup']:.3f}" if "screen_speedup" in row else ""
         table.add_row(str(row["n"]), str(row["depth"]), str(row.get("top_k", "")), f"{row['tau']:.3f}", f"{row['step_time'] * 1e3:.1f}",
-                      f"{row['throughput']:.1f}", f"{row['speedup']:.3f}", "← chosen" if row["chosen"] else "")
+                      f"{row['throughput']:.1f}", f"{row['speedup']:.3f}", screen, "← chosen" if row["chosen"] else "")
     return table
 
 
