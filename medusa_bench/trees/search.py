@@ -269,7 +269,8 @@ def best_tree(
     Depth is limited by the calibration's depth, `num_heads` and `max_depth`, whichever is least.
     A tree must predict more than `min_speedup` × the baseline; None: more than 1 + the 95%
     half-width of its own prediction (`prediction_noise`), so a speedup inside the noise of the
-    tables it comes from is no reason to draft.
+    tables it comes from is no reason to draft. Where the latency holds sizes timed again after the
+    screen (`confirmed_ratios`), only those compete, priced and margined by their fresh rounds.
     """
     max_nodes = max(latency.step_time) if max_nodes is None else max_nodes
     depth = min(d for d in (calibration.max_depth, num_heads, max_depth) if d is not None)
