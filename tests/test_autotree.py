@@ -206,8 +206,10 @@ def test_auto_measures_caches_and_fills_the_run_folder(smollm, heads_dir, tmp_pa
         ratio = confirmed["ratios"][str(first.result.choice.n)][0]
         assert first.result.choice.step_time == pytest.approx(first.latency.baseline_step_time * ratio)
     timed_again = [row for row in autotree.summary_rows(first) if "screen_speedup" in row]
-    assert {row["n"] for row in timed_again} == {2, 3}  # `tree`'s table shows both figures for them
-    assert autotree.summary_table(first).columns[7].header == "screen ×"
+    assert {row["n"] for row in timed_again} == {2, 3}  # with the screen's figure beside
+    marks = list(autotree.summary_table(first).columns[-1]._cells)  # `tree`'s table marks them
+    assert len(marks) == len(autotree.summary_rows(first)) and set(marks) <= {"← chosen", "re-timed", ""}
+    assert marks.count("re-timed") == 2 - (first.result.choice.n > 1)
     assert first.calibration.kind == "conditional" and first.calibration.meta["prompts"] == 1
     assert first.calibration.meta["turns"] == 2 and len(first.calibration.answers) == 2  # turn 1 and its follow-up
     assert lines[-1] == f"tree auto: {first.result.choice.reason}"

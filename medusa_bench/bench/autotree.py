@@ -303,12 +303,12 @@ def summary_table(auto: AutoTree):
 
     table = Table(title=f"tree search ({auto.latency.device}, {auto.latency.dtype}, {auto.latency.context_len} cached tokens; "
                         f"τ {auto.result.choice.tau_statistic})")
-    for column in ("nodes", "depth", "top-k", "pred. τ", "step ms", "pred. tok/s", "× baseline", "screen ×", ""):
+    for column in ("nodes", "depth", "top-k", "pred. τ", "step ms", "pred. tok/s", "× baseline", ""):
         table.add_column(column, justify="right")
-    for row in summary_rows(auto):  # "screen ×": the screen's figure of a size (knob set) timed again
-        screen = f"{row['screen_speedup']:.3f}" if "screen_speedup" in row else ""
+    for row in summary_rows(auto):  # re-timed: a size (knob set) the screen found among the best, priced by fresh rounds
+        mark = "← chosen" if row["chosen"] else "re-timed" if "screen_speedup" in row else ""
         table.add_row(str(row["n"]), str(row["depth"]), str(row.get("top_k", "")), f"{row['tau']:.3f}", f"{row['step_time'] * 1e3:.1f}",
-                      f"{row['throughput']:.1f}", f"{row['speedup']:.3f}", screen, "← chosen" if row["chosen"] else "")
+                      f"{row['throughput']:.1f}", f"{row['speedup']:.3f}", mark)
     return table
 
 
