@@ -186,8 +186,9 @@ def confirm_sizes(loaded, calibration: Calibration, latency: Latency, make_propo
     rows = [row for row in screen.choice.table if row["n"] > 1]
     if not rows:
         return latency
-    profiled = sorted((row for row in rows if row["n"] in latency.step_time), key=lambda row: -row["throughput"])
-    sizes = sorted({row["n"] for row in profiled[:cal.CONFIRM_TOP]} | {max(rows, key=lambda row: row["throughput"])["n"]})
+    fastest = sorted(rows, key=lambda row: -row["throughput"])
+    profiled = [row["n"] for row in fastest if row["n"] in latency.step_time][:cal.CONFIRM_TOP]
+    sizes = sorted({fastest[0]["n"], *profiled})
     trees = {n: screen.candidates[n - 1].tree for n in sizes}
     rounds = settings.repeats * cal.CONFIRM_ROUNDS
     log(f"tree auto: timing the screen's best sizes {', '.join(map(str, sizes))} again on {rounds} fresh rounds …")

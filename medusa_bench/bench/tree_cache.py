@@ -19,8 +19,8 @@ from medusa_bench.bench import calibrate as cal
 from medusa_bench.errors import UserError
 
 # The code that shapes the tables, with the proposer's and its heads' own modules: a change measures again.
-CODE_FILES = ("bench/calibrate.py", "bench/autotree.py", "trees/search.py", "trees/tables.py", "trees/tree.py", "decoders/spec.py",
-              "decoders/acceptance.py", "runtime/forward.py", "runtime/cache.py", "trees/levels.py",
+CODE_FILES = ("bench/calibrate.py", "bench/autotree.py", "trees/search.py", "trees/tables.py", "trees/tree.py",
+              "decoders/spec.py", "decoders/acceptance.py", "runtime/forward.py", "runtime/cache.py", "trees/levels.py",
               "trees/replay.py", "trees/dynamic.py", "bench/dynamic_search.py", "bench/tree_cache.py")
 
 
