@@ -13,10 +13,13 @@ import inspect
 import logging
 import os
 import re
+import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from medusa_bench.errors import UserError, unknown_name
 from medusa_bench.paths import cache_dir  # noqa: F401  (re-exported: models live in the cache)
@@ -45,6 +48,7 @@ class LoadedModel:
     context_length: int = 2048
     source: str = ""  # where the weights came from (folder, file)
     attn_implementation: str = ""  # the attention kernel that ran: sdpa, or eager where the model refuses sdpa
+    linear_kernel: dict | None = None  # fp32 on CPU: which matmul its linears take, and the timing that chose it
     # Models loaded on behalf of this one (decoders/medusa.py: a Medusa-2 backbone and its heads, keyed
     # ("medusa2", folder)), so decoders built on it share one load, freed with it. Not copied by
     # dataclasses.replace: a copy may hold another model.
@@ -200,8 +204,103 @@ def load_model(spec: str = "smollm2-135m", device: str = "auto", dtype: str = "a
     return LoadedModel(
         model=model, tokenizer=tokenizer, name=name, spec=spec, device=torch_device, dtype=torch_dtype,
         eos_token_ids=eos_ids(model, tokenizer), context_length=context_length(model, tokenizer), source=source,
-        attn_implementation=model.config._attn_implementation,
+        attn_implementation=model.config._attn_implementation, linear_kernel=choose_linear_kernel(model),
     )
+
+
+# ------------------------------------------------------------------------------ fp32 linears on CPU
+# Why: torch sends a CPU fp32 F.linear to MKL's sgemm. On the 2-core Zen 4 EPYC (torch 2.13, MKL 2024.2)
+# SmolLM2's lm_head [49152, 576] took 10.3 ms for 1 row, 23.2 ms for 2, 37.6 ms for 3, 18.7 ms for 4 and
+# 17.6 ms for 8: a verify step of 2-3 tokens cost 2-2.4x the one-token step, and the tree optimiser
+# rightly chose no tree for any decoder in fp32. oneDNN on a weight packed once took 5.2, 5.6, 4.9, 4.4
+# and 5.0 ms (the MLP's [1536, 576]: 0.05-0.07 ms against 0.08-0.22), fp32 throughout, within 1e-4 of
+# MKL's sums. bf16 already goes through oneDNN. Which one wins depends on the CPU and its MKL, so it is
+# timed at load (`choose_linear_kernel`); MEDUSA_BENCH_CPU_LINEAR=onednn|torch decides instead.
+LINEAR_ENV = "MEDUSA_BENCH_CPU_LINEAR"
+LINEAR_KERNELS = ("auto", "onednn", "torch")
+ONEDNN_MARGIN = 1.25  # oneDNN must be this much faster at 4 rows (and not slower at 1) to be taken
+PACKED = "_onednn_packed"  # the attribute on a weight tensor: (its packed copy, the weight's _version then)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, through the weight's oneDNN-packed copy where `pack_linears` made one and it still
+    holds: the weight unchanged since, no gradient asked for, not inside torch.compile's trace."""
+    packed = getattr(weight, PACKED, None)
+    if (packed is None or packed[1] != weight._version or x.dtype != torch.float32 or x.device.type != "cpu"
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) or torch.compiler.is_compiling()):
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed[0], bias, "none", [], "")
+
+
+def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:  # nn.Linear.forward, through `linear`
+    return linear(x, self.weight, self.bias)
+
+
+def pack_weight(weight: torch.Tensor) -> None:
+    """Keep a oneDNN-packed copy of an fp32 CPU weight [O, I] on the tensor itself, for `linear`."""
+    packed = getattr(weight, PACKED, None)
+    if packed is None or packed[1] != weight._version:
+        setattr(weight, PACKED, (torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None), weight._version))
+
+
+def pack_linears(model: torch.nn.Module) -> int:
+    """Every fp32 CPU nn.Linear of `model` through `linear` (tied weights packed once); how many."""
+    count = 0
+    for module in model.modules():
+        if type(module) is torch.nn.Linear and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu":
+            pack_weight(module.weight)
+            module.forward = types.MethodType(_packed_forward, module)
+            count += 1
+    return count
+
+
+def choose_linear_kernel(model: torch.nn.Module) -> dict | None:
+    """For an fp32 model on CPU: oneDNN on packed weights where it is faster on this CPU (see above), else
+    torch's own; {"kernel", "why", and the lm_head's ms at 1 and 4 rows each way}. None elsewhere."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if weight is None or weight.dtype != torch.float32 or weight.device.type != "cpu":
+        return None
+    asked = os.environ.get(LINEAR_ENV, "auto").strip().lower() or "auto"
+    if asked not in LINEAR_KERNELS:
+        raise UserError(f"{LINEAR_ENV}={asked!r}; valid values are: {', '.join(LINEAR_KERNELS)}")
+    if not torch.backends.mkldnn.is_available():
+        return {"kernel": "torch", "why": "this torch has no oneDNN"}
+    if asked != "auto":
+        choice = {"kernel": asked, "why": f"{LINEAR_ENV}={asked}"}
+    else:
+        times = linear_timings(weight)
+        faster = times["torch"][1] >= ONEDNN_MARGIN * times["onednn"][1] and times["torch"][0] >= times["onednn"][0]
+        choice = {"kernel": "onednn" if faster else "torch", "why": "timed at load", "lm_head_ms_1_4_rows": times}
+    if choice["kernel"] == "onednn":
+        choice["linears"] = pack_linears(model)
+    return choice
+
+
+def linear_kernel_of(loaded) -> str | None:
+    """"onednn" | "torch" for an fp32 model on CPU (its tree tables and step profiles are kept apart by it), else None."""
+    return (getattr(loaded, "linear_kernel", None) or {}).get("kernel")
+
+
+def linear_timings(weight: torch.Tensor, rounds: int = 3) -> dict[str, list[float]]:
+    """The lm_head's best-of-`rounds` ms for 1 and 4 rows, torch's F.linear and oneDNN's packed."""
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+    routes = {"torch": lambda x: F.linear(x, weight),
+              "onednn": lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")}
+    times = {}
+    with torch.no_grad():
+        for name, route in routes.items():
+            times[name] = []
+            for rows in (1, 4):
+                x = torch.randn(1, rows, weight.shape[1])
+                route(x)  # first call: allocations, kernel choice
+                seconds = []
+                for _ in range(rounds):
+                    start = time.perf_counter()
+                    route(x)
+                    seconds.append(time.perf_counter() - start)
+                times[name].append(round(1000 * min(seconds), 3))
+    return times
 
 
 def avoid_cudnn_attention() -> None:

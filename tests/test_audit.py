@@ -6,6 +6,7 @@ run's answers through the heads gives the τ the run measured.
 """
 
 import json
+import math
 
 import pytest
 
@@ -56,7 +57,9 @@ def test_a_run_checks_its_auto_tree_on_its_own_text(smollm, tmp_path, capsys, mo
     sizes = {row["n"]: row for row in audit["replay"]["sizes"]}
     assert set(sizes) == {1, 2, 3} and sizes[1]["tau_replayed"] == 1.0 and sizes[1]["speedup_on_text"] == 1.0
     assert audit["replay"]["hindsight_best"]["n"] in sizes
-    assert audit["measured"]["speedup_ci"] == [None, None]  # two questions: no interval
+    assert audit["measured"]["speedup_ci"] == [None, None] == audit["measured"]["tau_ci"]  # two questions: no interval
+    assert audit["predicted"]["noise"] == tree["search"].get("noise")  # the prediction's own: kept, the errors' unknown
+    assert audit["noise"] == {"speedup": None, "tau": None}
     assert audit["verdict"].startswith(f"hydra:auto (n={audit['tree_nodes']}): predicted")
 
     # The report shows it, with the note that says what each column means.
@@ -154,3 +157,36 @@ def test_a_prediction_outside_the_measured_interval_is_a_report_note():
     assert notes == ["hydra: the tree optimiser predicted 1.06×, the run measured 0.90× (0.86–0.95); τ 1.93 predicted, "
                      "1.64 on this text (-15%); step cost 1.82× the baseline's predicted, 1.81× measured (-1%). "
                      "See “Tree optimiser: predicted against measured”."]
+
+
+def test_an_error_inside_the_two_figures_noise_is_no_note():
+    """The prediction's own noise (calibration answers, profile rounds) and the run's (its questions) in
+    quadrature: medusa's −6% against ±8.2% and ±7.0% (session 19, Zen 4) is not a miss these figures show."""
+    import pandas as pd
+
+    from medusa_bench.results.display import format_value
+    from medusa_bench.results.prediction import error_noise, half_width, prediction_notes, prediction_row
+
+    assert error_noise(0.082, 0.070) == pytest.approx(0.1078, abs=1e-4)
+    assert math.isnan(error_noise(None, 0.07)) and math.isnan(half_width(None, 1.3, 1.2))
+    assert half_width(1.14, 1.30, 1.21) == pytest.approx(0.0661, abs=1e-4)
+    measured = {"tau": 1.54, "speedup": 1.21, "speedup_ci": [1.14, 1.30], "step_ratio": 1.27}
+    audit = {"tree_nodes": 6, "predicted": {"tau": 1.59, "step_ratio": 1.23, "speedup": 1.30},
+             "measured": measured, "replay": {"tau": 1.54, "hindsight_best": {"n": 6, "speedup_on_text": 1.26}},
+             "noise": {"speedup": error_noise(0.082, half_width(1.14, 1.30, 1.21)), "tau": error_noise(0.075, 0.048)}}
+    sure = {**audit, "noise": {"speedup": 0.03, "tau": 0.02}}  # a tight prediction of the same gap: a miss
+    table = pd.DataFrame([prediction_row("run", name, a) for name, a in {"medusa": audit, "hydra": sure}.items()])
+    assert format_value("speedup_noise", table.speedup_noise[0]) == "±11%" and format_value("tau_noise", table.tau_noise[0]) == "±9%"
+    notes = prediction_notes(table)
+    assert len(notes) == 1 and notes[0].startswith("hydra: the tree optimiser predicted 1.30×, the run measured 1.21×")
+    assert "the error is outside the two figures' noise, ±3%" in notes[0]
+
+
+def test_tau_interval_resamples_whole_questions():
+    from medusa_bench.results.stats import bootstrap_tau_ci
+
+    low, high = bootstrap_tau_ci([100] * 8, [50] * 8)  # every question at τ 2: no spread
+    assert low == high == 2.0
+    low, high = bootstrap_tau_ci([100, 100, 100, 100, 100, 100], [40, 50, 60, 45, 55, 50])
+    assert low < 100 * 6 / 300 < high and high - low < 0.5
+    assert all(math.isnan(x) for x in bootstrap_tau_ci([100] * 4, [50] * 4))  # too few questions for an interval

@@ -42,8 +42,8 @@ import numpy as np
 from medusa_bench.bench import calibrate as cal
 from medusa_bench.inputs.chat import build_prompt, conversation
 from medusa_bench.results import files
-from medusa_bench.results.prediction import AUDIT_FILE  # the report reads what this writes
-from medusa_bench.results.stats import MIN_QUESTIONS_FOR_CI, paired_speedup, tau_of
+from medusa_bench.results.prediction import AUDIT_FILE, error_noise, half_width  # the report reads what this writes
+from medusa_bench.results.stats import MIN_QUESTIONS_FOR_CI, bootstrap_tau_ci, paired_speedup, tau_of
 from medusa_bench.trees.replay import replayed_tau
 from medusa_bench.trees.tree import Tree
 
@@ -74,7 +74,8 @@ def text_ranks(loaded, proposer, sequences: list[tuple[list[int], int]], depth: 
 
 # ------------------------------------------------------------------------------ measured
 def measured(choices: dict[str, dict], base_choices: dict[str, dict]) -> dict:
-    """τ and the speedup on common questions, in the report's convention (results/stats.paired_speedup)."""
+    """τ and the speedup on common questions, in the report's convention (results/stats.paired_speedup),
+    each with its 95% interval over questions."""
     import pandas as pd
 
     def frame(answers: dict[str, dict]) -> pd.DataFrame:
@@ -84,6 +85,7 @@ def measured(choices: dict[str, dict], base_choices: dict[str, dict]) -> dict:
     mine = frame(choices)
     speed = paired_speedup(mine, frame(base_choices))
     return {"questions": len(choices), "compared": speed["n_compared"], "tau": tau_of(mine),
+            "tau_ci": list(bootstrap_tau_ci(mine.new_tokens, mine.steps)),
             "speedup": speed["speedup"], "speedup_ci": [speed["speedup_ci_low"], speed["speedup_ci_high"]]}
 
 
@@ -96,13 +98,15 @@ def audit_decoder(loaded, decoder, questions: list, choices: dict[str, dict], ba
     got = measured(choices, base_choices)
     out = {
         "decoder": decoder.name, "tree_nodes": choice.n, "greedy": all(c.get("temperature", 0) == 0 for c in choices.values()),
-        "predicted": {"tau": choice.tau, "step_ratio": choice.step_time / base_t, "speedup": choice.speedup},
+        "predicted": {"tau": choice.tau, "step_ratio": choice.step_time / base_t, "speedup": choice.speedup,
+                      "noise": choice.noise},  # relative 95% half-widths: calibration answers and profile rounds
         "measured": {**got, "step_ratio": got["tau"] / got["speedup"] if got["speedup"] else math.nan},
         "calibration": auto.calibration.meta.get("source") or auto.info.get("calibration", {}).get("file"),
         "profile": {"context_len": latency.context_len, "device": latency.device, "dtype": latency.dtype},
     }
     out["error"] = {"speedup": got["speedup"] / choice.speedup - 1,
                     "step": out["measured"]["step_ratio"] / out["predicted"]["step_ratio"] - 1}  # each: measured / predicted - 1
+    out["noise"] = error_noises(out)
     # Drafting dynamic trees whenever it drafts (EAGLE-2/3; on the empty tree `proposer.dynamic` is False).
     dynamic = bool(getattr(decoder.proposer, "dynamic_trees", getattr(decoder.proposer, "dynamic", False)))
     if dynamic and out["greedy"] and auto.calibration.meta.get("kind") == "dynamic":  # sized by the dynamic search
@@ -170,13 +174,24 @@ def dynamic_replay(loaded, decoder, auto, sequences: list[tuple[list[int], int]]
                                "chosen_on_text": mine["speedup_on_text"]}}
 
 
+def error_noises(audit: dict) -> dict:
+    """The 95% noise of the speedup and τ errors: the prediction's own (its calibration answers and profile
+    rounds) and the run's (its questions), in quadrature (results/prediction.error_noise); NaN where the
+    prediction kept no noise."""
+    own, got = audit["predicted"].get("noise") or {}, audit["measured"]
+    return {"speedup": error_noise(own.get("speedup"), half_width(*got["speedup_ci"], got["speedup"])),
+            "tau": error_noise(own.get("tau"), half_width(*got["tau_ci"], got["tau"]))}
+
+
 def verdict(audit: dict) -> str:
     """One line: predicted and measured, and what moved them apart."""
     p, m, e = audit["predicted"], audit["measured"], {k: round(v, 2) + 0.0 for k, v in audit["error"].items()}  # + 0.0: no "-0%"
     low, high = m["speedup_ci"]
     inside = not math.isnan(low) and low <= p["speedup"] <= high
+    noise = (audit.get("noise") or {}).get("speedup", math.nan)
+    within = "" if math.isnan(noise) else f", {'inside' if abs(audit['error']['speedup']) <= noise else 'outside'} the two figures' noise ±{noise:.0%}"
     line = (f"{audit['decoder']} (n={audit['tree_nodes']}): predicted {p['speedup']:.2f}×, measured {m['speedup']:.2f}× "
-            f"({e['speedup']:+.0%}{', inside its 95% interval' if inside else ''}); ")
+            f"({e['speedup']:+.0%}{', inside its 95% interval' if inside else ''}{within}); ")
     tau_source = "on this text" if audit.get("replay") else "measured"
     tau_value = audit["replay"]["tau"] if audit.get("replay") else m["tau"]
     line += f"τ {p['tau']:.2f} predicted, {tau_value:.2f} {tau_source} ({e['tau']:+.0%}); step {p['step_ratio']:.2f}× the baseline's predicted, {m['step_ratio']:.2f}× measured ({e['step']:+.0%})"
@@ -278,9 +293,7 @@ def early_check(name: str, decoder, counts: list[tuple[int, int]]) -> Optional[s
     if auto is None or len(counts) < MIN_QUESTIONS_FOR_CI or auto.result.choice.n == 1 or not sized_alone(decoder):
         return None
     tokens, steps = (np.array(column, dtype=float) for column in zip(*counts))
-    index = np.random.default_rng(0).integers(0, len(counts), size=(2000, len(counts)))
-    taus = tokens[index].sum(axis=1) / steps[index].sum(axis=1)
-    low, high = np.quantile(taus, [0.025, 0.975])
+    low, high = bootstrap_tau_ci(tokens, steps)
     choice = auto.result.choice
     if low <= choice.tau <= high:
         return None

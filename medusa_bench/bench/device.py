@@ -50,4 +50,5 @@ def device_info(loaded) -> dict:
     return {"type": loaded.device.type, "dtype": str(loaded.dtype).replace("torch.", ""),
             "threads": torch.get_num_threads(), "cpu": cpu_name(),
             "attn_implementation": getattr(loaded, "attn_implementation", "") or None,
-            "engine": engine_of(loaded).describe(), "name": device_name(loaded)}
+            "engine": engine_of(loaded).describe(), "name": device_name(loaded),
+            **({"linear_kernel": loaded.linear_kernel} if getattr(loaded, "linear_kernel", None) else {})}

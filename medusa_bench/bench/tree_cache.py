@@ -17,6 +17,7 @@ from typing import Optional
 from medusa_bench import __version__
 from medusa_bench.bench import calibrate as cal
 from medusa_bench.errors import UserError
+from medusa_bench.models import linear_kernel_of
 
 # The code that shapes the tables, with the proposer's and its heads' own modules: a change measures again.
 CODE_FILES = ("bench/calibrate.py", "bench/autotree.py", "trees/search.py", "trees/tables.py", "trees/tree.py",
@@ -61,7 +62,7 @@ def cache_info(loaded, heads_path, kind: str, settings, depth: int, source: Path
     return {
         "kind": kind, "model": loaded.spec, "model_source": str(loaded.source), "heads": proposer.fingerprint(),
         "device": cal.device_name(loaded), "dtype": str(loaded.dtype).replace("torch.", ""),
-        "threads": torch.get_num_threads(), "code": code_version(proposer), "depth": depth,
+        "threads": torch.get_num_threads(), "linear": linear_kernel_of(loaded), "code": code_version(proposer), "depth": depth,
         "draft_vocab": proposer.draft_vocab_size,  # restricted drafting
         "calibration": {"file": str(source), "sha256": file_hash(source)}, "settings": measured,
     }
@@ -143,7 +144,7 @@ def cached_step_profile(loaded, settings) -> dict:
 
     context = cal.profile_context(loaded)
     info = {"kind": "pld-profile", "model": loaded.spec, "model_source": str(loaded.source), "device": cal.device_name(loaded),
-            "dtype": str(loaded.dtype).replace("torch.", ""), "threads": torch.get_num_threads(), "code": code_version(),
+            "dtype": str(loaded.dtype).replace("torch.", ""), "threads": torch.get_num_threads(), "linear": linear_kernel_of(loaded), "code": code_version(),
             "sizes": list(cal.STEP_PROFILE_SIZES),
             "context": hashlib.sha256(json.dumps(context).encode()).hexdigest()[:16]}
     folder = cache_folder(loaded, "pld-profile", info, settings)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from medusa_bench.errors import UserError
 from medusa_bench.heads import io
+from medusa_bench.models import PACKED, pack_linears
 
 PACKAGE_HEADS = Path(__file__).resolve().parents[1] / "data" / "heads"  # shipped: <model>-<kind>/
 DRAFT_VOCAB_FILE = "draft_vocab.json"  # optional, beside the heads: {"token_ids": [most frequent first, ...]}
@@ -85,7 +86,10 @@ class DraftHeads(nn.Module):
         self.check_fits(base_model)
         self.attach_base(base_model)
         weight = io.output_weight(base_model, self.kind)
-        return self.to(device=weight.device, dtype=weight.dtype)
+        heads = self.to(device=weight.device, dtype=weight.dtype)
+        if getattr(weight, PACKED, None) is not None:  # the base's fp32 linears go through oneDNN (models.py): so do theirs
+            pack_linears(heads)
+        return heads
 
     # ------------------------------------------------------------------ draft vocabulary
 

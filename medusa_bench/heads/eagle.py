@@ -52,7 +52,7 @@ from medusa_bench.errors import UserError
 from medusa_bench.heads import io
 from medusa_bench.heads.common import DraftHeads, locate
 from medusa_bench.heads.layers import embedding_name, prefix_layer
-from medusa_bench.models import cache_kwargs, text_config
+from medusa_bench.models import cache_kwargs, linear, text_config
 
 VARIANTS = ("eagle", "eagle3")
 HEAD_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.safetensors")  # preference order
@@ -219,7 +219,7 @@ class EagleHeads(DraftHeads):
             return self.lm_head(self.decoder.norm(g))
         if self._draft_vocab is not None:
             return F.linear(g, self._draft_proj)
-        return F.linear(g, self.base_lm_head)
+        return linear(g, self.base_lm_head)
 
     @property
     def draft_ids(self) -> Optional[Tensor]:

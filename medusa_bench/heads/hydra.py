@@ -45,7 +45,7 @@ from medusa_bench.errors import UserError
 from medusa_bench.heads import io
 from medusa_bench.heads.common import DraftHeads, locate
 from medusa_bench.heads.layers import embedding_name, prefix_layer
-from medusa_bench.models import cache_kwargs
+from medusa_bench.models import cache_kwargs, linear
 
 ARCHS = ("mlp", "prefix-mlp")
 HEAD_FILES = ("hydra_lm_head.safetensors", "hydra_lm_head.pt")  # preference order; saves write the first
@@ -192,7 +192,7 @@ class HydraHeads(DraftHeads):
         y = self.hydra_mlp[k](x)  # [N, H]
         if self.hydra_lm_head is not None:
             return self.hydra_lm_head[k](y)
-        return F.linear(y, self.base_lm_head)
+        return linear(y, self.base_lm_head)
 
     @torch.no_grad()
     def draft_topk(self, x: Tensor, top_k: int, head: int) -> Tensor:

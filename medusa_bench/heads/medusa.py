@@ -30,6 +30,7 @@ from medusa_bench import __version__
 from medusa_bench.errors import UserError
 from medusa_bench.heads import io
 from medusa_bench.heads.common import DraftHeads, locate
+from medusa_bench.models import linear
 
 FORMATS = ("medusa1", "v2", "medusa2")
 HEAD_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")  # preference order
@@ -243,7 +244,7 @@ class MedusaHeads(DraftHeads):
         """[n, N, H] -> [n, N, V]: own projections [K, V, H] as one bmm, a shared [V, H] as one matmul."""
         if weight.dim() == 3:
             return torch.bmm(y, weight[heads].mT)  # [n, N, H] @ [n, H, V]
-        return F.linear(y.to(weight.dtype), weight)  # [n, N, V]
+        return linear(y.to(weight.dtype), weight)  # [n, N, V]
 
     def _select(self, head: int | slice | None) -> tuple[slice, bool]:
         """The heads `head` picks as a slice of consecutive heads, and whether it picked one by index."""

@@ -44,6 +44,7 @@ LABELS = {
     "request_tok_s_p50": "tokens/s per request p50", "ttft_p50_ms": "TTFT p50 (ms)", "ttft_p90_ms": "TTFT p90 (ms)",
     "ttft_p99_ms": "TTFT p99 (ms)", "itl_p50_ms": "ITL p50 (ms)", "itl_p90_ms": "ITL p90 (ms)", "itl_p99_ms": "ITL p99 (ms)",
     "tree_nodes": "tree nodes", "speedup_error": "speedup error", "tau_on_text": "τ on this text", "tau_error": "τ error",
+    "speedup_noise": "± noise", "tau_noise": "τ ± noise",
     "step_predicted": "step × baseline predicted", "step_measured": "step × baseline measured", "step_error": "step error",
     "hindsight_nodes": "hindsight nodes", "hindsight_speedup": "hindsight speedup",
     "best_fixed": "fastest fixed tree or knobs", "knobs": "knobs chosen", "best_fixed_speedup": "its speedup", "auto_over_fixed": "auto / it, paired (95% CI)", "auto_vs_fixed": "auto against it",
@@ -51,6 +52,7 @@ LABELS = {
     "same_as_batched_baseline": "= same-B baseline", "predicted_speedup": "predicted", "verdict": "vs batch 1",
 }
 ERROR_COLUMNS = ("speedup_error", "tau_error", "step_error")  # measured / predicted − 1
+NOISE_COLUMNS = ("speedup_noise", "tau_noise")  # the 95% noise of those errors (results/prediction.error_noise)
 COUNT_COLUMNS = ("batch_size", "requests", "tree_nodes", "hindsight_nodes", "new_tokens", "steps", "n_questions", "n_compared", "graded", "reused", "expected", "logged_steps", "contended_turns", "turns")
 
 
@@ -81,6 +83,8 @@ def format_value(column: str, value: Any) -> str:
         return f"{value:.2f}×"
     if column in ERROR_COLUMNS:
         return f"{100 * value:+.0f}%"
+    if column in NOISE_COLUMNS:
+        return f"±{100 * value:.0f}%"
     if column == "score_vs_baseline":
         return f"{value:+.2f}"
     if column in ("tokens_per_s", "wall_time_s", "divergence_vs_baseline", "divergence_vs_fp32", "tok_s", "latency_p50_ms", "latency_p90_ms"):

@@ -3,7 +3,10 @@ run measured, and where the gap came from (prediction.json, written by bench/aud
 of a run).
 
 One row per auto decoder: speedup predicted / measured (with its 95% interval) and the error;
-τ predicted / on this text (the run's answers replayed through the heads) / measured; the step's
+τ predicted / on this text (the run's answers replayed through the heads) / measured; beside each
+error its noise: the prediction's own 95% noise (bootstrap over its calibration answers and profile
+rounds) and the run's (over its questions) in quadrature, an error inside it being one the two
+figures cannot tell from none; the step's
 cost against the baseline's, predicted by the profile / measured; and the tree size that, with
 this text's τ and the profile's step times, would have been fastest (hindsight, never used to
 choose).
@@ -25,9 +28,10 @@ import math
 
 import pandas as pd
 
+from medusa_bench.results.acceptance import tree_files
 from medusa_bench.results.runs import RunData, load_optional_json
 from medusa_bench.results.speed import noise_band
-from medusa_bench.results.stats import interval_text, paired_speedup
+from medusa_bench.results.stats import bootstrap_tau_ci, interval_text, paired_speedup
 
 AUDIT_FILE = "prediction.json"  # bench/audit.py writes it, this reads it
 SEARCH_FILE = "pld-search.json"  # bench/pld_search.py writes pld:auto's knob search (then pld-search-<decoder>.json)
@@ -49,6 +53,7 @@ def prediction_table(runs: list[RunData], speed: pd.DataFrame, frames: dict[str,
         questions = (frames or {}).get(run.label)
         for decoder, audit in audits.items():
             if isinstance(audit, dict):
+                audit = with_noise(run, decoder, audit, run_speed, questions)
                 rows.append({**prediction_row(run.label, decoder, audit), **against_fixed(run, decoder, run_speed, questions=questions)})
         rows += search_rows(run, run_speed, questions)
     table = pd.DataFrame(rows)
@@ -71,14 +76,17 @@ def search_rows(run: RunData, speed: pd.DataFrame, questions: pd.DataFrame | Non
         got = mine.iloc[0] if len(mine) else pd.Series(dtype=object)  # several device types: the run's first
         tau, speedup = _num(predicted.get("tau")), _num(predicted.get("speedup"))
         measured_tau, measured = _num(got.get("tau")), _num(got.get("speedup"))
+        own = half_width(*(predicted.get("speedup_ci") or [None, None])[:2], speedup)  # its search kept no τ interval
+        noise = error_noise(own, half_width(got.get("speedup_ci_low"), got.get("speedup_ci_high"), measured))
         family = decoder.split(":")[0]
         fixed = [name for name in run.info.get("decoders") or [] if name.split(":")[0] == family and name != decoder]
         rows.append({
             "run": run.label, "decoder": decoder, "knobs": record.get("spec"), "tree_nodes": None,
             "n_compared": got.get("n_compared"), "speedup_predicted": speedup, "speedup": measured,
             "speedup_ci_low": _num(got.get("speedup_ci_low")), "speedup_ci_high": _num(got.get("speedup_ci_high")),
-            "speedup_error": _ratio_error(measured, speedup), "tau_predicted": tau, "tau_on_text": math.nan, "tau": measured_tau,
-            "tau_error": _ratio_error(measured_tau, tau), "step_predicted": _ratio(tau, speedup),
+            "speedup_error": _ratio_error(measured, speedup), "speedup_noise": noise,
+            "tau_predicted": tau, "tau_on_text": math.nan, "tau": measured_tau,
+            "tau_error": _ratio_error(measured_tau, tau), "tau_noise": math.nan, "step_predicted": _ratio(tau, speedup),
             "step_measured": _ratio(measured_tau, measured), "step_error": _ratio_error(_ratio(measured_tau, measured), _ratio(tau, speedup)),
             "hindsight_nodes": None, "hindsight_speedup": math.nan, **against_fixed(run, decoder, speed, fixed, questions),
         })
@@ -123,23 +131,30 @@ def against_fixed(run: RunData, decoder: str, speed: pd.DataFrame, fixed: list[s
 
 
 def prediction_notes(table: pd.DataFrame) -> list[str]:
-    """A note for each auto decoder whose predicted speedup is outside its measured 95% interval."""
+    """A note for each auto decoder whose speedup error is outside its noise (the two figures' together), or
+    where that noise is unknown, whose predicted speedup is outside its measured 95% interval."""
     notes = []
     for row in table.itertuples():
         low, high, predicted = row.speedup_ci_low, row.speedup_ci_high, row.speedup_predicted
-        if any(math.isnan(x) for x in (low, high, predicted)) or low <= predicted <= high:
+        noise = getattr(row, "speedup_noise", math.nan)
+        if not math.isnan(noise):
+            if abs(row.speedup_error) <= noise:
+                continue
+        elif any(math.isnan(x) for x in (low, high, predicted)) or low <= predicted <= high:
             continue
         tau = row.tau_on_text if not math.isnan(row.tau_on_text) else row.tau
         notes.append(f"{row.decoder}: the tree optimiser predicted {predicted:.2f}×, the run measured {row.speedup:.2f}× "
                      f"({low:.2f}–{high:.2f}); τ {row.tau_predicted:.2f} predicted, {tau:.2f} on this text "
                      f"({row.tau_error:+.0%}); step cost {row.step_predicted:.2f}× the baseline's predicted, "
-                     f"{row.step_measured:.2f}× measured ({row.step_error:+.0%}). See “{TITLE}”.")
+                     f"{row.step_measured:.2f}× measured ({row.step_error:+.0%})"
+                     + ("" if math.isnan(noise) else f"; the error is outside the two figures' noise, ±{noise:.0%}")
+                     + f". See “{TITLE}”.")
     return notes
 
 
 def prediction_row(label: str, decoder: str, audit: dict) -> dict:
     predicted, measured = audit.get("predicted") or {}, audit.get("measured") or {}
-    replay = audit.get("replay") or {}
+    replay, noise = audit.get("replay") or {}, audit.get("noise") or {}
     best = replay.get("hindsight_best") or {}
     low, high = (measured.get("speedup_ci") or [None, None])[:2]
     return {
@@ -147,13 +162,45 @@ def prediction_row(label: str, decoder: str, audit: dict) -> dict:
         "tree_nodes": audit.get("tree_nodes"), "n_compared": measured.get("compared"),
         "speedup_predicted": _num(predicted.get("speedup")), "speedup": _num(measured.get("speedup")),
         "speedup_ci_low": _num(low), "speedup_ci_high": _num(high),  # one '95% CI' cell, as every table shows it (display.py)
-        "speedup_error": _ratio_error(measured.get("speedup"), predicted.get("speedup")),
+        "speedup_error": _ratio_error(measured.get("speedup"), predicted.get("speedup")), "speedup_noise": _num(noise.get("speedup")),
         "tau_predicted": _num(predicted.get("tau")), "tau_on_text": _num(replay.get("tau")), "tau": _num(measured.get("tau")),
-        "tau_error": _ratio_error(replay.get("tau", measured.get("tau")), predicted.get("tau")),
+        "tau_error": _ratio_error(replay.get("tau", measured.get("tau")), predicted.get("tau")), "tau_noise": _num(noise.get("tau")),
         "step_predicted": _num(predicted.get("step_ratio")), "step_measured": _num(measured.get("step_ratio")),
         "step_error": _ratio_error(measured.get("step_ratio"), predicted.get("step_ratio")),
         "hindsight_nodes": best.get("n"), "hindsight_speedup": _num(best.get("speedup_on_text")),
     }
+
+
+def with_noise(run: RunData, decoder: str, audit: dict, speed: pd.DataFrame, questions: pd.DataFrame | None) -> dict:
+    """`audit` with its errors' noise; prediction.json from before session 20 kept none: the prediction's
+    from the decoder's tree file (its search's "noise"), the run's τ interval from its question frame."""
+    if audit.get("noise") or not isinstance(audit.get("measured"), dict):
+        return audit
+    own = (audit.get("predicted") or {}).get("noise") or ((tree_files(run, decoder).get("tree") or {}).get("search") or {}).get("noise") or {}
+    measured = dict(audit["measured"])
+    mine = speed[speed.decoder == decoder] if not speed.empty and "model_id" in speed else speed
+    if "tau_ci" not in measured and questions is not None and len(mine):
+        rows = questions[questions.model_id == mine.model_id.iloc[0]]
+        measured["tau_ci"] = list(bootstrap_tau_ci(rows.new_tokens, rows.steps))
+    low, high = (measured.get("speedup_ci") or [None, None])[:2]
+    tau_low, tau_high = (measured.get("tau_ci") or [None, None])[:2]
+    return {**audit, "measured": measured, "noise": {
+        "speedup": error_noise(own.get("speedup"), half_width(low, high, measured.get("speedup"))),
+        "tau": error_noise(own.get("tau"), half_width(tau_low, tau_high, measured.get("tau")))}}
+
+
+def half_width(low, high, value) -> float:
+    """A 95% interval's half-width relative to its value (NaN where any is missing)."""
+    low, high, value = _num(low), _num(high), _num(value)
+    return (high - low) / 2 / value if value and not any(math.isnan(x) for x in (low, high, value)) else math.nan
+
+
+def error_noise(predicted: float | None, measured: float | None) -> float:
+    """The 95% noise of measured / predicted − 1: the two figures' relative half-widths in quadrature (they
+    are independent: a calibration text and profile rounds against the run's questions and steps). Medusa
+    n = 6 (Zen 4 EPYC, bf16, 16 MT-Bench questions): ±8.2% and ±7.0% give ±10.8%; NaN where either is unknown."""
+    p, m = _num(predicted), _num(measured)
+    return math.hypot(p, m) if not (math.isnan(p) or math.isnan(m)) else math.nan
 
 
 def _num(value) -> float:
