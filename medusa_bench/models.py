@@ -278,7 +278,8 @@ def choose_linear_kernel(model: torch.nn.Module) -> dict | None:
 
 
 def linear_kernel_of(loaded) -> str | None:
-    """"onednn" | "torch" for an fp32 model on CPU (its tree tables and step profiles are kept apart by it), else None."""
+    """Which linears an fp32 model on CPU takes, `onednn` or `torch` (tree tables and step profiles are kept
+    apart by it); None for other devices and dtypes."""
     return (getattr(loaded, "linear_kernel", None) or {}).get("kernel")
 
 

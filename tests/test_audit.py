@@ -161,7 +161,7 @@ def test_a_prediction_outside_the_measured_interval_is_a_report_note():
 
 def test_an_error_inside_the_two_figures_noise_is_no_note():
     """The prediction's own noise (calibration answers, profile rounds) and the run's (its questions) in
-    quadrature: medusa's −6% against ±8.2% and ±7.0% (session 19, Zen 4) is not a miss these figures show."""
+    quadrature: medusa's −6% against ±8.2% and ±6.6% (session 19, Zen 4) is not a miss these figures show."""
     import pandas as pd
 
     from medusa_bench.results.display import format_value

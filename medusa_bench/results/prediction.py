@@ -198,7 +198,7 @@ def half_width(low, high, value) -> float:
 def error_noise(predicted: float | None, measured: float | None) -> float:
     """The 95% noise of measured / predicted − 1: the two figures' relative half-widths in quadrature (they
     are independent: a calibration text and profile rounds against the run's questions and steps). Medusa
-    n = 6 (Zen 4 EPYC, bf16, 16 MT-Bench questions): ±8.2% and ±7.0% give ±10.8%; NaN where either is unknown."""
+    n = 6 (Zen 4 EPYC, bf16, 16 MT-Bench questions): ±8.2% and ±6.6% give ±10.5%; NaN where either is unknown."""
     p, m = _num(predicted), _num(measured)
     return math.hypot(p, m) if not (math.isnan(p) or math.isnan(m)) else math.nan
 
