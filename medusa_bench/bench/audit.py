@@ -42,7 +42,7 @@ import numpy as np
 from medusa_bench.bench import calibrate as cal
 from medusa_bench.inputs.chat import build_prompt, conversation
 from medusa_bench.results import files
-from medusa_bench.results.prediction import AUDIT_FILE, error_noise, half_width  # the report reads what this writes
+from medusa_bench.results.prediction import AUDIT_FILE, errors_noise  # the report reads what this writes
 from medusa_bench.results.stats import MIN_QUESTIONS_FOR_CI, bootstrap_tau_ci, paired_speedup, tau_of
 from medusa_bench.trees.replay import replayed_tau
 from medusa_bench.trees.tree import Tree
@@ -178,9 +178,7 @@ def error_noises(audit: dict) -> dict:
     """The 95% noise of the speedup and τ errors: the prediction's own (its calibration answers and profile
     rounds) and the run's (its questions), in quadrature (results/prediction.error_noise); NaN where the
     prediction kept no noise."""
-    own, got = audit["predicted"].get("noise") or {}, audit["measured"]
-    return {"speedup": error_noise(own.get("speedup"), half_width(*got["speedup_ci"], got["speedup"])),
-            "tau": error_noise(own.get("tau"), half_width(*got["tau_ci"], got["tau"]))}
+    return errors_noise(audit["predicted"].get("noise") or {}, audit["measured"])
 
 
 def verdict(audit: dict) -> str:

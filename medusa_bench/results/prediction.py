@@ -182,11 +182,16 @@ def with_noise(run: RunData, decoder: str, audit: dict, speed: pd.DataFrame, que
     if "tau_ci" not in measured and questions is not None and len(mine):
         rows = questions[questions.model_id == mine.model_id.iloc[0]]
         measured["tau_ci"] = list(bootstrap_tau_ci(rows.new_tokens, rows.steps))
-    low, high = (measured.get("speedup_ci") or [None, None])[:2]
-    tau_low, tau_high = (measured.get("tau_ci") or [None, None])[:2]
-    return {**audit, "measured": measured, "noise": {
-        "speedup": error_noise(own.get("speedup"), half_width(low, high, measured.get("speedup"))),
-        "tau": error_noise(own.get("tau"), half_width(tau_low, tau_high, measured.get("tau")))}}
+    return {**audit, "measured": measured, "noise": errors_noise(own, measured)}
+
+
+def errors_noise(own: dict, measured: dict) -> dict:
+    """{speedup, tau}: the 95% noise of each error, from the prediction's own relative half-widths `own` and
+    the run's `measured` intervals (speedup_ci, tau_ci), by `error_noise`."""
+    def half(key: str) -> float:
+        return half_width(*(measured.get(f"{key}_ci") or [None, None])[:2], measured.get(key))
+
+    return {key: error_noise(own.get(key), half(key)) for key in ("speedup", "tau")}
 
 
 def half_width(low, high, value) -> float:
