@@ -74,3 +74,10 @@ def test_heads_on_a_packed_base_are_packed_too(smollm):
     heads = hydra.proposer.heads
     linears = [m for m in heads.modules() if type(m) is torch.nn.Linear]
     assert linears and all(getattr(m.weight, PACKED, None) is not None for m in linears)
+    if heads.draft_vocab_size is not None:  # the shipped heads draft among 4,096 tokens: that projection too
+        from medusa_bench.heads.common import _matrices
+
+        weights = _matrices(heads._draft_proj)
+        assert weights and all(getattr(w, PACKED, None) is not None for w in weights)
+        x = torch.randn(3, weights[0].shape[1])
+        assert torch.allclose(linear(x, weights[0]), F.linear(x, weights[0]), atol=1e-5)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from medusa_bench.errors import UserError
 from medusa_bench.heads import io
-from medusa_bench.models import PACKED, pack_linears
+from medusa_bench.models import PACKED, pack_linears, pack_weight
 
 PACKAGE_HEADS = Path(__file__).resolve().parents[1] / "data" / "heads"  # shipped: <model>-<kind>/
 DRAFT_VOCAB_FILE = "draft_vocab.json"  # optional, beside the heads: {"token_ids": [most frequent first, ...]}
@@ -111,6 +111,9 @@ class DraftHeads(nn.Module):
             raise UserError(f"draft vocabulary ids must lie in [0, {vocab}); got {ids.numel()} ids")
         self._draft_proj = self._restricted_projection(ids)
         self._draft_vocab = ids
+        if getattr(full, PACKED, None) is not None:  # the full projection goes through oneDNN (models.py): so does this one
+            for weight in _matrices(self._draft_proj):
+                pack_weight(weight)
 
     @property
     def draft_vocab_size(self) -> int | None:
@@ -127,6 +130,13 @@ class DraftHeads(nn.Module):
         if self.source is not None and Path(self.source).is_file():
             return io.sha256_file(Path(self.source))
         return io.sha256_tensors(self.state_dict())
+
+
+def _matrices(projection) -> list[Tensor]:
+    """The 2-D weights of a restricted projection: a [V', H] tensor, or per-head (weight, bias) pairs."""
+    if isinstance(projection, Tensor):
+        return [projection] if projection.dim() == 2 else []
+    return list({id(weight): weight for weight, _ in projection}.values())  # a shared weight once
 
 
 # ====================================================================== locating

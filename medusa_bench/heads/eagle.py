@@ -218,7 +218,7 @@ class EagleHeads(DraftHeads):
         if self.lm_head is not None:
             return self.lm_head(self.decoder.norm(g))
         if self._draft_vocab is not None:
-            return F.linear(g, self._draft_proj)
+            return linear(g, self._draft_proj)
         return linear(g, self.base_lm_head)
 
     @property

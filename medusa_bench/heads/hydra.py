@@ -203,7 +203,7 @@ class HydraHeads(DraftHeads):
         if self._draft_vocab is None:
             return self.head_logits(head, x).topk(top_k, dim=-1).indices
         weight, bias = self._draft_proj[head]  # [V', H], [V'] or None
-        logits = F.linear(self.hydra_mlp[head](x), weight, bias)  # [N, V']
+        logits = linear(self.hydra_mlp[head](x), weight, bias)  # [N, V']
         return self._draft_vocab[logits.topk(top_k, dim=-1).indices]
 
     def _vocab_weight(self) -> Tensor:
