@@ -183,7 +183,9 @@ def test_with_native_bf16_the_fastest_predicted_configuration_picks_the_precisio
     record = precision.choose_dtype(mine, predict)
     assert asked == ["torch.float32", "torch.bfloat16"] and set(record["predicted"]) == {"float32", "bfloat16"}
     rows = record["predicted"]
-    assert record["chosen"] == max(rows, key=lambda dtype: rows[dtype]["tokens_per_s"])
+    for dtype, row in rows.items():  # the speedup over the one-token step both precisions had timed in turn
+        assert row["tokens_per_s_at_timed_step"] == pytest.approx(row["speedup"] * 1000 / record["ms_per_forward"][dtype], rel=1e-3)
+    assert record["chosen"] == max(rows, key=lambda dtype: rows[dtype]["tokens_per_s_at_timed_step"])
     assert str(mine.dtype) == f"torch.{record['chosen']}" and "fastest predicted configuration" in record["reason"]
     for row in rows.values():
         assert row["decoder"] in ("baseline", "medusa", "pld:auto") and row["tokens_per_s"] > 0

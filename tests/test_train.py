@@ -178,6 +178,7 @@ def test_distill_extends_conversations_with_model_follow_ups(smollm, tmp_path):
     assert recipe["user_turns"] == {"2": 2} and recipe["answer_tokens"] == second.new_tokens + sum(
         r["new_tokens"][0] for r in before.values())
     assert recipe["benchmark_overlap"]["conversations"] == 0
+    assert recipe["calibration_overlap"] in (None, {"conversations": 0, "held_out_prompts": 64})  # None: no data folder
     with pytest.raises(UserError, match="not a `medusa-bench distill` output"):
         distill(smollm, [], tmp_path / "x.jsonl", extend=(prompts,), follow_up="model")
     with pytest.raises(UserError, match="valid values are none, generic, model"):

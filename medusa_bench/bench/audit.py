@@ -102,6 +102,7 @@ def audit_decoder(loaded, decoder, questions: list, choices: dict[str, dict], ba
                       "noise": choice.noise},  # relative 95% half-widths: calibration answers and profile rounds
         "measured": {**got, "step_ratio": got["tau"] / got["speedup"] if got["speedup"] else math.nan},
         "calibration": auto.calibration.meta.get("source") or auto.info.get("calibration", {}).get("file"),
+        "calibration_trained_on": auto.info.get("calibration", {}).get("trained_on"),  # τ reads high on training text
         "profile": {"context_len": latency.context_len, "device": latency.device, "dtype": latency.dtype},
     }
     out["error"] = {"speedup": got["speedup"] / choice.speedup - 1,
@@ -193,6 +194,8 @@ def verdict(audit: dict) -> str:
     tau_source = "on this text" if audit.get("replay") else "measured"
     tau_value = audit["replay"]["tau"] if audit.get("replay") else m["tau"]
     line += f"τ {p['tau']:.2f} predicted, {tau_value:.2f} {tau_source} ({e['tau']:+.0%}); step {p['step_ratio']:.2f}× the baseline's predicted, {m['step_ratio']:.2f}× measured ({e['step']:+.0%})"
+    if audit.get("calibration_trained_on") and e["tau"] < 0:
+        line += f"; {audit['calibration_trained_on']}"
     replay = audit.get("replay")
     if replay:
         best = replay["hindsight_best"]
@@ -297,9 +300,10 @@ def early_check(name: str, decoder, counts: list[tuple[int, int]]) -> Optional[s
         return None
     tau = tokens.sum() / steps.sum()
     step = choice.step_time * choice.baseline_throughput  # the profile's step cost, × the baseline's
+    trained_on = auto.info.get("calibration", {}).get("trained_on") if choice.tau > high else None
     return (f"{name}: τ {tau:.2f} ({low:.2f}–{high:.2f}) over the first {len(counts)} questions, predicted "
             f"{choice.tau:.2f}: the calibration text is {'easier' if choice.tau > high else 'harder'} for these heads than "
-            f"this benchmark; at this τ its {choice.n}-node steps ({step:.2f}× the baseline's) give about {tau / step:.2f}×, "
+            f"this benchmark{f' ({trained_on})' if trained_on else ''}; at this τ its {choice.n}-node steps ({step:.2f}× the baseline's) give about {tau / step:.2f}×, "
             f"predicted {choice.speedup:.2f}×; {AUDIT_FILE} will split the error at the end")
 
 

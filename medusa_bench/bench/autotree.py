@@ -19,7 +19,7 @@ from typing import Callable, Optional
 from medusa_bench.bench import calibrate as cal
 from medusa_bench.bench.dynamic_search import search_dynamic
 from medusa_bench.bench.tree_cache import (  # calibration_source: also this module's name for it
-    cache_folder, cache_info, calibration_source, partial_folder, publish, read_json, write_json,
+    cache_folder, cache_info, calibration_source, partial_folder, publish, read_json, say_trained_on, write_json,
 )
 from medusa_bench.decoders.registry import build_decoder, needs_step_profile, spec_options, tree_decoders
 from medusa_bench.errors import UserError
@@ -155,13 +155,14 @@ def auto_tree(loaded, make_proposer: cal.MakeProposer, heads_path, num_heads: in
     auto = AutoTree(result.tree, result, calibration, latency, folder, reused, info)
     write_json(folder / "tree.json", auto.tree_json())
     log(f"tree auto: {result.choice.reason}")
+    say_trained_on(info, log)
     return auto
 
 
 def measure_tables(loaded, probe, make_proposer, depth: int, settings: AutoTreeSettings, table_file: Optional[Path],
                    prompt_file: Path, log) -> tuple[Calibration, Latency]:
     """Calibrate (unless given a table), then profile the search's best tree at each size."""
-    prompts = cal.pick(cal.read_prompts(prompt_file), settings.prompts)
+    prompts = cal.calibration_prompts(prompt_file, settings.prompts)
     if table_file:
         log(f"tree auto: acceptance statistics from {table_file}")
         calibration = load_calibration(table_file)

@@ -67,8 +67,11 @@ def fastest_prediction(specs: list[str], loaded, options: Optional[DecoderOption
     """The optimiser's fastest predicted way to decode on `loaded` among the decoders of `specs` it
     predicts (`--tree auto` decoders, and `pld:auto` by its knob search): {"decoder" ("baseline" where
     none pays), "nodes", "speedup", "tokens_per_s", "baseline_tokens_per_s"}; None when it predicts
-    none of them. `--dtype auto` compares it across precisions (bench/precision.choose_dtype). The
-    tables, profile and search land in their caches, so the run's own build reuses them."""
+    none of them. Decoders are compared by predicted speedup: each over the same model's one-token step,
+    while each table's own tokens/s is as fast as the machine was when it was measured (cached tables
+    can be hours old: one machine's baseline moved 18% between two runs 35 minutes apart). `--dtype auto`
+    compares the winner across precisions (bench/precision.choose_dtype). The tables, profile and search
+    land in their caches, so the run's own build reuses them."""
     rows = []
     for spec in specs:
         found, sized = registry.spec_options(spec, options)
@@ -78,7 +81,7 @@ def fastest_prediction(specs: list[str], loaded, options: Optional[DecoderOption
                          "tokens_per_s": round(choice.throughput, 2), "baseline_tokens_per_s": round(choice.baseline_throughput, 2)})
         elif sized.extra.get(registry.AUTO_KNOBS):
             rows.append(knob_prediction(spec, loaded, sized))
-    return max(rows, key=lambda row: row["tokens_per_s"], default=None)
+    return max(rows, key=lambda row: row["speedup"], default=None)
 
 
 def knob_prediction(spec: str, loaded, options: DecoderOptions) -> dict:

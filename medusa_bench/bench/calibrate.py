@@ -34,6 +34,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from medusa_bench.inputs.calibration import calibration_prompts, default_prompt_file, pick, read_prompts  # noqa: F401 (cal.*)
 from medusa_bench.inputs.chat import build_prompt
 from medusa_bench.decoders.spec import Draft, Proposer, SpeculativeDecoder
 from medusa_bench.errors import UserError
@@ -42,7 +43,6 @@ from medusa_bench.trees.ranks import statistics_of
 from medusa_bench.trees.tables import Calibration, Latency
 from medusa_bench.trees.tree import Tree
 
-DEFAULT_PROMPTS = ("self_instruct", "user_oriented_instructions.jsonl")  # self-distillation prompts
 PROFILE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 # After the screen (every size or knob set, `repeats` rounds), the few best are timed again on fresh rounds that
 # alone choose among them and predict (trees/search.confirmed_ratios: the winner's curse).
@@ -53,12 +53,6 @@ MakeProposer = Callable[[Tree], Proposer]
 
 
 # ------------------------------------------------------------------------------ prompts
-def default_prompt_file() -> Path:
-    from medusa_bench.inputs.questions import data_file
-
-    return data_file(*DEFAULT_PROMPTS, option="--calibration")
-
-
 def profiling_prompt_file() -> Path:
     """Text for the profiled step's context only (timing, not accuracy): the self-distillation
     prompts when the data folder is there, else the package's own quick questions, so that
@@ -69,66 +63,6 @@ def profiling_prompt_file() -> Path:
         from importlib import resources
 
         return Path(str(resources.files("medusa_bench") / "data" / "quick_question.jsonl"))
-
-
-def read_prompts(path: Path) -> list[str]:
-    """Prompt texts from a .jsonl (self-instruct, FastChat questions, ShareGPT, {"prompt"}) or a text file, one per line."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"cannot read calibration prompts {path}: {error}") from None
-    prompts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if path.suffix.lower() != ".jsonl":
-            prompts.append(line.strip())
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{path} line {number}: not valid JSON ({error.msg}); use one JSON object per line") from None
-        text = prompt_text(record)
-        if text is None:
-            raise UserError(f"{path} line {number}: no prompt found; give 'instruction', 'prompt', 'question', "
-                            "'turns' or ShareGPT 'conversations'")
-        prompts.append(text)
-    if not prompts:
-        raise UserError(f"{path} holds no prompts")
-    return prompts
-
-
-def prompt_text(record) -> Optional[str]:
-    """The user's first message in one record of the common prompt formats."""
-    if isinstance(record, str):
-        return record.strip() or None
-    if not isinstance(record, dict):
-        return None
-    if isinstance(record.get("instruction"), str):  # self-instruct: instruction + its first input
-        instances = record.get("instances") or [{}]
-        extra = (instances[0] or {}).get("input") if isinstance(instances[0], dict) else None
-        extra = extra or record.get("input")
-        return record["instruction"].strip() + (f"\n\n{extra.strip()}" if isinstance(extra, str) and extra.strip() else "")
-    for key in ("prompt", "question", "text"):
-        if isinstance(record.get(key), str) and record[key].strip():
-            return record[key].strip()
-    turns = record.get("turns")
-    if isinstance(turns, list) and turns and isinstance(turns[0], str):
-        return turns[0]
-    for message in record.get("conversations") or []:
-        if isinstance(message, dict) and message.get("from", message.get("role")) in ("human", "user"):
-            return message.get("value", message.get("content"))
-    return None
-
-
-def pick(prompts: Sequence[str], count: int) -> list[str]:
-    """`count` prompts spread evenly over the file (a fixed slice: same prompts every time)."""
-    if count < 1:
-        raise UserError(f"calibration needs at least 1 prompt, got {count}")
-    if count >= len(prompts):
-        return list(prompts)
-    return [prompts[i * len(prompts) // count] for i in range(count)]
 
 
 # ------------------------------------------------------------------------------ calibrate

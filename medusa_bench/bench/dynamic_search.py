@@ -34,7 +34,7 @@ import torch
 
 from medusa_bench.bench import calibrate as cal
 from medusa_bench.bench.tree_cache import (
-    cache_folder, cache_info, calibration_source, partial_folder, publish, read_json, write_json,
+    cache_folder, cache_info, calibration_source, partial_folder, publish, read_json, say_trained_on, write_json,
 )
 from medusa_bench.decoders.spec import Proposer, SpeculativeDecoder
 from medusa_bench.trees.dynamic import DynamicKnobs, accepted
@@ -167,7 +167,7 @@ def search_dynamic(loaded, sizing, settings, log: Callable[[str], None]) -> Dyna
         tables, reused = DynamicTables.from_json(read_json(folder / "dynamic.json")), True
         log(f"tree auto: reusing the dynamic {sizing.kind} tables measured on this device ({folder})")
     if tables is None:
-        prompts = cal.pick(cal.read_prompts(prompt_file), settings.prompts)
+        prompts = cal.calibration_prompts(prompt_file, settings.prompts)
         log(f"tree auto: calibrating dynamic {sizing.kind} trees (top-k {', '.join(map(str, TOP_KS))}, depth ≤ {max_depth}) "
             f"on {len(prompts)} prompts × {settings.turns} turns × {settings.tokens} greedy tokens …")
         sequences = cal.greedy_sequences(loaded, prompts, settings.tokens, settings.turns)
@@ -193,6 +193,7 @@ def search_dynamic(loaded, sizing, settings, log: Callable[[str], None]) -> Dyna
     search = choose(tables, grid, settings.min_speedup)
     search.folder, search.reused, search.info = folder, reused, info
     log(f"tree auto: {search.choice.reason}")
+    say_trained_on(info, log)
     return search
 
 

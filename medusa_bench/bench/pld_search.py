@@ -284,7 +284,7 @@ def calibration_answers(loaded, settings) -> tuple[list[tuple[list[int], int]], 
     if table is not None:
         raise UserError(f"pld:auto replays decoding on calibration text; --calibration {table} is a measured table "
                         "without it: pass a prompts file (.jsonl or text)")
-    prompts = cal.pick(cal.read_prompts(prompt_file), settings.prompts)
+    prompts = cal.calibration_prompts(prompt_file, settings.prompts)
     answers = cal.greedy_sequences(loaded, prompts, settings.tokens, settings.turns)
     info = {"file": str(prompt_file), "sha256": hashlib.sha256(Path(prompt_file).read_bytes()).hexdigest()[:16],
             "prompts": len(prompts), "tokens": settings.tokens, "turns": settings.turns, "answers": len(answers),

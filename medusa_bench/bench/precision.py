@@ -81,10 +81,12 @@ def choose_dtype(loaded, predict: Optional[Callable] = None) -> dict:
     """Settle `--dtype auto` for a model loaded in float32 (CPU) or load_model's auto (CUDA); converts it in place.
 
     With native bf16 the faster one-token step decides, unless `predict(loaded) -> {"decoder",
-    "tokens_per_s", …} | None` (bench/build.fastest_prediction over the run's `--tree auto`
+    "speedup", …} | None` (bench/build.fastest_prediction over the run's `--tree auto`
     decoders and `pld:auto`) answers for both precisions: then the faster predicted configuration does, tree and
     precision chosen together (in bf16 a CPU with AMX verifies big trees nearly for free, so a
-    precision slower by one token can be the faster one with a tree).
+    precision slower by one token can be the faster one with a tree). Each precision's figure is its
+    predicted speedup over the one-token step timed here, the two in turn, so machine drift cancels;
+    the tables' own tokens/s may be hours old.
 
     Returns run.json's record: {"chosen", "ms_per_forward", "native_bf16", "reason"[, "predicted"]}.
     """
@@ -107,11 +109,16 @@ def choose_dtype(loaded, predict: Optional[Callable] = None) -> dict:
     if predict is not None:
         predicted = {"float32": predict(loaded), "bfloat16": predict(dataclasses.replace(loaded, model=bf16, dtype=torch.bfloat16))}
         if all(predicted.values()):
-            chosen = max(predicted, key=lambda name: predicted[name]["tokens_per_s"])
-            best, other = predicted[chosen], predicted["float32" if chosen == "bfloat16" else "bfloat16"]
-            reason = (f"{chosen}: its fastest predicted configuration, {best['decoder']} at {best['tokens_per_s']:.1f} tok/s, "
-                      f"beats {other['decoder']} at {other['tokens_per_s']:.1f} tok/s in the other precision "
-                      f"(one-token step: {ms['float32']} ms fp32, {ms['bfloat16']} ms bf16; CPU has {flag})")
+            for name, row in predicted.items():  # its speedup at the one-token step timed just now, in turn with the other's
+                row["tokens_per_s_at_timed_step"] = round(row["speedup"] * 1000.0 / ms[name], 2)
+            chosen = max(predicted, key=lambda name: predicted[name]["tokens_per_s_at_timed_step"])
+            other_name = "float32" if chosen == "bfloat16" else "bfloat16"
+            best, other = predicted[chosen], predicted[other_name]
+            reason = (f"{chosen}: its fastest predicted configuration, {best['decoder']} at {best['speedup']:.2f}× a "
+                      f"{ms[chosen]} ms one-token step ({best['tokens_per_s_at_timed_step']:.1f} tok/s), beats "
+                      f"{other['decoder']} at {other['speedup']:.2f}× a {ms[other_name]} ms step "
+                      f"({other['tokens_per_s_at_timed_step']:.1f} tok/s) in the other precision (the two steps timed in "
+                      f"turn at {CONTEXT} cached tokens; CPU has {flag})")
     if chosen == "bfloat16":
         loaded.model, loaded.dtype = bf16, torch.bfloat16
     del bf16

@@ -17,12 +17,13 @@ from typing import Optional
 from medusa_bench import __version__
 from medusa_bench.bench import calibrate as cal
 from medusa_bench.errors import UserError
+from medusa_bench.inputs.calibration import is_default_file
 from medusa_bench.models import linear_kernel_of
 
 # The code that shapes the tables, with the proposer's and its heads' own modules: a change measures again.
 CODE_FILES = ("bench/calibrate.py", "bench/autotree.py", "trees/search.py", "trees/tables.py", "trees/tree.py",
               "decoders/spec.py", "decoders/acceptance.py", "runtime/forward.py", "runtime/cache.py", "trees/levels.py",
-              "trees/replay.py", "trees/dynamic.py", "bench/dynamic_search.py", "bench/tree_cache.py")
+              "trees/replay.py", "trees/dynamic.py", "bench/dynamic_search.py", "bench/tree_cache.py", "inputs/calibration.py")
 
 
 def calibration_source(option: Optional[str], heads_path=None) -> tuple[Optional[Path], Path]:
@@ -64,8 +65,38 @@ def cache_info(loaded, heads_path, kind: str, settings, depth: int, source: Path
         "device": cal.device_name(loaded), "dtype": str(loaded.dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(), "linear": linear_kernel_of(loaded), "code": code_version(proposer), "depth": depth,
         "draft_vocab": proposer.draft_vocab_size,  # restricted drafting
-        "calibration": {"file": str(source), "sha256": file_hash(source)}, "settings": measured,
+        "calibration": {"file": str(source), "sha256": file_hash(source), "trained_on": heads_trained_on(heads_path, source)},
+        "settings": measured,
     }
+
+
+def heads_trained_on(heads_path, source: Path) -> Optional[str]:
+    """Why the heads may find the calibration text easy, from their training.json: they were trained on
+    answers to these prompts (τ then reads high: +5-7% measured, inputs/calibration.py); None if not, or not recorded."""
+    record = Path(heads_path) / "training.json" if heads_path is not None else None
+    if record is None or not record.is_file():
+        return None
+    try:
+        recipe = json.loads(record.read_text()).get("data_recipe") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    overlap = recipe.get("calibration_overlap")
+    if overlap is not None and is_default_file(source):  # trained after the split was held out: counted
+        n = overlap.get("conversations", 0)
+        return f"the heads were trained on {n} of the calibration prompts" if n else None
+    trained = (recipe.get("sources") or {}).get(Path(source).name)
+    if not trained:
+        return None
+    return (f"the heads were trained on {trained.get('conversations', 'some')} conversations from {Path(source).name}, "
+            "the calibration prompts' file")
+
+
+def say_trained_on(info: dict, log) -> None:
+    """One line when the heads were trained on the calibration prompts (see heads_trained_on)."""
+    trained_on = info.get("calibration", {}).get("trained_on")
+    if trained_on:
+        log(f"tree auto: {trained_on}, so the predicted τ may read high; --calibration FILE with prompts they never "
+            "saw measures it on unseen text")
 
 
 def code_version(proposer=None) -> str:

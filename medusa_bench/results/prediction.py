@@ -148,6 +148,7 @@ def prediction_notes(table: pd.DataFrame) -> list[str]:
                      f"({row.tau_error:+.0%}); step cost {row.step_predicted:.2f}× the baseline's predicted, "
                      f"{row.step_measured:.2f}× measured ({row.step_error:+.0%})"
                      + ("" if math.isnan(noise) else f"; the error is outside the two figures' noise, ±{noise:.0%}")
+                     + (f"; {row.calibration_trained_on}" if isinstance(getattr(row, "calibration_trained_on", None), str) and row.tau_error < 0 else "")
                      + f". See “{TITLE}”.")
     return notes
 
@@ -168,6 +169,7 @@ def prediction_row(label: str, decoder: str, audit: dict) -> dict:
         "step_predicted": _num(predicted.get("step_ratio")), "step_measured": _num(measured.get("step_ratio")),
         "step_error": _ratio_error(measured.get("step_ratio"), predicted.get("step_ratio")),
         "hindsight_nodes": best.get("n"), "hindsight_speedup": _num(best.get("speedup_on_text")),
+        "calibration_trained_on": audit.get("calibration_trained_on"),  # why τ may read high (bench/tree_cache.py)
     }
 
 

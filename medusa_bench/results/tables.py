@@ -100,7 +100,9 @@ def build_tables(runs: list[RunData]) -> ReportTables:
         tables["batch"] = batch
     caveats = notes(runs, speed) + [n for run in runs for n in drift_notes(run, precision) + verdict_notes(run)]
     caveats += [SPEC_BENCH_NOTE] if "spec_bench" in tables else []
-    caveats += prediction_notes(tables["prediction"]) if "prediction" in tables else []
+    if "prediction" in tables:
+        caveats += prediction_notes(tables["prediction"])
+        tables["prediction"] = tables["prediction"].drop(columns=["calibration_trained_on"], errors="ignore")  # said in its note
     caveats += batch_notes(batch)
     return ReportTables(runs=runs, tables=tables, notes=caveats, banner=banner(runs, speed), drift=drift_details)
 

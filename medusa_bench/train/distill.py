@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from medusa_bench.errors import UserError
+from medusa_bench.inputs.calibration import held_out_texts
 from medusa_bench.inputs.chat import build_prompt, conversation
 from medusa_bench.results import files
 from medusa_bench.train.data import messages_of, read_records, user_turns_in
@@ -208,9 +209,10 @@ def describe_data(path: Path) -> dict:
 
     records = read_records(Path(path))
     overlap = BenchmarkOverlap()
+    held_out = held_out_texts()  # the optimiser's calibration split: new data leaves it out (train/prompts.py)
     sources: dict[str, dict] = {}
     turns, follow_ups, dtypes = Counter(), Counter(), Counter()
-    near = 0
+    near = calibration = 0
     for record in records:
         user = [m["content"] for m in messages_of(record) if m["role"] == "user"]
         source = sources.setdefault(record.get("source", "unknown"), {"conversations": 0, "answer_tokens": 0})
@@ -220,8 +222,10 @@ def describe_data(path: Path) -> dict:
         follow_ups[record.get("follow_up", "none")] += 1
         dtypes[record.get("dtype", "unrecorded")] += 1
         near += any(overlap(text) for text in user)
+        calibration += bool(user) and user[0].strip() in held_out
     return {"conversations": len(records), "answer_tokens": sum(s["answer_tokens"] for s in sources.values()),
             "sources": sources, "user_turns": {str(k): v for k, v in sorted(turns.items())},
             "follow_ups": dict(follow_ups), "generated_in": dict(dtypes),
             "truncated_answers": sum(r.get("finish", []).count("length") for r in records),
-            "benchmark_overlap": {"conversations": near, "benchmark_turns_checked": overlap.turns}}
+            "benchmark_overlap": {"conversations": near, "benchmark_turns_checked": overlap.turns},
+            "calibration_overlap": {"conversations": calibration, "held_out_prompts": len(held_out)} if held_out else None}

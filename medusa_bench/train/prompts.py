@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from medusa_bench.errors import UserError
+from medusa_bench.inputs.calibration import held_out_texts
 from medusa_bench.paths import cache_dir
 from medusa_bench.train.data import messages_of, read_records, record_turns
 from medusa_bench.train.pack import data_reference
@@ -58,7 +59,8 @@ def read_prompts(paths: list[Path], limit: Optional[int] = None, follow_up: str 
 
     `limit` keeps the first N prompts of each file. `follow_up` gives one-turn prompts a second
     turn: "generic" (FOLLOW_UPS) or "model" (written by the model after its first answer).
-    `extend`: conversations distilled earlier, continued with their answers kept.
+    `extend`: conversations distilled earlier, continued with their answers kept. The tree optimiser's
+    calibration split (inputs/calibration.py) is left out: heads score higher on what they were trained on.
     """
     if follow_up not in FOLLOW_UP_MODES:
         raise UserError(f"unknown --follow-up {follow_up!r}; valid values are {', '.join(FOLLOW_UP_MODES)}")
@@ -79,7 +81,8 @@ def read_prompts(paths: list[Path], limit: Optional[int] = None, follow_up: str 
                 prompt.turns.append(FOLLOW_UPS[i % len(FOLLOW_UPS)] if follow_up == "generic" else None)
                 prompt.follow_up = follow_up
     refuse_benchmark_text(prompts)
-    return prompts
+    held_out = held_out_texts()  # the optimiser calibrates on these: heads trained on them would promise too much
+    return [p for p in prompts if not (p.turns and p.turns[0] in held_out)]
 
 
 def distilled_in(path: Path) -> list[Prompt]:
