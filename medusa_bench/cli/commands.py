@@ -227,7 +227,7 @@ def tree_command(
     max_depth: Optional[int] = typer.Option(None, "--max-depth", help="Deepest path (default: every head)."),
     top_k: int = typer.Option(10, "--top-k", help="Candidates per head that calibration ranks."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="Prompts file (.jsonl / text) to measure on, or a calibration.json to use as is (default: the self-instruct prompts, both turns; the heads' own held-out calibration.json where the data folder is absent)."),
-    prompts: int = typer.Option(16, "--prompts", help="Calibration prompts."),
+    prompts: int = typer.Option(16, "--prompts", help="Calibration prompts (the default file holds 64 out of training for this: at most 64)."),
     tokens: int = typer.Option(64, "--tokens", help="Greedy answer tokens per calibration prompt and turn."),
     turns: int = typer.Option(2, "--turns", help="Calibration turns: 2 answers a generic follow-up too (a benchmark's turn-2 contexts)."),
     context_len: int = typer.Option(300, "--context-len", help="Cached tokens when a step is timed."),

@@ -13,7 +13,7 @@ from medusa_bench.cli.app import app, canonical_dtype, console, datastore_app, t
 # ------------------------------------------------------------------------- distill and train
 @app.command()
 def distill(
-    prompts: List[Path] = typer.Option([], "--prompts", "-p", help="Prompt files: self_instruct, GSM8K train, ShareGPT (repeat the option)."),
+    prompts: List[Path] = typer.Option([], "--prompts", "-p", help="Prompt files: self_instruct, GSM8K train, ShareGPT (repeat the option); the 64 self-instruct prompts `--tree auto` calibrates on are left out."),
     out: Path = typer.Option(..., "--out", "-o", help="Output ShareGPT jsonl (appended; re-run to resume)."),
     extend: List[Path] = typer.Option([], "--extend", help="Conversations an earlier distill wrote: keep their answers, add the --follow-up turn."),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Hub id, local folder, .gguf file or 'smollm2-135m'."),
