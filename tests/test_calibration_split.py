@@ -12,6 +12,7 @@ from medusa_bench.bench.tree_cache import heads_trained_on
 from medusa_bench.errors import UserError
 from medusa_bench.inputs import calibration as cal
 from medusa_bench.results.prediction import prediction_notes, prediction_row
+from medusa_bench.train.data import record_turns
 from medusa_bench.train.distill import describe_data
 from medusa_bench.train.prompts import read_prompts as training_prompts
 
@@ -45,6 +46,18 @@ def test_training_leaves_the_split_out_and_counts_any_overlap(data_dir, tmp_path
     data.write_text("\n".join(json.dumps({"source": path.name, "new_tokens": [3], "finish": ["stop"], "conversations": [
         {"from": "human", "value": text}, {"from": "gpt", "value": "An answer."}]}) for text in (one_held_out, kept[0].turns[0])))
     assert describe_data(data)["calibration_overlap"] == {"conversations": 1, "held_out_prompts": cal.HELD_OUT}
+
+
+def test_calibration_and_training_read_an_instruction_record_alike():
+    # the split compares these texts: one formatter for both sides, so a held-out prompt is never missed
+    records = [
+        {"instruction": " Sort these. ", "instances": [{"input": " 3, 1, 2 ", "output": "1, 2, 3"}]},
+        {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"},  # Alpaca
+        {"instruction": "Tell a joke.", "instances": [{"input": "", "output": "..."}]},
+    ]
+    expected = ["Sort these.\n\n3, 1, 2", "Translate to French.\n\nGood morning", "Tell a joke."]
+    assert [cal.prompt_text(r) for r in records] == expected
+    assert [record_turns(r) for r in records] == [[text] for text in expected]
 
 
 def test_heads_trained_on_the_calibration_prompts_are_named(data_dir, tmp_path):

@@ -40,6 +40,7 @@ from typing import Optional
 import numpy as np
 
 from medusa_bench.bench import calibrate as cal
+from medusa_bench.bench.tree_cache import trained_on_note
 from medusa_bench.inputs.chat import build_prompt, conversation
 from medusa_bench.results import files
 from medusa_bench.results.prediction import AUDIT_FILE, errors_noise  # the report reads what this writes
@@ -102,7 +103,7 @@ def audit_decoder(loaded, decoder, questions: list, choices: dict[str, dict], ba
                       "noise": choice.noise},  # relative 95% half-widths: calibration answers and profile rounds
         "measured": {**got, "step_ratio": got["tau"] / got["speedup"] if got["speedup"] else math.nan},
         "calibration": auto.calibration.meta.get("source") or auto.info.get("calibration", {}).get("file"),
-        "calibration_trained_on": auto.info.get("calibration", {}).get("trained_on"),  # τ reads high on training text
+        "calibration_trained_on": trained_on_note(auto.info),  # τ reads high on training text
         "profile": {"context_len": latency.context_len, "device": latency.device, "dtype": latency.dtype},
     }
     out["error"] = {"speedup": got["speedup"] / choice.speedup - 1,
@@ -300,7 +301,7 @@ def early_check(name: str, decoder, counts: list[tuple[int, int]]) -> Optional[s
         return None
     tau = tokens.sum() / steps.sum()
     step = choice.step_time * choice.baseline_throughput  # the profile's step cost, × the baseline's
-    trained_on = auto.info.get("calibration", {}).get("trained_on") if choice.tau > high else None
+    trained_on = trained_on_note(auto.info) if choice.tau > high else None
     return (f"{name}: τ {tau:.2f} ({low:.2f}–{high:.2f}) over the first {len(counts)} questions, predicted "
             f"{choice.tau:.2f}: the calibration text is {'easier' if choice.tau > high else 'harder'} for these heads than "
             f"this benchmark{f' ({trained_on})' if trained_on else ''}; at this τ its {choice.n}-node steps ({step:.2f}× the baseline's) give about {tau / step:.2f}×, "

@@ -91,11 +91,16 @@ def heads_trained_on(heads_path, source: Path) -> Optional[str]:
             "the calibration prompts' file")
 
 
+def trained_on_note(info: dict) -> Optional[str]:
+    """The cached tables' note that the heads were trained on the calibration prompts, if they were."""
+    return (info.get("calibration") or {}).get("trained_on")
+
+
 def say_trained_on(info: dict, log) -> None:
     """One line when the heads were trained on the calibration prompts (see heads_trained_on)."""
-    trained_on = info.get("calibration", {}).get("trained_on")
-    if trained_on:
-        log(f"tree auto: {trained_on}, so the predicted τ may read high; --calibration FILE with prompts they never "
+    note = trained_on_note(info)
+    if note:
+        log(f"tree auto: {note}, so the predicted τ may read high; --calibration FILE with prompts they never "
             "saw measures it on unseen text")
 
 

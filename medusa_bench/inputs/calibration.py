@@ -94,17 +94,23 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
+def instruction_text(record: dict) -> str:
+    """A self-instruct (or Alpaca) record as the user's message: the instruction, then its first input."""
+    instances = record.get("instances") or [{}]
+    extra = instances[0].get("input") if isinstance(instances[0], dict) else None
+    extra = extra or record.get("input")  # Alpaca keeps the input beside the instruction
+    extra = extra.strip() if isinstance(extra, str) else ""
+    return record["instruction"].strip() + (f"\n\n{extra}" if extra else "")
+
+
 def prompt_text(record) -> Optional[str]:
     """The user's first message in one record of the common prompt formats."""
     if isinstance(record, str):
         return record.strip() or None
     if not isinstance(record, dict):
         return None
-    if isinstance(record.get("instruction"), str):  # self-instruct: instruction + its first input
-        instances = record.get("instances") or [{}]
-        extra = (instances[0] or {}).get("input") if isinstance(instances[0], dict) else None
-        extra = extra or record.get("input")
-        return record["instruction"].strip() + (f"\n\n{extra.strip()}" if isinstance(extra, str) and extra.strip() else "")
+    if isinstance(record.get("instruction"), str):
+        return instruction_text(record)
     for key in ("prompt", "question", "text"):
         if isinstance(record.get(key), str) and record[key].strip():
             return record[key].strip()

@@ -21,6 +21,7 @@ import torch
 
 from medusa_bench.errors import UserError
 from medusa_bench.heads import io
+from medusa_bench.inputs.calibration import instruction_text
 
 IGNORE = -100
 USER_ROLES = ("human", "user")
@@ -112,9 +113,7 @@ def messages_of(record: dict) -> list[dict]:
 def record_turns(record: dict) -> list[str]:
     """The user turns of one record: self_instruct, GSM8K, ShareGPT or OpenAI-style messages."""
     if "instruction" in record:  # self_instruct: instruction + the first instance's input, if any
-        instances = record.get("instances") or [{}]
-        extra = (instances[0].get("input") or "").strip() if isinstance(instances[0], dict) else ""
-        return [f"{record['instruction'].strip()}\n\n{extra}" if extra else record["instruction"].strip()]
+        return [instruction_text(record)]
     if "question" in record:  # GSM8K
         return [str(record["question"]).strip()]
     return [m["content"].strip() for m in messages_of(record) if m["role"] == "user" and m["content"].strip()]
