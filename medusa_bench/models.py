@@ -219,9 +219,17 @@ def load_model(spec: str = "smollm2-135m", device: str = "auto", dtype: str = "a
 # and 5.0 ms (the MLP's [1536, 576]: 0.05-0.07 ms against 0.08-0.22), fp32 throughout, within 1e-4 of
 # MKL's sums. bf16 already goes through oneDNN. Which one wins depends on the CPU and its MKL, so it is
 # timed at load (`choose_linear_kernel`); MEDUSA_BENCH_CPU_LINEAR=onednn|torch decides instead.
+# The lm_head alone is not enough to go by. On the 2-core Xeon with AMX (session 22) oneDNN took the
+# lm_head's 4 rows in 1.8-1.9 ms against MKL's 3.2-3.3 and lost one row narrowly (2.15 against 1.77 ms
+# in one timing, 1.91 against 1.69 in the next), yet every layer's own linears were 10-50 µs dearer
+# through it at almost any row count: packing them all made the whole step 1.28-1.35x slower at one
+# token and 3-10% slower at four or eight (whole steps timed side by side, `benchmarks/cpu_linear.py`). Taking oneDNN only for the lm_head from 4 rows on and a
+# layer's q/o projection (the only shapes it won) gave whole steps within 3% of MKL's at every row
+# count: no gain worth a mixed route. So the largest layer linear must not be slower through oneDNN
+# at one row either.
 LINEAR_ENV = "MEDUSA_BENCH_CPU_LINEAR"
 LINEAR_KERNELS = ("auto", "onednn", "torch")
-ONEDNN_MARGIN = 1.25  # oneDNN must be this much faster at 4 rows (and not slower at 1) to be taken
+ONEDNN_MARGIN = 1.25  # oneDNN must be this much faster on the lm_head at 4 rows (and not slower at 1) to be taken
 PACKED = "_onednn_packed"  # the attribute on a weight tensor: (its packed copy, the weight's _version then)
 
 
@@ -259,7 +267,8 @@ def pack_linears(model: torch.nn.Module) -> int:
 
 def choose_linear_kernel(model: torch.nn.Module) -> dict | None:
     """For an fp32 model on CPU: oneDNN on packed weights where it is faster on this CPU (see above), else
-    torch's own; {"kernel", "why", and the lm_head's ms at 1 and 4 rows each way}. None elsewhere."""
+    torch's own; {"kernel", "why", the lm_head's ms at 1 and 4 rows each way, and the largest layer
+    linear's}. None elsewhere."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     weight = getattr(head, "weight", None)
     if weight is None or weight.dtype != torch.float32 or weight.device.type != "cpu":
@@ -274,10 +283,23 @@ def choose_linear_kernel(model: torch.nn.Module) -> dict | None:
     else:
         times = linear_timings(weight)
         faster = times["torch"][1] >= ONEDNN_MARGIN * times["onednn"][1] and times["torch"][0] >= times["onednn"][0]
-        choice = {"kernel": "onednn" if faster else "torch", "why": "timed at load", "lm_head_ms_1_4_rows": times}
+        choice = {"kernel": "torch", "why": "timed at load", "lm_head_ms_1_4_rows": times}
+        layer = largest_layer_weight(model, weight)
+        if layer is not None:
+            layer_times = linear_timings(layer, rounds=30)  # tens of µs: more rounds to take the best of
+            faster = faster and layer_times["torch"][0] >= layer_times["onednn"][0]
+            choice["layer_linear_ms_1_4_rows"] = {"shape": list(layer.shape), **layer_times}
+        choice["kernel"] = "onednn" if faster else "torch"
     if choice["kernel"] == "onednn":
         choice["linears"] = pack_linears(model)
     return choice
+
+
+def largest_layer_weight(model: torch.nn.Module, head: torch.Tensor) -> torch.Tensor | None:
+    """The largest fp32 nn.Linear weight of `model` other than the lm_head `head` (an MLP projection)."""
+    weights = [m.weight for m in model.modules() if type(m) is torch.nn.Linear and m.weight is not head
+               and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"]
+    return max(weights, key=lambda w: w.numel(), default=None)
 
 
 def linear_kernel_of(loaded) -> str | None:
@@ -287,7 +309,7 @@ def linear_kernel_of(loaded) -> str | None:
 
 
 def linear_timings(weight: torch.Tensor, rounds: int = 3) -> dict[str, list[float]]:
-    """The lm_head's best-of-`rounds` ms for 1 and 4 rows, torch's F.linear and oneDNN's packed."""
+    """A weight's best-of-`rounds` ms for 1 and 4 rows, torch's F.linear and oneDNN's packed."""
     packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
     routes = {"torch": lambda x: F.linear(x, weight),
               "onednn": lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")}
@@ -303,7 +325,7 @@ def linear_timings(weight: torch.Tensor, rounds: int = 3) -> dict[str, list[floa
                     start = time.perf_counter()
                     route(x)
                     seconds.append(time.perf_counter() - start)
-                times[name].append(round(1000 * min(seconds), 3))
+                times[name].append(round(1000 * min(seconds), 4))
     return times
 
 
