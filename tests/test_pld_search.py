@@ -152,6 +152,7 @@ def test_the_step_profile_is_measured_once_per_machine_and_kept_beside_the_tree_
 
 # ------------------------------------------------------------------------------ the run folder
 def test_the_run_folder_keeps_the_search_and_a_resume_builds_on_it(smollm, answers, tmp_path):
+    from medusa_bench.bench.audit import early_check
     from medusa_bench.bench.build import build_decoder as build_measured
 
     options = DecoderOptions(extra={"autotree": SETTINGS})
@@ -167,6 +168,15 @@ def test_the_run_folder_keeps_the_search_and_a_resume_builds_on_it(smollm, answe
     assert saved["calibration"]["prompts"] == 2 and saved["calibration"]["answers"] == len(answers)
     assert saved["profile"]["device"] == "test" and len(saved["profile"]["sha256"]) == 16
     assert {"knobs", "tau", "speedup", "speedup_ci", "steps", "cost"} <= set(saved["grid"][0])
+
+    # In the run, after the first questions: a line only when the searched τ is outside the measured τ's interval.
+    predicted = record["predicted"]["tau"]
+    steps = round(100 / predicted)
+    assert early_check("pld:auto", decoder, [(100, steps + d) for d in (-4, -2, 0, 2, 4)]) is None
+    line = early_check("pld:auto", decoder, [(100, 100), (90, 88), (100, 99), (80, 80), (100, 97)])
+    assert line.startswith("pld:auto: τ 1.01 (") and f"predicted {predicted:.2f}: the calibration answers repeat themselves more" in line
+    step = predicted / record["predicted"]["speedup"]
+    assert f"give about {470 / 464 / step:.2f}×, predicted {record['predicted']['speedup']:.2f}×; the report" in line
 
     # A resume decides as the run did: the recorded choice, whatever a search would say now.
     recorded = {"pld_max_ngram": 2, "pld_tokens": 4, "pld_branches": 1}  # outside the grid: only the file says so

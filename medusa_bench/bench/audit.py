@@ -290,22 +290,34 @@ def audit_folder(run_dir: Path, log=print) -> Optional[dict]:
 
 def early_check(name: str, decoder, counts: list[tuple[int, int]]) -> Optional[str]:
     """After the first questions: a line when an auto decoder's predicted τ is outside the 95%
-    interval of its measured τ (per-question (tokens, steps), resampled by question)."""
-    auto = getattr(decoder, "autotree", None)
-    if auto is None or len(counts) < MIN_QUESTIONS_FOR_CI or auto.result.choice.n == 1 or not sized_alone(decoder):
+    interval of its measured τ (per-question (tokens, steps), resampled by question): a tree the
+    optimiser sized, or prompt lookup's searched knobs (`decoder.knob_search`, bench/pld_search.py)."""
+    auto, search = getattr(decoder, "autotree", None), getattr(decoder, "knob_search", None)
+    if len(counts) < MIN_QUESTIONS_FOR_CI:
+        return None
+    if auto is not None and auto.result.choice.n > 1 and sized_alone(decoder):
+        choice = auto.result.choice
+        predicted_tau, predicted_speedup, what = choice.tau, choice.speedup, f"{choice.n}-node steps"
+        step = choice.step_time * choice.baseline_throughput  # the profile's step cost, × the baseline's
+    elif search is not None and (search.get("predicted") or {}).get("tau"):
+        predicted_tau, predicted_speedup, what = search["predicted"]["tau"], search["predicted"]["speedup"], "steps"
+        step = predicted_tau / predicted_speedup  # the search's step cost, × the baseline's
+    else:
         return None
     tokens, steps = (np.array(column, dtype=float) for column in zip(*counts))
     low, high = bootstrap_tau_ci(tokens, steps)
-    choice = auto.result.choice
-    if low <= choice.tau <= high:
+    if low <= predicted_tau <= high:
         return None
-    tau = tokens.sum() / steps.sum()
-    step = choice.step_time * choice.baseline_throughput  # the profile's step cost, × the baseline's
-    trained_on = trained_on_note(auto.info) if choice.tau > high else None
+    tau, easier = tokens.sum() / steps.sum(), predicted_tau > high
+    if auto is not None:
+        trained_on = trained_on_note(auto.info) if easier else None
+        why = (f"the calibration text is {'easier' if easier else 'harder'} for these heads than this benchmark"
+               + (f" ({trained_on})" if trained_on else ""))
+    else:
+        why = f"the calibration answers repeat themselves {'more' if easier else 'less'} than this benchmark's"
     return (f"{name}: τ {tau:.2f} ({low:.2f}–{high:.2f}) over the first {len(counts)} questions, predicted "
-            f"{choice.tau:.2f}: the calibration text is {'easier' if choice.tau > high else 'harder'} for these heads than "
-            f"this benchmark{f' ({trained_on})' if trained_on else ''}; at this τ its {choice.n}-node steps ({step:.2f}× the baseline's) give about {tau / step:.2f}×, "
-            f"predicted {choice.speedup:.2f}×; {AUDIT_FILE} will split the error at the end")
+            f"{predicted_tau:.2f}: {why}; at this τ its {what} ({step:.2f}× the baseline's) give about {tau / step:.2f}×, "
+            f"predicted {predicted_speedup:.2f}×; {AUDIT_FILE if auto is not None else 'the report'} will split the error at the end")
 
 
 def _plain(value):
