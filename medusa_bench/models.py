@@ -223,10 +223,10 @@ def load_model(spec: str = "smollm2-135m", device: str = "auto", dtype: str = "a
 # lm_head's 4 rows in 1.8-1.9 ms against MKL's 3.2-3.3 and lost one row narrowly (2.15 against 1.77 ms
 # in one timing, 1.91 against 1.69 in the next), yet every layer's own linears were 10-50 µs dearer
 # through it at almost any row count: packing them all made the whole step 1.28-1.35x slower at one
-# token and 3-10% slower at four or eight (whole steps timed side by side, `benchmarks/cpu_linear.py`). Taking oneDNN only for the lm_head from 4 rows on and a
-# layer's q/o projection (the only shapes it won) gave whole steps within 3% of MKL's at every row
-# count: no gain worth a mixed route. So the largest layer linear must not be slower through oneDNN
-# at one row either.
+# token and 3-10% slower at four or eight (whole steps timed side by side, `benchmarks/cpu_linear.py`).
+# Taking oneDNN only for the lm_head from 4 rows on and a layer's q/o projection (the only shapes it
+# won) gave whole steps within 3% of MKL's at every row count: no gain worth a mixed route. So the
+# largest layer linear must not be slower through oneDNN at one row either.
 LINEAR_ENV = "MEDUSA_BENCH_CPU_LINEAR"
 LINEAR_KERNELS = ("auto", "onednn", "torch")
 ONEDNN_MARGIN = 1.25  # oneDNN must be this much faster on the lm_head at 4 rows (and not slower at 1) to be taken
