@@ -283,13 +283,13 @@ def choose_linear_kernel(model: torch.nn.Module) -> dict | None:
     else:
         times = linear_timings(weight)
         faster = times["torch"][1] >= ONEDNN_MARGIN * times["onednn"][1] and times["torch"][0] >= times["onednn"][0]
-        choice = {"kernel": "torch", "why": "timed at load", "lm_head_ms_1_4_rows": times}
+        measured = {"lm_head_ms_1_4_rows": times}
         layer = largest_layer_weight(model, weight)
         if layer is not None:
             layer_times = linear_timings(layer, rounds=30)  # tens of µs: more rounds to take the best of
             faster = faster and layer_times["torch"][0] >= layer_times["onednn"][0]
-            choice["layer_linear_ms_1_4_rows"] = {"shape": list(layer.shape), **layer_times}
-        choice["kernel"] = "onednn" if faster else "torch"
+            measured["layer_linear_ms_1_4_rows"] = {"shape": list(layer.shape), **layer_times}
+        choice = {"kernel": "onednn" if faster else "torch", "why": "timed at load", **measured}
     if choice["kernel"] == "onednn":
         choice["linears"] = pack_linears(model)
     return choice

@@ -295,7 +295,8 @@ def early_check(name: str, decoder, counts: list[tuple[int, int]]) -> Optional[s
     auto, search = getattr(decoder, "autotree", None), getattr(decoder, "knob_search", None)
     if len(counts) < MIN_QUESTIONS_FOR_CI:
         return None
-    if auto is not None and auto.result.choice.n > 1 and sized_alone(decoder):
+    sized = auto is not None and auto.result.choice.n > 1 and sized_alone(decoder)
+    if sized:
         choice = auto.result.choice
         predicted_tau, predicted_speedup, what = choice.tau, choice.speedup, f"{choice.n}-node steps"
         step = choice.step_time * choice.baseline_throughput  # the profile's step cost, × the baseline's
@@ -309,7 +310,7 @@ def early_check(name: str, decoder, counts: list[tuple[int, int]]) -> Optional[s
     if low <= predicted_tau <= high:
         return None
     tau, easier = tokens.sum() / steps.sum(), predicted_tau > high
-    if auto is not None:
+    if sized:
         trained_on = trained_on_note(auto.info) if easier else None
         why = (f"the calibration text is {'easier' if easier else 'harder'} for these heads than this benchmark"
                + (f" ({trained_on})" if trained_on else ""))
@@ -317,7 +318,7 @@ def early_check(name: str, decoder, counts: list[tuple[int, int]]) -> Optional[s
         why = f"the calibration answers repeat themselves {'more' if easier else 'less'} than this benchmark's"
     return (f"{name}: τ {tau:.2f} ({low:.2f}–{high:.2f}) over the first {len(counts)} questions, predicted "
             f"{predicted_tau:.2f}: {why}; at this τ its {what} ({step:.2f}× the baseline's) give about {tau / step:.2f}×, "
-            f"predicted {predicted_speedup:.2f}×; {AUDIT_FILE if auto is not None else 'the report'} will split the error at the end")
+            f"predicted {predicted_speedup:.2f}×; {AUDIT_FILE if sized else 'the report'} will split the error at the end")
 
 
 def _plain(value):
