@@ -85,7 +85,7 @@ def test_an_over_predicted_tau_names_the_training_overlap():
              "replay": {"tau": 1.45, "hindsight_best": {"n": 6, "speedup_on_text": 1.34, "chosen_on_text": 1.34}},
              "error": {"speedup": -0.164, "tau": -0.113, "step": 0.06}, "noise": {"speedup": 0.03, "tau": 0.02},
              "calibration_trained_on": trained_on}
-    assert f"; {trained_on}; in hindsight" in verdict(audit)
+    assert f"; {trained_on}; on this text the profile gives 1.34× (the text's share -11%, the rest -6%); in hindsight" in verdict(audit)
     under = {**audit, "error": {**audit["error"], "tau": 0.05}}
     assert trained_on not in verdict(under)  # τ under-predicted: the overlap is not what moved it
     notes = prediction_notes(pd.DataFrame([prediction_row("run", "medusa:auto", audit)]))

@@ -206,7 +206,23 @@ def test_a_run_keeps_the_search_and_the_report_shows_it(smollm, tmp_path, monkey
     row = collect([out]).tables["prediction"].set_index("decoder").loc["pld:auto"]
     assert row.tau_predicted == pytest.approx(record["predicted"]["tau"]) and row.knobs == record["spec"]
     assert row.speedup_predicted == pytest.approx(record["predicted"]["speedup"]) and row.best_fixed == "pld:tokens5"
-    assert row.step_predicted == pytest.approx(record["predicted"]["tau"] / record["predicted"]["speedup"])
+    assert row.step_predicted == pytest.approx(record["predicted"]["tau"] / record["predicted"]["speedup"], abs=1e-4)
+
+    # The end-of-run check replays the chosen knobs on the run's own answers with the same profile: prompt
+    # lookup's τ is the text's alone, so the replay gives the τ the run measured.
+    audit = json.loads((out / "prediction.json").read_text())["pld:auto"]
+    answers = [json.loads(line)["choices"][0] for line in (out / "model_answer" / "smollm2-135m-pld-auto.jsonl").read_text().splitlines()]
+    tau = sum(sum(c["new_tokens"]) for c in answers) / sum(sum(c["decoding_steps"]) for c in answers)
+    assert audit["knobs"] == record["spec"] and audit["tree_nodes"] is None
+    assert audit["replay"]["tau"] == pytest.approx(tau, abs=1e-3) == audit["measured"]["tau"]
+    assert audit["error"]["tau"] == pytest.approx(tau / record["predicted"]["tau"] - 1, abs=1e-3)
+    rows = {r["knobs"]: r for r in audit["replay"]["sizes"]}
+    assert record["spec"] in rows and audit["replay"]["hindsight_best"]["knobs"] in rows
+    assert audit["replay"]["hindsight_best"]["speedup_on_text"] == max(r["speedup_on_text"] for r in rows.values())
+    assert audit["verdict"].startswith(f"pld:auto ({record['spec']}): predicted {record['predicted']['speedup']:.2f}×")
+    row = collect([out]).tables["prediction"].set_index("decoder").loc["pld:auto"]  # one row, now from the audit
+    assert row.tau_on_text == pytest.approx(tau, abs=1e-3) and row.best_fixed == "pld:tokens5"
+    assert row.speedup_on_text == pytest.approx(audit["replay"]["hindsight_best"]["chosen_on_text"], abs=1e-3)
 
 
 def test_ray_workers_search_once_per_device_type_and_the_driver_keeps_the_file(smollm, tmp_path, monkeypatch):

@@ -27,6 +27,15 @@ replayed from the draft's expansion at every position of the run's answers (`dyn
 search's best knob sets beside the chosen ones; otherwise measured against predicted only. Sampled
 runs likewise (acceptance is random).
 
+Prompt lookup's `pld:auto` (`audit_knob_search`): its knob search replayed its drafting on the
+calibration answers (bench/pld_search.py); here the same replay, with the step profile it decided
+by, runs on the run's own answers, for the chosen knobs and every knob set of its grid. Prompt
+lookup's τ depends on the text alone (no heads), so predicted − on-this-text is the calibration
+text's share, on-this-text − measured the profile's. Measured (Xeon with AMX, bf16, 16 MT-Bench
+questions, 128 tokens): the defaults' τ replayed on the run's baseline answers 1.72 against 1.79
+measured; on the self-instruct calibration answers 1.95–2.26 (16 or 64 prompts, 64 or 128 tokens):
+their inputs are copied into the answers, and "summarize your answer" copies turn 1 into turn 2.
+
 Also here: the in-run check (`early_check`), after the first questions, and `audit_folder`: the
 same for a finished run folder, from the optimiser's files it keeps (`medusa-bench tree --audit`).
 """
@@ -43,7 +52,7 @@ from medusa_bench.bench import calibrate as cal
 from medusa_bench.bench.tree_cache import trained_on_note
 from medusa_bench.inputs.chat import build_prompt, conversation
 from medusa_bench.results import files
-from medusa_bench.results.prediction import AUDIT_FILE, errors_noise  # the report reads what this writes
+from medusa_bench.results.prediction import AUDIT_FILE, errors_noise, half_width  # the report reads what this writes
 from medusa_bench.results.stats import MIN_QUESTIONS_FOR_CI, bootstrap_tau_ci, paired_speedup, tau_of
 from medusa_bench.trees.replay import replayed_tau
 from medusa_bench.trees.tree import Tree
@@ -176,6 +185,56 @@ def dynamic_replay(loaded, decoder, auto, sequences: list[tuple[list[int], int]]
                                "chosen_on_text": mine["speedup_on_text"]}}
 
 
+def audit_knob_search(loaded, decoder, questions: list, choices: dict[str, dict], base_choices: dict[str, dict],
+                      rows: int = 12) -> dict:
+    """pld:auto's prediction against the run: its knobs, and its grid's, replayed on the run's own answers
+    with the profile it decided by (see the module docstring)."""
+    from medusa_bench.bench.pld_search import grid, knob_suffix, replay
+
+    search = decoder.knob_search
+    predicted = search["predicted"]
+    got = measured(choices, base_choices)
+    out = {
+        "decoder": decoder.name, "knobs": search["spec"], "tree_nodes": None,
+        "greedy": all(c.get("temperature", 0) == 0 for c in choices.values()),
+        "predicted": {"tau": predicted["tau"], "step_ratio": predicted["tau"] / predicted["speedup"], "speedup": predicted["speedup"],
+                      "noise": {"speedup": half_width(*predicted["speedup_ci"], predicted["speedup"])}},  # its search keeps no τ interval
+        "measured": {**got, "step_ratio": got["tau"] / got["speedup"] if got["speedup"] else math.nan},
+        "calibration": (search.get("calibration") or {}).get("file"),
+        "profile": search.get("profile"),
+    }
+    out["error"] = {"speedup": got["speedup"] / predicted["speedup"] - 1,
+                    "step": out["measured"]["step_ratio"] / out["predicted"]["step_ratio"] - 1}
+    out["noise"] = error_noises(out)
+    if not out["greedy"]:
+        out["replay"], out["why_no_replay"] = None, "sampled answers: acceptance is random"
+        out["error"]["tau"] = got["tau"] / predicted["tau"] - 1
+        out["verdict"] = verdict(out)
+        return out
+    text = answer_texts(loaded, questions, choices)
+    predicted_rows = {row["spec"]: row for row in search.get("grid") or []}
+    table = []
+    for knobs in grid(search["defaults"]["knobs"]) + [search["chosen"]]:
+        spec = knob_suffix(knobs)
+        if any(row["knobs"] == spec for row in table):
+            continue
+        replayed = replay(text, knobs, decoder.step_profile)
+        before = predicted_rows.get(spec) or {}
+        table.append({"n": None, "knobs": spec, "tau_predicted": before.get("tau"), "tau_replayed": replayed.tau,
+                      "step_ratio": replayed.tau / replayed.speedup, "speedup_predicted": before.get("speedup"),
+                      "speedup_on_text": replayed.speedup})
+    table.sort(key=lambda row: -row["speedup_on_text"])
+    mine = next(row for row in table if row["knobs"] == search["spec"])
+    best = table[0]
+    kept = table[:rows] + ([mine] if mine not in table[:rows] else [])
+    out["replay"] = {"tau": mine["tau_replayed"], "tau_per_position": None, "sizes": kept, "step_ratio": mine["step_ratio"],
+                     "hindsight_best": {"n": None, "knobs": best["knobs"], "speedup_on_text": best["speedup_on_text"],
+                                        "chosen_on_text": mine["speedup_on_text"]}}
+    out["error"]["tau"] = mine["tau_replayed"] / predicted["tau"] - 1
+    out["verdict"] = verdict(out)
+    return out
+
+
 def error_noises(audit: dict) -> dict:
     """The 95% noise of the speedup and τ errors: the prediction's own (its calibration answers and profile
     rounds) and the run's (its questions), in quadrature (results/prediction.error_noise); NaN where the
@@ -190,29 +249,37 @@ def verdict(audit: dict) -> str:
     inside = not math.isnan(low) and low <= p["speedup"] <= high
     noise = (audit.get("noise") or {}).get("speedup", math.nan)
     within = "" if math.isnan(noise) else f", {'inside' if abs(audit['error']['speedup']) <= noise else 'outside'} the two figures' noise ±{noise:.0%}"
-    line = (f"{audit['decoder']} (n={audit['tree_nodes']}): predicted {p['speedup']:.2f}×, measured {m['speedup']:.2f}× "
+    chosen = audit.get("knobs") if audit.get("tree_nodes") is None else f"n={audit['tree_nodes']}"
+    line = (f"{audit['decoder']} ({chosen}): predicted {p['speedup']:.2f}×, measured {m['speedup']:.2f}× "
             f"({e['speedup']:+.0%}{', inside its 95% interval' if inside else ''}{within}); ")
     tau_source = "on this text" if audit.get("replay") else "measured"
     tau_value = audit["replay"]["tau"] if audit.get("replay") else m["tau"]
-    line += f"τ {p['tau']:.2f} predicted, {tau_value:.2f} {tau_source} ({e['tau']:+.0%}); step {p['step_ratio']:.2f}× the baseline's predicted, {m['step_ratio']:.2f}× measured ({e['step']:+.0%})"
+    on_text = (audit.get("replay") or {}).get("step_ratio")  # pld:auto: its step mix follows the text
+    line += (f"τ {p['tau']:.2f} predicted, {tau_value:.2f} {tau_source} ({e['tau']:+.0%}); step {p['step_ratio']:.2f}× the baseline's "
+             f"predicted{f' ({on_text:.2f}× on this text)' if on_text else ''}, {m['step_ratio']:.2f}× measured ({e['step']:+.0%})")
     if audit.get("calibration_trained_on") and e["tau"] < 0:
         line += f"; {audit['calibration_trained_on']}"
     replay = audit.get("replay")
     if replay:
         best = replay["hindsight_best"]
         named = best.get("knobs") or f"n={best['n']}"  # a dynamic search's rows are knob sets
-        if best["speedup_on_text"] > best["chosen_on_text"] and named != audit.get("knobs", f"n={audit['tree_nodes']}"):
-            line += f"; in hindsight {named} at {best['speedup_on_text']:.2f}× (chosen n={audit['tree_nodes']}: {best['chosen_on_text']:.2f}×)"
+        on_text = best["chosen_on_text"]
+        line += (f"; on this text the profile gives {on_text:.2f}× (the text's share {on_text / p['speedup'] - 1:+.0%}, "
+                 f"the rest {m['speedup'] / on_text - 1:+.0%})")
+        if round(best["speedup_on_text"], 2) > round(best["chosen_on_text"], 2) and named != audit.get("knobs", f"n={audit['tree_nodes']}"):
+            line += f"; in hindsight {named} at {best['speedup_on_text']:.2f}× (chosen {chosen}: {best['chosen_on_text']:.2f}×)"
         else:
-            line += "; in hindsight the chosen size was the best profiled one"
+            line += "; in hindsight the chosen " + ("knobs were the best replayed ones" if audit.get("tree_nodes") is None
+                                                    else "size was the best profiled one")
     return line
 
 
 # ------------------------------------------------------------------------------ the run
 def audit_run(run_dir: Path, decoders: dict, questions: list, loaded, log=print) -> Optional[dict]:
-    """prediction.json for every `--tree auto` decoder of the run (None when there is none)."""
-    autos = {name: decoder for name, decoder in decoders.items() if getattr(decoder, "autotree", None) is not None}
-    for name in [name for name, decoder in autos.items() if not sized_alone(decoder)]:
+    """prediction.json for every `--tree auto` decoder and knob search (pld:auto) of the run (None when there is none)."""
+    autos = {name: decoder for name, decoder in decoders.items()
+             if getattr(decoder, "autotree", None) is not None or getattr(decoder, "knob_search", None) is not None}
+    for name in [name for name, decoder in autos.items() if getattr(decoder, "autotree", None) is not None and not sized_alone(decoder)]:
         log(f"prediction check: {name} skipped: its tree sizes only part of its drafting (the optimiser predicts that part alone)")
         del autos[name]
     if not autos:
@@ -226,7 +293,8 @@ def audit_run(run_dir: Path, decoders: dict, questions: list, loaded, log=print)
         mine, base = answers.get(name) or {}, answers.get(decoder.baseline_name) or {}
         if not mine or not base:
             continue
-        result[name] = audit_decoder(loaded, decoder, questions, mine, base)
+        audit = audit_decoder if getattr(decoder, "autotree", None) is not None else audit_knob_search
+        result[name] = audit(loaded, decoder, questions, mine, base)
         log(f"prediction check: {result[name]['verdict']}")
     if result:
         files.write_json(Path(run_dir) / AUDIT_FILE, _plain(result))
@@ -241,9 +309,11 @@ def sized_alone(decoder) -> bool:
 
 def audit_folder(run_dir: Path, log=print) -> Optional[dict]:
     """prediction.json for a finished run folder: its auto decoders rebuilt on the trees, calibration
-    and step profile the run used (its tree/calibration/latency files), its answers replayed."""
-    from medusa_bench.bench.autotree import AutoTree
+    and step profile the run used (its tree/calibration/latency files), pld:auto on its recorded search
+    and profile (pld-search.json, pld-profile.json), its answers replayed."""
+    from medusa_bench.bench.autotree import AutoTree, saved_profiles
     from medusa_bench.bench.build import build_decoder
+    from medusa_bench.bench.pld_search import saved_searches
     from medusa_bench.decoders.options import DecoderOptions, declared
     from medusa_bench.errors import UserError
     from medusa_bench.inputs.questions import read_questions
@@ -256,8 +326,10 @@ def audit_folder(run_dir: Path, log=print) -> Optional[dict]:
     info = files.load_run(run_dir)
     settings = info.get("settings") or {}
     autos = {name: record for name, record in (info.get("trees") or {}).items() if record.get("auto")}
-    if not autos:
-        raise UserError(f"{run_dir}: no decoder of this run had its tree chosen by --tree auto; nothing to check")
+    searches = saved_searches(run_dir, info.get("decoders") or [])  # pld:auto's knob searches
+    if not autos and not searches:
+        raise UserError(f"{run_dir}: no decoder of this run had its tree chosen by --tree auto or its knobs by "
+                        "pld:auto; nothing to check")
     options = DecoderOptions(**{o.name: settings[o.name] for o in declared() if o.name in settings})
     loaded = load_model(settings.get("model", "smollm2-135m"), settings.get("device", "auto"), settings.get("dtype", "auto"))
     decoders = {}
@@ -285,6 +357,9 @@ def audit_folder(run_dir: Path, log=print) -> Optional[dict]:
         choice = search.choice.__class__(**{**tree_file["search"], "table": tree_file.get("candidates") or []})
         decoder.autotree = AutoTree(tree, SearchResult(tree, choice, search.candidates), calibration, latency, run_dir, True, auto_info)
         decoders[name] = decoder
+    profiles = saved_profiles(run_dir, info.get("decoders") or [], options)  # the profiles the searches decided by
+    for name in searches:
+        decoders[name] = build_decoder(name, loaded, options, plan={"searches": searches, "profiles": profiles})
     return audit_run(run_dir, decoders, read_questions(run_dir / "question.jsonl"), loaded, log)
 
 

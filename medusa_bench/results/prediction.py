@@ -17,9 +17,11 @@ the fastest fixed tree of the same decoder, auto's speed over it paired over the
 speedup intervals side by side do not show), and whether auto kept up with it within the A/A
 control's noise band.
 
-Prompt lookup's `pld:auto` has a row too (`search_rows`): its knob search (pld-search.json,
-bench/pld_search.py) predicted τ and speedup by replaying its drafting on the calibration answers;
-measured from the run's speed table, against the fixed knobs of `pld:sweep` where they ran.
+Prompt lookup's `pld:auto` has a row too: its knob search (pld-search.json, bench/pld_search.py)
+predicted τ and speedup by replaying its drafting on the calibration answers; prediction.json replays
+it on the run's own answers with the same step profile (τ on this text, speedup on this text); a run
+folder from before that keeps only the search (`search_rows`): measured from the run's speed table.
+Either is set against the fixed knobs of `pld:sweep` where they ran.
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ TITLE = "Tree optimiser: predicted against measured"
 NOTE = ("Predicted: the tree optimiser's numbers for the tree it chose, before the run. τ on this text: the run's own "
         "answers scored by the decoder's heads and decoding replayed on them (for greedy static trees this reproduces "
         "the measured τ), so τ error is the calibration text's share and step error the profile's. Hindsight: the profiled tree "
-        "size fastest on this text with the profiled step times; it explains, it never chooses. pld:auto: its knob search's "
-        "prediction, prompt lookup replayed on the calibration answers (pld-search.json); no replay on this text.")
+        "size fastest on this text with the profiled step times; it explains, it never chooses. Speedup on this text: τ on "
+        "this text over the predicted step cost, what the prediction would have been on the benchmark's own text. pld:auto: "
+        "its knob search's prediction, prompt lookup replayed on the calibration answers (pld-search.json), then on the "
+        "run's answers with the same step profile; its hindsight is the knob set fastest on this text.")
 
 
 def prediction_table(runs: list[RunData], speed: pd.DataFrame, frames: dict[str, pd.DataFrame] | None = None) -> pd.DataFrame:
@@ -54,13 +58,15 @@ def prediction_table(runs: list[RunData], speed: pd.DataFrame, frames: dict[str,
         for decoder, audit in audits.items():
             if isinstance(audit, dict):
                 audit = with_noise(run, decoder, audit, run_speed, questions)
-                rows.append({**prediction_row(run.label, decoder, audit), **against_fixed(run, decoder, run_speed, questions=questions)})
-        rows += search_rows(run, run_speed, questions)
+                fixed = knob_alternatives(run, decoder) if audit.get("tree_nodes") is None else None  # pld:auto: no tree
+                rows.append({**prediction_row(run.label, decoder, audit), **against_fixed(run, decoder, run_speed, fixed, questions)})
+        rows += [row for row in search_rows(run, run_speed, questions) if row["decoder"] not in audits]
     table = pd.DataFrame(rows)
     if not table.empty and table["best_fixed"].isna().all():
         table = table.drop(columns=["best_fixed", "best_fixed_speedup", "auto_over_fixed", "auto_vs_fixed"])  # no sweep in these runs
-    if "knobs" in table and table["knobs"].isna().all():
-        table = table.drop(columns=["knobs"])
+    for column in ("knobs", "hindsight_knobs"):
+        if column in table and table[column].isna().all():
+            table = table.drop(columns=[column])
     return table
 
 
@@ -78,8 +84,6 @@ def search_rows(run: RunData, speed: pd.DataFrame, questions: pd.DataFrame | Non
         measured_tau, measured = _num(got.get("tau")), _num(got.get("speedup"))
         own = half_width(*(predicted.get("speedup_ci") or [None, None])[:2], speedup)  # its search kept no τ interval
         noise = error_noise(own, half_width(got.get("speedup_ci_low"), got.get("speedup_ci_high"), measured))
-        family = decoder.split(":")[0]
-        fixed = [name for name in run.info.get("decoders") or [] if name.split(":")[0] == family and name != decoder]
         rows.append({
             "run": run.label, "decoder": decoder, "knobs": record.get("spec"), "tree_nodes": None,
             "n_compared": got.get("n_compared"), "speedup_predicted": speedup, "speedup": measured,
@@ -88,9 +92,16 @@ def search_rows(run: RunData, speed: pd.DataFrame, questions: pd.DataFrame | Non
             "tau_predicted": tau, "tau_on_text": math.nan, "tau": measured_tau,
             "tau_error": _ratio_error(measured_tau, tau), "tau_noise": math.nan, "step_predicted": _ratio(tau, speedup),
             "step_measured": _ratio(measured_tau, measured), "step_error": _ratio_error(_ratio(measured_tau, measured), _ratio(tau, speedup)),
-            "hindsight_nodes": None, "hindsight_speedup": math.nan, **against_fixed(run, decoder, speed, fixed, questions),
+            "speedup_on_text": math.nan, "hindsight_nodes": None, "hindsight_knobs": None, "hindsight_speedup": math.nan,
+            **against_fixed(run, decoder, speed, knob_alternatives(run, decoder), questions),
         })
     return rows
+
+
+def knob_alternatives(run: RunData, decoder: str) -> list[str]:
+    """The run's other decoders of a knob-searched decoder's method (`pld:sweep`'s fixed knobs beside pld:auto)."""
+    family = decoder.split(":")[0]
+    return [name for name in run.info.get("decoders") or [] if name.split(":")[0] == family and name != decoder]
 
 
 def against_fixed(run: RunData, decoder: str, speed: pd.DataFrame, fixed: list[str] | None = None,
@@ -168,7 +179,9 @@ def prediction_row(label: str, decoder: str, audit: dict) -> dict:
         "tau_error": _ratio_error(replay.get("tau", measured.get("tau")), predicted.get("tau")), "tau_noise": _num(noise.get("tau")),
         "step_predicted": _num(predicted.get("step_ratio")), "step_measured": _num(measured.get("step_ratio")),
         "step_error": _ratio_error(measured.get("step_ratio"), predicted.get("step_ratio")),
-        "hindsight_nodes": best.get("n"), "hindsight_speedup": _num(best.get("speedup_on_text")),
+        "speedup_on_text": _num(best.get("chosen_on_text")),  # τ on this text over the predicted step cost
+        "hindsight_nodes": best.get("n"), "hindsight_knobs": best.get("knobs"),  # a dynamic tree's or pld:auto's knobs
+        "hindsight_speedup": _num(best.get("speedup_on_text")),
         "calibration_trained_on": audit.get("calibration_trained_on"),  # why τ may read high (bench/tree_cache.py)
     }
 

@@ -30,7 +30,8 @@ SHORT_LABELS = {
     "baseline exact vs fp32": "base fp32", "steps logged": "steps", "τ predicted": "τ pred", "speedup predicted": "pred ×",
     "grades reused": "reused", "turns compared": "turns", "speedup (Spec-Bench)": "× (Spec-Bench)",
     "step × baseline predicted": "step pred", "step × baseline measured": "step", "τ on this text": "τ text",
-    "hindsight nodes": "best n", "hindsight speedup": "best ×", "speedup error": "× err", "tree nodes": "n",
+    "hindsight nodes": "best n", "hindsight knobs": "best knobs", "hindsight speedup": "best ×",
+    "speedup on this text": "× on text", "speedup error": "× err", "tree nodes": "n",
     "latency p50 (ms)": "p50 ms", "= same-B baseline": "= base B",
     LEADERBOARD_OVERALL: "leaderboard", LEADERBOARD_TAU: "leaderboard τ",
 }
