@@ -61,6 +61,10 @@ def test_a_run_checks_its_auto_tree_on_its_own_text(smollm, tmp_path, capsys, mo
     assert audit["predicted"]["noise"] == tree["search"].get("noise")  # the prediction's own: kept, the errors' unknown
     assert audit["noise"] == {"speedup": None, "tau": None}
     assert audit["verdict"].startswith(f"hydra:auto (n={audit['tree_nodes']}): predicted")
+    # Each turn records its prefill, so the gap after the text's share splits into the steps' and the prefill's.
+    assert all(0 < p < w for c in answers for p, w in zip(c["prefill_time"], c["wall_time"]))
+    assert 0 < audit["measured"]["prefill_share"] < 1 and audit["measured"]["decode_speedup"] > 0
+    assert f"of the baseline's time, the same work for every decoder)" in audit["verdict"]
 
     # The report shows it, with the note that says what each column means.
     markdown = build_report([out], fmt="markdown")

@@ -18,6 +18,11 @@ between the two into its causes, so a miss is explained, not only seen:
   8 MT-Bench turn-1 answers of 128 tokens: calibration 1.93, per-position 1.61, replayed 1.574,
   measured 1.578.
 - **Step cost.** Measured t(tree)/t(1) = τ_measured / speedup_measured against the profile's.
+- **Prefill.** The prediction prices decoding steps; a run's speedup is over whole turns, whose
+  wall time includes the prompt's prefill, the same work for every decoder, which pulls every
+  speedup towards 1. Answers record each turn's `prefill_time`, so the verdict splits the gap
+  after the text's share into the steps' share (the decoding alone, `decode_speedup`) and the
+  prefill's (`prefill_share` of the baseline's time).
 - **Hindsight.** Every profiled tree size replayed on this text with the profile's step times:
   the tree the search would have chosen had it known this text's τ. It explains; nothing is
   tuned on benchmark questions (the run's tree stays what the optimiser chose beforehand).
@@ -85,18 +90,34 @@ def text_ranks(loaded, proposer, sequences: list[tuple[list[int], int]], depth: 
 # ------------------------------------------------------------------------------ measured
 def measured(choices: dict[str, dict], base_choices: dict[str, dict]) -> dict:
     """τ and the speedup on common questions, in the report's convention (results/stats.paired_speedup),
-    each with its 95% interval over questions."""
+    each with its 95% interval over questions; where both decoders recorded their prefill times, also the
+    speedup of the decoding alone and the prefill's share of the baseline's time (`prefill_share`)."""
     import pandas as pd
 
     def frame(answers: dict[str, dict]) -> pd.DataFrame:
         return pd.DataFrame([{"question_id": q, "new_tokens": sum(c["new_tokens"]), "wall_time": sum(c["wall_time"]),
-                              "steps": sum(c["decoding_steps"])} for q, c in answers.items()])
+                              "prefill_time": prefill_of(c), "steps": sum(c["decoding_steps"])} for q, c in answers.items()])
 
-    mine = frame(choices)
-    speed = paired_speedup(mine, frame(base_choices))
-    return {"questions": len(choices), "compared": speed["n_compared"], "tau": tau_of(mine),
-            "tau_ci": list(bootstrap_tau_ci(mine.new_tokens, mine.steps)),
-            "speedup": speed["speedup"], "speedup_ci": [speed["speedup_ci_low"], speed["speedup_ci_high"]]}
+    mine, base = frame(choices), frame(base_choices)
+    speed = paired_speedup(mine, base)
+    out = {"questions": len(choices), "compared": speed["n_compared"], "tau": tau_of(mine),
+           "tau_ci": list(bootstrap_tau_ci(mine.new_tokens, mine.steps)),
+           "speedup": speed["speedup"], "speedup_ci": [speed["speedup_ci_low"], speed["speedup_ci_high"]]}
+    if not (mine.prefill_time.isna().any() or base.prefill_time.isna().any()):
+        decoding = paired_speedup(mine.assign(wall_time=mine.wall_time - mine.prefill_time),
+                                  base.assign(wall_time=base.wall_time - base.prefill_time))["speedup"]
+        common = base[base.question_id.isin(mine.question_id)]
+        out |= {"decode_speedup": decoding, "prefill_share": float(common.prefill_time.sum() / common.wall_time.sum())}
+    return out
+
+
+def prefill_of(choice: dict) -> float:
+    """Seconds of the answer's wall time its prompts' prefills took (NaN where a turn did not record it:
+    answers from before session 23, endpoints)."""
+    prefill = choice.get("prefill_time") or []
+    if len(prefill) != len(choice["wall_time"]) or any(value is None for value in prefill):
+        return math.nan
+    return float(sum(prefill))
 
 
 # ------------------------------------------------------------------------------ one decoder
@@ -264,8 +285,12 @@ def verdict(audit: dict) -> str:
         best = replay["hindsight_best"]
         named = best.get("knobs") or f"n={best['n']}"  # a dynamic search's rows are knob sets
         on_text = best["chosen_on_text"]
-        line += (f"; on this text the profile gives {on_text:.2f}× (the text's share {on_text / p['speedup'] - 1:+.0%}, "
-                 f"the rest {m['speedup'] / on_text - 1:+.0%})")
+        line += f"; on this text the profile gives {on_text:.2f}× (the text's share {on_text / p['speedup'] - 1:+.0%}, "
+        if m.get("decode_speedup"):  # the rest split: the decoding's own, then the prefill every decoder repeats
+            line += (f"the steps' {m['decode_speedup'] / on_text - 1:+.0%}, the prefill's {m['speedup'] / m['decode_speedup'] - 1:+.0%}: "
+                     f"{m['prefill_share']:.0%} of the baseline's time, the same work for every decoder)")
+        else:
+            line += f"the rest {m['speedup'] / on_text - 1:+.0%})"
         if round(best["speedup_on_text"], 2) > round(best["chosen_on_text"], 2) and named != audit.get("knobs", f"n={audit['tree_nodes']}"):
             line += f"; in hindsight {named} at {best['speedup_on_text']:.2f}× (chosen {chosen}: {best['chosen_on_text']:.2f}×)"
         else:

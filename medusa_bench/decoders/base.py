@@ -46,6 +46,7 @@ class Generation:
     logprobs: Optional[list] = None  # per token: (logprob, [(token_id, logprob), ...])
     drafts: int = 0  # steps that verified a draft (the last step and no-match steps verify none)
     draft_tokens: int = 0  # draft nodes those steps verified, the root not counted
+    prefill_time: Optional[float] = None  # seconds of `wall_time` the prompt's forward took (the same work for every decoder)
 
 
 StepCallback = Callable[[list[int]], Optional[bool]]

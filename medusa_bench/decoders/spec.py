@@ -188,6 +188,8 @@ class SpeculativeDecoder:
         sync(self.device)
         start = time.perf_counter()
         state = self.prefill(prompt_ids, sampling, max_new_tokens)
+        sync(self.device)
+        prefill_time = time.perf_counter() - start
         out: list[int] = []
         accept_lengths: list[int] = []
         token_logprobs: list = [] if logprobs is not None else None
@@ -215,7 +217,7 @@ class SpeculativeDecoder:
         if len(out) >= max_new_tokens and finish != "stop":
             finish = "length"
         return Generation(out, len(accept_lengths), accept_lengths, wall, finish, token_logprobs,
-                          self.drafts_verified - drafts_before, self.draft_tokens_verified - draft_tokens_before)
+                          self.drafts_verified - drafts_before, self.draft_tokens_verified - draft_tokens_before, prefill_time)
 
     @torch.inference_mode()
     def prefill(self, prompt_ids: list[int], sampling: Sampling = Sampling(), max_new_tokens: Optional[int] = None) -> DecodeState:
