@@ -64,6 +64,8 @@ def test_a_run_checks_its_auto_tree_on_its_own_text(smollm, tmp_path, capsys, mo
     # Each turn records its prefill, so the gap after the text's share splits into the steps' and the prefill's.
     assert all(0 < p < w for c in answers for p, w in zip(c["prefill_time"], c["wall_time"]))
     assert 0 < audit["measured"]["prefill_share"] < 1 and audit["measured"]["decode_speedup"] > 0
+    assert all(len(times) == steps for c in answers for times, steps in zip(c["step_times"], c["decoding_steps"]))
+    assert audit["measured"]["timed_step_ratio"] > 0 and "its timed steps" in audit["verdict"]
     assert f"of the baseline's time, the same work for every decoder)" in audit["verdict"]
 
     # The report shows it, with the note that says what each column means.

@@ -68,7 +68,7 @@ def warm_up(decoders: dict, loaded, questions: list[Question], config: RunConfig
 def answer_question(decoder: Decoder, loaded, question: Question, config: RunConfig, on_step=None) -> dict:
     """Both turns of one question by an in-process decoder; turn 2 sees its own turn-1 answer."""
     sampling = config.sampling_for(question)
-    turns, new_tokens, wall, prefill, steps, accepts, token_ids = [], [], [], [], [], [], []
+    turns, new_tokens, wall, prefill, step_times, steps, accepts, token_ids = [], [], [], [], [], [], [], []
     usages = []  # per turn: cpu_share, load_avg, contended (bench/contention.py)
     for turn in range(len(question.turns)):
         prompt_ids = build_prompt(loaded, conversation(question.turns[: turn + 1], turns))
@@ -80,10 +80,11 @@ def answer_question(decoder: Decoder, loaded, question: Question, config: RunCon
         new_tokens.append(len(result.token_ids))
         wall.append(round(result.wall_time, 6))
         prefill.append(None if result.prefill_time is None else round(result.prefill_time, 6))
+        step_times.append(None if result.step_times is None else [round(t, 6) for t in result.step_times])
         steps.append(result.steps)
         accepts.append(result.accept_lengths)
         token_ids.append(result.token_ids)
-    return {"index": 0, "turns": turns, "new_tokens": new_tokens, "wall_time": wall, "prefill_time": prefill, "decoding_steps": steps,
+    return {"index": 0, "turns": turns, "new_tokens": new_tokens, "wall_time": wall, "prefill_time": prefill, "step_times": step_times, "decoding_steps": steps,
             "accept_lengths": accepts, "token_ids": token_ids, "temperature": sampling.temperature,
             **{key: [usage[key] for usage in usages] for key in ("cpu_share", "load_avg", "contended")}}
 

@@ -17,7 +17,9 @@ between the two into its causes, so a miss is explained, not only seen:
   (steps spend more time where acceptance is low). Measured on the Zen 2 EPYC, hydra n = 6 on
   8 MT-Bench turn-1 answers of 128 tokens: calibration 1.93, per-position 1.61, replayed 1.574,
   measured 1.578.
-- **Step cost.** Measured t(tree)/t(1) = τ_measured / speedup_measured against the profile's.
+- **Step cost.** Measured t(tree)/t(1) = τ_measured / speedup_measured against the profile's;
+  beside it the run's own timed steps (answers' `step_times`, drafting and forward) over the
+  baseline's (`timed_step_ratio`): what the profile priced, without prefill and loop.
 - **Prefill.** The prediction prices decoding steps; a run's speedup is over whole turns, whose
   wall time includes the prompt's prefill, the same work for every decoder, which pulls every
   speedup towards 1. Answers record each turn's `prefill_time`, so the verdict splits the gap
@@ -103,12 +105,29 @@ def measured(choices: dict[str, dict], base_choices: dict[str, dict]) -> dict:
     out = {"questions": len(choices), "compared": speed["n_compared"], "tau": tau_of(mine),
            "tau_ci": list(bootstrap_tau_ci(mine.new_tokens, mine.steps)),
            "speedup": speed["speedup"], "speedup_ci": [speed["speedup_ci_low"], speed["speedup_ci_high"]]}
+    timed = {name: [t for q in common_ids(choices, base_choices) for t in forward_steps(answers[q])]
+             for name, answers in (("mine", choices), ("base", base_choices))}
+    if all(timed.values()) and not any(math.isnan(t) for times in timed.values() for t in times):
+        out["timed_step_ratio"] = float(np.mean(timed["mine"]) / np.mean(timed["base"]))  # what the profile prices
     if not (mine.prefill_time.isna().any() or base.prefill_time.isna().any()):
         decoding = paired_speedup(mine.assign(wall_time=mine.wall_time - mine.prefill_time),
                                   base.assign(wall_time=base.wall_time - base.prefill_time))["speedup"]
         common = base[base.question_id.isin(mine.question_id)]
         out |= {"decode_speedup": decoding, "prefill_share": float(common.prefill_time.sum() / common.wall_time.sum())}
     return out
+
+
+def common_ids(choices: dict[str, dict], base_choices: dict[str, dict]) -> list[str]:
+    return [q for q in choices if q in base_choices]
+
+
+def forward_steps(choice: dict) -> list[float]:
+    """Seconds of each step with a forward (a last root emitted without one records 0.0); [nan] where a
+    turn did not record its steps (answers from before session 23, endpoints)."""
+    per_turn = choice.get("step_times") or []
+    if len(per_turn) != len(choice["wall_time"]) or any(times is None for times in per_turn):
+        return [math.nan]
+    return [t for times in per_turn for t in times if t > 0]
 
 
 def prefill_of(choice: dict) -> float:
@@ -276,8 +295,9 @@ def verdict(audit: dict) -> str:
     tau_source = "on this text" if audit.get("replay") else "measured"
     tau_value = audit["replay"]["tau"] if audit.get("replay") else m["tau"]
     on_text = (audit.get("replay") or {}).get("step_ratio")  # pld:auto: its step mix follows the text
+    timed = f"; its timed steps {m['timed_step_ratio']:.2f}×" if m.get("timed_step_ratio") else ""
     line += (f"τ {p['tau']:.2f} predicted, {tau_value:.2f} {tau_source} ({e['tau']:+.0%}); step {p['step_ratio']:.2f}× the baseline's "
-             f"predicted{f' ({on_text:.2f}× on this text)' if on_text else ''}, {m['step_ratio']:.2f}× measured ({e['step']:+.0%})")
+             f"predicted{f' ({on_text:.2f}× on this text)' if on_text else ''}, {m['step_ratio']:.2f}× measured ({e['step']:+.0%}{timed})")
     if audit.get("calibration_trained_on") and e["tau"] < 0:
         line += f"; {audit['calibration_trained_on']}"
     replay = audit.get("replay")

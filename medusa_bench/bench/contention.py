@@ -25,7 +25,7 @@ import torch
 # 0.8 lies between alone (0.96) and half the machine taken (0.63).
 CONTENDED_BELOW = 0.8
 
-TIMING_FIELDS = ("wall_time", "prefill_time", "cpu_share", "load_avg", "contended")  # what --remeasure-flagged replaces
+TIMING_FIELDS = ("wall_time", "prefill_time", "step_times", "cpu_share", "load_avg", "contended")  # what --remeasure-flagged replaces
 
 
 @contextmanager

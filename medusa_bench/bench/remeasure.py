@@ -16,7 +16,7 @@ def remeasure_flagged(questions: list[Question], names: list[str], decoders: dic
                       paths: dict, console: Console) -> None:
     """Re-time every decoder on the questions with a contended turn; keep the answers (tokens, text).
 
-    Replaces wall_time, prefill_time, cpu_share, load_avg and contended in place and marks the record
+    Replaces wall_time, prefill_time, step_times, cpu_share, load_avg and contended in place and marks the record
     "remeasured"; an answer whose tokens differ on the re-run keeps its old record, said at the end.
     """
     records = {name: files.read_jsonl(paths[name]) for name in names}

@@ -47,6 +47,7 @@ class Generation:
     drafts: int = 0  # steps that verified a draft (the last step and no-match steps verify none)
     draft_tokens: int = 0  # draft nodes those steps verified, the root not counted
     prefill_time: Optional[float] = None  # seconds of `wall_time` the prompt's forward took (the same work for every decoder)
+    step_times: Optional[list[float]] = None  # seconds of each step (drafting + verify forward); 0.0: a last root without one
 
 
 StepCallback = Callable[[list[int]], Optional[bool]]

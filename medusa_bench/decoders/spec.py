@@ -192,17 +192,22 @@ class SpeculativeDecoder:
         prefill_time = time.perf_counter() - start
         out: list[int] = []
         accept_lengths: list[int] = []
+        # per step, what a profile prices (the prediction check sets them side by side); on CUDA a plain step's
+        # forward may finish inside the next step's root choice, so only their sum is exact there
+        step_times: list[float] = []
         token_logprobs: list = [] if logprobs is not None else None
         finish = "length"
         while len(out) < max_new_tokens:
+            began = time.perf_counter()
             root, rows = self.next_root(state), [state.logits]
             done = root in self.eos or len(out) + 1 >= max_new_tokens
             emitted = [root]
             if not done:  # the forward is needed only if the turn goes on after the root
-                result = self.step(state, root, rows=token_logprobs is not None)
+                result = self.step(state, root, rows=token_logprobs is not None)  # its tokens are on the host: synchronised
                 emitted = result.tokens
                 if token_logprobs is not None:
                     rows.extend(result.rows)
+            step_times.append(0.0 if done else time.perf_counter() - began)
             emitted, finish = self._cut(emitted, max_new_tokens - len(out))
             out.extend(emitted)
             accept_lengths.append(len(emitted))
@@ -217,7 +222,8 @@ class SpeculativeDecoder:
         if len(out) >= max_new_tokens and finish != "stop":
             finish = "length"
         return Generation(out, len(accept_lengths), accept_lengths, wall, finish, token_logprobs,
-                          self.drafts_verified - drafts_before, self.draft_tokens_verified - draft_tokens_before, prefill_time)
+                          self.drafts_verified - drafts_before, self.draft_tokens_verified - draft_tokens_before, prefill_time,
+                          step_times)
 
     @torch.inference_mode()
     def prefill(self, prompt_ids: list[int], sampling: Sampling = Sampling(), max_new_tokens: Optional[int] = None) -> DecodeState:

@@ -45,7 +45,7 @@ LABELS = {
     "ttft_p99_ms": "TTFT p99 (ms)", "itl_p50_ms": "ITL p50 (ms)", "itl_p90_ms": "ITL p90 (ms)", "itl_p99_ms": "ITL p99 (ms)",
     "tree_nodes": "tree nodes", "speedup_error": "speedup error", "tau_on_text": "τ on this text", "tau_error": "τ error",
     "speedup_noise": "± noise", "tau_noise": "τ ± noise",
-    "step_predicted": "step × baseline predicted", "step_measured": "step × baseline measured", "step_error": "step error",
+    "step_predicted": "step × baseline predicted", "step_measured": "step × baseline measured", "step_timed": "step × baseline timed", "step_error": "step error",
     "speedup_on_text": "speedup on this text", "hindsight_nodes": "hindsight nodes", "hindsight_knobs": "hindsight knobs",
     "hindsight_speedup": "hindsight speedup",
     "best_fixed": "fastest fixed tree or knobs", "knobs": "knobs chosen", "best_fixed_speedup": "its speedup", "auto_over_fixed": "auto / it, paired (95% CI)", "auto_vs_fixed": "auto against it",
@@ -80,7 +80,7 @@ def format_value(column: str, value: Any) -> str:
     if column.startswith(("exact_", "baseline_exact_", "coverage", "accept_ge_", "tokens_")) and column not in ("exact_match_turns", "tokens_per_s"):
         return f"{100 * value:.1f}%"
     if column in ("speedup", "speedup_specbench", "speedup_predicted", "speedup_on_text", "hindsight_speedup", "best_fixed_speedup", "step_predicted",
-                  "step_measured", "predicted_speedup"):
+                  "step_measured", "step_timed", "predicted_speedup"):
         return f"{value:.2f}×"
     if column in ERROR_COLUMNS:
         return f"{100 * value:+.0f}%"

@@ -43,7 +43,8 @@ NOTE = ("Predicted: the tree optimiser's numbers for the tree it chose, before t
         "answers scored by the decoder's heads and decoding replayed on them (for greedy static trees this reproduces "
         "the measured τ), so τ error is the calibration text's share and step error the profile's. Hindsight: the profiled tree "
         "size fastest on this text with the profiled step times; it explains, it never chooses. Speedup on this text: τ on "
-        "this text over the predicted step cost, what the prediction would have been on the benchmark's own text. pld:auto: "
+        "this text over the predicted step cost, what the prediction would have been on the benchmark's own text. Step timed: "
+        "the run's own steps (drafting and verify forward, each turn's prefill and loop left out) over the baseline's. pld:auto: "
         "its knob search's prediction, prompt lookup replayed on the calibration answers (pld-search.json), then on the "
         "run's answers with the same step profile; its hindsight is the knob set fastest on this text.")
 
@@ -64,7 +65,7 @@ def prediction_table(runs: list[RunData], speed: pd.DataFrame, frames: dict[str,
     table = pd.DataFrame(rows)
     if not table.empty and table["best_fixed"].isna().all():
         table = table.drop(columns=["best_fixed", "best_fixed_speedup", "auto_over_fixed", "auto_vs_fixed"])  # no sweep in these runs
-    for column in ("knobs", "hindsight_knobs"):
+    for column in ("knobs", "hindsight_knobs", "step_timed"):
         if column in table and table[column].isna().all():
             table = table.drop(columns=[column])
     return table
@@ -179,6 +180,7 @@ def prediction_row(label: str, decoder: str, audit: dict) -> dict:
         "tau_error": _ratio_error(replay.get("tau", measured.get("tau")), predicted.get("tau")), "tau_noise": _num(noise.get("tau")),
         "step_predicted": _num(predicted.get("step_ratio")), "step_measured": _num(measured.get("step_ratio")),
         "step_error": _ratio_error(measured.get("step_ratio"), predicted.get("step_ratio")),
+        "step_timed": _num(measured.get("timed_step_ratio")),  # the run's own step times: what the profile priced
         "speedup_on_text": _num(best.get("chosen_on_text")),  # τ on this text over the predicted step cost
         "hindsight_nodes": best.get("n"), "hindsight_knobs": best.get("knobs"),  # a dynamic tree's or pld:auto's knobs
         "hindsight_speedup": _num(best.get("speedup_on_text")),

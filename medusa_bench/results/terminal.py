@@ -29,7 +29,7 @@ SHORT_LABELS = {
     "median first divergence": "1st diff", "exact vs fp32": "exact fp32", "median divergence vs fp32": "1st diff fp32",
     "baseline exact vs fp32": "base fp32", "steps logged": "steps", "τ predicted": "τ pred", "speedup predicted": "pred ×",
     "grades reused": "reused", "turns compared": "turns", "speedup (Spec-Bench)": "× (Spec-Bench)",
-    "step × baseline predicted": "step pred", "step × baseline measured": "step", "τ on this text": "τ text",
+    "step × baseline predicted": "step pred", "step × baseline measured": "step", "step × baseline timed": "step timed", "τ on this text": "τ text",
     "hindsight nodes": "best n", "hindsight knobs": "best knobs", "hindsight speedup": "best ×",
     "speedup on this text": "× on text", "speedup error": "× err", "tree nodes": "n",
     "latency p50 (ms)": "p50 ms", "= same-B baseline": "= base B",
