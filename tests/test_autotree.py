@@ -202,6 +202,9 @@ def test_auto_measures_caches_and_fills_the_run_folder(smollm, heads_dir, tmp_pa
     assert set(first.latency.meta["ratio_ci"]) == {"2", "3"} and first.latency.device.startswith("cpu")
     confirmed = first.latency.meta["confirmed"]  # the screen's best sizes timed again: they choose and predict
     assert set(confirmed["ratios"]) == {"2", "3"} and confirmed["repeats"] == 3 * settings.repeats
+    for n, record in confirmed.get("shallower", {}).items():  # and each one level shallower, where the size fits
+        assert len(record["tree"]) + 1 == int(n) and max(map(len, record["tree"])) == max(map(len, confirmed["trees"][n])) - 1
+    assert "3" in confirmed.get("shallower", {}) or max(map(len, confirmed["trees"]["3"])) == 1
     if first.result.choice.n > 1:
         ratio = confirmed["ratios"][str(first.result.choice.n)][0]
         assert first.result.choice.step_time == pytest.approx(first.latency.baseline_step_time * ratio)

@@ -385,3 +385,27 @@ def test_kept_answers_make_the_search_replay_decoding(tmp_path):
     assert best_tree(back, lat, max_nodes=3).choice.table == result.choice.table
     with pytest.raises(UserError, match="'answers' must be a list"):
         calibration_from_json({"kind": "conditional", "paths": {"0": 0.2}, "answers": [{"tokens": 3, "ranks": "x"}]})
+
+
+def test_a_size_one_level_shallower_replaces_the_deeper_tree_where_it_steps_cheaper_for_its_tau():
+    """Each level is a draft head to run: the confirm step also times each confirmed size one level shallower
+    (latency.json "confirmed" "shallower"), and that tree takes the size where τ / step ratio is higher."""
+    from medusa_bench.trees.search import shallower_candidate
+
+    cal = Calibration("independent", 3, accuracy=[[0.7, 0.1, 0.05], [0.6, 0.1, 0.05], [0.5, 0.1, 0.05]])
+    lat = Latency({1: 0.010, 2: 0.0102, 4: 0.0104, 8: 0.012, 16: 0.020}, baseline_step_time=0.010)
+    deep = best_tree(cal, lat, max_nodes=16, min_speedup=1.0).candidates[7]
+    shallow = shallower_candidate(cal, deep.tree)
+    assert deep.tree.depth == 3 and shallow.tree.depth == 2 and shallow.n == 8 and shallow.tau < deep.tau
+    assert shallower_candidate(cal, Tree.chain(1)) is None  # nothing shallower than one level
+    confirmed = {"ratios": {"4": [1.25, 1.2, 1.3], "8": [1.30, 1.28, 1.32]}, "repeats": 30}
+    for ratio, swapped in ((1.29, False), (1.10, True)):  # barely cheaper: its lower τ loses; much cheaper: it wins
+        lat.meta["confirmed"] = {**confirmed, "shallower": {"8": {"ratio": [ratio, ratio - 0.01, ratio + 0.01],
+                                                                  "tree": shallow.tree.to_list()}}}
+        result = best_tree(cal, lat, max_nodes=16, min_speedup=1.0)
+        rows = {row["n"]: row for row in result.choice.table}
+        assert (result.candidates[7].tree.paths == shallow.tree.paths) is swapped
+        assert ("shallower" in rows[8]) is swapped and ("one level shallower" in result.choice.reason) is swapped
+        if swapped:
+            assert result.choice.n == 8 and rows[8]["tau"] == pytest.approx(shallow.tau) and rows[8]["shallower"] == 2
+            assert result.choice.step_time == pytest.approx(0.010 * 1.10) and result.tree.paths == shallow.tree.paths

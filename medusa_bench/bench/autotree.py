@@ -23,7 +23,7 @@ from medusa_bench.bench.tree_cache import (  # calibration_source: also this mod
 )
 from medusa_bench.decoders.registry import build_decoder, needs_step_profile, spec_options, tree_decoders
 from medusa_bench.errors import UserError
-from medusa_bench.trees.search import SearchResult, best_tree, greedy_tree
+from medusa_bench.trees.search import SearchResult, best_tree, greedy_tree, shallower_candidate
 from medusa_bench.trees.tables import (
     Calibration, Latency, load_calibration, load_latency, save_calibration, save_latency,
 )
@@ -180,9 +180,9 @@ def measure_tables(loaded, probe, make_proposer, depth: int, settings: AutoTreeS
 def confirm_sizes(loaded, calibration: Calibration, latency: Latency, make_proposer, depth: int,
                   settings: AutoTreeSettings, contexts, log) -> Latency:
     """The screen's best few sizes timed again, on fresh decoders and `CONFIRM_ROUNDS` times the rounds:
-    the `CONFIRM_TOP` fastest profiled sizes and the screen's own best (maybe an interpolated size). Their
-    rounds alone choose among them and predict (trees/search.confirmed_ratios says why);
-    latency.meta["confirmed"] keeps them."""
+    the `CONFIRM_TOP` fastest profiled sizes and the screen's own best (maybe an interpolated size), and
+    each one level shallower (trees/search.shallower_candidate). Their rounds alone choose among them and
+    predict (trees/search.confirmed_ratios says why); latency.meta["confirmed"] keeps them."""
     screen = best_tree(calibration, latency, min(settings.max_nodes, max(latency.step_time)), depth, depth, 1.0)
     rows = [row for row in screen.choice.table if row["n"] > 1]
     if not rows:
@@ -195,11 +195,21 @@ def confirm_sizes(loaded, calibration: Calibration, latency: Latency, make_propo
     log(f"tree auto: timing the screen's best sizes {', '.join(map(str, sizes))} again on {rounds} fresh rounds …")
     again = cal.profile(loaded, make_proposer, trees, contexts, rounds, settings.warmup)
     latency.meta["confirmed"] = {
-        "ratios": {str(n): [round(statistics.fmean(again.meta["ratios"][str(n)]), 5), *again.meta["ratio_ci"][str(n)]]
-                   for n in sizes},
+        "ratios": {str(n): mean_ratio(again, n) for n in sizes},
         "repeats": rounds, "statistic": "mean paired ratio t(n)/t(1) over fresh rounds, 95% bootstrap interval",
         "trees": {str(n): tree.to_list() for n, tree in trees.items()}}
+    shallower = {n: found.tree for n in sizes if (found := shallower_candidate(calibration, trees[n])) is not None}
+    if shallower:  # a level is a draft head to run: the same size one level shallower may step cheaper for its τ
+        log(f"tree auto: timing the same sizes one level shallower ({', '.join(map(str, shallower))}) on {rounds} fresh rounds …")
+        shallow = cal.profile(loaded, make_proposer, shallower, contexts, rounds, settings.warmup)
+        latency.meta["confirmed"]["shallower"] = {str(n): {"ratio": mean_ratio(shallow, n), "tree": tree.to_list()}
+                                                  for n, tree in shallower.items()}
     return latency
+
+
+def mean_ratio(latency: Latency, n: int) -> list[float]:
+    """[mean paired ratio t(n)/t(1), 95% low, high] of a profile's rounds at size n."""
+    return [round(statistics.fmean(latency.meta["ratios"][str(n)]), 5), *latency.meta["ratio_ci"][str(n)]]
 
 
 def measure_calibration(loaded, proposer, prompts: list[str], depth: int, settings: AutoTreeSettings, log) -> Calibration:

@@ -54,6 +54,20 @@ def expected_length(tree: Tree, prob: ProbFn) -> float:
 # --- Search -------------------------------------------------------------------------------
 
 
+def shallower_candidate(calibration: Calibration, tree: Tree) -> "Candidate | None":
+    """The best tree of `tree`'s size one level shallower, or None where that size does not fit.
+
+    Why: each level of a tree is one more draft head to run every step, a cost the search's step
+    profile prices only for the tree it timed at that size. On the Xeon with AMX (bf16, 16 MT-Bench
+    questions, session 23) medusa's 8-node search tree of depth 4 stepped at 1.219× the baseline's
+    and `tree-8` (depth 3) at 1.173×, for τ 1.553 and 1.566: the deeper one ran 4.4% slower."""
+    if tree.depth <= 1:
+        return None
+    n = tree.num_nodes
+    found = greedy_tree(calibration.prob_fn(), n, tree.depth - 1, calibration.top_k)
+    return found[n - 1] if len(found) >= n else None
+
+
 def greedy_tree(prob: ProbFn, max_nodes: int, max_depth: int, top_k: int) -> list[Candidate]:
     """Best tree for every budget n = 1..max_nodes, by best-first expansion on P(path).
 
@@ -281,6 +295,13 @@ def best_tree(
         taus = {c.n: replayed_tau(calibration.answers, c.tree, calibration.top_k)[0] for c in candidates}
         statistic = f"replayed in decode order over {len(calibration.answers)} answers"
     screened, confirmed = latency, confirmed_ratios(latency, taus)
+    shallower = []  # sizes whose one-level-shallower tree, timed again beside them, steps cheaper for its τ
+    for n, (tree, ratio) in shallower_ratios(latency, confirmed).items():
+        tau = replayed_tau(calibration.answers, tree, calibration.top_k)[0] if calibration.answers else expected_length(tree, calibration.prob_fn())
+        if tau / ratio[0] > taus[n] / confirmed[n][0]:
+            candidates[n - 1] = Candidate(n, tree, expected_length(tree, calibration.prob_fn()))
+            taus[n], confirmed[n] = tau, ratio
+            shallower.append(n)
     chosen_from = taus
     if confirmed:  # the screen's best few sizes, timed again on fresh rounds: those rounds decide, and predict
         base = latency.baseline_step_time or latency.at(1)
@@ -304,11 +325,25 @@ def best_tree(
                         for row in choose_budget(taus, screened.step_time, screened.baseline_step_time, 1.0).table]
         choice.reason += (f"; sizes {', '.join(map(str, sorted(confirmed)))} (the screen's best) timed again on "
                           f"{screened.meta['confirmed'].get('repeats')} fresh rounds chose and predicted")
+        for row in choice.table:
+            if row["n"] in shallower:
+                row["shallower"] = candidates[row["n"] - 1].tree.depth
+        if shallower:
+            choice.reason += (f"; at n={', '.join(map(str, shallower))} the tree one level shallower (a draft head fewer) "
+                              "stepped cheaper for its τ than the deeper one and replaced it")
     if calibration.answers:
         for row in choice.table:
             row["tau_per_position"] = candidates[row["n"] - 1].tau
     tree = Tree(candidates[choice.n - 1].tree.paths, name=f"search-n{choice.n}")
     return SearchResult(tree, choice, candidates)
+
+
+def shallower_ratios(latency: Latency, confirmed: Mapping[int, tuple]) -> dict[int, tuple[Tree, tuple[float, float, float]]]:
+    """{n: (the tree one level shallower, (mean step ratio, 95% low, high))} timed again beside the confirmed
+    sizes (latency.json "confirmed" "shallower", bench/autotree.confirm_sizes; `shallower_candidate` says why)."""
+    found = ((latency.meta.get("confirmed") or {}).get("shallower") or {})
+    return {int(n): (Tree([tuple(p) for p in record["tree"]]), tuple(record["ratio"]))
+            for n, record in found.items() if int(n) in confirmed}
 
 
 def confirmed_ratios(latency: Latency, taus: Mapping[int, float]) -> dict[int, tuple[float, float, float]]:
