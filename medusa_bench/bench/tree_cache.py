@@ -96,10 +96,14 @@ def trained_on_note(info: dict) -> Optional[str]:
     return (info.get("calibration") or {}).get("trained_on")
 
 
+_SAID: set[str] = set()  # notes already printed in this process: every auto decoder of a run shares the prompts
+
+
 def say_trained_on(info: dict, log) -> None:
-    """One line when the heads were trained on the calibration prompts (see heads_trained_on)."""
+    """One line when the heads were trained on the calibration prompts (see heads_trained_on), once per note."""
     note = trained_on_note(info)
-    if note:
+    if note and note not in _SAID:
+        _SAID.add(note)
         log(f"tree auto: {note}, so the predicted τ may read high; --calibration FILE with prompts they never "
             "saw measures it on unseen text")
 
