@@ -297,9 +297,10 @@ def best_tree(
     screened, confirmed = latency, confirmed_ratios(latency, taus)
     shallower = []  # sizes whose one-level-shallower tree, timed again beside them, steps cheaper for its τ
     for n, (tree, ratio) in shallower_ratios(latency, confirmed).items():
-        tau = replayed_tau(calibration.answers, tree, calibration.top_k)[0] if calibration.answers else expected_length(tree, calibration.prob_fn())
+        mean = expected_length(tree, calibration.prob_fn())  # the per-position τ, as every candidate keeps
+        tau = replayed_tau(calibration.answers, tree, calibration.top_k)[0] if calibration.answers else mean
         if tau / ratio[0] > taus[n] / confirmed[n][0]:
-            candidates[n - 1] = Candidate(n, tree, expected_length(tree, calibration.prob_fn()))
+            candidates[n - 1] = Candidate(n, tree, mean)
             taus[n], confirmed[n] = tau, ratio
             shallower.append(n)
     chosen_from = taus
