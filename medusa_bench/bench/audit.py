@@ -37,10 +37,11 @@ runs likewise (acceptance is random).
 Prompt lookup's `pld:auto` (`audit_knob_search`): its knob search replayed its drafting on the
 calibration answers (bench/pld_search.py); here the same replay, with the step profile it decided
 by, runs on the run's own answers, for the chosen knobs and every knob set of its grid. Prompt
-lookup's τ depends on the text alone (no heads), so predicted − on-this-text is the calibration
-text's share, on-this-text − measured the profile's. Measured (Xeon with AMX, bf16, 16 MT-Bench
-questions, 128 tokens): the defaults' τ replayed on the run's baseline answers 1.72 against 1.79
-measured; on the self-instruct calibration answers 1.95–2.26 (16 or 64 prompts, 64 or 128 tokens):
+lookup has no heads: its τ depends on the text (and, through what its policy drafts, on the same
+profile), so predicted − on-this-text is the calibration text's share, on-this-text − measured the
+profile's. Measured (Xeon with AMX, bf16, 16 MT-Bench questions, 128 tokens, `benchmarks/pld_text.py`):
+the defaults' τ replayed on the run's baseline answers 1.72 against 1.79 measured; on the self-instruct
+calibration answers 2.13–2.49 (16 or 64 prompts, 64 or 128 tokens):
 their inputs are copied into the answers, and "summarize your answer" copies turn 1 into turn 2.
 
 Also here: the in-run check (`early_check`), after the first questions, and `audit_folder`: the
@@ -105,10 +106,11 @@ def measured(choices: dict[str, dict], base_choices: dict[str, dict]) -> dict:
     out = {"questions": len(choices), "compared": speed["n_compared"], "tau": tau_of(mine),
            "tau_ci": list(bootstrap_tau_ci(mine.new_tokens, mine.steps)),
            "speedup": speed["speedup"], "speedup_ci": [speed["speedup_ci_low"], speed["speedup_ci_high"]]}
-    timed = {name: [t for q in common_ids(choices, base_choices) for t in forward_steps(answers[q])]
-             for name, answers in (("mine", choices), ("base", base_choices))}
-    if all(timed.values()) and not any(math.isnan(t) for times in timed.values() for t in times):
-        out["timed_step_ratio"] = float(np.mean(timed["mine"]) / np.mean(timed["base"]))  # what the profile prices
+    common = [q for q in choices if q in base_choices]
+    timed = {name: [recorded(answers[q], "step_times") for q in common] for name, answers in (("mine", choices), ("base", base_choices))}
+    if common and all(turns is not None for per in timed.values() for turns in per):  # what the profile prices
+        forward = {name: [t for turns in per for times in turns for t in times if t > 0] for name, per in timed.items()}  # 0.0: no forward
+        out["timed_step_ratio"] = float(np.mean(forward["mine"]) / np.mean(forward["base"]))
     if not (mine.prefill_time.isna().any() or base.prefill_time.isna().any()):
         decoding = paired_speedup(mine.assign(wall_time=mine.wall_time - mine.prefill_time),
                                   base.assign(wall_time=base.wall_time - base.prefill_time))["speedup"]
@@ -117,26 +119,17 @@ def measured(choices: dict[str, dict], base_choices: dict[str, dict]) -> dict:
     return out
 
 
-def common_ids(choices: dict[str, dict], base_choices: dict[str, dict]) -> list[str]:
-    return [q for q in choices if q in base_choices]
-
-
-def forward_steps(choice: dict) -> list[float]:
-    """Seconds of each step with a forward (a last root emitted without one records 0.0); [nan] where a
-    turn did not record its steps (answers from before session 23, endpoints)."""
-    per_turn = choice.get("step_times") or []
-    if len(per_turn) != len(choice["wall_time"]) or any(times is None for times in per_turn):
-        return [math.nan]
-    return [t for times in per_turn for t in times if t > 0]
+def recorded(choice: dict, key: str) -> Optional[list]:
+    """An answer's per-turn field (`prefill_time`, `step_times`) where every turn recorded it; None where one
+    did not (answers from before session 23, endpoints)."""
+    values = choice.get(key) or []
+    return values if len(values) == len(choice["wall_time"]) and all(value is not None for value in values) else None
 
 
 def prefill_of(choice: dict) -> float:
-    """Seconds of the answer's wall time its prompts' prefills took (NaN where a turn did not record it:
-    answers from before session 23, endpoints)."""
-    prefill = choice.get("prefill_time") or []
-    if len(prefill) != len(choice["wall_time"]) or any(value is None for value in prefill):
-        return math.nan
-    return float(sum(prefill))
+    """Seconds of the answer's wall time its prompts' prefills took (NaN where not recorded)."""
+    prefill = recorded(choice, "prefill_time")
+    return math.nan if prefill is None else float(sum(prefill))
 
 
 # ------------------------------------------------------------------------------ one decoder
@@ -253,11 +246,10 @@ def audit_knob_search(loaded, decoder, questions: list, choices: dict[str, dict]
         return out
     text = answer_texts(loaded, questions, choices)
     predicted_rows = {row["spec"]: row for row in search.get("grid") or []}
+    # the grid, and the choice (a resumed run's may lie outside it)
+    configs = {knob_suffix(knobs): knobs for knobs in grid(search["defaults"]["knobs"]) + [search["chosen"]]}
     table = []
-    for knobs in grid(search["defaults"]["knobs"]) + [search["chosen"]]:
-        spec = knob_suffix(knobs)
-        if any(row["knobs"] == spec for row in table):
-            continue
+    for spec, knobs in configs.items():
         replayed = replay(text, knobs, decoder.step_profile)
         before = predicted_rows.get(spec) or {}
         table.append({"n": None, "knobs": spec, "tau_predicted": before.get("tau"), "tau_replayed": replayed.tau,
@@ -294,10 +286,10 @@ def verdict(audit: dict) -> str:
             f"({e['speedup']:+.0%}{', inside its 95% interval' if inside else ''}{within}); ")
     tau_source = "on this text" if audit.get("replay") else "measured"
     tau_value = audit["replay"]["tau"] if audit.get("replay") else m["tau"]
-    on_text = (audit.get("replay") or {}).get("step_ratio")  # pld:auto: its step mix follows the text
+    step_on_text = (audit.get("replay") or {}).get("step_ratio")  # pld:auto: its step mix follows the text
     timed = f"; its timed steps {m['timed_step_ratio']:.2f}×" if m.get("timed_step_ratio") else ""
     line += (f"τ {p['tau']:.2f} predicted, {tau_value:.2f} {tau_source} ({e['tau']:+.0%}); step {p['step_ratio']:.2f}× the baseline's "
-             f"predicted{f' ({on_text:.2f}× on this text)' if on_text else ''}, {m['step_ratio']:.2f}× measured ({e['step']:+.0%}{timed})")
+             f"predicted{f' ({step_on_text:.2f}× on this text)' if step_on_text else ''}, {m['step_ratio']:.2f}× measured ({e['step']:+.0%}{timed})")
     if audit.get("calibration_trained_on") and e["tau"] < 0:
         line += f"; {audit['calibration_trained_on']}"
     replay = audit.get("replay")
