@@ -22,7 +22,7 @@ import pytest
 
 from medusa_bench.results.display import TAU_NOTE
 from medusa_bench.results.report import at_a_glance, build_report, collect
-from medusa_bench.results.stats import MIN_QUESTIONS_FOR_CI, bootstrap_speedup_ci
+from medusa_bench.results.stats import MIN_QUESTIONS_FOR_CI, _resampled_sums, bootstrap_speedup_ci, expanded_tail, t_quantile
 
 EVIL = "Sure! <script>alert(1)</script> and </table> then <img src=x onerror=alert(2)> & done"
 
@@ -219,6 +219,23 @@ def test_bootstrap_interval_is_exact_when_every_question_has_the_same_speedup():
     noisy = [rng.uniform(1, 2, 30) for _ in range(4)]
     assert bootstrap_speedup_ci(*noisy) == bootstrap_speedup_ci(*noisy)
     assert bootstrap_speedup_ci(*noisy)[0] < bootstrap_speedup_ci(*noisy)[1]
+
+
+def test_the_interval_is_the_expanded_percentile_one_over_the_questions_asked():
+    # Student's t from the Cornish-Fisher series, against the tables, from MIN_QUESTIONS_FOR_CI - 1 df up.
+    for df, exact in ((4, 2.7764), (7, 2.3646), (15, 2.1314), (30, 2.0423), (1000, 1.9623)):
+        assert t_quantile(0.975, df) == pytest.approx(exact, abs=0.003)
+    assert expanded_tail(16) == pytest.approx(0.0139, abs=0.0003)  # 1.4% and 98.6%, not 2.5% and 97.5%
+    assert expanded_tail(5) < expanded_tail(16) < expanded_tail(200) < 0.025 < expanded_tail(200) + 0.0015  # → 2.5% as n grows
+    # On 16 noisy questions it holds the plain percentile interval of the same resamples, ~11% wider.
+    rng = np.random.default_rng(3)
+    tokens, base = rng.uniform(30, 300, 16), rng.uniform(1, 10, 16)
+    dec = base / rng.lognormal(np.log(1.4), 0.25, 16)
+    low, high = bootstrap_speedup_ci(tokens, dec, tokens, base)
+    sums = _resampled_sums((tokens, dec, tokens, base), 2000, 0)
+    plain_low, plain_high = np.quantile(sums[3] / sums[1], [0.025, 0.975])
+    assert low < plain_low and high > plain_high
+    assert 1.05 < (high - low) / (plain_high - plain_low) < 1.3
 
 
 def seven_questions() -> tuple[dict, dict]:
