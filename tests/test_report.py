@@ -630,3 +630,36 @@ def test_auto_against_the_fastest_fixed_tree_is_paired_over_questions():
     assert swing["auto_vs_fixed"] == "fixed ahead, inside the paired interval", swing
     without = against_fixed(SimpleNamespace(info={}), "hydra:auto", speed, ["hydra:chain-2"])
     assert without["auto_over_fixed"] is None and without["auto_vs_fixed"] == "fixed faster"  # 1.9 / 2.0
+
+
+def test_runs_of_one_command_are_set_side_by_side_with_what_moved(tmp_path):
+    """Repeats: a decoder configuration timed by several runs of one command gets one row; runs of
+    another command, or a tree the search chose differently, are never paired with them."""
+    base_q, medusa_q = seven_questions()
+    slower = {q: (c, t, [w * 1.25 for w in ws], s) for q, (c, t, ws, s) in medusa_q.items()}  # the machine, not τ
+    fewer_steps = {q: (c, t, ws, [n - 2 for n in s]) for q, (c, t, ws, s) in medusa_q.items()}
+
+    def run(name, medusa, settings=None, tree_hash="aaa"):
+        folder = write_run(tmp_path / name, {"tiny-baseline": records(base_q, "baseline"), "tiny-medusa": records(medusa, "medusa"),
+                                             "tiny-hydra": records(medusa_q, "hydra")}, settings=settings)
+        info = json.loads((folder / "run.json").read_text())
+        info["trees"] = {"medusa": {"name": "search-n4", "hash": tree_hash, "auto": True}, "hydra": {"name": "tree-8", "auto": False}}
+        (folder / "run.json").write_text(json.dumps(info))
+        return folder
+
+    folders = [run("a", medusa_q), run("b", medusa_q), run("c", slower), run("d", fewer_steps, tree_hash="bbb"),
+               run("e", medusa_q, settings={"max_new_tokens": 128})]
+    report = collect(folders)
+    table = report.tables["repeat"]
+    medusa, hydra = row(table, decoder="medusa"), row(table, decoder="hydra")
+    assert medusa.repeat_runs == "a · b · c" and medusa.chosen == "search-n4 (aaa)"  # d chose another tree, e asked for more tokens
+    assert medusa.taus.endswith(" each") and medusa.moved == "timing (τ the same)"
+    a, c = (row(report.tables["speed"], run=name, decoder="medusa") for name in ("a", "c"))
+    assert medusa.spread == pytest.approx(a.speedup / c.speedup - 1)
+    assert medusa.step_ratios.split(" · ")[2] == f"{1.25 * float(medusa.step_ratios.split(' · ')[0]):.2f}"
+    assert medusa.inside == "1 of 3 (not a ↔ c, b ↔ c)"  # a and b are the same timing; c's is 25% slower
+    assert hydra.repeat_runs == "a · b · c · d" and hydra.inside == "6 of 6" and hydra.chosen == "–"
+    assert any(note.startswith("Repeats: of 9 pairs of runs") and "7 landed inside" in note for note in report.notes)
+    assert "## Repeats: the same command, run again" in build_report(folders, fmt="markdown")
+    assert "Repeats: the same command, run again</h3>" in build_report(folders, out=tmp_path / "r.html").read_text()
+    assert "repeat" not in collect([folders[0], folders[4]]).tables  # two commands: nothing to set side by side

@@ -50,7 +50,10 @@ LABELS = {
     "hindsight_speedup": "hindsight speedup",
     "best_fixed": "fastest fixed tree or knobs", "knobs": "knobs chosen", "best_fixed_speedup": "its speedup", "auto_over_fixed": "auto / it, paired (95% CI)", "auto_vs_fixed": "auto against it",
     "batch_size": "batch", "tok_s": "tokens/s", "latency_p50_ms": "latency p50 (ms)", "latency_p90_ms": "latency p90 (ms)",
-    "same_as_batched_baseline": "= same-B baseline", "predicted_speedup": "predicted", "verdict": "vs batch 1",
+    "same_as_batched_baseline": "= same-B baseline",
+    "chosen": "chosen", "repeat_runs": "runs", "speedups": "speedup (95% CI), each run", "taus": "τ, each run",
+    "step_ratios": "step × baseline, each run", "baseline_ms": "baseline ms a step, each run", "spread": "apart",
+    "inside": "each inside the other's CI", "moved": "what moved", "predicted_speedup": "predicted", "verdict": "vs batch 1",
 }
 ERROR_COLUMNS = ("speedup_error", "tau_error", "step_error")  # measured / predicted − 1
 NOISE_COLUMNS = ("speedup_noise", "tau_noise")  # the 95% noise of those errors (results/prediction.error_noise)
@@ -82,6 +85,8 @@ def format_value(column: str, value: Any) -> str:
     if column in ("speedup", "speedup_specbench", "speedup_predicted", "speedup_on_text", "hindsight_speedup", "best_fixed_speedup", "step_predicted",
                   "step_measured", "step_timed", "predicted_speedup"):
         return f"{value:.2f}×"
+    if column == "spread":
+        return f"{100 * value:.0f}%"
     if column in ERROR_COLUMNS:
         return f"{100 * value:+.0f}%"
     if column in NOISE_COLUMNS:

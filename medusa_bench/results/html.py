@@ -302,6 +302,7 @@ def render_html(report: ReportTables, plots: list[Plot]) -> str:
                  table_html(t["summary"], "no answers yet", FOOTERS["summary"]), _plots(plots, ["speedup", "quality"])),
         _section("speed", TABLE_TITLES["speed"], table_html(t["speed"], "no answers yet"),
                  *([f"<h3>{esc(TABLE_TITLES['spec_bench'])}</h3>", table_html(t["spec_bench"])] if "spec_bench" in t else []),
+                 *([f"<h3>{esc(TABLE_TITLES['repeat'])}</h3>", table_html(t["repeat"])] if "repeat" in t else []),
                  "<h3>Per category</h3>", table_html(t["categories"], "no answers yet", FOOTERS["categories"])),
         _section("drift", TABLE_TITLES["precision"],
                  table_html(t["precision"], "no token ids to compare (sampled decoding, or a run written before token ids were saved)"),

@@ -4,7 +4,7 @@ measured"), so that a table, its CSV export and the HTML report can never disagr
 
 Where each table is computed: speed.py (speed, noise floor), summary.py (at a glance, banner,
 notes), categories.py, spec_bench.py (Spec-Bench's leaderboard layout), acceptance.py (acceptance,
-tokens per step), prediction.py (the optimiser's prediction against the run), quality.py (MT-Bench scores), drift_table.py (drift against the baseline and
+tokens per step), prediction.py (the optimiser's prediction against the run), repeat.py (runs of one command side by side), quality.py (MT-Bench scores), drift_table.py (drift against the baseline and
 fp32), configuration.py, sweep.py (endpoint concurrency levels), batch.py (the batch sweep); runs.py loads the folders,
 stats.py holds the bootstrap.
 """
@@ -23,6 +23,7 @@ from medusa_bench.results.drift_table import drift_notes, precision_table, verdi
 from medusa_bench.results.prediction import TITLE as PREDICTION_TITLE
 from medusa_bench.results.prediction import prediction_notes, prediction_table
 from medusa_bench.results.quality import quality_table
+from medusa_bench.results.repeat import repeat_notes, repeat_table
 from medusa_bench.results.runs import RunData, question_frame
 from medusa_bench.results.spec_bench import NOTE as SPEC_BENCH_NOTE
 from medusa_bench.results.spec_bench import spec_bench_table
@@ -37,6 +38,7 @@ TABLE_TITLES = {
     "acceptance": "Acceptance",
     "tokens_per_step": "Tokens per step (histogram)",
     "prediction": PREDICTION_TITLE,
+    "repeat": "Repeats: the same command, run again",
     "quality": "Quality (MT-Bench single grading)",
     "spec_bench": "Spec-Bench: speedup per task (leaderboard: A100, Vicuna-13B)",
     "categories": "Per category",
@@ -84,12 +86,13 @@ def build_tables(runs: list[RunData]) -> ReportTables:
         "acceptance": acceptance,
         "tokens_per_step": histogram,
         "prediction": prediction_table(runs, speed, frames),  # --tree auto decoders (prediction.json; dropped below when empty)
+        "repeat": repeat_table(runs, speed, frames),  # runs of one command side by side (dropped below when there are none)
         "quality": quality,
         "spec_bench": spec_bench_table(runs, frames),  # runs over Spec-Bench's questions only (dropped below when empty)
         "categories": category_table(runs, frames),
         "config": config_table(runs),
     }
-    for optional in ("spec_bench", "prediction"):
+    for optional in ("spec_bench", "prediction", "repeat"):
         if tables[optional].empty:
             del tables[optional]
     sweep = sweep_table(runs)
@@ -103,6 +106,9 @@ def build_tables(runs: list[RunData]) -> ReportTables:
     if "prediction" in tables:
         caveats += prediction_notes(tables["prediction"])
         tables["prediction"] = tables["prediction"].drop(columns=["calibration_trained_on"], errors="ignore")  # said in its note
+    if "repeat" in tables:
+        caveats += repeat_notes(tables["repeat"])
+        tables["repeat"] = tables["repeat"].drop(columns=["pairs", "pairs_inside"])  # counted in its note
     caveats += batch_notes(batch)
     return ReportTables(runs=runs, tables=tables, notes=caveats, banner=banner(runs, speed), drift=drift_details)
 
