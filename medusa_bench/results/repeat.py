@@ -76,7 +76,7 @@ def repeat_table(runs: list[RunData], speed: pd.DataFrame, frames: dict[str, pd.
     for run in runs:
         groups.setdefault(command_key(run), []).append(run)
     rows = []
-    for group in (runs for runs in groups.values() if len(runs) > 1):
+    for group in (members for members in groups.values() if len(members) > 1):
         timed: dict[tuple[str, str], list[dict]] = {}
         for run in group:
             chosen = configurations(run)
