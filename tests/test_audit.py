@@ -194,5 +194,24 @@ def test_tau_interval_resamples_whole_questions():
     low, high = bootstrap_tau_ci([100] * 8, [50] * 8)  # every question at τ 2: no spread
     assert low == high == 2.0
     low, high = bootstrap_tau_ci([100, 100, 100, 100, 100, 100], [40, 50, 60, 45, 55, 50])
-    assert low < 100 * 6 / 300 < high and high - low < 0.5
+    assert 100 / 60 < low < 100 * 6 / 300 < high < 100 / 40  # around the pooled τ, inside the questions' own range
     assert all(math.isnan(x) for x in bootstrap_tau_ci([100] * 4, [50] * 4))  # too few questions for an interval
+
+
+def test_the_verdict_says_when_the_machine_moved_since_the_profile():
+    """The baseline's one-token step is the same work in the profile and in the run: a change there is the
+    machine's (session 24, Xeon: 26.2 ms in the run against 28.4 ms profiled, every tree step 3–7% dearer)."""
+    from medusa_bench.bench.audit import machine_moved, one_token_step
+    from medusa_bench.results.display import format_value
+    from medusa_bench.results.prediction import prediction_row
+
+    moved = machine_moved({"baseline_step_time": 0.0284}, {"baseline_step_time": 0.0262})
+    assert moved == ("; the baseline's own step 26.2 ms in the run, 28.4 ms when profiled (-8%; the machine moved since the "
+                     "profile, and step ratios move with it)")
+    assert machine_moved({"baseline_step_time": 0.0284}, {"baseline_step_time": 0.0288}).endswith("(+1%)")  # a quiet run
+    assert machine_moved({}, {"baseline_step_time": 0.0288}) == ""  # older prediction.json: nothing to compare
+    assert one_token_step({"chain": {"1": 0.026, "2": 0.028}}) == 0.026 == one_token_step({"chain": {1: 0.026}})
+    assert one_token_step(None) is None
+    row = prediction_row("run", "hydra:auto", {"tree_nodes": 12, "predicted": {"speedup": 1.38, "baseline_step_time": 0.0284},
+                                               "measured": {"speedup": 1.31, "baseline_step_time": 0.0262}})
+    assert format_value("baseline_moved", row["baseline_moved"]) == "-8%"

@@ -66,6 +66,28 @@ from medusa_bench.trees.replay import replayed_tau
 from medusa_bench.trees.tree import Tree
 
 
+def one_token_step(profile: Optional[dict]) -> Optional[float]:
+    """A prompt-lookup step profile's one-token step in seconds (its chain of 1; keys are strings once stored)."""
+    chain = (profile or {}).get("chain") or {}
+    return chain.get("1", chain.get(1))
+
+
+def machine_moved(predicted: dict, measured: dict) -> str:
+    """The baseline's own step in the run against the profile's: the one-token step is the same work both
+    times, so a change there is the machine's. On the 2-core Xeon with AMX, runs whose baseline step was
+    within 2% of the profile's priced their tree steps within 1–3%; the two 7% off (one faster, one slower)
+    ran every tree step 3–7% dearer than profiled (docs/results/cpu-repeat-xeon-amx-16q.md)."""
+    then, now = predicted.get("baseline_step_time"), measured.get("baseline_step_time")
+    if not (then and now):
+        return ""
+    change = now / then - 1
+    said = "; the machine moved since the profile, and step ratios move with it" if abs(change) >= MACHINE_MOVED else ""
+    return f"; the baseline's own step {1000 * now:.1f} ms in the run, {1000 * then:.1f} ms when profiled ({change:+.0%}{said})"
+
+
+MACHINE_MOVED = 0.04  # the baseline's step this far from the profile's: say the machine moved (2% apart is a quiet run here)
+
+
 # ------------------------------------------------------------------------------ the run's text
 def answer_texts(loaded, questions: list, choices: dict[str, dict]) -> list[tuple[list[int], int]]:
     """(prompt + answer ids, prompt length) for every answered turn, prompts built as the run built them."""
@@ -111,6 +133,7 @@ def measured(choices: dict[str, dict], base_choices: dict[str, dict]) -> dict:
     if common and all(turns is not None for per in timed.values() for turns in per):  # what the profile prices
         forward = {name: [t for turns in per for times in turns for t in times if t > 0] for name, per in timed.items()}  # 0.0: no forward
         out["timed_step_ratio"] = float(np.mean(forward["mine"]) / np.mean(forward["base"]))
+        out["baseline_step_time"] = float(np.mean(forward["base"]))  # against the profile's: has the machine moved?
     if not (mine.prefill_time.isna().any() or base.prefill_time.isna().any()):
         decoding = paired_speedup(mine.assign(wall_time=mine.wall_time - mine.prefill_time),
                                   base.assign(wall_time=base.wall_time - base.prefill_time))["speedup"]
@@ -142,7 +165,8 @@ def audit_decoder(loaded, decoder, questions: list, choices: dict[str, dict], ba
     out = {
         "decoder": decoder.name, "tree_nodes": choice.n, "greedy": all(c.get("temperature", 0) == 0 for c in choices.values()),
         "predicted": {"tau": choice.tau, "step_ratio": choice.step_time / base_t, "speedup": choice.speedup,
-                      "noise": choice.noise},  # relative 95% half-widths: calibration answers and profile rounds
+                      "noise": choice.noise,  # relative 95% half-widths: calibration answers and profile rounds
+                      "baseline_step_time": base_t},
         "measured": {**got, "step_ratio": got["tau"] / got["speedup"] if got["speedup"] else math.nan},
         "calibration": auto.calibration.meta.get("source") or auto.info.get("calibration", {}).get("file"),
         "calibration_trained_on": trained_on_note(auto.info),  # τ reads high on training text
@@ -231,7 +255,8 @@ def audit_knob_search(loaded, decoder, questions: list, choices: dict[str, dict]
         "decoder": decoder.name, "knobs": search["spec"], "tree_nodes": None,
         "greedy": all(c.get("temperature", 0) == 0 for c in choices.values()),
         "predicted": {"tau": predicted["tau"], "step_ratio": predicted["tau"] / predicted["speedup"], "speedup": predicted["speedup"],
-                      "noise": {"speedup": half_width(*predicted["speedup_ci"], predicted["speedup"])}},  # its search keeps no τ interval
+                      "noise": {"speedup": half_width(*predicted["speedup_ci"], predicted["speedup"])},  # its search keeps no τ interval
+                      "baseline_step_time": one_token_step(decoder.step_profile)},
         "measured": {**got, "step_ratio": got["tau"] / got["speedup"] if got["speedup"] else math.nan},
         "calibration": (search.get("calibration") or {}).get("file"),
         "profile": search.get("profile"),
@@ -290,6 +315,7 @@ def verdict(audit: dict) -> str:
     timed = f"; its timed steps {m['timed_step_ratio']:.2f}×" if m.get("timed_step_ratio") else ""
     line += (f"τ {p['tau']:.2f} predicted, {tau_value:.2f} {tau_source} ({e['tau']:+.0%}); step {p['step_ratio']:.2f}× the baseline's "
              f"predicted{f' ({step_on_text:.2f}× on this text)' if step_on_text else ''}, {m['step_ratio']:.2f}× measured ({e['step']:+.0%}{timed})")
+    line += machine_moved(p, m)
     if audit.get("calibration_trained_on") and e["tau"] < 0:
         line += f"; {audit['calibration_trained_on']}"
     replay = audit.get("replay")

@@ -46,6 +46,7 @@ LABELS = {
     "tree_nodes": "tree nodes", "speedup_error": "speedup error", "tau_on_text": "τ on this text", "tau_error": "τ error",
     "speedup_noise": "± noise", "tau_noise": "τ ± noise",
     "step_predicted": "step × baseline predicted", "step_measured": "step × baseline measured", "step_timed": "step × baseline timed", "step_error": "step error",
+    "baseline_moved": "baseline's step against the profile's",
     "speedup_on_text": "speedup on this text", "hindsight_nodes": "hindsight nodes", "hindsight_knobs": "hindsight knobs",
     "hindsight_speedup": "hindsight speedup",
     "best_fixed": "fastest fixed tree or knobs", "knobs": "knobs chosen", "best_fixed_speedup": "its speedup", "auto_over_fixed": "auto / it, paired (95% CI)", "auto_vs_fixed": "auto against it",
@@ -55,7 +56,7 @@ LABELS = {
     "step_ratios": "step × baseline, each run", "baseline_ms": "baseline ms a step, each run", "spread": "apart",
     "inside": "each inside the other's CI", "moved": "what moved", "predicted_speedup": "predicted", "verdict": "vs batch 1",
 }
-ERROR_COLUMNS = ("speedup_error", "tau_error", "step_error")  # measured / predicted − 1
+ERROR_COLUMNS = ("speedup_error", "tau_error", "step_error", "baseline_moved")  # measured / predicted − 1
 NOISE_COLUMNS = ("speedup_noise", "tau_noise")  # the 95% noise of those errors (results/prediction.error_noise)
 COUNT_COLUMNS = ("batch_size", "requests", "tree_nodes", "hindsight_nodes", "new_tokens", "steps", "n_questions", "n_compared", "graded", "reused", "expected", "logged_steps", "contended_turns", "turns")
 

@@ -44,7 +44,9 @@ NOTE = ("Predicted: the tree optimiser's numbers for the tree it chose, before t
         "the measured τ), so τ error is the calibration text's share and step error the profile's. Hindsight: the profiled tree "
         "size fastest on this text with the profiled step times; it explains, it never chooses. Speedup on this text: τ on "
         "this text over the predicted step cost, what the prediction would have been on the benchmark's own text. Step timed: "
-        "the run's own steps (drafting and verify forward, each turn's prefill and loop left out) over the baseline's. pld:auto: "
+        "the run's own steps (drafting and verify forward, each turn's prefill and loop left out) over the baseline's. Baseline's "
+        "step against the profile's: the same one-token work timed in the run and when profiled, so a change is the machine's, "
+        "and step ratios move with it. pld:auto: "
         "its knob search's prediction, prompt lookup replayed on the calibration answers (pld-search.json), then on the "
         "run's answers with the same step profile; its hindsight is the knob set fastest on this text.")
 
@@ -65,7 +67,7 @@ def prediction_table(runs: list[RunData], speed: pd.DataFrame, frames: dict[str,
     table = pd.DataFrame(rows)
     if not table.empty and table["best_fixed"].isna().all():
         table = table.drop(columns=["best_fixed", "best_fixed_speedup", "auto_over_fixed", "auto_vs_fixed"])  # no sweep in these runs
-    for column in ("knobs", "hindsight_knobs", "step_timed"):
+    for column in ("knobs", "hindsight_knobs", "step_timed", "baseline_moved"):
         if column in table and table[column].isna().all():
             table = table.drop(columns=[column])
     return table
@@ -181,6 +183,7 @@ def prediction_row(label: str, decoder: str, audit: dict) -> dict:
         "step_predicted": _num(predicted.get("step_ratio")), "step_measured": _num(measured.get("step_ratio")),
         "step_error": _ratio_error(measured.get("step_ratio"), predicted.get("step_ratio")),
         "step_timed": _num(measured.get("timed_step_ratio")),  # the run's own step times: what the profile priced
+        "baseline_moved": _ratio_error(measured.get("baseline_step_time"), predicted.get("baseline_step_time")),  # the machine's change
         "speedup_on_text": _num(best.get("chosen_on_text")),  # τ on this text over the predicted step cost
         "hindsight_nodes": best.get("n"), "hindsight_knobs": best.get("knobs"),  # a dynamic tree's or pld:auto's knobs
         "hindsight_speedup": _num(best.get("speedup_on_text")),
