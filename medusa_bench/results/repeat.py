@@ -10,7 +10,7 @@ issue's test of a repeatable figure).
 A speedup is τ over that step ratio exactly (speedup = (τ / τ_reference) / ((seconds / steps) /
 (reference seconds / reference steps)), each turn's prefill included), so the row says which of the two
 moved. Greedy decoding writes the same tokens each time, so τ repeats and what moves is the machine's
-timing: on the 2-core Xeon of docs/results/cpu-repeat-xeon-amx-16q.md, six runs of one command gave
+timing: on the 2-core Xeon of docs/results/cpu-repeat-xeon-amx-16q.md, eight runs of one command gave
 hydra's tree-8 the same τ (1.74) each time while its step cost 1.27 to 1.42 baseline steps. The code's
 version is not part of the command: a report over two versions shows what the change moved.
 """
