@@ -58,6 +58,7 @@ import numpy as np
 
 from medusa_bench.bench import calibrate as cal
 from medusa_bench.bench.tree_cache import trained_on_note
+from medusa_bench.decoders.pld import StepCosts
 from medusa_bench.inputs.chat import build_prompt, conversation
 from medusa_bench.results import files
 from medusa_bench.results.prediction import AUDIT_FILE, errors_noise, half_width  # the report reads what this writes
@@ -66,10 +67,7 @@ from medusa_bench.trees.replay import replayed_tau
 from medusa_bench.trees.tree import Tree
 
 
-def one_token_step(profile: Optional[dict]) -> Optional[float]:
-    """A prompt-lookup step profile's one-token step in seconds (its chain of 1; keys are strings once stored)."""
-    chain = (profile or {}).get("chain") or {}
-    return chain.get("1", chain.get(1))
+MACHINE_MOVED = 0.04  # the baseline's step this far from the profile's: say the machine moved (2% apart is a quiet run here)
 
 
 def machine_moved(predicted: dict, measured: dict) -> str:
@@ -83,9 +81,6 @@ def machine_moved(predicted: dict, measured: dict) -> str:
     change = now / then - 1
     said = "; the machine moved since the profile, and step ratios move with it" if abs(change) >= MACHINE_MOVED else ""
     return f"; the baseline's own step {1000 * now:.1f} ms in the run, {1000 * then:.1f} ms when profiled ({change:+.0%}{said})"
-
-
-MACHINE_MOVED = 0.04  # the baseline's step this far from the profile's: say the machine moved (2% apart is a quiet run here)
 
 
 # ------------------------------------------------------------------------------ the run's text
@@ -256,7 +251,7 @@ def audit_knob_search(loaded, decoder, questions: list, choices: dict[str, dict]
         "greedy": all(c.get("temperature", 0) == 0 for c in choices.values()),
         "predicted": {"tau": predicted["tau"], "step_ratio": predicted["tau"] / predicted["speedup"], "speedup": predicted["speedup"],
                       "noise": {"speedup": half_width(*predicted["speedup_ci"], predicted["speedup"])},  # its search keeps no τ interval
-                      "baseline_step_time": one_token_step(decoder.step_profile)},
+                      "baseline_step_time": StepCosts(decoder.step_profile).one},  # its profile's one-token step
         "measured": {**got, "step_ratio": got["tau"] / got["speedup"] if got["speedup"] else math.nan},
         "calibration": (search.get("calibration") or {}).get("file"),
         "profile": search.get("profile"),

@@ -50,7 +50,7 @@ def configurations(run: RunData) -> dict[str, str]:
         try:
             record = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
-            continue
+            continue  # prediction.search_rows reads the same files and notes an unreadable one
         if isinstance(record, dict) and record.get("decoder") and record.get("spec"):
             chosen[str(record["decoder"])] = str(record["spec"])
     return chosen
