@@ -3,6 +3,8 @@ finished run's own baseline answers against the optimiser's calibration answers,
 
     MEDUSA_BENCH_DATA=../shared/data python benchmarks/pld_text.py RUN_DIR [--knobs ngram3-tokens10-branches1]
 
+(about 4 minutes on 2 cores)
+
 Prompt lookup has no heads: what it drafts depends on the tokens and, through its draft policy (it
 drafts what pays), on the step profile, here the run's own pld-profile.json. So a replay on a text gives
 the τ a greedy run measures on it (16 MT-Bench questions below: 1.72 replayed on the baseline's answers,
@@ -24,6 +26,24 @@ the defaults ngram3-tokens10-branches1, session 23:
 Every calibration size reads 24–44% above the benchmark: self-instruct's inputs (a table, a product
 name, a text to paraphrase) are copied into the answers, and longer answers repeat themselves more.
 The heads' τ does not move this way (their calibration is within 6% of the same run's text).
+
+Could turn 2 be asked as people ask? The script also asks each calibration prompt's follow-up the way
+`distill --follow-up model` does (the model writes the question: train/instructions.write_follow_ups)
+and replays the run's chosen medusa and hydra trees on both texts. Session 25, same CPU, session 24's
+run 2 (bf16), pld:auto's knobs ngram3-tokens15-branches2:
+
+    text                                  pld τ  turn 1  turn 2   medusa n=12 turn 2   hydra n=12 turn 2
+    MT-Bench run's baseline answers       1.885   1.437   2.901   1.728                1.881
+    calibration 16 × 64, generic turn 2   2.446   1.895   3.641   1.825                1.866
+    … the model's own follow-up           2.147   1.895   2.475   1.938                2.056
+
+The model's follow-ups take prompt lookup's turn 2 from 26% above the benchmark's to 15% below it
+(2.48 against 2.90; both turns 2.15 against 1.89, +14% instead of +30%), but lift the heads' turn 2
+0.18–0.21 above the benchmark's (generic: −0.02 to +0.10): 4 of the 16 questions the 135M model wrote echo the few-shot's
+haiku ("Can you write a haiku about rain?"), an easy text for heads that the benchmark is not. One
+text calibrates every decoder of a run, and the generic follow-ups keep the heads' τ within 0.1 of
+the benchmark's, so the calibration keeps them; prompt lookup's prediction stays high by its turn 1
+(1.90 against 1.44), which neither follow-up changes.
 """
 
 from __future__ import annotations
@@ -47,6 +67,48 @@ def run_texts(loaded, run_dir: Path) -> list[tuple[list[int], int]]:
     choices = {str(r["question_id"]): r["choices"][0] for r in files.read_jsonl(path)}
     texts = answer_texts(loaded, read_questions(run_dir / "question.jsonl"), choices)
     return texts[0::2] + texts[1::2]  # answer_texts gives each question's turns in order
+
+
+def model_follow_ups(loaded, prompts: list[str], tokens: int) -> list[tuple[list[int], int]]:
+    """The calibration's text with the model's own follow-up question as turn 2 (what `distill --follow-up model`
+    asks: train/instructions.write_follow_ups; a generic one where it wrote nothing usable), turn 1s first."""
+    from medusa_bench.bench import calibrate as cal
+    from medusa_bench.inputs.chat import build_prompt
+    from medusa_bench.train.instructions import BenchmarkOverlap, write_follow_ups
+    from medusa_bench.train.prompts import FOLLOW_UPS
+
+    first = cal.greedy_sequences(loaded, prompts, tokens, 1)
+    answers = [loaded.tokenizer.decode(ids[start:], skip_special_tokens=True) for ids, start in first]
+    questions = write_follow_ups(loaded, list(zip(prompts, answers)), BenchmarkOverlap())
+    print(f"  the model's follow-ups ({sum(q is not None for q in questions)} of {len(prompts)} usable): "
+          + "; ".join(repr(q) for q in questions[:6]) + " …")
+    chats = [[{"role": "user", "content": prompt}, {"role": "assistant", "content": answer},
+              {"role": "user", "content": question or FOLLOW_UPS[i % len(FOLLOW_UPS)]}]
+             for i, (prompt, answer, question) in enumerate(zip(prompts, answers, questions))]
+    ids = [build_prompt(loaded, chat) for chat in chats]
+    return first + [(prompt + answer, len(prompt)) for prompt, answer in zip(ids, cal.greedy_answers(loaded, ids, tokens))]
+
+
+def heads_lines(loaded, run_dir: Path, texts: list[tuple[list[int], int]]) -> list[str]:
+    """τ of each static auto tree the run chose (medusa, hydra), replayed on `texts` from its heads' ranks, per turn."""
+    from medusa_bench.bench import calibrate as cal
+    from medusa_bench.bench.build import build_decoder
+    from medusa_bench.results import files
+    from medusa_bench.trees.replay import replayed_tau
+    from medusa_bench.trees.tree import Tree
+
+    out, half = [], len(texts) // 2
+    turns = [[text for text in part if len(text[0]) - text[1] >= 2] for part in (texts[:half], texts[half:])]  # rankable
+    for spec, info in (files.load_run(run_dir).get("trees") or {}).items():
+        if not info.get("auto") or spec.split(":")[0] not in ("medusa", "hydra"):
+            continue
+        tree = Tree(tuple(tuple(path) for path in files.read_json(run_dir / info["files"]["tree"])["tree"]))
+        proposer = build_decoder(f"{spec.split(':')[0]}:tree-8", loaded).proposer
+        first, second = ([(cal.rank_table(loaded, proposer, [text], tree.depth, tree.top_k).tolist(), len(text[0]) - text[1])
+                          for text in part] for part in turns)
+        taus = [replayed_tau(part, tree, tree.top_k)[0] for part in (first + second, first, second)]
+        out.append(f"  {spec} (n={tree.num_nodes}){'':18s} " + " ".join(f"{t:7.3f}" for t in taus))
+    return out
 
 
 def line(name: str, texts: list[tuple[list[int], int]], knobs: dict, profile) -> str:
@@ -80,6 +142,13 @@ def main() -> None:
         began = time.perf_counter()
         texts = cal.greedy_sequences(loaded, calibration_prompts(default_prompt_file(), prompts), tokens, 2)  # turn 1s, then 2s
         print(line(f"calibration {prompts} × {tokens} ({time.perf_counter() - began:.0f} s)", texts, knobs, profile), flush=True)
+    prompts, tokens = SIZES[0]
+    print("the heads' τ, the run's chosen trees: on the run's answers, then the calibration 16 × 64")
+    for texts in (run_texts(loaded, args.run_dir), cal.greedy_sequences(loaded, calibration_prompts(default_prompt_file(), prompts), tokens, 2)):
+        print("\n".join(heads_lines(loaded, args.run_dir, texts)), flush=True)
+    texts = model_follow_ups(loaded, calibration_prompts(default_prompt_file(), prompts), tokens)
+    print(line(f"… its turn 2 the model's follow-up", texts, knobs, profile))
+    print("\n".join(heads_lines(loaded, args.run_dir, texts)), flush=True)
 
 
 if __name__ == "__main__":

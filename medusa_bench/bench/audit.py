@@ -43,6 +43,9 @@ profile's. Measured (Xeon with AMX, bf16, 16 MT-Bench questions, 128 tokens, `be
 the defaults' τ replayed on the run's baseline answers 1.72 against 1.79 measured; on the self-instruct
 calibration answers 2.13–2.49 (16 or 64 prompts, 64 or 128 tokens):
 their inputs are copied into the answers, and "summarize your answer" copies turn 1 into turn 2.
+Turn 2 asked as the model's own follow-up (as `distill --follow-up model` asks) would take prompt
+lookup's turn 2 below the benchmark's but lift the heads' turn-2 τ 0.18–0.21 above it (the script's
+session-25 table): one text calibrates every decoder, so it keeps the generic follow-ups.
 
 Also here: the in-run check (`early_check`), after the first questions, and `audit_folder`: the
 same for a finished run folder, from the optimiser's files it keeps (`medusa-bench tree --audit`).
