@@ -39,11 +39,11 @@ run 2 (bf16), pld:auto's knobs ngram3-tokens15-branches2:
 
 The model's follow-ups take prompt lookup's turn 2 from 26% above the benchmark's to 15% below it
 (2.48 against 2.90; both turns 2.15 against 1.89, +14% instead of +30%), but lift the heads' turn 2
-0.18–0.21 above the benchmark's (generic: −0.02 to +0.10): 4 of the 16 questions the 135M model wrote echo the few-shot's
-haiku ("Can you write a haiku about rain?"), an easy text for heads that the benchmark is not. One
-text calibrates every decoder of a run, and the generic follow-ups keep the heads' τ within 0.1 of
-the benchmark's, so the calibration keeps them; prompt lookup's prediction stays high by its turn 1
-(1.90 against 1.44), which neither follow-up changes.
+0.18–0.21 above the benchmark's (generic: −0.02 to +0.10): 4 of the 16 questions the 135M model
+wrote echo the few-shot's haiku ("Can you write a haiku about rain?"), an easy text for heads that
+the benchmark is not. One text calibrates every decoder of a run, and the generic follow-ups keep
+the heads' τ within 0.1 of the benchmark's, so the calibration keeps them; prompt lookup's
+prediction stays high by its turn 1 (1.90 against 1.44), which neither follow-up changes.
 """
 
 from __future__ import annotations
@@ -143,11 +143,11 @@ def main() -> None:
         texts = cal.greedy_sequences(loaded, calibration_prompts(default_prompt_file(), prompts), tokens, 2)  # turn 1s, then 2s
         print(line(f"calibration {prompts} × {tokens} ({time.perf_counter() - began:.0f} s)", texts, knobs, profile), flush=True)
     prompts, tokens = SIZES[0]
-    print("the heads' τ, the run's chosen trees: on the run's answers, then the calibration 16 × 64")
+    print("the heads' τ (both turns, turn 1, turn 2), the run's chosen trees: on the run's answers, then the calibration 16 × 64")
     for texts in (run_texts(loaded, args.run_dir), cal.greedy_sequences(loaded, calibration_prompts(default_prompt_file(), prompts), tokens, 2)):
         print("\n".join(heads_lines(loaded, args.run_dir, texts)), flush=True)
     texts = model_follow_ups(loaded, calibration_prompts(default_prompt_file(), prompts), tokens)
-    print(line(f"… its turn 2 the model's follow-up", texts, knobs, profile))
+    print(line("… its turn 2 the model's follow-up", texts, knobs, profile))
     print("\n".join(heads_lines(loaded, args.run_dir, texts)), flush=True)
 
 
