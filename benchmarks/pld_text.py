@@ -77,7 +77,7 @@ def model_follow_ups(loaded, prompts: list[str], tokens: int) -> list[tuple[list
     from medusa_bench.train.instructions import BenchmarkOverlap, write_follow_ups
     from medusa_bench.train.prompts import FOLLOW_UPS
 
-    first = cal.greedy_sequences(loaded, prompts, tokens, 1)
+    first = cal.greedy_sequences(loaded, prompts, tokens, 2)[: len(prompts)]  # the two-turn text's turn 1s (cached)
     answers = [loaded.tokenizer.decode(ids[start:], skip_special_tokens=True) for ids, start in first]
     questions = write_follow_ups(loaded, list(zip(prompts, answers)), BenchmarkOverlap())
     print(f"  the model's follow-ups ({sum(q is not None for q in questions)} of {len(prompts)} usable): "
@@ -89,21 +89,30 @@ def model_follow_ups(loaded, prompts: list[str], tokens: int) -> list[tuple[list
     return first + [(prompt + answer, len(prompt)) for prompt, answer in zip(ids, cal.greedy_answers(loaded, ids, tokens))]
 
 
-def heads_lines(loaded, run_dir: Path, texts: list[tuple[list[int], int]]) -> list[str]:
-    """τ of each static auto tree the run chose (medusa, hydra), replayed on `texts` from its heads' ranks, per turn."""
-    from medusa_bench.bench import calibrate as cal
+def chosen_trees(loaded, run_dir: Path) -> list[tuple[str, object, object]]:
+    """(spec, tree, proposer) of each static auto tree the run chose (medusa, hydra): built once, replayed on every text."""
     from medusa_bench.bench.build import build_decoder
     from medusa_bench.results import files
-    from medusa_bench.trees.replay import replayed_tau
     from medusa_bench.trees.tree import Tree
 
-    out, half = [], len(texts) // 2
-    turns = [[text for text in part if len(text[0]) - text[1] >= 2] for part in (texts[:half], texts[half:])]  # rankable
+    out = []
     for spec, info in (files.load_run(run_dir).get("trees") or {}).items():
-        if not info.get("auto") or spec.split(":")[0] not in ("medusa", "hydra"):
-            continue
-        tree = Tree(tuple(tuple(path) for path in files.read_json(run_dir / info["files"]["tree"])["tree"]))
-        proposer = build_decoder(f"{spec.split(':')[0]}:tree-8", loaded).proposer
+        name = spec.split(":")[0]
+        if info.get("auto") and name in ("medusa", "hydra"):
+            tree = Tree(tuple(tuple(path) for path in files.read_json(run_dir / info["files"]["tree"])["tree"]))
+            out.append((spec, tree, build_decoder(f"{name}:tree-8", loaded).proposer))
+    return out
+
+
+def heads_lines(loaded, chosen: list[tuple[str, object, object]], texts: list[tuple[list[int], int]]) -> list[str]:
+    """τ of each chosen tree, replayed on `texts` (turn 1s, then turn 2s) from its heads' ranks: both turns, turn 1, turn 2."""
+    from medusa_bench.bench import calibrate as cal
+    from medusa_bench.trees.replay import replayed_tau
+
+    half = len(texts) // 2
+    turns = [[text for text in part if len(text[0]) - text[1] >= 2] for part in (texts[:half], texts[half:])]  # rankable
+    out = []
+    for spec, tree, proposer in chosen:
         first, second = ([(cal.rank_table(loaded, proposer, [text], tree.depth, tree.top_k).tolist(), len(text[0]) - text[1])
                           for text in part] for part in turns)
         taus = [replayed_tau(part, tree, tree.top_k)[0] for part in (first + second, first, second)]
@@ -143,12 +152,13 @@ def main() -> None:
         texts = cal.greedy_sequences(loaded, calibration_prompts(default_prompt_file(), prompts), tokens, 2)  # turn 1s, then 2s
         print(line(f"calibration {prompts} × {tokens} ({time.perf_counter() - began:.0f} s)", texts, knobs, profile), flush=True)
     prompts, tokens = SIZES[0]
+    chosen, first_size = chosen_trees(loaded, args.run_dir), calibration_prompts(default_prompt_file(), prompts)
     print("the heads' τ (both turns, turn 1, turn 2), the run's chosen trees: on the run's answers, then the calibration 16 × 64")
-    for texts in (run_texts(loaded, args.run_dir), cal.greedy_sequences(loaded, calibration_prompts(default_prompt_file(), prompts), tokens, 2)):
-        print("\n".join(heads_lines(loaded, args.run_dir, texts)), flush=True)
-    texts = model_follow_ups(loaded, calibration_prompts(default_prompt_file(), prompts), tokens)
+    for texts in (run_texts(loaded, args.run_dir), cal.greedy_sequences(loaded, first_size, tokens, 2)):  # the latter cached above
+        print("\n".join(heads_lines(loaded, chosen, texts)), flush=True)
+    texts = model_follow_ups(loaded, first_size, tokens)
     print(line("… its turn 2 the model's follow-up", texts, knobs, profile))
-    print("\n".join(heads_lines(loaded, args.run_dir, texts)), flush=True)
+    print("\n".join(heads_lines(loaded, chosen, texts)), flush=True)
 
 
 if __name__ == "__main__":
